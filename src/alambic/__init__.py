@@ -1,0 +1,29 @@
+"""alambic: knowledge distillation for PyTorch.
+
+Example:
+    >>> from alambic import distill
+    >>> student = distill(teacher, student, train_loader, epochs=5)
+"""
+
+from alambic.api import distill
+from alambic.config import RunConfig, Term, load_config
+from alambic.distiller import Distiller, Teacher
+from alambic.errors import AlambicError, ConfigError, DataError
+from alambic.losses import get_loss, list_losses, register_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlambicError",
+    "ConfigError",
+    "DataError",
+    "Distiller",
+    "RunConfig",
+    "Teacher",
+    "Term",
+    "distill",
+    "get_loss",
+    "list_losses",
+    "load_config",
+    "register_loss",
+]

@@ -1,0 +1,111 @@
+"""The Python entry point: distill any ``nn.Module`` teacher into any student with any DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from alambic.config import Term, TrainConfig
+from alambic.distiller import Distiller, Teacher
+from alambic.errors import ConfigError
+from alambic.train import MetricsLog, fit
+
+HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
+
+
+def as_terms(terms: Sequence[Term | dict] | None) -> list[Term]:
+    """Terms from ``Term`` objects or plain dicts (``{"loss": "kd", "weight": 0.9, "params": {...}}``)."""
+    from pydantic import ValidationError
+
+    from alambic.config import format_validation_error
+
+    result = []
+    for index, term in enumerate(terms if terms is not None else HINTON_TERMS):
+        try:
+            result.append(term if isinstance(term, Term) else Term.model_validate(term))
+        except ValidationError as error:
+            raise ConfigError(f"terms[{index}]: {format_validation_error(error)}") from None
+    return result
+
+
+def distill(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    train_loader: DataLoader,
+    *,
+    terms: Sequence[Term | dict] | None = None,
+    epochs: int = 1,
+    eval_loader: DataLoader | None = None,
+    num_classes: int | None = None,
+    run_dir: str | Path | None = None,
+    precision: str = "no",
+    grad_accum: int = 1,
+    seed: int | None = 0,
+    accelerator: Any = None,
+    **train: Any,
+) -> nn.Module:
+    """Distill ``teacher`` into ``student`` and return the trained student.
+
+    Args:
+        teacher: any module mapping inputs to logits (or an output with ``.logits``); frozen here.
+            ``None`` trains the student alone (terms must then need no teacher, e.g. ``ce``).
+        student: the module to train; it must predict the teacher's number of classes.
+        train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key.
+        terms: the distillation terms; default Hinton KD: ``ce * 0.1 + kd(temperature=4) * 0.9``.
+        epochs: passes over ``train_loader``.
+        eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.
+        run_dir: where ``metrics.jsonl`` and resumable checkpoints go; None keeps nothing on disk.
+        precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast.
+        grad_accum: micro-batches per optimizer step.
+        seed: seeds Python, NumPy and torch before training (None leaves them alone).
+        **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
+            (``optimizer``, ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``schedule``,
+            ``warmup_epochs``, ``milestones``, ``gamma``, ``grad_clip``, ``log_every``, ...).
+
+    Example:
+        >>> from alambic import distill
+        >>> student = distill(teacher, student, train_loader, epochs=5, optimizer="adamw", lr=1e-3,
+        ...                   terms=[{"loss": "ce", "weight": 0.1},
+        ...                          {"loss": "kd", "weight": 0.9, "params": {"temperature": 4}}])
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from pydantic import ValidationError
+
+    from alambic.config import format_validation_error
+
+    try:
+        settings = TrainConfig(epochs=epochs, grad_accum=grad_accum, **train)
+    except ValidationError as error:
+        raise ConfigError(f"invalid training setting: {format_validation_error(error)}") from None
+    terms = as_terms(terms)
+    if seed is not None:
+        set_seed(seed)
+    accelerator = accelerator or Accelerator(mixed_precision=precision)
+    accelerator.gradient_accumulation_steps = grad_accum
+    evaluate = None
+    if eval_loader is not None:
+        if num_classes is None:
+            raise ConfigError("eval_loader needs num_classes (the number of classes the models predict)")
+        from alambic.evaluate import evaluate_classifier
+
+        prepared_eval = accelerator.prepare(eval_loader)
+        evaluate = lambda model: evaluate_classifier(  # noqa: E731
+            model, prepared_eval, num_classes=num_classes, accelerator=accelerator
+        )
+    run_dir = Path(run_dir) if run_dir else None
+    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, enabled=accelerator.is_main_process)
+    return fit(
+        Distiller(student, terms),
+        train_loader,
+        accelerator=accelerator,
+        teacher=Teacher(teacher, terms) if teacher is not None else None,
+        evaluate=evaluate,
+        log=log,
+        checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
+        **settings.model_dump(exclude={"batch_size", "grad_accum"}),
+    )

@@ -1,0 +1,194 @@
+"""Checkpoints that survive a kill at any moment, and that load without unpickling anything.
+
+A training checkpoint is a directory ``ckpt-EPOCH/`` with:
+
+- ``model.safetensors``: the trainable module (student + connectors; never the teacher);
+- ``optimizer.safetensors`` + ``state.json``: optimizer tensors, and everything else (optimizer
+  hyper-parameters, scheduler state, epoch, step, Python / NumPy RNG states) as JSON;
+- ``rng-RANK.safetensors``: each process's torch RNG state.
+
+It is written into a temporary directory, every file fsynced, then renamed into place; ``latest.json``
+is then replaced atomically to point at it, and only then are older checkpoints removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alambic.errors import AlambicError
+
+LATEST = "latest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous tensors: store plain contiguous copies.
+    return {key: value.detach().contiguous().clone() for key, value in module.state_dict().items()}
+
+
+def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save a module's weights as safetensors, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(_state_dict_for_save(module), temporary, metadata=metadata)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+def load_weights_file(module: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights saved by :func:`save_weights` (strict)."""
+    module.load_state_dict(load_file(str(path)))
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        plain_state[str(param_id)] = {}
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{key}"] = value.detach().contiguous().clone()
+            else:
+                plain_state[str(param_id)][key] = value
+    return tensors, {"state": plain_state, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in plain["state"].items()}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _python_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def _restore_python_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint ``latest.json`` points to, or None when there is none."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
+    if not path.is_dir():
+        raise AlambicError(f"{pointer} points to {path.name}, which is missing; the run directory was edited by hand")
+    return path
+
+
+def save_training_state(
+    directory: str | Path,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    step: int,
+    process_index: int = 0,
+    barrier: Any = None,
+) -> Path:
+    """Write ``directory/ckpt-EPOCH`` atomically; every process writes its own RNG state.
+
+    ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called between the phases when several
+    processes take part; with one process it may be None.
+    """
+    directory = Path(directory)
+    final = directory / f"ckpt-{epoch:04d}"
+    staging = directory / f".ckpt-{epoch:04d}.tmp"
+    barrier = barrier or (lambda: None)
+    if process_index == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    save_file({"torch": torch.get_rng_state()}, staging / f"rng-{process_index}.safetensors")
+    barrier()
+    if process_index == 0:
+        save_file(_state_dict_for_save(module), staging / "model.safetensors")
+        optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer.state_dict())
+        save_file(optimizer_tensors, staging / "optimizer.safetensors")
+        state = {
+            "epoch": epoch,
+            "step": step,
+            "optimizer": optimizer_plain,
+            "scheduler": scheduler.state_dict(),
+            "rng": _python_rng_state(),
+        }
+        (staging / "state.json").write_text(json.dumps(state))
+        for file in staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _fsync_dir(directory)
+        atomic_write_text(directory / LATEST, json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
+        for old in directory.glob("ckpt-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_training_state(
+    path: str | Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, process_index: int = 0
+) -> tuple[int, int]:
+    """Restore what :func:`save_training_state` wrote; returns ``(epoch, step)`` of the checkpoint."""
+    path = Path(path)
+    module.load_state_dict(load_file(str(path / "model.safetensors")))
+    state = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_python_rng(state["rng"])
+    rng_file = path / f"rng-{process_index}.safetensors"
+    if not rng_file.is_file():
+        rng_file = path / "rng-0.safetensors"  # resumed with more processes than saved it
+    torch.set_rng_state(load_file(str(rng_file))["torch"])
+    return state["epoch"], state["step"]

@@ -1,0 +1,194 @@
+"""The ``alambic`` command line: each subcommand is a thin wrapper over one public function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from alambic.errors import AlambicError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for PyTorch.")
+console = Console()
+error_console = Console(stderr=True)
+DEMO_DATASETS = ("digits", "mnist", "fashion-mnist")
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def user_errors(command):
+    """Turn :class:`AlambicError` into a one-line message and exit code 2 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except AlambicError as error:
+            if debug:
+                raise
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            error_console.print("interrupted; the last checkpoint is kept (continue with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class ProgressBar:
+    """A Rich progress bar per training stage, fed by the loop's ``progress`` callback."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[values]}"), console=console,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, step: int, total: int, values: dict) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, values="")
+        shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
+        self.progress.update(self.tasks[stage], completed=step, values=shown)
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+
+def print_summary(summary: dict) -> None:
+    """The models side by side: accuracy, F1, size, FLOPs, latency."""
+    table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
+    for column in ("model", "arch", "accuracy %", "macro-F1", "params", "size KB", "MFLOPs", "ms @1", "ms @64"):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for name, m in summary["models"].items():
+        latency = m.get("latency_ms", {})
+        table.add_row(
+            name, m.get("architecture", ""), f"{100 * m['accuracy']:.2f}", f"{m['macro_f1']:.4f}",
+            f"{m['parameters']:,}", f"{m['size_bytes'] / 1024:.1f}", f"{m['flops'] / 1e6:.3f}",
+            f"{latency.get('1', float('nan')):.3f}", f"{latency.get('64', float('nan')):.3f}",
+        )
+    console.print(table)
+
+
+def demo_config_path(dataset: str) -> Path:
+    """The packaged recipe the demo runs for ``dataset``."""
+    if dataset not in DEMO_DATASETS:
+        raise AlambicError(f"the demo runs on {', '.join(DEMO_DATASETS)}, not {dataset!r}; use `alambic run` for others")
+    name = "digits.yaml" if dataset == "digits" else f"{dataset}-demo.yaml"
+    return Path(str(resources.files("alambic") / "recipes" / name))
+
+
+def _run_and_report(config, run_dir: Path | None, resume: bool) -> Path:
+    from alambic.pipeline import run
+
+    with ProgressBar() as bar:
+        run_dir = run(config, run_dir=run_dir, resume=resume, progress=bar)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        print_summary(json.loads(summary_path.read_text()))
+    console.print(f"run directory: {run_dir}" + ("  (report.md inside)" if (run_dir / "report.md").is_file() else ""))
+    return run_dir
+
+
+@app.command()
+@user_errors
+def demo(
+    dataset: Annotated[str, typer.Option(help="digits (built in), mnist or fashion-mnist")] = "digits",
+    data_dir: Annotated[str | None, typer.Option(help="folder with the MNIST-format idx files")] = None,
+    out: Annotated[Path, typer.Option(help="parent folder of the run directory")] = Path("runs"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: key.path=value")] = None,
+    debug: Debug = False,
+) -> None:
+    """Train a teacher, a baseline student and a distilled student; compare all three."""
+    from datetime import datetime
+
+    from alambic.config import load_config
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    overrides = [f"output_dir={out}", f"name={dataset}-demo-{stamp}", *(set_ or [])]
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    _run_and_report(load_config(demo_config_path(dataset), overrides), None, False)
+
+
+@app.command(name="run")
+@user_errors
+def run_command(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see recipes/)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the stopped run in this directory")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: output_dir/name)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Run the stages of a YAML config: teacher, baseline, distill, evaluate, report."""
+    from alambic.config import load_config
+
+    _run_and_report(load_config(config, set_ or []), resume or out, resume is not None)
+
+
+@app.command()
+@user_errors
+def losses(debug: Debug = False) -> None:
+    """List every registered loss with a one-line description and its paper."""
+    from alambic.losses import list_losses
+
+    table = Table(title="registered losses")
+    for column in ("name", "compares", "description", "paper"):
+        table.add_column(column, overflow="fold")
+    for spec in list_losses():
+        table.add_row(spec.name, spec.inputs, spec.description, spec.paper)
+    console.print(table)
+
+
+@app.command(name="eval")
+@user_errors
+def eval_command(
+    path: Annotated[Path, typer.Argument(help="a run directory, or a model checkpoint with --arch and --dataset")],
+    arch: Annotated[str | None, typer.Option(help="architecture of a checkpoint (zoo name or module:function)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="data set to evaluate a checkpoint on")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="data folder")] = None,
+    debug: Debug = False,
+) -> None:
+    """Re-evaluate the saved models of a run (and rebuild its report), or one checkpoint."""
+    if path.is_dir():
+        from alambic.pipeline import evaluate_run
+
+        print_summary(evaluate_run(path, data_dir=data_dir))
+        return
+    from alambic.pipeline import evaluate_checkpoint
+
+    if arch is None or dataset is None:
+        raise AlambicError(f"{path} is not a run directory; to evaluate a checkpoint give --arch and --dataset")
+    print_summary(evaluate_checkpoint(path, arch=arch, dataset=dataset, data_dir=data_dir))
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")], debug: Debug = False
+) -> None:
+    """Rebuild report.md and its plots from a run directory."""
+    from alambic.report import write_report
+
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+def main() -> None:
+    """Entry point of the ``alambic`` console script."""
+    app(prog_name="alambic")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

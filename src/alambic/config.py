@@ -1,0 +1,259 @@
+"""Typed run configuration: pydantic models loaded from YAML, with ``--set key.path=value`` overrides.
+
+Unknown keys and wrong types are rejected with the key's path. Configs hand flat arguments to
+functions; the functions themselves never read a config object.
+
+Example:
+    >>> config = load_config("recipes/digits.yaml", overrides=["distill.train.epochs=3"])
+    >>> config.distill.terms[1].params
+    {'temperature': 4.0}
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alambic.errors import ConfigError
+from alambic.losses import check_hyper_parameters, get_loss_spec
+
+STAGES = ("teacher", "baseline", "distill", "evaluate", "report")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Term(_Strict):
+    """One distillation term: a registered loss, its weight, its hyper-parameters, what it compares."""
+
+    loss: str
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+    student: str = "logits"
+    teacher: str = "logits"
+
+    @model_validator(mode="after")
+    def _known_loss(self) -> Term:
+        try:
+            spec = get_loss_spec(self.loss)
+            check_hyper_parameters(self.loss, self.params)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        temperature = self.params.get("temperature")
+        if temperature is not None and not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature} (Hinton et al. use 1 to 20; try 4)")
+        if not spec.needs_teacher and self.teacher != "logits":
+            raise ValueError(f"loss {self.loss!r} does not use the teacher; remove 'teacher: {self.teacher}'")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The key this term's value is logged under."""
+        return self.loss if self.student == "logits" else f"{self.loss}:{self.student}"
+
+
+class ModelConfig(_Strict):
+    """A model: a zoo name (``resnet20``, ``mlp``) or a user factory ``package.module:function``."""
+
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None  # weights to load (safetensors, or a torch checkpoint read weights_only)
+
+
+class TrainConfig(_Strict):
+    """Optimizer, schedule and budget of one training stage."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list)  # epochs, for schedule: step
+    gamma: float = Field(0.1, gt=0)  # step decay factor
+    grad_clip: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=0)  # epochs; 0 = only at the end
+    log_every: int = Field(20, ge=1)  # optimizer steps
+    checkpoint_every: int = Field(1, ge=1)  # epochs
+
+    @model_validator(mode="after")
+    def _milestones(self) -> TrainConfig:
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones (epochs at which the lr is multiplied by gamma)")
+        return self
+
+
+def _default_ce() -> list[Term]:
+    return [Term(loss="ce")]
+
+
+class DataConfig(_Strict):
+    """Which data set, where it lies, and how it is batched."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    factory: str | None = None  # package.module:function, for dataset: custom
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    augment: bool = False  # random crop with padding (+ horizontal flip for CIFAR)
+    train_subset: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # for data sets without a test split (digits)
+    eval_batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class TeacherConfig(_Strict):
+    model: ModelConfig
+    train: TrainConfig | None = None  # trains the teacher when no checkpoint is given
+    terms: list[Term] = Field(default_factory=_default_ce)
+
+
+class StudentConfig(_Strict):
+    model: ModelConfig
+
+
+class BaselineConfig(_Strict):
+    """The student trained alone on labels, same budget as the distilled one unless ``train`` is given."""
+
+    terms: list[Term] = Field(default_factory=_default_ce)
+    train: TrainConfig | None = None
+
+    @field_validator("terms")
+    @classmethod
+    def _no_teacher(cls, terms: list[Term]) -> list[Term]:
+        for term in terms:
+            if get_loss_spec(term.loss).needs_teacher:
+                raise ValueError(f"the baseline trains without a teacher, so it cannot use loss {term.loss!r}")
+        return terms
+
+
+class DistillConfig(_Strict):
+    terms: list[Term] = Field(
+        default_factory=lambda: [
+            Term(loss="ce", weight=0.1),
+            Term(loss="kd", weight=0.9, params={"temperature": 4.0}),
+        ]
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class EvaluateConfig(_Strict):
+    latency_repeats: int = Field(20, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+
+
+class RunConfig(_Strict):
+    """A whole run: data, models, the stages to run and how each trains."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    tensorboard: bool = False
+    stages: list[Literal["teacher", "baseline", "distill", "evaluate", "report"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig
+    student: StudentConfig
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> RunConfig:
+        if "teacher" in self.stages and self.teacher.model.checkpoint is None and self.teacher.train is None:
+            raise ValueError("teacher: give model.checkpoint (load a trained teacher) or train (train one)")
+        return self
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem: ``key.path: message (got value)``."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and level)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        got = "" if item["type"] in ("missing", "value_error") else f" (got {item.get('input')!r})"
+        lines.append(f"{path}: {message}{got}")
+    return "; ".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML; list items by index: ``distill.terms.1.weight``)."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set expects key.path=value, got {override!r}")
+        key, value = override.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node[int(part)] if isinstance(node, list) else node.get(part)
+            if child is None:
+                child = {}
+                if isinstance(node, list):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} does not exist")
+                node[part] = child
+            node = child
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {key}: index {last} is out of range (the list has {len(node)} items)")
+            node[int(last)] = _parse_scalar(value)
+        else:
+            node[last] = _parse_scalar(value)
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a plain dict (after overrides) into a :class:`RunConfig`, or raise :class:`ConfigError`."""
+    if overrides:
+        try:  # override into the resolved config, so defaults (such as the default terms) can be changed too
+            data = RunConfig.model_validate(data).model_dump(mode="json")
+        except ValidationError:
+            pass  # the overrides may be what makes it valid; validate below and report
+        data = apply_overrides(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {format_validation_error(error)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see recipes/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (data, teacher, student, ...), got {type(data).__name__}")
+    return config_from_dict(data, overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,151 @@
+"""The distillation setup: a frozen teacher, a trainable module (student + connectors), and terms.
+
+The teacher is never a submodule of the trainable module, so the optimizer, DDP and checkpoints see
+only what trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alambic.config import Term
+from alambic.errors import ConfigError
+from alambic.hooks import capture_features, unwrap_model
+from alambic.losses import get_loss_spec
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(inputs, labels)`` from a ``(inputs, labels)`` tuple or a dict with a ``labels`` key."""
+    if isinstance(batch, dict):
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return inputs, batch.get("labels")
+    if isinstance(batch, (list, tuple)):
+        if len(batch) < 2:
+            raise ConfigError("a batch tuple must be (inputs, labels); got a tuple of one element")
+        return batch[0], batch[1]
+    return batch, None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on a tensor or, for dict inputs (Hugging Face style), on keyword arguments."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model output: a tensor, an object with ``.logits``, a dict, or a tuple's first item."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)):
+        return logits_of(output[0])
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def _feature_paths(terms: Sequence[Term], side: str) -> list[str]:
+    return [getattr(term, side) for term in terms if getattr(term, side) != "logits"]
+
+
+class Teacher:
+    """A frozen teacher: eval mode, no gradients, run under ``torch.no_grad``.
+
+    A plain object, not an ``nn.Module``, so it can never become part of the trainable module.
+    Calling it returns ``{"logits": ..., path: feature, ...}`` for the outputs the terms ask for.
+    """
+
+    def __init__(self, model: nn.Module, terms: Sequence[Term] = ()):
+        self.model = unwrap_model(model).eval().requires_grad_(False)
+        self.feature_paths = _feature_paths([t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher")
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, inputs: Any) -> dict[str, Tensor]:
+        with capture_features(self.model, self.feature_paths, side="teacher") as features:
+            output = call_model(self.model, inputs)
+        return {"logits": logits_of(output), **features}
+
+
+class Distiller(nn.Module):
+    """Student (+ connectors) with its terms: ``forward`` returns the weighted loss of every term and ``total``.
+
+    Example:
+        >>> module = Distiller(student, [Term(loss="ce", weight=0.1), Term(loss="kd", weight=0.9)])
+        >>> losses = module(images, labels, teacher(images))
+        >>> losses["total"].backward()
+    """
+
+    def __init__(self, student: nn.Module, terms: Sequence[Term]):
+        super().__init__()
+        if not terms:
+            raise ConfigError("a distillation setup needs at least one term (for example ce and kd)")
+        self.student = student
+        self.connectors = nn.ModuleDict()  # learned adapters between feature shapes (the method library adds them)
+        self.terms = list(terms)
+        names = [term.name for term in self.terms]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"two terms log under the same name {duplicates}; combine them into one term")
+        self.student_paths = _feature_paths(self.terms, "student")
+        self.needs_teacher = any(get_loss_spec(term.loss).needs_teacher for term in self.terms)
+
+    def student_outputs(self, inputs: Any) -> dict[str, Tensor]:
+        """The student's logits and the features its terms compare."""
+        with capture_features(self.student, self.student_paths, side="student") as features:
+            output = call_model(self.student, inputs)
+        return {"logits": logits_of(output), **features}
+
+    @staticmethod
+    def term_value(term: Term, student_outputs: dict, teacher_outputs: dict | None, labels: Tensor | None) -> Tensor:
+        """The unweighted value of one term."""
+        spec = get_loss_spec(term.loss)
+        teacher_value = teacher_outputs[term.teacher] if spec.needs_teacher else None
+        return spec.fn(student_outputs[term.student], teacher_value, labels=labels, **term.params)
+
+    def forward(self, inputs: Any, labels: Tensor | None, teacher_outputs: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        student_outputs = self.student_outputs(inputs)
+        losses = {
+            term.name: term.weight * self.term_value(term, student_outputs, teacher_outputs, labels)
+            for term in self.terms
+        }
+        losses["total"] = torch.stack(list(losses.values())).sum()
+        return losses
+
+    @torch.no_grad()
+    def check(self, inputs: Any, labels: Tensor | None, teacher: Teacher | None) -> None:
+        """Run every term once on a real batch before step 0, turning any failure into a one-line error."""
+        if self.needs_teacher and teacher is None:
+            needing = [t.loss for t in self.terms if get_loss_spec(t.loss).needs_teacher]
+            raise ConfigError(f"terms {needing} need a teacher, but none was given")
+        if any(get_loss_spec(t.loss).needs_labels for t in self.terms) and labels is None:
+            raise ConfigError("a term needs labels (ce), but the batches carry none; yield (inputs, labels) or a 'labels' key")
+        was_training = self.training
+        self.eval()
+        try:
+            teacher_outputs = teacher(inputs) if (teacher is not None and self.needs_teacher) else None
+            student_outputs = self.student_outputs(inputs)
+            if teacher_outputs is not None:
+                classes_student, classes_teacher = student_outputs["logits"].shape[-1], teacher_outputs["logits"].shape[-1]
+                if classes_student != classes_teacher:
+                    raise ConfigError(
+                        f"teacher predicts {classes_teacher} classes but the student {classes_student}; "
+                        "give the student the teacher's number of classes"
+                    )
+            for term in self.terms:
+                try:
+                    value = self.term_value(term, student_outputs, teacher_outputs, labels)
+                except (ValueError, RuntimeError, KeyError, TypeError) as error:
+                    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error
+                if value.dim() != 0:
+                    raise ConfigError(f"loss {term.loss!r} returned shape {tuple(value.shape)}, expected a scalar")
+        finally:
+            self.train(was_training)

@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad config key, a missing data file, a temperature <= 0) raises
+:class:`AlambicError`; the CLI prints its one-line message with exit code 2 and no traceback
+unless ``--debug`` is given. Programming errors stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class AlambicError(Exception):
+    """An error caused by the user's input, with a message that says how to fix it."""
+
+
+class ConfigError(AlambicError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class DataError(AlambicError):
+    """A data file is missing or malformed."""
+
+
+class NonFiniteLossError(AlambicError):
+    """A loss became NaN or infinite during training."""

@@ -1,0 +1,13 @@
+"""Distillation losses and their registry. Importing this package registers every built-in loss."""
+
+from alambic.losses import logit  # noqa: F401  (registers the logit losses)
+from alambic.losses.registry import (
+    LossSpec,
+    check_hyper_parameters,
+    get_loss,
+    get_loss_spec,
+    list_losses,
+    register_loss,
+)
+
+__all__ = ["LossSpec", "check_hyper_parameters", "get_loss", "get_loss_spec", "list_losses", "register_loss"]

@@ -1,0 +1,300 @@
+"""Run a whole configured job: train or load a teacher, train a baseline, distill, evaluate, report.
+
+The run directory holds ``config.yaml`` (resolved), ``status.json`` (running / completed / failed),
+``metrics.jsonl``, one folder per model (``teacher/``, ``baseline/``, ``student/``, each with
+``model.safetensors`` once its stage is done and ``checkpoints/`` while it trains), ``summary.json``
+and ``report.md`` with ``plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from alambic.checkpoint import atomic_write_text, save_weights
+from alambic.config import RunConfig, TrainConfig, dump_config
+from alambic.distiller import Distiller, Teacher
+from alambic.errors import AlambicError, ConfigError
+from alambic.train import MetricsLog, fit, make_loader
+
+MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distilled": "student"}
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    config: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    train_set: Any
+    test_set: Any
+    info: Any
+    log: MetricsLog
+    progress: Any
+
+
+def make_accelerator(precision: str = "no") -> Accelerator:
+    """One Accelerator per process: CPU here, GPUs and several processes under ``accelerate launch``."""
+    return Accelerator(mixed_precision=precision)
+
+
+def build_named_model(model_config, info) -> nn.Module:
+    """Build a model from its config and load its checkpoint when one is given."""
+    from alambic.models import build_model, load_weights
+
+    model = build_model(
+        model_config.arch, num_classes=info.num_classes, input_shape=tuple(info.input_shape), **model_config.kwargs
+    )
+    if model_config.checkpoint:
+        load_weights(model, model_config.checkpoint)
+    return model
+
+
+def _status(run_dir: Path, accelerator: Accelerator, **fields: Any) -> None:
+    if accelerator.is_main_process:
+        record = {"updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
+        atomic_write_text(run_dir / "status.json", json.dumps(record, indent=2))
+
+
+def prepare_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, is_main: bool) -> None:
+    """Create the run directory, or check that a resumed one was started with the same config."""
+    resolved = dump_config(config)
+    stored = run_dir / "config.yaml"
+    if resume:
+        if not stored.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory written by alambic?")
+        if stored.read_text() != resolved:
+            raise ConfigError(
+                f"--resume {run_dir}: the config differs from the one the run started with "
+                f"(compare with {stored}); resume with the same config and --set options"
+            )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
+            "or pick another name (--set name=...) or --out"
+        )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stored, resolved)
+
+
+def _train_stage(
+    context: RunContext, stage: str, model: nn.Module, terms, train: TrainConfig, teacher: Teacher | None
+) -> nn.Module:
+    """Train ``model`` with ``terms`` (resuming from its checkpoints) and save it as ``model.safetensors``."""
+    from alambic.evaluate import evaluate_classifier
+
+    accelerator = context.accelerator
+    folder = context.run_dir / MODEL_DIRS.get(stage, stage)
+    accelerator.gradient_accumulation_steps = train.grad_accum
+    loader = make_loader(
+        context.train_set, batch_size=train.batch_size, shuffle=True, seed=context.config.seed,
+        num_workers=context.config.data.num_workers,
+    )
+    test_loader = accelerator.prepare(
+        make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
+    )
+    module = Distiller(model, terms)
+    student = fit(
+        module, loader, accelerator=accelerator, teacher=teacher, stage=stage, log=context.log,
+        checkpoint_dir=folder / "checkpoints", progress=context.progress,
+        evaluate=lambda student: evaluate_classifier(
+            student, test_loader, num_classes=context.info.num_classes, accelerator=accelerator
+        ),
+        **train.model_dump(exclude={"batch_size", "grad_accum"}),
+    )
+    if accelerator.is_main_process:
+        save_weights(student, folder / "model.safetensors", metadata={"stage": stage})
+    accelerator.wait_for_everyone()
+    return student
+
+
+def _load_or_train(context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None) -> nn.Module:
+    """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains."""
+    from safetensors.torch import load_file
+
+    set_seed(context.config.seed)
+    model = build()
+    weights = context.run_dir / MODEL_DIRS.get(stage, stage) / "model.safetensors"
+    if weights.is_file():
+        model.load_state_dict(load_file(str(weights)))
+        return model
+    started = time.perf_counter()
+    model = _train_stage(context, stage, model, terms, train, teacher)
+    _add_timing(context, stage, time.perf_counter() - started)
+    return model
+
+
+def _add_timing(context: RunContext, stage: str, seconds: float) -> None:
+    if context.accelerator.is_main_process:
+        path = context.run_dir / "timings.json"
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        timings[stage] = round(seconds, 3)
+        atomic_write_text(path, json.dumps(timings, indent=2))
+
+
+def run(
+    config: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False, progress: Any = None
+) -> Path:
+    """Run the stages of ``config``; returns the run directory.
+
+    Example:
+        >>> from alambic.config import load_config
+        >>> run_dir = run(load_config("recipes/digits.yaml"))
+    """
+    accelerator = make_accelerator(config.precision)
+    run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
+    prepare_run_dir(config, run_dir, resume=resume, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    _execute(config, run_dir, accelerator, progress)
+    return run_dir
+
+
+def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: Any = None) -> dict:
+    """Re-evaluate the saved models of a run directory (and rebuild its report); returns the summary."""
+    from alambic.config import load_config
+
+    run_dir = check_run_dir(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    config.stages = ["evaluate", "report"]
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    accelerator = make_accelerator(config.precision)
+    _execute(config, run_dir, accelerator, progress)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any) -> None:
+    from alambic.data import build_datasets
+
+    _status(run_dir, accelerator, state="running", stage="data")
+    try:
+        data = config.data
+        train_set, test_set, info = build_datasets(
+            data.dataset, data_dir=data.data_dir, factory=data.factory, factory_kwargs=data.factory_kwargs,
+            augment=data.augment, train_subset=data.train_subset, test_fraction=data.test_fraction, seed=config.seed,
+        )
+        log = MetricsLog(
+            run_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+            tensorboard_dir=run_dir / "tensorboard" if config.tensorboard else None,
+        )
+        context = RunContext(config, run_dir, accelerator, train_set, test_set, info, log, progress)
+        models = _run_stages(context)
+        if "evaluate" in config.stages:
+            _status(run_dir, accelerator, state="running", stage="evaluate")
+            write_summary(context, models)
+        if "report" in config.stages and accelerator.is_main_process:
+            from alambic.report import write_report
+
+            write_report(run_dir)
+    except BaseException as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        _status(run_dir, accelerator, state="failed", error=message, error_type=type(error).__name__)
+        raise
+    _status(run_dir, accelerator, state="completed")
+
+
+def _run_stages(context: RunContext) -> dict[str, nn.Module]:
+    config, info = context.config, context.info
+    stages, models = config.stages, {}
+    build_teacher = lambda: build_named_model(config.teacher.model, info)  # noqa: E731
+    # Baseline and distilled students start from the same initial weights (same seed).
+    build_student = lambda: build_named_model(config.student.model, info)  # noqa: E731
+    needs_teacher = "teacher" in stages or "distill" in stages or "evaluate" in stages
+    if needs_teacher:
+        teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
+        if config.teacher.model.checkpoint and not teacher_trained:
+            models["teacher"] = build_teacher()
+        elif "teacher" in stages or teacher_trained:
+            _status(context.run_dir, context.accelerator, state="running", stage="teacher")
+            models["teacher"] = _load_or_train(
+                context, "teacher", build_teacher, config.teacher.terms, config.teacher.train
+            )
+        else:
+            raise ConfigError("distill needs a teacher: add the 'teacher' stage or give teacher.model.checkpoint")
+    if "baseline" in stages or (context.run_dir / "baseline" / "model.safetensors").is_file():
+        _status(context.run_dir, context.accelerator, state="running", stage="baseline")
+        train = config.baseline.train or config.distill.train
+        models["baseline"] = _load_or_train(context, "baseline", build_student, config.baseline.terms, train)
+    if "distill" in stages or (context.run_dir / "student" / "model.safetensors").is_file():
+        _status(context.run_dir, context.accelerator, state="running", stage="distill")
+        teacher = Teacher(models["teacher"], config.distill.terms)
+        models["distilled"] = _load_or_train(
+            context, "distill", build_student, config.distill.terms, config.distill.train, teacher
+        )
+    return models
+
+
+def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
+    """Evaluate every model on the test split and profile it; writes ``summary.json``."""
+    from alambic.evaluate import evaluate_classifier, profile_model
+
+    accelerator, config, info = context.accelerator, context.config, context.info
+    test_loader = accelerator.prepare(
+        make_loader(context.test_set, batch_size=config.data.eval_batch_size, shuffle=False)
+    )
+    example = context.test_set[0][0].unsqueeze(0)  # one sample, batch 1
+    architectures = {"teacher": config.teacher.model.arch, "baseline": config.student.model.arch,
+                     "distilled": config.student.model.arch}
+    summary_models = {}
+    for name, model in models.items():
+        model = model.to(accelerator.device)
+        metrics = evaluate_classifier(model, test_loader, num_classes=info.num_classes, accelerator=accelerator)
+        if accelerator.is_main_process:
+            profile = profile_model(
+                model.to("cpu"), example, batch_sizes=tuple(config.evaluate.batch_sizes),
+                repeats=config.evaluate.latency_repeats,
+            )
+            summary_models[name] = {"architecture": architectures[name], **metrics, **profile}
+    summary = {}
+    if accelerator.is_main_process:
+        timings_path = context.run_dir / "timings.json"
+        summary = {
+            "run_name": config.name,
+            "dataset": config.data.dataset,
+            "num_classes": info.num_classes,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": str(accelerator.device),
+            "num_processes": accelerator.num_processes,
+            "models": summary_models,
+            "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
+            "terms": [term.model_dump() for term in config.distill.terms],
+        }
+        atomic_write_text(context.run_dir / "summary.json", json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """A run directory written by alambic, or a one-line error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise AlambicError(f"{run_dir} is not an alambic run directory (no config.yaml); pass the folder `alambic run` wrote")
+    return run_dir
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, arch: str, dataset: str, data_dir: str | None = None, kwargs: dict | None = None
+) -> dict:
+    """Evaluate one checkpoint (safetensors or a torch checkpoint read weights_only) on a data set's test split."""
+    from alambic.config import ModelConfig
+    from alambic.data import build_datasets
+    from alambic.evaluate import evaluate_classifier, profile_model
+
+    _, test_set, info = build_datasets(dataset, data_dir=data_dir)
+    model = build_named_model(ModelConfig(arch=arch, kwargs=kwargs or {}, checkpoint=str(path)), info)
+    loader = make_loader(test_set, batch_size=256, shuffle=False)
+    metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
+    profile = profile_model(model, test_set[0][0].unsqueeze(0))
+    return {"run_name": Path(path).name, "dataset": dataset, "models": {"checkpoint": {"architecture": arch, **metrics, **profile}}}

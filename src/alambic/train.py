@@ -1,0 +1,214 @@
+"""The training loop: one function, readable on one screen.
+
+Device placement, mixed precision and multiple processes come from Hugging Face Accelerate. The
+distiller returns a dict of named, weighted losses; the loop sums nothing itself (``total`` is in
+the dict), steps, logs, evaluates, checkpoints, resumes, and stops on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from alambic.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from alambic.distiller import Distiller, Teacher, split_batch
+from alambic.errors import NonFiniteLossError
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``, so a resumed run sees the same batches."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def make_loader(dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed, shuffle),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_optimizer(parameters, *, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+    """SGD (momentum, nesterov) or AdamW."""
+    parameters = [p for p in parameters if p.requires_grad]
+    if optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float) -> float:
+    """Linear warm-up to 1, then cosine to 0, step decay at milestone steps, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        return gamma ** sum(step >= milestone for milestone in milestones)
+    return 1.0
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` (main process only) and, optionally, to TensorBoard."""
+
+    def __init__(self, path: str | Path | None, *, enabled: bool = True, tensorboard_dir: str | Path | None = None):
+        self.path = Path(path) if path and enabled else None
+        self.writer = None
+        if tensorboard_dir and enabled:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: alambic[tensorboard]
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            scalars = record.get("losses", {}) | {k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1")}
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{record['stage']}/{record['kind']}/{key}", value, record["step"])
+            self.writer.flush()
+
+
+def fit(
+    module: Distiller,
+    train_loader: DataLoader,
+    *,
+    accelerator: Accelerator,
+    teacher: Teacher | None = None,
+    epochs: int,
+    optimizer: str = "sgd",
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
+    milestones: list[int] | None = None,
+    gamma: float = 0.1,
+    grad_clip: float | None = None,
+    eval_every: int = 1,
+    log_every: int = 20,
+    checkpoint_every: int = 1,
+    checkpoint_dir: str | Path | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    log: MetricsLog | None = None,
+    stage: str = "distill",
+    progress: Callable[[str, int, int, dict], None] | None = None,  # (stage, step, total_steps, values)
+) -> nn.Module:
+    """Train ``module`` (student + connectors) on its terms; resumes from ``checkpoint_dir`` when it holds one.
+
+    ``grad_accum`` and ``precision`` live on the ``accelerator``. ``evaluate(student)`` returns a dict
+    with at least ``accuracy``; it runs every ``eval_every`` epochs and after the last.
+    Returns the trained student (unwrapped).
+    """
+    log = log or MetricsLog(None)
+    optimizer_ = make_optimizer(
+        module.parameters(), optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
+    factor = lambda step: lr_factor(  # noqa: E731
+        step,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=round(warmup_epochs * steps_per_epoch),
+        schedule=schedule,
+        milestones=[m * steps_per_epoch for m in (milestones or [])],
+        gamma=gamma,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer_, factor)
+    sampler = train_loader.sampler
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    start_epoch, step = 0, 0
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if latest is not None:
+        last_epoch, step = load_training_state(
+            latest, module=module, optimizer=optimizer_, scheduler=scheduler, process_index=accelerator.process_index
+        )
+        start_epoch = last_epoch + 1
+
+    model, optimizer_, loader = accelerator.prepare(module, optimizer_, train_loader)
+    unwrapped = accelerator.unwrap_model(model)
+    if latest is None:  # one-line errors before step 0, on a real batch
+        first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
+        unwrapped.check(*split_batch(first_batch), teacher)
+    for epoch in range(start_epoch, epochs):
+        # Accelerate's loader counts epochs itself from 0; set it so a resumed run sees the same order.
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        elif hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for batch in loader:
+            inputs, labels = split_batch(batch)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    teacher_outputs = teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
+                    losses = model(inputs, labels, teacher_outputs)
+                if not torch.isfinite(losses["total"]):
+                    values = {name: float(value.detach()) for name, value in losses.items()}
+                    raise NonFiniteLossError(
+                        f"{stage}: the loss became non-finite at epoch {epoch + 1}, step {step + 1} "
+                        f"(terms: {values}); lower the lr, add grad_clip, or check the inputs. "
+                        "The last good checkpoint is kept"
+                    )
+                accelerator.backward(losses["total"])
+                if accelerator.sync_gradients and grad_clip is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer_.step()
+                optimizer_.zero_grad(set_to_none=True)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+            count += 1
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                if step % log_every == 0:
+                    means = {name: float(total) / count for name, total in sums.items()}
+                    log.write({"stage": stage, "kind": "train", "epoch": epoch + 1, "step": step,
+                               "lr": scheduler.get_last_lr()[0], "losses": means})
+                    if progress:
+                        progress(stage, step, epochs * steps_per_epoch, means)
+                    sums, count = {}, 0
+        last = epoch + 1 == epochs
+        if evaluate is not None and ((eval_every and (epoch + 1) % eval_every == 0) or last):
+            metrics = evaluate(unwrapped.student)
+            log.write({"stage": stage, "kind": "eval", "epoch": epoch + 1, "step": step,
+                       **{k: metrics[k] for k in ("accuracy", "macro_f1", "loss") if k in metrics}})
+            if progress:
+                progress(stage, step, epochs * steps_per_epoch, {"test_accuracy": metrics["accuracy"]})
+        if checkpoint_dir and ((epoch + 1) % checkpoint_every == 0 or last):
+            save_training_state(
+                checkpoint_dir, module=unwrapped, optimizer=optimizer_, scheduler=scheduler, epoch=epoch, step=step,
+                process_index=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+            )
+    return unwrapped.student

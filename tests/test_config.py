@@ -1,0 +1,103 @@
+"""Config validation: unknown keys, wrong types and bad values name the key path and what was expected."""
+
+import pytest
+
+from alambic.config import RunConfig, Term, apply_overrides, config_from_dict, dump_config, load_config
+from alambic.errors import ConfigError
+
+BASE = {
+    "teacher": {"model": {"arch": "mlp"}, "train": {"epochs": 1}},
+    "student": {"model": {"arch": "mlp", "kwargs": {"hidden": [8]}}},
+}
+
+
+def _config(**changes):
+    data = {key: dict(value) for key, value in BASE.items()}
+    data.update(changes)
+    return data
+
+
+def test_defaults_are_hinton_kd():
+    config = config_from_dict(_config())
+    assert [(t.loss, t.weight) for t in config.distill.terms] == [("ce", 0.1), ("kd", 0.9)]
+    assert config.distill.terms[1].params == {"temperature": 4.0}
+
+
+def test_unknown_key_names_its_path():
+    with pytest.raises(ConfigError, match=r"distill\.train\.epoch: unknown key"):
+        config_from_dict(_config(distill={"train": {"epoch": 3}}))
+
+
+def test_wrong_type_names_path_and_value():
+    with pytest.raises(ConfigError, match=r"distill\.train\.lr: .*got 'fast'"):
+        config_from_dict(_config(distill={"train": {"lr": "fast"}}))
+
+
+def test_non_positive_temperature_is_rejected_before_training():
+    terms = [{"loss": "kd", "params": {"temperature": 0}}]
+    with pytest.raises(ConfigError, match=r"distill\.terms\.0: temperature must be > 0"):
+        config_from_dict(_config(distill={"terms": terms}))
+
+
+def test_unknown_loss_and_unknown_loss_parameter():
+    with pytest.raises(ConfigError, match="unknown loss 'kdd': did you mean kd"):
+        config_from_dict(_config(distill={"terms": [{"loss": "kdd"}]}))
+    with pytest.raises(ConfigError, match="has no parameter 'temp'"):
+        config_from_dict(_config(distill={"terms": [{"loss": "kd", "params": {"temp": 2}}]}))
+
+
+def test_teacher_needs_a_checkpoint_or_a_training_budget():
+    data = _config(teacher={"model": {"arch": "mlp"}})
+    with pytest.raises(ConfigError, match="teacher: give model.checkpoint"):
+        config_from_dict(data)
+
+
+def test_baseline_cannot_use_a_teacher_loss():
+    with pytest.raises(ConfigError, match="baseline trains without a teacher"):
+        config_from_dict(_config(baseline={"terms": [{"loss": "kd"}]}))
+
+
+def test_overrides_parse_yaml_values_and_index_lists():
+    config = config_from_dict(_config(), ["distill.train.epochs=7", "distill.terms.1.params.temperature=20", "seed=3"])
+    assert config.distill.train.epochs == 7
+    assert config.distill.terms[1].params["temperature"] == 20
+    assert config.seed == 3
+    with pytest.raises(ConfigError, match="expects key.path=value"):
+        apply_overrides({}, ["seed"])
+    with pytest.raises(ConfigError, match="out of range"):
+        config_from_dict(_config(), ["distill.terms.5=1"])
+
+
+def test_yaml_errors_and_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_dump_round_trips(tmp_path):
+    config = config_from_dict(_config())
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_every_recipe_validates():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for recipe in recipes:
+        assert isinstance(load_config(recipe), RunConfig), recipe
+        assert recipe.read_text().startswith("# alambic "), f"{recipe.name} must start with the command that runs it"
+
+
+def test_term_name_for_feature_terms():
+    assert Term(loss="kd").name == "kd"
+    assert Term(loss="logit_mse", student="fc").name == "logit_mse:fc"
