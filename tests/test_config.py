@@ -58,7 +58,9 @@ def test_baseline_cannot_use_a_teacher_loss():
 
 
 def test_overrides_parse_yaml_values_and_index_lists():
-    config = config_from_dict(_config(), ["distill.train.epochs=7", "distill.terms.1.params.temperature=20", "seed=3"])
+    config = config_from_dict(
+        _config(), ["distill.train.epochs=7", "distill.terms.1.params.temperature=20", "seed=3"]
+    )
     assert config.distill.train.epochs == 7
     assert config.distill.terms[1].params["temperature"] == 20
     assert config.seed == 3
@@ -95,7 +97,9 @@ def test_every_recipe_validates():
     assert len(recipes) >= 3
     for recipe in recipes:
         assert isinstance(load_config(recipe), RunConfig), recipe
-        assert recipe.read_text().startswith("# alambic "), f"{recipe.name} must start with the command that runs it"
+        assert recipe.read_text().startswith("# alambic "), (
+            f"{recipe.name} must start with the command that runs it"
+        )
 
 
 def test_term_name_for_feature_terms():

@@ -51,7 +51,9 @@ def test_kd_golden_value_by_hand():
     p_t = [v / sum(p_t) for v in p_t]
     expected = sum(t * math.log(t / s) for t, s in zip(p_t, p_s)) * temperature**2
     assert expected == pytest.approx(2.0738, abs=1e-4)  # the literal, computed once by hand
-    assert get_loss("kd")(student, teacher, temperature=temperature).item() == pytest.approx(expected, rel=1e-5)
+    assert get_loss("kd")(student, teacher, temperature=temperature).item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_kd_averages_over_samples_not_elements():

@@ -27,7 +27,9 @@ def _loader(dataset, seed=0, batch_size=32):
 
 def _mlp(hidden, seed, dropout=0.0, features=10, classes=3):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+    return nn.Sequential(
+        nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes)
+    )
 
 
 def _accuracy(model, dataset):
@@ -39,7 +41,9 @@ def _accuracy(model, dataset):
 
 def test_distill_trains_the_student_and_leaves_the_teacher_untouched():
     dataset = _data()
-    teacher = distill(None, _mlp(64, 1), _loader(dataset), terms=[{"loss": "ce"}], epochs=30, optimizer="adamw", lr=1e-2)
+    teacher = distill(
+        None, _mlp(64, 1), _loader(dataset), terms=[{"loss": "ce"}], epochs=30, optimizer="adamw", lr=1e-2
+    )
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = _mlp(8, 2)
     untrained = _accuracy(student, dataset)
@@ -80,8 +84,17 @@ def _train(run_dir, epochs, seed=0):
     dataset = _data()
     teacher = _mlp(32, 5)
     # dropout in the student draws from the RNG: resuming must restore it to be bit-for-bit
-    return distill(teacher, _mlp(16, 7, dropout=0.3), _loader(dataset), epochs=epochs, lr=0.05,
-                   run_dir=run_dir, seed=seed, schedule="cosine", warmup_epochs=1)
+    return distill(
+        teacher,
+        _mlp(16, 7, dropout=0.3),
+        _loader(dataset),
+        epochs=epochs,
+        lr=0.05,
+        run_dir=run_dir,
+        seed=seed,
+        schedule="cosine",
+        warmup_epochs=1,
+    )
 
 
 def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
@@ -158,6 +171,14 @@ def test_lr_schedule_shapes():
 
 
 def test_adamw_and_grad_accumulation_and_clipping_run():
-    student = distill(_mlp(16, 0), _mlp(8, 1), _loader(_data()), epochs=1, optimizer="adamw", lr=1e-3,
-                      grad_accum=2, grad_clip=1.0)
+    student = distill(
+        _mlp(16, 0),
+        _mlp(8, 1),
+        _loader(_data()),
+        epochs=1,
+        optimizer="adamw",
+        lr=1e-3,
+        grad_accum=2,
+        grad_clip=1.0,
+    )
     assert isinstance(student, nn.Sequential)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from alambic.config import Term, TrainConfig
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import ConfigError
-from alambic.train import MetricsLog, fit
+from alambic.train import MetricsLog, fit, make_accelerator
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
 
@@ -72,7 +72,6 @@ def distill(
         ...                   terms=[{"loss": "ce", "weight": 0.1},
         ...                          {"loss": "kd", "weight": 0.9, "params": {"temperature": 4}}])
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from pydantic import ValidationError
 
@@ -85,7 +84,7 @@ def distill(
     terms = as_terms(terms)
     if seed is not None:
         set_seed(seed)
-    accelerator = accelerator or Accelerator(mixed_precision=precision)
+    accelerator = accelerator or make_accelerator(precision)
     accelerator.gradient_accumulation_steps = grad_accum
     evaluate = None
     if eval_loader is not None:

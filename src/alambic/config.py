@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any, Literal
@@ -227,10 +228,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
     """Validate a plain dict (after overrides) into a :class:`RunConfig`, or raise :class:`ConfigError`."""
     if overrides:
-        try:  # override into the resolved config, so defaults (such as the default terms) can be changed too
+        # Override into the resolved config, so defaults (such as the default terms) can be changed too;
+        # when the file alone is invalid, the overrides may be what fixes it: validate below and report.
+        with contextlib.suppress(ValidationError):
             data = RunConfig.model_validate(data).model_dump(mode="json")
-        except ValidationError:
-            pass  # the overrides may be what makes it valid; validate below and report
         data = apply_overrides(data, overrides)
     try:
         return RunConfig.model_validate(data)

@@ -142,7 +142,7 @@ class Distiller(nn.Module):
             for term in self.terms:
                 try:
                     value = self.term_value(term, student_outputs, teacher_outputs, labels)
-                except (ValueError, RuntimeError, KeyError, TypeError) as error:
+                except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
                     message = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error
                 if value.dim() != 0:

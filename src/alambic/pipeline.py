@@ -24,9 +24,9 @@ from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import RunConfig, TrainConfig, dump_config
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError
-from alambic.train import MetricsLog, fit, make_loader
+from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
-MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distilled": "student"}
+MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
 
 
 @dataclass
@@ -43,21 +43,31 @@ class RunContext:
     progress: Any
 
 
-def make_accelerator(precision: str = "no") -> Accelerator:
-    """One Accelerator per process: CPU here, GPUs and several processes under ``accelerate launch``."""
-    return Accelerator(mixed_precision=precision)
-
-
 def build_named_model(model_config, info) -> nn.Module:
     """Build a model from its config and load its checkpoint when one is given."""
     from alambic.models import build_model, load_weights
 
-    model = build_model(
-        model_config.arch, num_classes=info.num_classes, input_shape=tuple(info.input_shape), **model_config.kwargs
-    )
+    kwargs = {"num_classes": info.num_classes, **model_config.kwargs}  # kwargs may override the class count
+    model = build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
     if model_config.checkpoint:
         load_weights(model, model_config.checkpoint)
     return model
+
+
+@torch.no_grad()
+def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
+    """Fail before training when a model's output size is not the data set's number of classes."""
+    from alambic.distiller import call_model, logits_of
+
+    was_training = model.training
+    model.eval()
+    predicted = logits_of(call_model(model, example)).shape[-1]
+    model.train(was_training)
+    if predicted != num_classes:
+        raise ConfigError(
+            f"the {side} predicts {predicted} classes but the data set has {num_classes}; "
+            f"set {side}.model.kwargs.num_classes={num_classes} or remove the override"
+        )
 
 
 def _status(run_dir: Path, accelerator: Accelerator, **fields: Any) -> None:
@@ -208,9 +218,18 @@ def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progres
 def _run_stages(context: RunContext) -> dict[str, nn.Module]:
     config, info = context.config, context.info
     stages, models = config.stages, {}
-    build_teacher = lambda: build_named_model(config.teacher.model, info)  # noqa: E731
-    # Baseline and distilled students start from the same initial weights (same seed).
-    build_student = lambda: build_named_model(config.student.model, info)  # noqa: E731
+    example = context.test_set[0][0].unsqueeze(0)
+
+    def build_teacher() -> nn.Module:
+        model = build_named_model(config.teacher.model, info)
+        check_num_classes(model, example, info.num_classes, "teacher")
+        return model
+
+    def build_student() -> nn.Module:  # baseline and distilled students start from the same weights (same seed)
+        model = build_named_model(config.student.model, info)
+        check_num_classes(model, example, info.num_classes, "student")
+        return model
+
     needs_teacher = "teacher" in stages or "distill" in stages or "evaluate" in stages
     if needs_teacher:
         teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ from torch.utils.data import DataLoader, Sampler
 from alambic.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from alambic.distiller import Distiller, Teacher, split_batch
 from alambic.errors import NonFiniteLossError
+
+
+def make_accelerator(precision: str = "no") -> Accelerator:
+    """The run's Accelerator: one process here; GPUs and several processes under ``accelerate launch``/``torchrun``.
+
+    Without CUDA, several launched processes need ``cpu=True`` for Accelerate to form a gloo group.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
 
 
 class EpochSampler(Sampler[int]):
