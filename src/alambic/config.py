@@ -149,6 +149,9 @@ class DistillConfig(_Strict):
 class EvaluateConfig(_Strict):
     latency_repeats: int = Field(20, ge=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    # CPU threads while timing: 1 by default, as on a phone or an edge core, and because on a shared
+    # machine several threads make small models' timings swing by 100x. null keeps torch's default.
+    latency_threads: int | None = Field(1, ge=1)
 
 
 class RunConfig(_Strict):

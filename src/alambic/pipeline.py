@@ -273,8 +273,10 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
         if accelerator.is_main_process:
             profile = profile_model(
                 model.to("cpu"), example, batch_sizes=tuple(config.evaluate.batch_sizes),
-                repeats=config.evaluate.latency_repeats,
+                repeats=config.evaluate.latency_repeats, threads=config.evaluate.latency_threads,
             )
+            # a class absent from the test split has no accuracy: null, not NaN, keeps the JSON strict
+            metrics["per_class_accuracy"] = [None if v != v else v for v in metrics["per_class_accuracy"]]
             summary_models[name] = {"architecture": architectures[name], **metrics, **profile}
     summary = {}
     if accelerator.is_main_process:
@@ -283,6 +285,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "run_name": config.name,
             "dataset": config.data.dataset,
             "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
@@ -315,5 +318,5 @@ def evaluate_checkpoint(
     model = build_named_model(ModelConfig(arch=arch, kwargs=kwargs or {}, checkpoint=str(path)), info)
     loader = make_loader(test_set, batch_size=256, shuffle=False)
     metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
-    profile = profile_model(model, test_set[0][0].unsqueeze(0))
+    profile = profile_model(model, test_set[0][0].unsqueeze(0), threads=1)
     return {"run_name": Path(path).name, "dataset": dataset, "models": {"checkpoint": {"architecture": arch, **metrics, **profile}}}

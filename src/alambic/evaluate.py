@@ -1,0 +1,430 @@
+"""Classification metrics and model profiling: accuracy, macro-F1, parameters, size, FLOPs, latency.
+
+Everything here works on a model and tensors; nothing reads a config. The numbers feed
+``summary.json`` (see :mod:`alambic.report`), so each function documents exactly what it measures.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alambic.errors import AlambicError
+
+ExampleInput = Tensor | Mapping[str, Tensor]
+
+
+def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Count (true class, predicted class) pairs.
+
+    Args:
+        predictions: Predicted class indices, shape ``[N]``.
+        labels: True class indices, shape ``[N]``.
+        num_classes: Number of classes ``C``.
+
+    Returns:
+        An int64 tensor ``[C, C]``: row = true class, column = predicted class.
+    """
+    flat_index = labels.long() * num_classes + predictions.long()  # [N]
+    counts = torch.bincount(flat_index, minlength=num_classes * num_classes)  # [C*C]
+    return counts.reshape(num_classes, num_classes)
+
+
+def classification_metrics(predictions: Tensor, labels: Tensor, num_classes: int) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class accuracy from predicted and true class indices.
+
+    Macro-F1 follows ``sklearn.metrics.f1_score(labels, predictions, average="macro")``: the
+    classes averaged are those that occur in ``labels`` or in ``predictions``; a class absent
+    from both has no defined F1 and is left out of the mean (sklearn does the same because it
+    only looks at the labels it sees). Per class, ``F1 = 2 TP / (2 TP + FP + FN)``, so a class that
+    occurs in the labels but is never predicted scores 0 (sklearn's ``zero_division`` default).
+
+    Args:
+        predictions: Predicted class indices ``[N]``, or logits ``[N, C]`` (argmax is taken).
+        labels: True class indices ``[N]``.
+        num_classes: Number of classes ``C``; every index must lie in ``[0, C)``.
+
+    Returns:
+        ``{"accuracy", "macro_f1", "per_class_accuracy", "num_samples", "errors"}``.
+        ``per_class_accuracy[c]`` is the recall of class ``c`` (correct / occurrences in the
+        labels), and ``nan`` for a class with no sample in ``labels``. With no samples at all,
+        accuracy and macro-F1 are 0.
+
+    Example:
+        >>> classification_metrics(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), num_classes=2)["accuracy"]
+        0.6666666666666666
+    """
+    if predictions.ndim == 2:
+        predictions = predictions.argmax(dim=-1)  # [N]
+    predictions = predictions.detach().reshape(-1).cpu().long()
+    labels = labels.detach().reshape(-1).cpu().long()
+    if predictions.numel() != labels.numel():
+        raise ValueError(
+            f"got {predictions.numel()} predictions for {labels.numel()} labels; they must match"
+        )
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
+            raise AlambicError(
+                f"{name} contain class indices in [{int(values.min())}, {int(values.max())}] but "
+                f"num_classes={num_classes} allows only [0, {num_classes - 1}]; set num_classes to "
+                "the number of classes in the dataset"
+            )
+
+    matrix = confusion_matrix(predictions, labels, num_classes).double()  # [C, C]
+    true_positives = matrix.diagonal()  # [C]
+    support = matrix.sum(dim=1)  # [C] occurrences in labels
+    predicted = matrix.sum(dim=0)  # [C] occurrences in predictions
+    num_samples = int(labels.numel())
+    correct = int(true_positives.sum())
+
+    present = (support + predicted) > 0  # classes sklearn would average over
+    f1_denominator = support + predicted  # = 2 TP + FP + FN
+    f1 = torch.where(present, 2 * true_positives / f1_denominator.clamp(min=1), torch.zeros_like(support))
+    macro_f1 = float(f1[present].mean()) if bool(present.any()) else 0.0
+    per_class = torch.where(
+        support > 0, true_positives / support.clamp(min=1), torch.full_like(support, float("nan"))
+    )
+    return {
+        "accuracy": correct / num_samples if num_samples else 0.0,
+        "macro_f1": macro_f1,
+        "per_class_accuracy": [float(value) for value in per_class],
+        "num_samples": num_samples,
+        "errors": num_samples - correct,
+    }
+
+
+def _logits_from_output(output: Any) -> Tensor:
+    """Logits from a model output: a tensor, a dict/object with ``logits``, or a tuple (first item)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; return a tensor of "
+        "logits, a dict with a 'logits' key, or an object with a .logits attribute"
+    )
+
+
+def _split_batch(batch: Any) -> tuple[Any, Tensor]:
+    """Split a batch into (model inputs, labels): ``(inputs, labels)`` or a dict with ``labels``."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise AlambicError(
+                f"a dict batch needs a 'labels' key; got keys {sorted(batch)}. Rename the label "
+                "column to 'labels' in the dataset or collate function"
+            )
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return inputs, batch["labels"]
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise AlambicError(
+        f"cannot read a batch of type {type(batch).__name__}; yield (inputs, labels) pairs or dicts "
+        "with a 'labels' key"
+    )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Move a tensor, or the tensors of a dict/tuple/list, to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def _call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call the model with a dict as keyword arguments, anything else as one positional argument."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer; CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class _EvalMode:
+    """Context manager: eval mode inside, each submodule's own train/eval flag restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.previous = {module: module.training for module in model.modules()}
+
+    def __enter__(self) -> nn.Module:
+        return self.model.eval()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for module, training in self.previous.items():
+            module.training = training
+
+
+def evaluate_classifier(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_classes: int,
+    accelerator: Any = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Run a classifier over a loader and compute its metrics and mean cross-entropy.
+
+    The model runs in eval mode under ``torch.inference_mode()``; each submodule's previous
+    train/eval mode is restored afterwards. With an ``accelerate.Accelerator``, the loader and
+    model should come from ``accelerator.prepare``; predictions, labels and per-sample losses are
+    collected with ``accelerator.gather_for_metrics``, so the metrics cover the whole set across
+    processes and the samples duplicated to pad the last batch are dropped.
+
+    Args:
+        model: Maps inputs to logits ``[B, C]`` (a tensor, or an output with ``logits``).
+        loader: Yields ``(inputs, labels)`` pairs, or dicts whose ``labels`` key holds the labels
+            and whose other keys are passed to the model as keyword arguments.
+        num_classes: Number of classes ``C``.
+        accelerator: Optional ``accelerate.Accelerator``; batches go to ``accelerator.device``.
+        device: Where to put the batches when no accelerator is given; the model is not moved
+            and must already live there. Default: the device of the model's parameters.
+
+    Returns:
+        :func:`classification_metrics` plus ``"loss"``: the mean cross-entropy over samples.
+
+    Example:
+        >>> metrics = evaluate_classifier(model, test_loader, num_classes=10)
+        >>> print(f"{metrics['accuracy']:.2%}, {metrics['errors']} errors")
+    """
+    if accelerator is not None:
+        target_device = accelerator.device
+    else:
+        target_device = torch.device(device) if device is not None else _model_device(model)
+    all_predictions: list[Tensor] = []
+    all_labels: list[Tensor] = []
+    all_losses: list[Tensor] = []
+    with _EvalMode(model), torch.inference_mode():
+        for batch in loader:
+            inputs, labels = _split_batch(_to_device(batch, target_device))
+            logits = _logits_from_output(_call_model(model, inputs))  # [B, C]
+            if logits.ndim != 2:
+                raise AlambicError(
+                    f"expected logits of shape [batch, num_classes], got {tuple(logits.shape)}; "
+                    "evaluate_classifier scores one label per sample"
+                )
+            labels = labels.reshape(-1).long()  # [B]
+            losses = F.cross_entropy(logits.float(), labels, reduction="none")  # [B]
+            predictions = logits.argmax(dim=-1)  # [B]
+            if accelerator is not None:
+                predictions, labels, losses = accelerator.gather_for_metrics((predictions, labels, losses))
+            all_predictions.append(predictions.cpu())
+            all_labels.append(labels.cpu())
+            all_losses.append(losses.float().cpu())
+    if not all_labels:
+        raise AlambicError("the evaluation loader yielded no batches; check the test split is not empty")
+    metrics = classification_metrics(torch.cat(all_predictions), torch.cat(all_labels), num_classes)
+    metrics["loss"] = float(torch.cat(all_losses).mean())
+    return metrics
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (trainable or not); a parameter shared by two modules counts once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes taken by the model's ``state_dict`` saved with safetensors.
+
+    The state dict is written to a temporary file with ``safetensors.torch.save_model`` (which
+    stores tied weights once), measured, and deleted. The size therefore includes buffers
+    (e.g. BatchNorm running statistics) and safetensors' small JSON header. A state dict that
+    safetensors cannot store (for example dynamically quantized modules, whose packed weights
+    are not plain tensors) is measured with ``torch.save`` instead, whose zip container adds a
+    few kilobytes.
+
+    Args:
+        model: The model to measure.
+
+    Returns:
+        The file size in bytes.
+    """
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="alambic-size-") as directory:
+        path = os.path.join(directory, "model.safetensors")
+        try:
+            save_model(model, path)
+        except (ValueError, TypeError, AttributeError, RuntimeError):
+            path = os.path.join(directory, "model.pt")
+            torch.save(model.state_dict(), path)
+        return os.path.getsize(path)
+
+
+def _first_sample(example_input: ExampleInput) -> ExampleInput:
+    """Keep only the first sample of a batch (tensor or dict of tensors)."""
+    if isinstance(example_input, Mapping):
+        return {key: value[:1] for key, value in example_input.items()}
+    return example_input[:1]
+
+
+def _repeat_batch(example_input: ExampleInput, batch_size: int) -> ExampleInput:
+    """Repeat the first sample ``batch_size`` times along the batch dimension."""
+    if isinstance(example_input, Mapping):
+        return {key: _repeat_batch(value, batch_size) for key, value in example_input.items()}
+    sample = example_input[:1]
+    return sample.repeat(batch_size, *([1] * (sample.ndim - 1))).contiguous()
+
+
+def count_flops(model: nn.Module, example_input: ExampleInput) -> int:
+    """Forward FLOPs for one sample, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    A multiply-accumulate counts as 2 FLOPs (``nn.Linear(10, 5)`` is 100 FLOPs). Only the
+    operators PyTorch's counter knows are counted (matmuls, convolutions, attention);
+    element-wise operations such as activations and normalisation count 0.
+
+    Args:
+        model: The model, in any mode (it runs in eval mode; its modes are restored).
+        example_input: A batch-1 tensor or dict of tensors; a larger batch is cut to its first sample.
+
+    Returns:
+        The FLOPs of one forward pass on one sample.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample = _to_device(_first_sample(example_input), _model_device(model))
+    counter = FlopCounterMode(display=False)
+    with _EvalMode(model), torch.no_grad(), counter:
+        _call_model(model, sample)
+    return int(counter.get_total_flops())
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so the wall clock measures the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: ExampleInput,
+    *,
+    batch_size: int,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Wall-clock time of one forward pass on a batch, in milliseconds.
+
+    The first sample of ``example_input`` is repeated to ``batch_size``; the model runs in eval
+    mode under ``torch.inference_mode()``, ``warmup`` untimed passes first, then ``repeats`` passes
+    each timed with ``time.perf_counter`` (CUDA is synchronised around each). The model is moved
+    to ``device`` for the measurement and moved back afterwards. On CPU the result depends on
+    the number of intra-op threads, which is reported: on a loaded machine, more threads than
+    free cores can make a batch take 100x longer (threads wait for a time slice), so pass
+    ``threads`` to pin it for comparable numbers.
+
+    Args:
+        model: The model to time.
+        example_input: A batch-1 tensor or dict of tensors.
+        batch_size: Batch size to time.
+        repeats: Timed passes.
+        warmup: Untimed passes before timing.
+        device: Device to run on.
+        threads: CPU intra-op threads during the measurement (restored after); None keeps
+            ``torch.get_num_threads()``.
+
+    Returns:
+        ``{"median_ms", "p90_ms", "repeats", "batch_size", "device", "threads"}``.
+    """
+    if batch_size < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise ValueError(
+            f"need batch_size >= 1, repeats >= 1, warmup >= 0, threads None or >= 1; got "
+            f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}, threads={threads}"
+        )
+    target_device = torch.device(device)
+    original_device = _model_device(model)
+    batch = _to_device(_repeat_batch(example_input, batch_size), target_device)
+    timings_ms: list[float] = []
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
+        model.to(target_device)
+        with _EvalMode(model), torch.inference_mode():
+            for _ in range(warmup):
+                _call_model(model, batch)
+            for _ in range(repeats):
+                _synchronize(target_device)
+                start = time.perf_counter()
+                _call_model(model, batch)
+                _synchronize(target_device)
+                timings_ms.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.to(original_device)
+        torch.set_num_threads(previous_threads)
+    return {
+        "median_ms": statistics.median(timings_ms),
+        "p90_ms": float(np.percentile(timings_ms, 90)),
+        "repeats": repeats,
+        "batch_size": batch_size,
+        "device": str(target_device),
+        "threads": used_threads,
+    }
+
+
+def profile_model(
+    model: nn.Module,
+    example_input: ExampleInput,
+    *,
+    batch_sizes: Iterable[int] = (1, 64),
+    repeats: int = 20,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Parameters, size on disk, FLOPs per sample and median latency per batch size.
+
+    Args:
+        model: The model to profile.
+        example_input: A batch-1 tensor or dict of tensors.
+        batch_sizes: Batch sizes to time.
+        repeats: Timed passes per batch size.
+        device: Device for the latency measurement.
+        threads: CPU intra-op threads for the latency measurement; None keeps the current number.
+
+    Returns:
+        ``{"parameters", "size_bytes", "flops", "latency_ms": {"1": median_ms, "64": ...},
+        "latency_device", "latency_threads"}``; the latency keys are strings so the dict survives
+        a JSON round trip unchanged, and the device and CPU thread count say where they were taken.
+
+    Example:
+        >>> profile = profile_model(student, torch.randn(1, 3, 32, 32))
+        >>> profile["latency_ms"]["1"]
+    """
+    latencies = [
+        measure_latency(
+            model, example_input, batch_size=batch_size, repeats=repeats, device=device, threads=threads
+        )
+        for batch_size in batch_sizes
+    ]
+    return {
+        "parameters": count_parameters(model),
+        "size_bytes": size_on_disk(model),
+        "flops": count_flops(model, example_input),
+        "latency_ms": {str(latency["batch_size"]): latency["median_ms"] for latency in latencies},
+        "latency_device": str(torch.device(device)),
+        "latency_threads": latencies[0]["threads"] if latencies else torch.get_num_threads(),
+    }
