@@ -12,40 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alambic.batches import call_model, logits_of, split_batch  # noqa: F401  (re-exported)
 from alambic.config import Term
 from alambic.errors import ConfigError
 from alambic.hooks import capture_features, unwrap_model
 from alambic.losses import get_loss_spec
-
-
-def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """``(inputs, labels)`` from a ``(inputs, labels)`` tuple or a dict with a ``labels`` key."""
-    if isinstance(batch, dict):
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        return inputs, batch.get("labels")
-    if isinstance(batch, (list, tuple)):
-        if len(batch) < 2:
-            raise ConfigError("a batch tuple must be (inputs, labels); got a tuple of one element")
-        return batch[0], batch[1]
-    return batch, None
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a tensor or, for dict inputs (Hugging Face style), on keyword arguments."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits of a model output: a tensor, an object with ``.logits``, a dict, or a tuple's first item."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if isinstance(output, (tuple, list)):
-        return logits_of(output[0])
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 def _feature_paths(terms: Sequence[Term], side: str) -> list[str]:

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
+from alambic.batches import call_model, logits_of, split_batch
 from alambic.errors import AlambicError
 
 ExampleInput = Tensor | Mapping[str, Tensor]
@@ -102,56 +104,6 @@ def classification_metrics(predictions: Tensor, labels: Tensor, num_classes: int
     }
 
 
-def _logits_from_output(output: Any) -> Tensor:
-    """Logits from a model output: a tensor, a dict/object with ``logits``, or a tuple (first item)."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"cannot find logits in a model output of type {type(output).__name__}; return a tensor of "
-        "logits, a dict with a 'logits' key, or an object with a .logits attribute"
-    )
-
-
-def _split_batch(batch: Any) -> tuple[Any, Tensor]:
-    """Split a batch into (model inputs, labels): ``(inputs, labels)`` or a dict with ``labels``."""
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise AlambicError(
-                f"a dict batch needs a 'labels' key; got keys {sorted(batch)}. Rename the label "
-                "column to 'labels' in the dataset or collate function"
-            )
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        return inputs, batch["labels"]
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise AlambicError(
-        f"cannot read a batch of type {type(batch).__name__}; yield (inputs, labels) pairs or dicts "
-        "with a 'labels' key"
-    )
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Move a tensor, or the tensors of a dict/tuple/list, to ``device``."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
-
-
-def _call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call the model with a dict as keyword arguments, anything else as one positional argument."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter or buffer; CPU for a model with neither."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -215,8 +167,10 @@ def evaluate_classifier(
     all_losses: list[Tensor] = []
     with _EvalMode(model), torch.inference_mode():
         for batch in loader:
-            inputs, labels = _split_batch(_to_device(batch, target_device))
-            logits = _logits_from_output(_call_model(model, inputs))  # [B, C]
+            inputs, labels = split_batch(send_to_device(batch, target_device))
+            if labels is None:
+                raise AlambicError("evaluation batches need labels: yield (inputs, labels) or a dict with 'labels'")
+            logits = logits_of(call_model(model, inputs))  # [B, C]
             if logits.ndim != 2:
                 raise AlambicError(
                     f"expected logits of shape [batch, num_classes], got {tuple(logits.shape)}; "
@@ -301,10 +255,10 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample = _to_device(_first_sample(example_input), _model_device(model))
+    sample = send_to_device(_first_sample(example_input), _model_device(model))
     counter = FlopCounterMode(display=False)
     with _EvalMode(model), torch.no_grad(), counter:
-        _call_model(model, sample)
+        call_model(model, sample)
     return int(counter.get_total_flops())
 
 
@@ -356,7 +310,7 @@ def measure_latency(
         )
     target_device = torch.device(device)
     original_device = _model_device(model)
-    batch = _to_device(_repeat_batch(example_input, batch_size), target_device)
+    batch = send_to_device(_repeat_batch(example_input, batch_size), target_device)
     timings_ms: list[float] = []
     previous_threads = torch.get_num_threads()
     try:
@@ -366,11 +320,11 @@ def measure_latency(
         model.to(target_device)
         with _EvalMode(model), torch.inference_mode():
             for _ in range(warmup):
-                _call_model(model, batch)
+                call_model(model, batch)
             for _ in range(repeats):
                 _synchronize(target_device)
                 start = time.perf_counter()
-                _call_model(model, batch)
+                call_model(model, batch)
                 _synchronize(target_device)
                 timings_ms.append((time.perf_counter() - start) * 1000.0)
     finally:

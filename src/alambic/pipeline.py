@@ -57,7 +57,7 @@ def build_named_model(model_config, info) -> nn.Module:
 @torch.no_grad()
 def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
     """Fail before training when a model's output size is not the data set's number of classes."""
-    from alambic.distiller import call_model, logits_of
+    from alambic.batches import call_model, logits_of
 
     was_training = model.training
     model.eval()

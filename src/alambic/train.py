@@ -20,8 +20,9 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from alambic.batches import split_batch
 from alambic.checkpoint import latest_checkpoint, load_training_state, save_training_state
-from alambic.distiller import Distiller, Teacher, split_batch
+from alambic.distiller import Distiller, Teacher
 from alambic.errors import NonFiniteLossError
 
 

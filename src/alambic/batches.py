@@ -1,0 +1,47 @@
+"""What a batch and a model output look like to alambic, in one place (the loop and evaluation share it).
+
+A batch is ``(inputs, labels)`` (extra items ignored) or a dict whose ``labels`` key holds the labels
+and whose other keys are the model's keyword arguments (Hugging Face style). A model output is a
+tensor of logits, a dict with ``logits``, an object with ``.logits``, or a tuple whose first item is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from alambic.errors import AlambicError
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(inputs, labels)``; labels are None for a bare tensor or a dict without ``labels``."""
+    if isinstance(batch, Mapping):
+        return {key: value for key, value in batch.items() if key != "labels"}, batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) < 2:
+            raise AlambicError("a batch tuple must be (inputs, labels); got a tuple of one item")
+        return batch[0], batch[1]
+    return batch, None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with a dict as keyword arguments, anything else as one positional argument."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model output (see the module docstring for the accepted shapes)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    raise AlambicError(
+        f"cannot find logits in a model output of type {type(output).__name__}; return a tensor of "
+        "logits, a dict with a 'logits' key, or an object with a .logits attribute"
+    )
