@@ -105,3 +105,10 @@ def test_every_recipe_validates():
 def test_term_name_for_feature_terms():
     assert Term(loss="kd").name == "kd"
     assert Term(loss="logit_mse", student="fc").name == "logit_mse:fc"
+
+
+def test_stage_augmentation_needs_data_augmentation():
+    with pytest.raises(ConfigError, match="data.augment is false"):
+        config_from_dict(_config(distill={"train": {"augment": True}}))
+    config = config_from_dict(_config(data={"augment": True}, distill={"train": {"augment": False}}))
+    assert config.distill.train.augment is False and config.teacher.train.augment is None

@@ -77,6 +77,8 @@ def distill(
 
     from alambic.config import format_validation_error
 
+    if "augment" in train:
+        raise ConfigError("distill() takes no augment: augment in your dataset or DataLoader (run configs have data.augment)")
     try:
         settings = TrainConfig(epochs=epochs, grad_accum=grad_accum, **train)
     except ValidationError as error:
@@ -106,5 +108,5 @@ def distill(
         evaluate=evaluate,
         log=log,
         checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
-        **settings.model_dump(exclude={"batch_size", "grad_accum"}),
+        **settings.model_dump(exclude={"batch_size", "grad_accum", "augment"}),
     )

@@ -85,6 +85,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=0)  # epochs; 0 = only at the end
     log_every: int = Field(20, ge=1)  # optimizer steps
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    augment: bool | None = None  # this stage only; None follows data.augment (false turns it off here)
 
     @model_validator(mode="after")
     def _milestones(self) -> TrainConfig:
@@ -171,6 +172,14 @@ class RunConfig(_Strict):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _stage_augmentation(self) -> RunConfig:
+        trains = [self.teacher.train, self.baseline.train, self.distill.train]
+        if not self.data.augment and any(train is not None and train.augment for train in trains):
+            raise ValueError("a stage sets train.augment: true but data.augment is false; set data.augment: true "
+                             "and turn it off in the stages that train without it (train.augment: false)")
+        return self
 
     @model_validator(mode="after")
     def _teacher_source(self) -> RunConfig:

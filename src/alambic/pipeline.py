@@ -8,6 +8,7 @@ and ``report.md`` with ``plots/``.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def _train_stage(
     folder = context.run_dir / MODEL_DIRS.get(stage, stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     loader = make_loader(
-        context.train_set, batch_size=train.batch_size, shuffle=True, seed=context.config.seed,
+        _stage_train_set(context.train_set, train.augment), batch_size=train.batch_size, shuffle=True, seed=context.config.seed,
         num_workers=context.config.data.num_workers,
     )
     test_loader = accelerator.prepare(
@@ -122,12 +123,21 @@ def _train_stage(
         evaluate=lambda student: evaluate_classifier(
             student, test_loader, num_classes=context.info.num_classes, accelerator=accelerator
         ),
-        **train.model_dump(exclude={"batch_size", "grad_accum"}),
+        **train.model_dump(exclude={"batch_size", "grad_accum", "augment"}),
     )
     if accelerator.is_main_process:
         save_weights(student, folder / "model.safetensors", metadata={"stage": stage})
     accelerator.wait_for_everyone()
     return student
+
+
+def _stage_train_set(train_set: Any, augment: bool | None) -> Any:
+    """The training set as this stage wants it: ``augment: false`` gives a view without augmentation."""
+    if augment is None or augment or getattr(train_set, "augmentation", None) is None:
+        return train_set
+    view = copy.copy(train_set)  # shares the tensors
+    view.augmentation = None
+    return view
 
 
 def _load_or_train(context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None) -> nn.Module:
