@@ -43,20 +43,26 @@ def main() -> None:
     timings = summary["stages_seconds"]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     print(f"\n### {config.name}\n")
-    print(f"`{command}` — {date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(
+        f"`{command}` — {date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
     print("| model | arch | test errors | accuracy % | params | epochs | train wall s | ms @1 | ms @64 |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    epochs = {"teacher": config.teacher.train.epochs if config.teacher.train else 0,
-              "baseline": (config.baseline.train or config.distill.train).epochs,
-              "distilled": config.distill.train.epochs}
+    epochs = {
+        "teacher": config.teacher.train.epochs if config.teacher.train else 0,
+        "baseline": (config.baseline.train or config.distill.train).epochs,
+        "distilled": config.distill.train.epochs,
+    }
     stage_of = {"teacher": "teacher", "baseline": "baseline", "distilled": "distill"}
     for name, model in summary["models"].items():
         seconds = timings.get(stage_of[name])
         trained = "pretrained" if (name == "teacher" and config.teacher.model.checkpoint) else epochs[name]
-        print(f"| {name} | {model['architecture']} | {model['errors']} | {100 * model['accuracy']:.2f} | "
-              f"{model['parameters']:,} | {trained} | {seconds if seconds is not None else '-'} | "
-              f"{model['latency_ms']['1']:.3f} | {model['latency_ms']['64']:.3f} |")
+        print(
+            f"| {name} | {model['architecture']} | {model['errors']} | {100 * model['accuracy']:.2f} | "
+            f"{model['parameters']:,} | {trained} | {seconds if seconds is not None else '-'} | "
+            f"{model['latency_ms']['1']:.3f} | {model['latency_ms']['64']:.3f} |"
+        )
     print(f"\nrun directory: {run_dir}")
 
 

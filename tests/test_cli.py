@@ -15,7 +15,14 @@ from alambic.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "digits.yaml")
-TINY = ["--set", "teacher.train.epochs=2", "--set", "distill.train.epochs=2", "--set", "evaluate.latency_repeats=2"]
+TINY = [
+    "--set",
+    "teacher.train.epochs=2",
+    "--set",
+    "distill.train.epochs=2",
+    "--set",
+    "evaluate.latency_repeats=2",
+]
 runner = CliRunner()
 
 
@@ -92,8 +99,19 @@ def test_an_existing_run_dir_is_not_overwritten(tmp_path):
 
 def test_non_finite_loss_marks_the_run_failed_and_keeps_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
-    result = _run("run", DIGITS, *TINY, "--set", "teacher.train.lr=1e30", "--set", "teacher.train.optimizer=sgd",
-                  "--set", "teacher.train.epochs=3", "--out", run_dir)
+    result = _run(
+        "run",
+        DIGITS,
+        *TINY,
+        "--set",
+        "teacher.train.lr=1e30",
+        "--set",
+        "teacher.train.optimizer=sgd",
+        "--set",
+        "teacher.train.epochs=3",
+        "--out",
+        run_dir,
+    )
     _one_line_error(result, "loss became non-finite")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and "non-finite" in status["error"]
@@ -106,8 +124,16 @@ def test_missing_run_dir_for_eval_and_report(tmp_path):
 
 
 def test_resume_via_cli_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    args = ["run", DIGITS, "--set", "teacher.train.epochs=3", "--set", "distill.train.epochs=3",
-            "--set", "stages=[teacher,distill]"]
+    args = [
+        "run",
+        DIGITS,
+        "--set",
+        "teacher.train.epochs=3",
+        "--set",
+        "distill.train.epochs=3",
+        "--set",
+        "stages=[teacher,distill]",
+    ]
     assert _run(*args, "--out", tmp_path / "a").exit_code == 0
 
     import alambic.train as train_module
@@ -138,10 +164,28 @@ def test_resume_via_cli_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_processes_train_and_gather_metrics(tmp_path):
     run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "alambic.cli", "run", DIGITS, *TINY, "--set", "stages=[teacher,distill,evaluate]",
-               "--set", "teacher.train.epochs=5", "--set", "distill.train.epochs=10",
-               "--out", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "alambic.cli",
+        "run",
+        DIGITS,
+        *TINY,
+        "--set",
+        "stages=[teacher,distill,evaluate]",
+        "--set",
+        "teacher.train.epochs=5",
+        "--set",
+        "distill.train.epochs=10",
+        "--out",
+        str(run_dir),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

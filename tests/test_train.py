@@ -182,3 +182,27 @@ def test_adamw_and_grad_accumulation_and_clipping_run():
         grad_clip=1.0,
     )
     assert isinstance(student, nn.Sequential)
+
+
+def test_bf16_autocast_trains_on_cpu():
+    dataset = _data()
+    teacher = distill(
+        None, _mlp(64, 1), _loader(dataset), terms=[{"loss": "ce"}], epochs=10, optimizer="adamw", lr=1e-2
+    )
+    student = distill(
+        teacher, _mlp(8, 2), _loader(dataset), epochs=10, optimizer="adamw", lr=1e-2, precision="bf16"
+    )
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast, not a cast of the weights
+    assert _accuracy(student, dataset) > 0.8
+
+
+def test_metrics_log_writes_tensorboard_events(tmp_path):
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is an optional extra: pip install alambic[tensorboard]"
+    )
+    from alambic.train import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
+    log.write({"stage": "distill", "kind": "train", "epoch": 1, "step": 5, "lr": 0.1, "losses": {"kd": 0.5}})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["losses"] == {"kd": 0.5}
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

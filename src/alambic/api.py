@@ -78,7 +78,9 @@ def distill(
     from alambic.config import format_validation_error
 
     if "augment" in train:
-        raise ConfigError("distill() takes no augment: augment in your dataset or DataLoader (run configs have data.augment)")
+        raise ConfigError(
+            "distill() takes no augment: augment in your dataset or DataLoader (run configs have data.augment)"
+        )
     try:
         settings = TrainConfig(epochs=epochs, grad_accum=grad_accum, **train)
     except ValidationError as error:

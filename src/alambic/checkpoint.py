@@ -121,7 +121,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         return None
     path = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
     if not path.is_dir():
-        raise AlambicError(f"{pointer} points to {path.name}, which is missing; the run directory was edited by hand")
+        raise AlambicError(
+            f"{pointer} points to {path.name}, which is missing; the run directory was edited by hand"
+        )
     return path
 
 
@@ -169,7 +171,9 @@ def save_training_state(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         _fsync_dir(directory)
-        atomic_write_text(directory / LATEST, json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step}))
+        atomic_write_text(
+            directory / LATEST, json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step})
+        )
         for old in directory.glob("ckpt-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -178,13 +182,20 @@ def save_training_state(
 
 
 def load_training_state(
-    path: str | Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, process_index: int = 0
+    path: str | Path,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    process_index: int = 0,
 ) -> tuple[int, int]:
     """Restore what :func:`save_training_state` wrote; returns ``(epoch, step)`` of the checkpoint."""
     path = Path(path)
     module.load_state_dict(load_file(str(path / "model.safetensors")))
     state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    optimizer.load_state_dict(
+        _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    )
     scheduler.load_state_dict(state["scheduler"])
     _restore_python_rng(state["rng"])
     rng_file = path / f"rng-{process_index}.safetensors"

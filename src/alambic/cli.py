@@ -48,8 +48,12 @@ class ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[values]}"), console=console,
+            TextColumn("[bold]{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[values]}"),
+            console=console,
         )
         self.tasks: dict[str, Any] = {}
 
@@ -70,14 +74,30 @@ class ProgressBar:
 def print_summary(summary: dict) -> None:
     """The models side by side: accuracy, F1, size, FLOPs, latency."""
     table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
-    for column in ("model", "arch", "accuracy %", "macro-F1", "params", "size KB", "MFLOPs", "ms @1", "ms @64"):
+    for column in (
+        "model",
+        "arch",
+        "accuracy %",
+        "macro-F1",
+        "params",
+        "size KB",
+        "MFLOPs",
+        "ms @1",
+        "ms @64",
+    ):
         table.add_column(column, justify="left" if column in ("model", "arch") else "right")
     for name, m in summary["models"].items():
         latency = m.get("latency_ms", {})
         table.add_row(
-            name, m.get("architecture", ""), f"{100 * m['accuracy']:.2f}", f"{m['macro_f1']:.4f}",
-            f"{m['parameters']:,}", f"{m['size_bytes'] / 1024:.1f}", f"{m['flops'] / 1e6:.3f}",
-            f"{latency.get('1', float('nan')):.3f}", f"{latency.get('64', float('nan')):.3f}",
+            name,
+            m.get("architecture", ""),
+            f"{100 * m['accuracy']:.2f}",
+            f"{m['macro_f1']:.4f}",
+            f"{m['parameters']:,}",
+            f"{m['size_bytes'] / 1024:.1f}",
+            f"{m['flops'] / 1e6:.3f}",
+            f"{latency.get('1', float('nan')):.3f}",
+            f"{latency.get('64', float('nan')):.3f}",
         )
     console.print(table)
 
@@ -85,7 +105,9 @@ def print_summary(summary: dict) -> None:
 def demo_config_path(dataset: str) -> Path:
     """The packaged recipe the demo runs for ``dataset``."""
     if dataset not in DEMO_DATASETS:
-        raise AlambicError(f"the demo runs on {', '.join(DEMO_DATASETS)}, not {dataset!r}; use `alambic run` for others")
+        raise AlambicError(
+            f"the demo runs on {', '.join(DEMO_DATASETS)}, not {dataset!r}; use `alambic run` for others"
+        )
     name = "digits.yaml" if dataset == "digits" else f"{dataset}-demo.yaml"
     return Path(str(resources.files("alambic") / "recipes" / name))
 
@@ -98,7 +120,9 @@ def _run_and_report(config, run_dir: Path | None, resume: bool) -> Path:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         print_summary(json.loads(summary_path.read_text()))
-    console.print(f"run directory: {run_dir}" + ("  (report.md inside)" if (run_dir / "report.md").is_file() else ""))
+    console.print(
+        f"run directory: {run_dir}" + ("  (report.md inside)" if (run_dir / "report.md").is_file() else "")
+    )
     return run_dir
 
 
@@ -127,7 +151,9 @@ def demo(
 @user_errors
 def run_command(
     config: Annotated[Path, typer.Argument(help="YAML run config (see recipes/)")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the stopped run in this directory")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default: output_dir/name)")] = None,
     debug: Debug = False,
@@ -155,8 +181,12 @@ def losses(debug: Debug = False) -> None:
 @app.command(name="eval")
 @user_errors
 def eval_command(
-    path: Annotated[Path, typer.Argument(help="a run directory, or a model checkpoint with --arch and --dataset")],
-    arch: Annotated[str | None, typer.Option(help="architecture of a checkpoint (zoo name or module:function)")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="a run directory, or a model checkpoint with --arch and --dataset")
+    ],
+    arch: Annotated[
+        str | None, typer.Option(help="architecture of a checkpoint (zoo name or module:function)")
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="data set to evaluate a checkpoint on")] = None,
     data_dir: Annotated[str | None, typer.Option(help="data folder")] = None,
     debug: Debug = False,
@@ -170,7 +200,9 @@ def eval_command(
     from alambic.pipeline import evaluate_checkpoint
 
     if arch is None or dataset is None:
-        raise AlambicError(f"{path} is not a run directory; to evaluate a checkpoint give --arch and --dataset")
+        raise AlambicError(
+            f"{path} is not a run directory; to evaluate a checkpoint give --arch and --dataset"
+        )
     print_summary(evaluate_checkpoint(path, arch=arch, dataset=dataset, data_dir=data_dir))
 
 

@@ -90,7 +90,9 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _milestones(self) -> TrainConfig:
         if self.schedule == "step" and not self.milestones:
-            raise ValueError("schedule 'step' needs milestones (epochs at which the lr is multiplied by gamma)")
+            raise ValueError(
+                "schedule 'step' needs milestones (epochs at which the lr is multiplied by gamma)"
+            )
         return self
 
 
@@ -133,7 +135,9 @@ class BaselineConfig(_Strict):
     def _no_teacher(cls, terms: list[Term]) -> list[Term]:
         for term in terms:
             if get_loss_spec(term.loss).needs_teacher:
-                raise ValueError(f"the baseline trains without a teacher, so it cannot use loss {term.loss!r}")
+                raise ValueError(
+                    f"the baseline trains without a teacher, so it cannot use loss {term.loss!r}"
+                )
         return terms
 
 
@@ -177,8 +181,10 @@ class RunConfig(_Strict):
     def _stage_augmentation(self) -> RunConfig:
         trains = [self.teacher.train, self.baseline.train, self.distill.train]
         if not self.data.augment and any(train is not None and train.augment for train in trains):
-            raise ValueError("a stage sets train.augment: true but data.augment is false; set data.augment: true "
-                             "and turn it off in the stages that train without it (train.augment: false)")
+            raise ValueError(
+                "a stage sets train.augment: true but data.augment is false; set data.augment: true "
+                "and turn it off in the stages that train without it (train.augment: false)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -230,7 +236,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         last = parts[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"--set {key}: index {last} is out of range (the list has {len(node)} items)")
+                raise ConfigError(
+                    f"--set {key}: index {last} is out of range (the list has {len(node)} items)"
+                )
             node[int(last)] = _parse_scalar(value)
         else:
             node[last] = _parse_scalar(value)
@@ -263,7 +271,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of keys (data, teacher, student, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of keys (data, teacher, student, ...), got {type(data).__name__}"
+        )
     return config_from_dict(data, overrides)
 
 

@@ -32,7 +32,9 @@ class Teacher:
 
     def __init__(self, model: nn.Module, terms: Sequence[Term] = ()):
         self.model = unwrap_model(model).eval().requires_grad_(False)
-        self.feature_paths = _feature_paths([t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher")
+        self.feature_paths = _feature_paths(
+            [t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher"
+        )
 
     def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device)
@@ -59,7 +61,9 @@ class Distiller(nn.Module):
         if not terms:
             raise ConfigError("a distillation setup needs at least one term (for example ce and kd)")
         self.student = student
-        self.connectors = nn.ModuleDict()  # learned adapters between feature shapes (the method library adds them)
+        self.connectors = (
+            nn.ModuleDict()
+        )  # learned adapters between feature shapes (the method library adds them)
         self.terms = list(terms)
         names = [term.name for term in self.terms]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -75,13 +79,17 @@ class Distiller(nn.Module):
         return {"logits": logits_of(output), **features}
 
     @staticmethod
-    def term_value(term: Term, student_outputs: dict, teacher_outputs: dict | None, labels: Tensor | None) -> Tensor:
+    def term_value(
+        term: Term, student_outputs: dict, teacher_outputs: dict | None, labels: Tensor | None
+    ) -> Tensor:
         """The unweighted value of one term."""
         spec = get_loss_spec(term.loss)
         teacher_value = teacher_outputs[term.teacher] if spec.needs_teacher else None
         return spec.fn(student_outputs[term.student], teacher_value, labels=labels, **term.params)
 
-    def forward(self, inputs: Any, labels: Tensor | None, teacher_outputs: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    def forward(
+        self, inputs: Any, labels: Tensor | None, teacher_outputs: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
         student_outputs = self.student_outputs(inputs)
         losses = {
             term.name: term.weight * self.term_value(term, student_outputs, teacher_outputs, labels)
@@ -97,14 +105,19 @@ class Distiller(nn.Module):
             needing = [t.loss for t in self.terms if get_loss_spec(t.loss).needs_teacher]
             raise ConfigError(f"terms {needing} need a teacher, but none was given")
         if any(get_loss_spec(t.loss).needs_labels for t in self.terms) and labels is None:
-            raise ConfigError("a term needs labels (ce), but the batches carry none; yield (inputs, labels) or a 'labels' key")
+            raise ConfigError(
+                "a term needs labels (ce), but the batches carry none; yield (inputs, labels) or a 'labels' key"
+            )
         was_training = self.training
         self.eval()
         try:
             teacher_outputs = teacher(inputs) if (teacher is not None and self.needs_teacher) else None
             student_outputs = self.student_outputs(inputs)
             if teacher_outputs is not None:
-                classes_student, classes_teacher = student_outputs["logits"].shape[-1], teacher_outputs["logits"].shape[-1]
+                classes_student, classes_teacher = (
+                    student_outputs["logits"].shape[-1],
+                    teacher_outputs["logits"].shape[-1],
+                )
                 if classes_student != classes_teacher:
                     raise ConfigError(
                         f"teacher predicts {classes_teacher} classes but the student {classes_student}; "
@@ -117,6 +130,8 @@ class Distiller(nn.Module):
                     message = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error
                 if value.dim() != 0:
-                    raise ConfigError(f"loss {term.loss!r} returned shape {tuple(value.shape)}, expected a scalar")
+                    raise ConfigError(
+                        f"loss {term.loss!r} returned shape {tuple(value.shape)}, expected a scalar"
+                    )
         finally:
             self.train(was_training)

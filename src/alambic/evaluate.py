@@ -169,7 +169,9 @@ def evaluate_classifier(
         for batch in loader:
             inputs, labels = split_batch(send_to_device(batch, target_device))
             if labels is None:
-                raise AlambicError("evaluation batches need labels: yield (inputs, labels) or a dict with 'labels'")
+                raise AlambicError(
+                    "evaluation batches need labels: yield (inputs, labels) or a dict with 'labels'"
+                )
             logits = logits_of(call_model(model, inputs))  # [B, C]
             if logits.ndim != 2:
                 raise AlambicError(

@@ -44,7 +44,9 @@ def resolve_module(model: nn.Module, path: str, *, side: str = "model") -> nn.Mo
 
 
 @contextlib.contextmanager
-def capture_features(model: nn.Module, paths: list[str], *, side: str = "model") -> Iterator[dict[str, Tensor]]:
+def capture_features(
+    model: nn.Module, paths: list[str], *, side: str = "model"
+) -> Iterator[dict[str, Tensor]]:
     """Capture the outputs of the modules at ``paths`` during forward passes inside the block.
 
     Paths are validated before anything runs. The dict is refilled on every forward pass; handles

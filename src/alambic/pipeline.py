@@ -83,7 +83,9 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, is_main: 
     stored = run_dir / "config.yaml"
     if resume:
         if not stored.is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run directory written by alambic?")
+            raise ConfigError(
+                f"--resume {run_dir}: no config.yaml there; is it a run directory written by alambic?"
+            )
         if stored.read_text() != resolved:
             raise ConfigError(
                 f"--resume {run_dir}: the config differs from the one the run started with "
@@ -110,7 +112,10 @@ def _train_stage(
     folder = context.run_dir / MODEL_DIRS.get(stage, stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     loader = make_loader(
-        _stage_train_set(context.train_set, train.augment), batch_size=train.batch_size, shuffle=True, seed=context.config.seed,
+        _stage_train_set(context.train_set, train.augment),
+        batch_size=train.batch_size,
+        shuffle=True,
+        seed=context.config.seed,
         num_workers=context.config.data.num_workers,
     )
     test_loader = accelerator.prepare(
@@ -118,8 +123,14 @@ def _train_stage(
     )
     module = Distiller(model, terms)
     student = fit(
-        module, loader, accelerator=accelerator, teacher=teacher, stage=stage, log=context.log,
-        checkpoint_dir=folder / "checkpoints", progress=context.progress,
+        module,
+        loader,
+        accelerator=accelerator,
+        teacher=teacher,
+        stage=stage,
+        log=context.log,
+        checkpoint_dir=folder / "checkpoints",
+        progress=context.progress,
         evaluate=lambda student: evaluate_classifier(
             student, test_loader, num_classes=context.info.num_classes, accelerator=accelerator
         ),
@@ -140,7 +151,9 @@ def _stage_train_set(train_set: Any, augment: bool | None) -> Any:
     return view
 
 
-def _load_or_train(context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None) -> nn.Module:
+def _load_or_train(
+    context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None
+) -> nn.Module:
     """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains."""
     from safetensors.torch import load_file
 
@@ -202,11 +215,18 @@ def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progres
     try:
         data = config.data
         train_set, test_set, info = build_datasets(
-            data.dataset, data_dir=data.data_dir, factory=data.factory, factory_kwargs=data.factory_kwargs,
-            augment=data.augment, train_subset=data.train_subset, test_fraction=data.test_fraction, seed=config.seed,
+            data.dataset,
+            data_dir=data.data_dir,
+            factory=data.factory,
+            factory_kwargs=data.factory_kwargs,
+            augment=data.augment,
+            train_subset=data.train_subset,
+            test_fraction=data.test_fraction,
+            seed=config.seed,
         )
         log = MetricsLog(
-            run_dir / "metrics.jsonl", enabled=accelerator.is_main_process,
+            run_dir / "metrics.jsonl",
+            enabled=accelerator.is_main_process,
             tensorboard_dir=run_dir / "tensorboard" if config.tensorboard else None,
         )
         context = RunContext(config, run_dir, accelerator, train_set, test_set, info, log, progress)
@@ -235,7 +255,9 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         check_num_classes(model, example, info.num_classes, "teacher")
         return model
 
-    def build_student() -> nn.Module:  # baseline and distilled students start from the same weights (same seed)
+    def build_student() -> (
+        nn.Module
+    ):  # baseline and distilled students start from the same weights (same seed)
         model = build_named_model(config.student.model, info)
         check_num_classes(model, example, info.num_classes, "student")
         return model
@@ -251,7 +273,9 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
                 context, "teacher", build_teacher, config.teacher.terms, config.teacher.train
             )
         else:
-            raise ConfigError("distill needs a teacher: add the 'teacher' stage or give teacher.model.checkpoint")
+            raise ConfigError(
+                "distill needs a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
+            )
     if "baseline" in stages or (context.run_dir / "baseline" / "model.safetensors").is_file():
         _status(context.run_dir, context.accelerator, state="running", stage="baseline")
         train = config.baseline.train or config.distill.train
@@ -274,16 +298,24 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
         make_loader(context.test_set, batch_size=config.data.eval_batch_size, shuffle=False)
     )
     example = context.test_set[0][0].unsqueeze(0)  # one sample, batch 1
-    architectures = {"teacher": config.teacher.model.arch, "baseline": config.student.model.arch,
-                     "distilled": config.student.model.arch}
+    architectures = {
+        "teacher": config.teacher.model.arch,
+        "baseline": config.student.model.arch,
+        "distilled": config.student.model.arch,
+    }
     summary_models = {}
     for name, model in models.items():
         model = model.to(accelerator.device)
-        metrics = evaluate_classifier(model, test_loader, num_classes=info.num_classes, accelerator=accelerator)
+        metrics = evaluate_classifier(
+            model, test_loader, num_classes=info.num_classes, accelerator=accelerator
+        )
         if accelerator.is_main_process:
             profile = profile_model(
-                model.to("cpu"), example, batch_sizes=tuple(config.evaluate.batch_sizes),
-                repeats=config.evaluate.latency_repeats, threads=config.evaluate.latency_threads,
+                model.to("cpu"),
+                example,
+                batch_sizes=tuple(config.evaluate.batch_sizes),
+                repeats=config.evaluate.latency_repeats,
+                threads=config.evaluate.latency_threads,
             )
             # a class absent from the test split has no accuracy: null, not NaN, keeps the JSON strict
             metrics["per_class_accuracy"] = [None if v != v else v for v in metrics["per_class_accuracy"]]
@@ -312,7 +344,9 @@ def check_run_dir(run_dir: str | Path) -> Path:
     """A run directory written by alambic, or a one-line error."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise AlambicError(f"{run_dir} is not an alambic run directory (no config.yaml); pass the folder `alambic run` wrote")
+        raise AlambicError(
+            f"{run_dir} is not an alambic run directory (no config.yaml); pass the folder `alambic run` wrote"
+        )
     return run_dir
 
 
@@ -329,4 +363,8 @@ def evaluate_checkpoint(
     loader = make_loader(test_set, batch_size=256, shuffle=False)
     metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
     profile = profile_model(model, test_set[0][0].unsqueeze(0), threads=1)
-    return {"run_name": Path(path).name, "dataset": dataset, "models": {"checkpoint": {"architecture": arch, **metrics, **profile}}}
+    return {
+        "run_name": Path(path).name,
+        "dataset": dataset,
+        "models": {"checkpoint": {"architecture": arch, **metrics, **profile}},
+    }

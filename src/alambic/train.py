@@ -31,7 +31,14 @@ def make_accelerator(precision: str = "no") -> Accelerator:
 
     Without CUDA, several launched processes need ``cpu=True`` for Accelerate to form a gloo group.
     """
+    from accelerate.state import AcceleratorState
+
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # Accelerate keeps one process-wide state; a second run in the same Python process with
+        # another precision (distill(..., precision="bf16") after a float32 one) needs it reset.
+        AcceleratorState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
 
 
@@ -54,7 +61,9 @@ class EpochSampler(Sampler[int]):
         return self.num_samples
 
 
-def make_loader(dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
     """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`)."""
     return DataLoader(
         dataset,
@@ -65,15 +74,25 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_w
     )
 
 
-def make_optimizer(parameters, *, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+def make_optimizer(
+    parameters, *, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float
+):
     """SGD (momentum, nesterov) or AdamW."""
     parameters = [p for p in parameters if p.requires_grad]
     if optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+        return torch.optim.SGD(
+            parameters,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov and momentum > 0,
+            weight_decay=weight_decay,
+        )
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float) -> float:
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float
+) -> float:
     """Linear warm-up to 1, then cosine to 0, step decay at milestone steps, or constant."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -88,7 +107,9 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
 class MetricsLog:
     """Appends JSON lines to ``metrics.jsonl`` (main process only) and, optionally, to TensorBoard."""
 
-    def __init__(self, path: str | Path | None, *, enabled: bool = True, tensorboard_dir: str | Path | None = None):
+    def __init__(
+        self, path: str | Path | None, *, enabled: bool = True, tensorboard_dir: str | Path | None = None
+    ):
         self.path = Path(path) if path and enabled else None
         self.writer = None
         if tensorboard_dir and enabled:
@@ -101,7 +122,9 @@ class MetricsLog:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            scalars = record.get("losses", {}) | {k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1")}
+            scalars = record.get("losses", {}) | {
+                k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1")
+            }
             for key, value in scalars.items():
                 self.writer.add_scalar(f"{record['stage']}/{record['kind']}/{key}", value, record["step"])
             self.writer.flush()
@@ -141,7 +164,12 @@ def fit(
     """
     log = log or MetricsLog(None)
     optimizer_ = make_optimizer(
-        module.parameters(), optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        module.parameters(),
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
     )
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
     factor = lambda step: lr_factor(  # noqa: E731
@@ -161,7 +189,11 @@ def fit(
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if latest is not None:
         last_epoch, step = load_training_state(
-            latest, module=module, optimizer=optimizer_, scheduler=scheduler, process_index=accelerator.process_index
+            latest,
+            module=module,
+            optimizer=optimizer_,
+            scheduler=scheduler,
+            process_index=accelerator.process_index,
         )
         start_epoch = last_epoch + 1
 
@@ -183,7 +215,9 @@ def fit(
             inputs, labels = split_batch(batch)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    teacher_outputs = teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
+                    teacher_outputs = (
+                        teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
+                    )
                     losses = model(inputs, labels, teacher_outputs)
                 if not torch.isfinite(losses["total"]):
                     values = {name: float(value.detach()) for name, value in losses.items()}
@@ -205,21 +239,42 @@ def fit(
                 step += 1
                 if step % log_every == 0:
                     means = {name: float(total) / count for name, total in sums.items()}
-                    log.write({"stage": stage, "kind": "train", "epoch": epoch + 1, "step": step,
-                               "lr": scheduler.get_last_lr()[0], "losses": means})
+                    log.write(
+                        {
+                            "stage": stage,
+                            "kind": "train",
+                            "epoch": epoch + 1,
+                            "step": step,
+                            "lr": scheduler.get_last_lr()[0],
+                            "losses": means,
+                        }
+                    )
                     if progress:
                         progress(stage, step, epochs * steps_per_epoch, means)
                     sums, count = {}, 0
         last = epoch + 1 == epochs
         if evaluate is not None and ((eval_every and (epoch + 1) % eval_every == 0) or last):
             metrics = evaluate(unwrapped.student)
-            log.write({"stage": stage, "kind": "eval", "epoch": epoch + 1, "step": step,
-                       **{k: metrics[k] for k in ("accuracy", "macro_f1", "loss") if k in metrics}})
+            log.write(
+                {
+                    "stage": stage,
+                    "kind": "eval",
+                    "epoch": epoch + 1,
+                    "step": step,
+                    **{k: metrics[k] for k in ("accuracy", "macro_f1", "loss") if k in metrics},
+                }
+            )
             if progress:
                 progress(stage, step, epochs * steps_per_epoch, {"test_accuracy": metrics["accuracy"]})
         if checkpoint_dir and ((epoch + 1) % checkpoint_every == 0 or last):
             save_training_state(
-                checkpoint_dir, module=unwrapped, optimizer=optimizer_, scheduler=scheduler, epoch=epoch, step=step,
-                process_index=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+                checkpoint_dir,
+                module=unwrapped,
+                optimizer=optimizer_,
+                scheduler=scheduler,
+                epoch=epoch,
+                step=step,
+                process_index=accelerator.process_index,
+                barrier=accelerator.wait_for_everyone,
             )
     return unwrapped.student

@@ -23,7 +23,9 @@ def _check_same_shape(student: Tensor, teacher: Tensor) -> None:
 
 
 @register_loss("kd", paper="Hinton, Vinyals & Dean 2015, arXiv:1503.02531")
-def kd_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, temperature: float = 4.0) -> Tensor:
+def kd_loss(
+    student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, temperature: float = 4.0
+) -> Tensor:
     """Soft-target KD: KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over samples.
 
     ``loss = T^2 / B * sum_b sum_c p_t[b,c] * (log p_t[b,c] - log p_s[b,c])`` with ``p = softmax(z / T)``.
@@ -49,7 +51,11 @@ def kd_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, t
 
 @register_loss("ce", needs_teacher=False, needs_labels=True, paper="cross-entropy on hard labels")
 def cross_entropy_loss(
-    student: Tensor, teacher: Tensor | None = None, *, labels: Tensor | None = None, label_smoothing: float = 0.0
+    student: Tensor,
+    teacher: Tensor | None = None,
+    *,
+    labels: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Cross-entropy of the student's logits with the hard labels (optional label smoothing).
 

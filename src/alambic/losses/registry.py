@@ -42,7 +42,12 @@ _LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, *, inputs: str = "logits", paper: str = "", needs_teacher: bool = True, needs_labels: bool = False
+    name: str,
+    *,
+    inputs: str = "logits",
+    paper: str = "",
+    needs_teacher: bool = True,
+    needs_labels: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` under ``name``; its keyword-only arguments after ``labels`` are its hyper-parameters."""
 
@@ -91,4 +96,6 @@ def check_hyper_parameters(name: str, params: dict) -> None:
     unknown = sorted(set(params) - set(spec.hyper_parameters))
     if unknown:
         valid = ", ".join(f"{key}={value!r}" for key, value in spec.hyper_parameters.items()) or "none"
-        raise ConfigError(f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; it takes: {valid}")
+        raise ConfigError(
+            f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; it takes: {valid}"
+        )

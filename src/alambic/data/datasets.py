@@ -1,0 +1,401 @@
+"""In-memory datasets and :func:`build_datasets`, the one entry point that turns a name into data.
+
+Every built-in dataset is held in memory as two tensors (inputs and labels). Images stay ``uint8``
+(a quarter of the memory of float32) and are converted, augmented and normalised per sample in
+:meth:`InMemoryDataset.__getitem__`, in the order torchvision's ``RandomCrop(padding=p)``,
+``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` would apply them, so padding is black pixels.
+Augmentation draws from torch's global RNG, so ``torch.manual_seed`` makes a run repeatable
+(DataLoader workers derive their seeds from it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from alambic.data import readers
+from alambic.errors import ConfigError, DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "custom"]
+_FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class DatasetInfo:
+    """What a model and a report need to know about a dataset.
+
+    Attributes:
+        name: The dataset name given to :func:`build_datasets`.
+        num_classes: Number of classes; labels are ``0 .. num_classes - 1``.
+        input_shape: Shape of one input, e.g. ``(1, 28, 28)`` or ``(64,)``.
+        class_names: Human-readable class names, ``num_classes`` of them.
+        mean: Per-channel mean subtracted from inputs in [0, 1], or None when not normalised.
+        std: Per-channel std the inputs are divided by, or None when not normalised.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random crop with zero padding, then an optional horizontal flip (images only)."""
+
+    crop_padding: int
+    horizontal_flip: bool
+
+
+class InMemoryDataset(Dataset):
+    """Inputs and labels held as tensors; yields ``(float32 input, int label)``.
+
+    Args:
+        inputs: ``[N, ...]``; ``uint8`` images ``[N, C, H, W]`` are scaled to [0, 1] per sample,
+            floating inputs are used as they are.
+        labels: ``[N]`` integer class labels.
+        mean: Per-channel mean to subtract after scaling (images only), or None.
+        std: Per-channel std to divide by, or None.
+        augmentation: Applied in ``__getitem__`` to images, or None.
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augmentation: Augmentation | None = None,
+    ) -> None:
+        if len(inputs) != len(labels):
+            raise DataError(f"{len(inputs)} inputs but {len(labels)} labels; they must match one to one")
+        if augmentation is not None and inputs.dim() != 4:
+            raise ConfigError(
+                f"augmentation needs images [N, C, H, W], got inputs of shape {tuple(inputs.shape)}"
+            )
+        self.inputs = inputs
+        self.labels = labels.long()
+        self.mean = None if mean is None else tuple(float(value) for value in mean)
+        self.std = None if std is None else tuple(float(value) for value in std)
+        self.augmentation = augmentation
+        channel_shape = (-1,) + (1,) * (inputs.dim() - 2)  # broadcast over H, W
+        self._mean = None if mean is None else torch.tensor(self.mean).view(channel_shape)
+        self._std = None if std is None else torch.tensor(self.std).view(channel_shape)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.inputs[index]
+        sample = sample.float().div_(255.0) if sample.dtype == torch.uint8 else sample.float()
+        if self.augmentation is not None:
+            sample = _augment(sample, self.augmentation)
+        if self._mean is not None:
+            sample = (sample - self._mean) / self._std
+        return sample, int(self.labels[index])
+
+    def subset(self, indices: torch.Tensor) -> InMemoryDataset:
+        """A new dataset over ``indices`` with the same normalisation and augmentation."""
+        return InMemoryDataset(
+            self.inputs[indices],
+            self.labels[indices],
+            mean=self.mean,
+            std=self.std,
+            augmentation=self.augmentation,
+        )
+
+
+def _augment(image: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
+    """Random crop of the original size from the zero-padded image, then a random flip."""
+    padding = augmentation.crop_padding
+    _, height, width = image.shape  # [C, H, W]
+    if padding > 0:
+        padded = F.pad(image, (padding, padding, padding, padding))  # [C, H + 2p, W + 2p]
+        top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+        image = padded[:, top : top + height, left : left + width]
+    if augmentation.horizontal_flip and torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    return image.contiguous()
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A sha256 hex digest identifying a dataset's contents, for checking caches of teacher outputs.
+
+    For an :class:`InMemoryDataset` it hashes the stored tensors' shapes and dtypes, all labels, up to
+    256 evenly spaced inputs and the normalisation; augmentation is deliberately left out (it is not
+    part of the data), so a cache of teacher outputs must check augmentation itself. For any other
+    dataset it hashes the length and up to 32 evenly spaced samples as returned by ``dataset[i]``.
+
+    Example:
+        >>> train, test, info = build_datasets("digits")
+        >>> len(dataset_fingerprint(train))
+        64
+    """
+    digest = hashlib.sha256()
+    length = len(dataset)
+    digest.update(f"len={length}".encode())
+    if isinstance(dataset, InMemoryDataset):
+        inputs, labels = dataset.inputs, dataset.labels
+        digest.update(f"{tuple(inputs.shape)}{inputs.dtype}{dataset.mean}{dataset.std}".encode())
+        digest.update(labels.numpy().astype(np.int64).tobytes())
+        rows = torch.linspace(0, max(length - 1, 0), min(length, 256)).long()
+        digest.update(inputs[rows].contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    for index in torch.linspace(0, max(length - 1, 0), min(length, 32)).long().tolist():
+        sample, label = dataset[index][:2]
+        sample = torch.as_tensor(sample)
+        digest.update(f"{tuple(sample.shape)}{sample.dtype}{int(label)}".encode())
+        digest.update(sample.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_datasets(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    factory: str | None = None,
+    factory_kwargs: dict | None = None,
+    augment: bool = False,
+    train_subset: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    normalize: bool = True,
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Build the train and test datasets for a named dataset.
+
+    Args:
+        name: One of :data:`DATASETS`.
+        data_dir: Directory with the dataset's files; default ``$ALAMBIC_DATA/<name>``. Unused for
+            ``digits`` and ``custom``.
+        factory: For ``custom``: ``"package.module:function"`` returning ``(train, test)`` or
+            ``(train, test, num_classes)``.
+        factory_kwargs: Keyword arguments for the factory.
+        augment: Random crop (padding 4, or 2 for 28x28 images) and, for CIFAR, horizontal flips on
+            the training set. The test set is never augmented. No effect on ``digits`` and ``custom``.
+        train_subset: Keep a seeded, class-stratified subset of this many training samples.
+        test_fraction: For ``digits``: the stratified share of samples held out for testing.
+        seed: Seeds the ``digits`` split and the ``train_subset`` choice.
+        normalize: Subtract the dataset's per-channel mean and divide by its std (images only);
+            otherwise images are in [0, 1].
+
+    Returns:
+        ``(train_dataset, test_dataset, info)``; datasets yield ``(float32 input, int label)``.
+
+    Raises:
+        ConfigError: An unknown name, a bad factory or a bad argument value.
+        DataError: Missing or malformed data files.
+
+    Example:
+        >>> train, test, info = build_datasets("digits", seed=0)
+        >>> len(train), len(test), info.input_shape
+        (1437, 360, (64,))
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if train_subset is not None and (
+        isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
+    ):
+        raise ConfigError(f"train_subset must be a positive integer or None, got {train_subset!r}")
+    if name == "custom":
+        return _build_custom(factory, factory_kwargs or {}, train_subset=train_subset, seed=seed)
+    if factory is not None:
+        raise ConfigError(f"factory is only used with dataset 'custom', got factory={factory!r} for {name!r}")
+    if name == "digits":
+        train, test, info = _build_digits(test_fraction=test_fraction, seed=seed)
+    else:
+        train, test, info = _build_images(
+            name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize
+        )
+    if train_subset is not None:
+        train = train.subset(_subset_indices(train.labels, train_subset, seed=seed, name=name))
+    return train, test, info
+
+
+def _resolve_data_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+    elif os.environ.get("ALAMBIC_DATA"):
+        path = Path(os.environ["ALAMBIC_DATA"]).expanduser() / name
+    else:
+        raise DataError(
+            f"{name}: no data directory given; pass --data-dir or set ALAMBIC_DATA to the folder holding {name}/"
+        )
+    if not path.is_dir():
+        raise DataError(f"{name}: data directory {path} does not exist; pass --data-dir or set ALAMBIC_DATA")
+    return path
+
+
+def _build_digits(*, test_fraction: float, seed: int) -> tuple[InMemoryDataset, InMemoryDataset, DatasetInfo]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
+    digits = load_digits()
+    features = (digits.data / 16.0).astype(np.float32)  # [1797, 64], pixel counts 0..16 -> [0, 1]
+    labels = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        features, labels, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    info = DatasetInfo("digits", 10, (64,), [str(digit) for digit in range(10)], None, None)
+    train = InMemoryDataset(torch.from_numpy(train_x), torch.from_numpy(train_y))
+    test = InMemoryDataset(torch.from_numpy(test_x), torch.from_numpy(test_y))
+    return train, test, info
+
+
+def _build_images(
+    name: str, data_dir: Path, *, augment: bool, normalize: bool
+) -> tuple[InMemoryDataset, InMemoryDataset, DatasetInfo]:
+    if name == "mnist":
+        arrays = readers.read_mnist_like(data_dir, dataset=name, class_names=readers.MNIST_CLASSES)
+        mean, std, flip = (0.1307,), (0.3081,), False
+    elif name == "fashion-mnist":
+        arrays = readers.read_mnist_like(data_dir, dataset=name, class_names=readers.FASHION_MNIST_CLASSES)
+        mean, std, flip = (0.2860,), (0.3530,), False
+    elif name == "cifar10-jpeg":
+        arrays = readers.read_cifar10_jpeg(data_dir)
+        # The pretrained CIFAR-10 teachers (akamaster) were trained with ImageNet statistics.
+        mean, std, flip = IMAGENET_MEAN, IMAGENET_STD, True
+    elif name == "cifar10":
+        arrays = readers.read_cifar_pickles(data_dir, num_classes=10)
+        mean, std, flip = CIFAR10_MEAN, CIFAR10_STD, True
+    else:  # cifar100
+        arrays = readers.read_cifar_pickles(data_dir, num_classes=100)
+        mean, std, flip = CIFAR100_MEAN, CIFAR100_STD, True
+    train_images, train_labels, test_images, test_labels, class_names = arrays
+    if not normalize:
+        mean = std = None
+    height = train_images.shape[2]
+    augmentation = (
+        Augmentation(crop_padding=2 if height <= 28 else 4, horizontal_flip=flip) if augment else None
+    )
+    train = InMemoryDataset(
+        torch.from_numpy(train_images),
+        torch.from_numpy(train_labels),
+        mean=mean,
+        std=std,
+        augmentation=augmentation,
+    )
+    test = InMemoryDataset(torch.from_numpy(test_images), torch.from_numpy(test_labels), mean=mean, std=std)
+    info = DatasetInfo(name, len(class_names), tuple(train_images.shape[1:]), class_names, mean, std)
+    return train, test, info
+
+
+def _subset_indices(labels: torch.Tensor, size: int, *, seed: int, name: str) -> torch.Tensor:
+    """Seeded subset of ``size`` indices, stratified by class when every class can get a sample."""
+    if size > len(labels):
+        raise ConfigError(f"train_subset={size} is larger than the {len(labels)} training samples of {name}")
+    if size == len(labels):
+        return torch.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
+    all_indices = np.arange(len(labels))
+    label_array = labels.numpy()
+    class_counts = np.bincount(label_array)
+    present = class_counts[class_counts > 0]
+    stratify = label_array if size >= len(present) and present.min() >= 2 else None
+    chosen, _ = train_test_split(all_indices, train_size=size, stratify=stratify, random_state=seed)
+    return torch.from_numpy(np.sort(chosen))
+
+
+def _import_factory(spec: Any) -> Any:
+    if not isinstance(spec, str) or not _FACTORY_PATTERN.match(spec):
+        raise ConfigError(
+            f'dataset factory must be "package.module:function", got {spec!r}; '
+            "set factory to the import path of a function returning (train, test[, num_classes])"
+        )
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"cannot import dataset factory module {module_name!r} ({error}); is it on PYTHONPATH?"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"module {module_name!r} has no function {function_name!r} (from factory {spec!r})")
+    return function
+
+
+def _build_custom(
+    factory: str | None, factory_kwargs: dict, *, train_subset: int | None, seed: int
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    if factory is None:
+        raise ConfigError('dataset "custom" needs factory="package.module:function"')
+    result = _import_factory(factory)(**factory_kwargs)
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise ConfigError(
+            f"dataset factory {factory!r} returned {type(result).__name__}; "
+            "expected a tuple (train_dataset, test_dataset) or (train_dataset, test_dataset, num_classes)"
+        )
+    train, test = result[0], result[1]
+    for role, dataset in (("train", train), ("test", test)):
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or len(dataset) == 0:
+            raise ConfigError(
+                f"dataset factory {factory!r}: the {role} dataset must be a non-empty map-style Dataset"
+            )
+    sample, _label = train[0][:2]
+    num_classes = result[2] if len(result) == 3 else _infer_num_classes(train, factory)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(
+            f"dataset factory {factory!r} returned num_classes={num_classes!r}; expected a positive int"
+        )
+    classes = getattr(train, "classes", None)
+    class_names = (
+        [str(item) for item in classes]
+        if classes is not None and len(classes) == num_classes
+        else [str(index) for index in range(num_classes)]
+    )
+    if train_subset is not None:
+        train = _subset_custom(train, train_subset, seed=seed, factory=factory)
+    info = DatasetInfo("custom", num_classes, tuple(torch.as_tensor(sample).shape), class_names, None, None)
+    return train, test, info
+
+
+def _infer_num_classes(dataset: Dataset, factory: str) -> int:
+    for attribute in ("num_classes", "classes"):
+        value = getattr(dataset, attribute, None)
+        if value is not None:
+            return value if isinstance(value, int) else len(value)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [dataset[index][1] for index in range(len(dataset))]  # one pass over the data
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise ConfigError(
+            f"dataset factory {factory!r}: cannot infer num_classes from labels; return it as a third value"
+        )
+    return int(labels.max()) + 1
+
+
+def _subset_custom(dataset: Dataset, size: int, *, seed: int, factory: str) -> Dataset:
+    if size > len(dataset):
+        raise ConfigError(
+            f"train_subset={size} is larger than the {len(dataset)} samples of factory {factory!r}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values
+    return torch.utils.data.Subset(dataset, indices.tolist())

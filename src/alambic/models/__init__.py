@@ -1,0 +1,20 @@
+"""Models: the zoo (``build_model``), user factories, and safe weight loading.
+
+Example:
+    >>> from alambic.models import build_model, load_weights
+    >>> teacher = build_model("resnet56", num_classes=10, input_shape=(3, 32, 32))
+    >>> info = load_weights(teacher, "resnet56-4bfd9763.th")  # doctest: +SKIP
+"""
+
+from alambic.models.cifar_resnet import CifarResNet, WideCifarResNet
+from alambic.models.loading import load_weights
+from alambic.models.zoo import build_model, list_models, register_model
+
+__all__ = [
+    "CifarResNet",
+    "WideCifarResNet",
+    "build_model",
+    "list_models",
+    "load_weights",
+    "register_model",
+]
