@@ -11,13 +11,10 @@ Augmentation draws from torch's global RNG, so ``torch.manual_seed`` makes a run
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ from torch.utils.data import Dataset
 
 from alambic.data import readers
 from alambic.errors import ConfigError, DataError
+from alambic.imports import import_callable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,7 +33,6 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "custom"]
-_FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass
@@ -319,31 +316,12 @@ def _subset_indices(labels: torch.Tensor, size: int, *, seed: int, name: str) ->
     return torch.from_numpy(np.sort(chosen))
 
 
-def _import_factory(spec: Any) -> Any:
-    if not isinstance(spec, str) or not _FACTORY_PATTERN.match(spec):
-        raise ConfigError(
-            f'dataset factory must be "package.module:function", got {spec!r}; '
-            "set factory to the import path of a function returning (train, test[, num_classes])"
-        )
-    module_name, function_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(
-            f"cannot import dataset factory module {module_name!r} ({error}); is it on PYTHONPATH?"
-        ) from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ConfigError(f"module {module_name!r} has no function {function_name!r} (from factory {spec!r})")
-    return function
-
-
 def _build_custom(
     factory: str | None, factory_kwargs: dict, *, train_subset: int | None, seed: int
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     if factory is None:
         raise ConfigError('dataset "custom" needs factory="package.module:function"')
-    result = _import_factory(factory)(**factory_kwargs)
+    result = import_callable(factory, what="dataset factory")(**factory_kwargs)
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise ConfigError(
             f"dataset factory {factory!r} returned {type(result).__name__}; "

@@ -8,21 +8,19 @@ user factory instead, called as ``function(**kwargs)``.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import math
-import re
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from alambic.errors import ConfigError
+from alambic.imports import import_callable
 from alambic.models.cifar_resnet import CifarResNet, WideCifarResNet
 
 ModelBuilder = Callable[..., nn.Module]
 
 _MODEL_BUILDERS: dict[str, ModelBuilder] = {}
-_FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -99,20 +97,7 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
 
 
 def _build_from_factory(spec: str, kwargs: dict) -> nn.Module:
-    if not _FACTORY_PATTERN.match(spec):
-        raise ConfigError(f'model factory must be "package.module:function", got {spec!r}')
-    module_name, function_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(
-            f"cannot import model factory module {module_name!r} ({error}); is it on PYTHONPATH?"
-        ) from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ConfigError(
-            f"module {module_name!r} has no function {function_name!r} (from model factory {spec!r})"
-        )
+    function = import_callable(spec, what="model factory")
     model = function(**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(

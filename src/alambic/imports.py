@@ -1,0 +1,33 @@
+"""Import a user's ``package.module:function`` (a model or dataset factory) with one-line errors."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+from alambic.errors import ConfigError
+
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def import_callable(spec: Any, *, what: str) -> Callable:
+    """The callable named by ``spec`` (``"package.module:function"``); ``what`` names it in errors.
+
+    Example:
+        >>> make = import_callable("my_project.models:small_cnn", what="model factory")
+    """
+    if not isinstance(spec, str) or not FACTORY_PATTERN.match(spec):
+        raise ConfigError(f'{what} must be "package.module:function", got {spec!r}')
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"cannot import {what} module {module_name!r} ({error}); is it on PYTHONPATH?"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"module {module_name!r} has no function {function_name!r} (from {what} {spec!r})")
+    return function
