@@ -74,30 +74,19 @@ class ProgressBar:
 def print_summary(summary: dict) -> None:
     """The models side by side: accuracy, F1, size, FLOPs, latency."""
     table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
-    for column in (
-        "model",
-        "arch",
-        "accuracy %",
-        "macro-F1",
-        "params",
-        "size KB",
-        "MFLOPs",
-        "ms @1",
-        "ms @64",
-    ):
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for column in ("model", "acc %", "F1", "params", "KB", "MFLOPs", "ms@1", "ms@64"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for name, m in summary["models"].items():
         latency = m.get("latency_ms", {})
         table.add_row(
             name,
-            m.get("architecture", ""),
             f"{100 * m['accuracy']:.2f}",
             f"{m['macro_f1']:.4f}",
             f"{m['parameters']:,}",
             f"{m['size_bytes'] / 1024:.1f}",
-            f"{m['flops'] / 1e6:.3f}",
-            f"{latency.get('1', float('nan')):.3f}",
-            f"{latency.get('64', float('nan')):.3f}",
+            f"{m['flops'] / 1e6:.3g}",
+            f"{latency.get('1', float('nan')):.3g}",
+            f"{latency.get('64', float('nan')):.3g}",
         )
     console.print(table)
 
