@@ -112,3 +112,9 @@ def test_stage_augmentation_needs_data_augmentation():
         config_from_dict(_config(distill={"train": {"augment": True}}))
     config = config_from_dict(_config(data={"augment": True}, distill={"train": {"augment": False}}))
     assert config.distill.train.augment is False and config.teacher.train.augment is None
+
+
+@pytest.mark.parametrize("override", ["name.foo=1", "distill.terms.x.weight=1", "distill.terms.9.weight=1"])
+def test_overrides_that_do_not_fit_the_config_are_one_line_errors(override):
+    with pytest.raises(ConfigError, match="--set"):
+        config_from_dict(_config(), [override])

@@ -480,3 +480,19 @@ def test_real_cifar10_jpeg():
     assert torch.bincount(test.labels).tolist() == [1000] * 10
     channel_means = (train.inputs.float() / 255).mean(dim=(0, 2, 3))
     torch.testing.assert_close(channel_means, torch.tensor([0.4914, 0.4822, 0.4465]), atol=2e-3, rtol=0)
+
+
+def test_cifar_batches_refuse_pickled_code():
+    import os
+    import pickle
+
+    from alambic.data.readers import _unpickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(DataError, match="refusing to load"):
+        _unpickle(pickle.dumps({b"data": Evil()}), "data_batch_1")
+    batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}
+    assert _unpickle(pickle.dumps(batch), "data_batch_1")[b"labels"] == [0, 1]

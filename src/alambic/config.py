@@ -81,7 +81,9 @@ class TrainConfig(_Strict):
     milestones: list[int] = Field(default_factory=list)  # epochs, for schedule: step
     gamma: float = Field(0.1, gt=0)  # step decay factor
     grad_clip: float | None = Field(None, gt=0)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(
+        1, ge=1
+    )  # micro-batches per step; a last, shorter window of an epoch is scaled as a full one (Accelerate)
     eval_every: int = Field(1, ge=0)  # epochs; 0 = only at the end
     log_every: int = Field(20, ge=1)  # optimizer steps
     checkpoint_every: int = Field(1, ge=1)  # epochs
@@ -217,31 +219,40 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.path=value`` overrides (values parsed as YAML; list items by index: ``distill.terms.1.weight``)."""
-    data = copy.deepcopy(data)
+    """Apply ``key.path=value`` overrides; a path that does not fit the config is a one-line error."""
     for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"--set expects key.path=value, got {override!r}")
-        key, value = override.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        for depth, part in enumerate(parts[:-1]):
-            child = node[int(part)] if isinstance(node, list) else node.get(part)
-            if child is None:
-                child = {}
-                if isinstance(node, list):
-                    raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} does not exist")
-                node[part] = child
-            node = child
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(
-                    f"--set {key}: index {last} is out of range (the list has {len(node)} items)"
-                )
-            node[int(last)] = _parse_scalar(value)
-        else:
-            node[last] = _parse_scalar(value)
+        try:
+            data = _apply_override(data, override)
+        except (TypeError, ValueError, IndexError, AttributeError):
+            key = override.split("=", 1)[0]
+            raise ConfigError(
+                f"--set {key}: that path does not fit the config (a list takes an index, a value has no keys)"
+            ) from None
+    return data
+
+
+def _apply_override(data: dict, override: str) -> dict:
+    """One ``key.path=value`` (value parsed as YAML; list items by index: ``distill.terms.1.weight``)."""
+    if "=" not in override:
+        raise ConfigError(f"--set expects key.path=value, got {override!r}")
+    data = copy.deepcopy(data)
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node[int(part)] if isinstance(node, list) else node.get(part)
+        if child is None:
+            if isinstance(node, list):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} does not exist")
+            child = node[part] = {}
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: index {last} is out of range (the list has {len(node)} items)")
+        node[int(last)] = _parse_scalar(value)
+    else:
+        node[last] = _parse_scalar(value)
     return data
 
 

@@ -39,7 +39,7 @@ def resolve_module(model: nn.Module, path: str, *, side: str = "model") -> nn.Mo
     top = sorted({name.split(".")[0] for name in names})
     raise ConfigError(
         f"the {side} has no module {path!r}.{hint} Top-level modules: {', '.join(top)} "
-        "(run `alambic inspect` to see every module with its output shape)"
+        "(print(model) lists every module)"
     )
 
 

@@ -55,6 +55,15 @@ def build_named_model(model_config, info) -> nn.Module:
     return model
 
 
+def example_input(dataset: Any) -> Any:
+    """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
+    inputs = dataset[0]
+    inputs = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, dict) else inputs[0]
+    if isinstance(inputs, dict):
+        return {key: torch.as_tensor(value).unsqueeze(0) for key, value in inputs.items()}
+    return torch.as_tensor(inputs).unsqueeze(0)
+
+
 @torch.no_grad()
 def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
     """Fail before training when a model's output size is not the data set's number of classes."""
@@ -77,7 +86,9 @@ def _status(run_dir: Path, accelerator: Accelerator, **fields: Any) -> None:
         atomic_write_text(run_dir / "status.json", json.dumps(record, indent=2))
 
 
-def prepare_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, is_main: bool) -> None:
+def prepare_run_dir(
+    config: RunConfig, run_dir: Path, *, resume: bool, is_main: bool, barrier: Any = None
+) -> None:
     """Create the run directory, or check that a resumed one was started with the same config."""
     resolved = dump_config(config)
     stored = run_dir / "config.yaml"
@@ -97,6 +108,8 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, *, resume: bool, is_main: 
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
             "or pick another name (--set name=...) or --out"
         )
+    if barrier is not None:
+        barrier()  # every process has checked before the main one creates it
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stored, resolved)
@@ -188,7 +201,13 @@ def run(
     """
     accelerator = make_accelerator(config.precision)
     run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
-    prepare_run_dir(config, run_dir, resume=resume, is_main=accelerator.is_main_process)
+    prepare_run_dir(
+        config,
+        run_dir,
+        resume=resume,
+        is_main=accelerator.is_main_process,
+        barrier=accelerator.wait_for_everyone,
+    )
     accelerator.wait_for_everyone()
     _execute(config, run_dir, accelerator, progress)
     return run_dir
@@ -204,7 +223,13 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: 
     if data_dir is not None:
         config.data.data_dir = data_dir
     accelerator = make_accelerator(config.precision)
-    _execute(config, run_dir, accelerator, progress)
+    status_path = run_dir / "status.json"
+    status = status_path.read_text() if status_path.is_file() else None
+    try:
+        _execute(config, run_dir, accelerator, progress)
+    finally:  # re-evaluating does not change how the run itself ended
+        if status is not None and accelerator.is_main_process:
+            atomic_write_text(status_path, status)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -248,7 +273,7 @@ def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progres
 def _run_stages(context: RunContext) -> dict[str, nn.Module]:
     config, info = context.config, context.info
     stages, models = config.stages, {}
-    example = context.test_set[0][0].unsqueeze(0)
+    example = example_input(context.test_set)
 
     def build_teacher() -> nn.Module:
         model = build_named_model(config.teacher.model, info)
@@ -297,7 +322,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     test_loader = accelerator.prepare(
         make_loader(context.test_set, batch_size=config.data.eval_batch_size, shuffle=False)
     )
-    example = context.test_set[0][0].unsqueeze(0)  # one sample, batch 1
+    example = example_input(context.test_set)
     architectures = {
         "teacher": config.teacher.model.arch,
         "baseline": config.student.model.arch,
@@ -362,7 +387,7 @@ def evaluate_checkpoint(
     model = build_named_model(ModelConfig(arch=arch, kwargs=kwargs or {}, checkpoint=str(path)), info)
     loader = make_loader(test_set, batch_size=256, shuffle=False)
     metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
-    profile = profile_model(model, test_set[0][0].unsqueeze(0), threads=1)
+    profile = profile_model(model, example_input(test_set), threads=1)
     return {
         "run_name": Path(path).name,
         "dataset": dataset,

@@ -117,6 +117,22 @@ class MetricsLog:
 
             self.writer = SummaryWriter(str(tensorboard_dir))
 
+    def drop_after(self, stage: str, step: int) -> None:
+        """Forget ``stage``'s records past ``step`` (a resumed run logs those steps again)."""
+        if self.path is None or not self.path.is_file():
+            return
+        from alambic.checkpoint import atomic_write_text
+
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+            if not (record.get("stage") == stage and record.get("step", 0) > step):
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
+
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
             with open(self.path, "a") as handle:
@@ -171,7 +187,10 @@ def fit(
         nesterov=nesterov,
         weight_decay=weight_decay,
     )
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
+    # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
+    # must be counted on the prepared (sharded) loader, not on the one given.
+    loader = accelerator.prepare(train_loader)
+    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
     factor = lambda step: lr_factor(  # noqa: E731
         step,
         total_steps=epochs * steps_per_epoch,
@@ -196,8 +215,9 @@ def fit(
             process_index=accelerator.process_index,
         )
         start_epoch = last_epoch + 1
+        log.drop_after(stage, step)  # records of the interrupted epoch are logged again
 
-    model, optimizer_, loader = accelerator.prepare(module, optimizer_, train_loader)
+    model, optimizer_ = accelerator.prepare(module, optimizer_)
     unwrapped = accelerator.unwrap_model(model)
     if latest is None:  # one-line errors before step 0, on a real batch
         first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
@@ -219,7 +239,10 @@ def fit(
                         teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
                     )
                     losses = model(inputs, labels, teacher_outputs)
-                if not torch.isfinite(losses["total"]):
+                finite = torch.isfinite(losses["total"]).float()
+                if accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
+                    finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+                if finite.item() < 1.0:
                     values = {name: float(value.detach()) for name, value in losses.items()}
                     raise NonFiniteLossError(
                         f"{stage}: the loss became non-finite at epoch {epoch + 1}, step {step + 1} "

@@ -201,13 +201,30 @@ def _open_tarball(path: Path, dataset: str, expected: str) -> tarfile.TarFile:
         ) from None
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays, and refuses every other class.
+
+    The CIFAR python batches are pickles (the dataset's own format); a tampered file could name any
+    callable, so only what a genuine batch contains may be built.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _unpickle(raw: bytes, source: str) -> dict:
-    # The CIFAR python batches are pickles: that is the dataset's own official format, and these
-    # tarballs come from the dataset authors, so unpickling them is accepted here. Nothing else in
-    # alambic unpickles untrusted data (weights load with weights_only=True).
     try:
-        return pickle.loads(raw, encoding="bytes")
-    except Exception as error:  # any failure here means a corrupt member
+        return _ArraysOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as error:  # any failure here means a corrupt or tampered member
         raise DataError(f"cannot read CIFAR batch {source}: {error!r}") from None
 
 
