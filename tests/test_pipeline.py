@@ -24,3 +24,20 @@ def test_a_stage_can_turn_augmentation_off_without_touching_the_shared_set():
     assert _stage_train_set(train_set, True) is train_set
     digits, _, _ = build_datasets("digits")
     assert _stage_train_set(digits, False) is digits  # nothing to turn off
+
+
+def test_a_model_factory_gets_exactly_its_kwargs_including_num_classes(tmp_path, monkeypatch):
+    from torch import nn
+
+    from alambic.config import ModelConfig
+    from alambic.pipeline import build_named_model
+
+    (tmp_path / "alambic_factory_nc.py").write_text(
+        "from torch import nn\ndef make(num_classes, width):\n    return nn.Linear(width, num_classes)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, _, info = build_datasets("digits")
+    model = build_named_model(
+        ModelConfig(arch="alambic_factory_nc:make", kwargs={"num_classes": 10, "width": 64}), info
+    )
+    assert isinstance(model, nn.Linear) and model.out_features == 10 and model.in_features == 64

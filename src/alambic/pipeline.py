@@ -46,10 +46,16 @@ class RunContext:
 
 def build_named_model(model_config, info) -> nn.Module:
     """Build a model from its config and load its checkpoint when one is given."""
-    from alambic.models import build_model, load_weights
+    from alambic.models import build_factory_model, build_model, load_weights
 
-    kwargs = {"num_classes": info.num_classes, **model_config.kwargs}  # kwargs may override the class count
-    model = build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
+    if ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
+        model = build_factory_model(model_config.arch, dict(model_config.kwargs))
+    else:
+        kwargs = {
+            "num_classes": info.num_classes,
+            **model_config.kwargs,
+        }  # kwargs may override the class count
+        model = build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
     if model_config.checkpoint:
         load_weights(model, model_config.checkpoint)
     return model

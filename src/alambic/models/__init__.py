@@ -8,11 +8,12 @@ Example:
 
 from alambic.models.cifar_resnet import CifarResNet, WideCifarResNet
 from alambic.models.loading import load_weights
-from alambic.models.zoo import build_model, list_models, register_model
+from alambic.models.zoo import build_factory_model, build_model, list_models, register_model
 
 __all__ = [
     "CifarResNet",
     "WideCifarResNet",
+    "build_factory_model",
     "build_model",
     "list_models",
     "load_weights",

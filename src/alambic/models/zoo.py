@@ -67,7 +67,7 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
         269722
     """
     if ":" in name:
-        return _build_from_factory(name, kwargs)
+        return build_factory_model(name, kwargs)
     if name not in _MODEL_BUILDERS:
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f"did you mean {', '.join(repr(match) for match in close)}? " if close else ""
@@ -96,7 +96,8 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
     return builder(num_classes=num_classes, input_shape=input_shape, **kwargs)
 
 
-def _build_from_factory(spec: str, kwargs: dict) -> nn.Module:
+def build_factory_model(spec: str, kwargs: dict) -> nn.Module:
+    """Call a user factory ``package.module:function`` with exactly ``kwargs``; it must return a module."""
     function = import_callable(spec, what="model factory")
     model = function(**kwargs)
     if not isinstance(model, nn.Module):
