@@ -51,6 +51,15 @@ class OptionABlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def make_stage(
+    block: type[nn.Module], in_planes: int, planes: int, num_blocks: int, stride: int
+) -> nn.Sequential:
+    """``num_blocks`` blocks; the first takes ``in_planes`` at ``stride``, the rest ``planes`` at stride 1."""
+    strides = [stride] + [1] * (num_blocks - 1)
+    inputs = [in_planes] + [planes] * (num_blocks - 1)
+    return nn.Sequential(*(block(width, planes, step) for width, step in zip(inputs, strides)))
+
+
 class CifarResNet(nn.Module):
     """He et al. CIFAR ResNet with ``6 * blocks_per_stage + 2`` layers and option-A shortcuts.
 
@@ -74,11 +83,9 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight)
 
     def _make_stage(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        blocks = []
-        for block_stride in [stride] + [1] * (num_blocks - 1):
-            blocks.append(OptionABlock(self.in_planes, planes, block_stride))
-            self.in_planes = planes
-        return nn.Sequential(*blocks)
+        stage = make_stage(OptionABlock, self.in_planes, planes, num_blocks, stride)
+        self.in_planes = planes
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))  # [B, 16, H, W]
@@ -144,11 +151,9 @@ class WideCifarResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def _make_stage(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        blocks = []
-        for block_stride in [stride] + [1] * (num_blocks - 1):
-            blocks.append(OptionBBlock(self.in_planes, planes, block_stride))
-            self.in_planes = planes
-        return nn.Sequential(*blocks)
+        stage = make_stage(OptionBBlock, self.in_planes, planes, num_blocks, stride)
+        self.in_planes = planes
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))  # [B, stem, H, W]
