@@ -129,3 +129,75 @@ def test_registering_the_same_name_twice_fails():
 
     with pytest.raises(ValueError, match="already registered"):
         register_loss("kd")(lambda student, teacher, *, labels=None: student.sum())
+
+
+def test_dkd_decomposes_classical_kd_as_in_the_paper():
+    # Zhao et al. 2022, eq. (4): KD = TCKD + (1 - p_t^target) * NCKD (per sample; T applied to both)
+    student, teacher, labels = _inputs(seed=3, batch=1, classes=6)
+    temperature = 3.0
+    p_teacher_target = F.softmax(teacher / temperature, dim=-1)[0, labels[0]].item()
+    dkd = get_loss("dkd")(
+        student,
+        teacher,
+        labels=labels,
+        temperature=temperature,
+        warmup_epochs=0,
+        target_weight=1.0,
+        non_target_weight=1.0 - p_teacher_target,
+    )
+    kd = get_loss("kd")(student, teacher, temperature=temperature)
+    assert dkd.item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_dkd_warms_up_linearly_with_the_epoch():
+    student, teacher, labels = _inputs(seed=4)
+    full = get_loss("dkd")(student, teacher, labels=labels, epoch=40.0)
+    assert get_loss("dkd")(student, teacher, labels=labels, epoch=5.0).item() == pytest.approx(
+        full.item() / 4
+    )
+    assert get_loss_spec("dkd").needs_epoch and "epoch" not in get_loss_spec("dkd").hyper_parameters
+
+
+def test_dist_matches_its_formula_written_with_numpy():
+    import numpy as np
+
+    student, teacher, _ = _inputs(seed=5, batch=4, classes=5)
+    p_s = np.exp(student.numpy()) / np.exp(student.numpy()).sum(1, keepdims=True)
+    p_t = np.exp(teacher.numpy()) / np.exp(teacher.numpy()).sum(1, keepdims=True)
+    inter = 1 - np.mean([np.corrcoef(p_s[i], p_t[i])[0, 1] for i in range(4)])
+    intra = 1 - np.mean([np.corrcoef(p_s[:, c], p_t[:, c])[0, 1] for c in range(5)])
+    value = get_loss("dist")(student, teacher, inter_weight=2.0, intra_weight=0.5)
+    assert value.item() == pytest.approx(2.0 * inter + 0.5 * intra, rel=1e-4)
+
+
+def test_dist_depends_on_relations_not_scale():
+    # a student that equals the teacher has zero loss at any temperature; another one does not
+    student, teacher, _ = _inputs(seed=6)
+    assert get_loss("dist")(teacher, teacher, temperature=2.0).item() == pytest.approx(0.0, abs=1e-4)
+    assert get_loss("dist")(student, teacher).item() > 0.01
+
+
+def test_kd_logit_std_ignores_each_sample_s_logit_scale_and_shift():
+    student, teacher, _ = _inputs(seed=7)
+    scale = torch.tensor([[0.5], [2.0], [3.0], [10.0]])
+    shift = torch.tensor([[1.0], [-4.0], [0.0], [7.0]])
+    plain = get_loss("kd_logit_std")(student, teacher, temperature=2.0)
+    moved = get_loss("kd_logit_std")(student * scale + shift, teacher * 3 - 1, temperature=2.0)
+    assert moved.item() == pytest.approx(plain.item(), rel=1e-4)
+    # and it is not plain KD, which does see the scale
+    scaled_kd = get_loss("kd")(student * 5, teacher, temperature=2.0).item()
+    assert get_loss("kd_logit_std")(student * 5, teacher, temperature=2.0).item() < 0.5 * scaled_kd
+
+
+def test_tf_kd_golden_value_by_hand():
+    student = torch.tensor([[2.0, 0.0, 0.0]])
+    labels = torch.tensor([0])
+    # virtual teacher (0.8, 0.1, 0.1) at T = 1; KL(q || softmax(student)) by hand
+    p_s = [math.exp(2) / (math.exp(2) + 2), 1 / (math.exp(2) + 2), 1 / (math.exp(2) + 2)]
+    q = [0.8, 0.1, 0.1]
+    expected = sum(qi * math.log(qi / pi) for qi, pi in zip(q, p_s))
+    assert expected == pytest.approx(0.000513, abs=1e-6)
+    value = get_loss("tf_kd")(student, None, labels=labels, correct_probability=0.8, temperature=1.0)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="correct_probability"):
+        get_loss("tf_kd")(student, None, labels=labels, correct_probability=0.2)

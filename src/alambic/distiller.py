@@ -80,19 +80,29 @@ class Distiller(nn.Module):
 
     @staticmethod
     def term_value(
-        term: Term, student_outputs: dict, teacher_outputs: dict | None, labels: Tensor | None
+        term: Term,
+        student_outputs: dict,
+        teacher_outputs: dict | None,
+        labels: Tensor | None,
+        epoch: float | None = None,
     ) -> Tensor:
-        """The unweighted value of one term."""
+        """The unweighted value of one term; losses that ask for it get the epoch explicitly."""
         spec = get_loss_spec(term.loss)
         teacher_value = teacher_outputs[term.teacher] if spec.needs_teacher else None
-        return spec.fn(student_outputs[term.student], teacher_value, labels=labels, **term.params)
+        state = {"epoch": epoch} if spec.needs_epoch else {}
+        return spec.fn(student_outputs[term.student], teacher_value, labels=labels, **state, **term.params)
 
     def forward(
-        self, inputs: Any, labels: Tensor | None, teacher_outputs: dict[str, Tensor] | None
+        self,
+        inputs: Any,
+        labels: Tensor | None,
+        teacher_outputs: dict[str, Tensor] | None,
+        epoch: float | None = None,
     ) -> dict[str, Tensor]:
+        """Weighted term values and their ``total``; ``epoch`` (1-based) reaches losses that need it (DKD)."""
         student_outputs = self.student_outputs(inputs)
         losses = {
-            term.name: term.weight * self.term_value(term, student_outputs, teacher_outputs, labels)
+            term.name: term.weight * self.term_value(term, student_outputs, teacher_outputs, labels, epoch)
             for term in self.terms
         }
         losses["total"] = torch.stack(list(losses.values())).sum()
@@ -125,7 +135,7 @@ class Distiller(nn.Module):
                     )
             for term in self.terms:
                 try:
-                    value = self.term_value(term, student_outputs, teacher_outputs, labels)
+                    value = self.term_value(term, student_outputs, teacher_outputs, labels, epoch=1.0)
                 except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
                     message = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error

@@ -238,7 +238,7 @@ def fit(
                     teacher_outputs = (
                         teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
                     )
-                    losses = model(inputs, labels, teacher_outputs)
+                    losses = model(inputs, labels, teacher_outputs, epoch + 1)
                 finite = torch.isfinite(losses["total"]).float()
                 if accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
                     finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes

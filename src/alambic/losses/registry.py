@@ -30,6 +30,7 @@ class LossSpec:
     paper: str
     needs_teacher: bool = True
     needs_labels: bool = False
+    needs_epoch: bool = False  # the loop passes epoch= (1-based, fractional) to this loss
     hyper_parameters: dict = field(default_factory=dict)  # name -> default
 
     @property
@@ -48,6 +49,7 @@ def register_loss(
     paper: str = "",
     needs_teacher: bool = True,
     needs_labels: bool = False,
+    needs_epoch: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` under ``name``; its keyword-only arguments after ``labels`` are its hyper-parameters."""
 
@@ -58,9 +60,9 @@ def register_loss(
         hyper = {
             key: parameter.default
             for key, parameter in signature.parameters.items()
-            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and key not in ("labels", "mask")
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and key not in ("labels", "mask", "epoch")
         }
-        _LOSSES[name] = LossSpec(name, fn, inputs, paper, needs_teacher, needs_labels, hyper)
+        _LOSSES[name] = LossSpec(name, fn, inputs, paper, needs_teacher, needs_labels, needs_epoch, hyper)
         return fn
 
     return decorator
