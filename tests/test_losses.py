@@ -20,10 +20,20 @@ def _inputs(seed=0, batch=4, classes=5):
     return student, teacher, labels
 
 
+def _inputs_for(spec, seed=0):
+    """Logits [4, 5] for logit losses; feature maps [4, 3, 5, 5] for feature and relation losses."""
+    student, teacher, labels = _inputs(seed)
+    if spec.inputs == "features":
+        generator = torch.Generator().manual_seed(seed + 100)
+        student = torch.randn(4, 3, 5, 5, generator=generator)
+        teacher = torch.randn(4, 3, 5, 5, generator=generator)
+    return student, teacher, labels
+
+
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_every_loss_is_a_finite_scalar_with_gradient_to_the_student_only(name):
     spec = get_loss_spec(name)
-    student, teacher, labels = _inputs()
+    student, teacher, labels = _inputs_for(spec)
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     value = spec.fn(student, teacher if spec.needs_teacher else None, labels=labels)
@@ -35,7 +45,7 @@ def test_every_loss_is_a_finite_scalar_with_gradient_to_the_student_only(name):
 
 @pytest.mark.parametrize("name", [spec.name for spec in list_losses() if spec.needs_teacher])
 def test_every_teacher_loss_is_zero_when_student_equals_teacher(name):
-    student, _, labels = _inputs()
+    student, _, labels = _inputs_for(get_loss_spec(name))
     value = get_loss(name)(student, student.clone(), labels=labels)
     assert value.item() == pytest.approx(0.0, abs=1e-6)
 
@@ -201,3 +211,53 @@ def test_tf_kd_golden_value_by_hand():
     assert value.item() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="correct_probability"):
         get_loss("tf_kd")(student, None, labels=labels, correct_probability=0.2)
+
+
+def _maps(seed, shape=(4, 3, 6, 6)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_attention_transfer_golden_value_and_pooling():
+    student = torch.tensor([[[[1.0, 2.0]]]])  # [1, 1, 1, 2]: a = normalize([1, 4])
+    teacher = torch.tensor([[[[2.0, 1.0]]]])  # a = normalize([4, 1])
+    assert get_loss("at")(student, teacher).item() == pytest.approx(9 / 17, rel=1e-5)
+    # channel counts may differ, and a larger teacher map is pooled to the student's size
+    assert torch.isfinite(get_loss("at")(_maps(0, (2, 3, 4, 4)), _maps(1, (2, 8, 8, 8))))
+
+
+def test_fitnet_is_mse_and_needs_equal_shapes():
+    student, teacher = _maps(2), _maps(3)
+    assert get_loss("fitnet")(student, teacher).item() == pytest.approx(F.mse_loss(student, teacher).item())
+    with pytest.raises(ValueError, match="connector"):
+        get_loss("fitnet")(student, _maps(3, (4, 5, 6, 6)))
+
+
+@pytest.mark.parametrize(
+    ("name", "transform"),
+    [
+        ("sp", lambda x: 3.0 * x),  # the row-normalised Gram matrix ignores a global scale
+        (
+            "pkt",
+            lambda x: x * torch.tensor([1.0, 2.0, 0.5, 7.0]).view(4, 1, 1, 1),
+        ),  # cosine: per-sample scale
+        ("rkd", lambda x: 5.0 * x + 2.0),  # distances normalised by their mean; angles scale-free
+        ("nst", lambda x: x * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1)),  # each channel map normalised
+    ],
+)
+def test_relation_and_selectivity_losses_ignore_what_their_papers_say_they_ignore(name, transform):
+    student, teacher = _maps(4), _maps(5)
+    plain = get_loss(name)(student, teacher).item()
+    assert plain > 1e-4
+    assert get_loss(name)(transform(student), teacher).item() == pytest.approx(plain, rel=1e-4)
+
+
+def test_sp_matches_its_formula_written_with_numpy():
+    import numpy as np
+
+    student, teacher = _maps(6, (3, 2, 2, 2)), _maps(7, (3, 4, 2, 2))
+    s, t = student.reshape(3, -1).numpy(), teacher.reshape(3, -1).numpy()
+    g_s, g_t = s @ s.T, t @ t.T
+    g_s = g_s / np.linalg.norm(g_s, axis=1, keepdims=True)
+    g_t = g_t / np.linalg.norm(g_t, axis=1, keepdims=True)
+    expected = ((g_t - g_s) ** 2).sum() / 9
+    assert get_loss("sp")(student, teacher).item() == pytest.approx(expected, rel=1e-5)

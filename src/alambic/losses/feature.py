@@ -1,0 +1,97 @@
+"""Feature distillation losses: compare intermediate activations (read through forward hooks).
+
+Feature maps are ``[B, C, H, W]``; vectors ``[B, D]``. Where a method needs equal spatial sizes the
+larger map is average-pooled to the smaller one; channel counts may differ unless a loss says so
+(then the term's connector maps the student's channels to the teacher's).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from alambic.losses.registry import register_loss
+
+
+def _same_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool the larger of two ``[B, C, H, W]`` maps to the other's spatial size."""
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError(
+            f"expected feature maps [B, C, H, W], got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    size_student, size_teacher = student.shape[-2:], teacher.shape[-2:]
+    if size_student[0] > size_teacher[0]:
+        student = F.adaptive_avg_pool2d(student, size_teacher)
+    elif size_teacher[0] > size_student[0]:
+        teacher = F.adaptive_avg_pool2d(teacher, size_student)
+    return student, teacher
+
+
+@register_loss("fitnet", inputs="features", paper="Romero et al. 2015, FitNets, arXiv:1412.6550")
+def fitnet_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
+    """FitNets hint loss: mean squared error between a student feature (through its connector) and a teacher one.
+
+    ``loss = mean((connector(f_s) - f_t)^2)`` over all elements; shapes must match (the term's
+    connector, a 1x1 conv + BN or a linear layer, is created automatically when they do not).
+
+    Args:
+        student: student feature ``[B, ...]`` after the connector.
+        teacher: teacher feature, same shape.
+        labels: unused.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"fitnet needs equal shapes, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}; "
+            "leave the term's connector on 'auto'"
+        )
+    return F.mse_loss(student.float(), teacher.detach().float())
+
+
+def _attention_map(features: Tensor, power: float) -> Tensor:
+    return F.normalize(features.float().pow(power).mean(1).flatten(1), dim=1)  # [B, H*W]
+
+
+@register_loss(
+    "at", inputs="features", paper="Zagoruyko & Komodakis 2017, Attention Transfer, arXiv:1612.03928"
+)
+def attention_transfer_loss(
+    student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, power: float = 2.0
+) -> Tensor:
+    """Attention transfer: match L2-normalised spatial attention maps ``mean_c |f|^p``.
+
+    ``a(f) = normalize(flatten(mean_c f^p))``; ``loss = mean((a(f_s) - a(f_t))^2)`` over batch and
+    positions. Channel counts may differ. The paper's weight is large (about 1000 with this mean).
+
+    Args:
+        student: student feature map ``[B, C_s, H, W]``.
+        teacher: teacher feature map ``[B, C_t, H', W']`` (pooled to the smaller size).
+        labels: unused.
+        power: p (paper: 2).
+    """
+    student, teacher = _same_spatial(student, teacher.detach())
+    return (_attention_map(student, power) - _attention_map(teacher, power)).pow(2).mean()
+
+
+@register_loss(
+    "nst", inputs="features", paper="Huang & Wang 2017, Neuron Selectivity Transfer, arXiv:1707.01219"
+)
+def neuron_selectivity_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
+    """Neuron selectivity transfer: squared MMD between the channels' spatial activation patterns.
+
+    Each channel's map is flattened and L2-normalised (``[B, C, HW]``); with the polynomial kernel
+    ``k(x, y) = (x . y)^2``: ``loss = mean k(t, t) + mean k(s, s) - 2 mean k(s, t)``, per sample over
+    channel pairs, averaged over the batch. Channel counts may differ.
+
+    Args:
+        student: student feature map ``[B, C_s, H, W]``.
+        teacher: teacher feature map ``[B, C_t, H', W']``.
+        labels: unused.
+    """
+    student, teacher = _same_spatial(student, teacher.detach())
+    s = F.normalize(student.float().flatten(2), dim=2)  # [B, C_s, HW]
+    t = F.normalize(teacher.float().flatten(2), dim=2)  # [B, C_t, HW]
+
+    def kernel(x: Tensor, y: Tensor) -> Tensor:
+        return (x @ y.transpose(1, 2)).pow(2).mean()  # mean over batch and channel pairs
+
+    return kernel(t, t) + kernel(s, s) - 2 * kernel(s, t)
