@@ -211,3 +211,11 @@ def test_two_processes_train_and_gather_metrics(tmp_path):
     # the schedule is counted per process (each sees half the batches): cosine reaches ~0 at the end
     last = [r for r in records if r["stage"] == "distill" and r["kind"] == "train"][-1]
     assert last["lr"] < 0.05 * 0.1, last
+
+
+def test_inspect_lists_modules_with_output_shapes():
+    result = _run("inspect", "resnet20", "--input-shape", "3,32,32", "--depth", "1")
+    assert result.exit_code == 0, result.output
+    assert "layer2" in result.output and "1x32x16x16" in result.output and "1x64x8x8" in result.output
+    _one_line_error(_run("inspect", "resnet20", "--input-shape", "a,b"), "--input-shape takes sizes")
+    _one_line_error(_run("inspect", "resnt20"), "did you mean")

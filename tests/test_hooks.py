@@ -52,3 +52,47 @@ def test_a_feature_term_compares_named_modules_and_trains_only_the_student():
     losses["total"].backward()
     assert student.encoder[0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
+
+
+class Wide(Net):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 10), nn.ReLU())
+        self.head = nn.Linear(10, 3)
+
+
+def test_fitnet_gets_an_automatic_connector_that_trains_and_stays_out_of_the_student(tmp_path):
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from alambic import distill
+    from alambic.checkpoint import latest_checkpoint
+
+    inputs = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    labels = (inputs.sum(1) > 0).long()
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=16)
+    terms = [{"loss": "ce"}, {"loss": "fitnet", "weight": 1.0, "student": "encoder", "teacher": "encoder"}]
+    student = distill(Wide(), Net(), loader, terms=terms, epochs=2, lr=0.05, run_dir=tmp_path)
+    assert isinstance(student, Net)  # the connector is not part of the returned student
+    saved = load_file(str(latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors"))
+    assert saved["connectors.1.weight"].shape == (10, 6)  # Linear 6 -> 10, sized from the probe
+    assert not any(key.startswith("connectors") for key in student.state_dict())
+
+
+def test_connectors_by_shape():
+    from alambic.connectors import make_connector
+
+    conv = make_connector((2, 16, 8, 8), (2, 64, 4, 4))
+    assert conv(torch.randn(2, 16, 8, 8)).shape == (2, 64, 4, 4)
+    assert make_connector((2, 5, 6), (2, 5, 9))(torch.randn(2, 5, 6)).shape == (2, 5, 9)
+    with pytest.raises(ConfigError, match="conv1x1"):
+        make_connector((2, 16, 8, 8), (2, 64, 8, 8), "linear")
+
+
+def test_auto_adds_no_connector_when_shapes_match_or_the_loss_does_not_need_one():
+    same = Distiller(Net(), [Term(loss="fitnet", student="encoder", teacher="encoder")])
+    same.build_connectors(torch.randn(3, 4), Teacher(Net(), same.terms))
+    assert len(same.connectors) == 0
+    relation = Distiller(Net(), [Term(loss="sp", student="encoder", teacher="encoder")])
+    relation.build_connectors(torch.randn(3, 4), Teacher(Wide(), relation.terms))
+    assert len(relation.connectors) == 0  # sp compares batch relations: widths may differ

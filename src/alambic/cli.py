@@ -206,6 +206,49 @@ def report(
     console.print(f"wrote {write_report(run_dir)}")
 
 
+@app.command()
+@user_errors
+def inspect(
+    arch: Annotated[str, typer.Argument(help="zoo name (resnet20, mlp, ...) or package.module:function")],
+    input_shape: Annotated[str, typer.Option(help="one sample's shape, e.g. 3,32,32 or 784")] = "3,32,32",
+    num_classes: Annotated[int, typer.Option(help="classes of a zoo model")] = 10,
+    kwargs: Annotated[str, typer.Option(help="model arguments as YAML, e.g. '{hidden: [64]}'")] = "{}",
+    depth: Annotated[int | None, typer.Option(help="show modules at most this deep")] = None,
+    debug: Debug = False,
+) -> None:
+    """Print a model's modules with their output shapes: the names terms can compare."""
+    import torch
+    import yaml
+
+    from alambic.config import ModelConfig
+    from alambic.hooks import module_table
+
+    try:
+        shape = tuple(int(size) for size in input_shape.split(","))
+        model_kwargs = yaml.safe_load(kwargs) or {}
+    except (ValueError, yaml.YAMLError):
+        raise AlambicError(
+            f"--input-shape takes sizes like 3,32,32 and --kwargs a YAML mapping; got {input_shape!r}, {kwargs!r}"
+        ) from None
+    if not isinstance(model_kwargs, dict):
+        raise AlambicError(f"--kwargs must be a YAML mapping like '{{hidden: [64]}}', got {kwargs!r}")
+    from types import SimpleNamespace
+
+    from alambic.pipeline import build_named_model
+
+    model = build_named_model(
+        ModelConfig(arch=arch, kwargs=model_kwargs),
+        SimpleNamespace(num_classes=num_classes, input_shape=shape),
+    )
+    table = Table(title=f"{arch}: modules and output shapes for one input of shape {shape}")
+    for column in ("module", "type", "output shape", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for row in module_table(model, torch.zeros(1, *shape), max_depth=depth):
+        shown = "x".join(map(str, row.output_shape)) if row.output_shape else "-"
+        table.add_row(row.path, row.kind, shown, f"{row.parameters:,}")
+    console.print(table)
+
+
 def main() -> None:
     """Entry point of the ``alambic`` console script."""
     app(prog_name="alambic")

@@ -37,6 +37,9 @@ class Term(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     student: str = "logits"
     teacher: str = "logits"
+    # maps the student's feature to the teacher's shape: auto (when the loss needs equal shapes and
+    # they differ), none, linear (vectors / tokens), conv1x1 (feature maps, + BN, resized if needed)
+    connector: Literal["auto", "none", "linear", "conv1x1"] = "auto"
 
     @model_validator(mode="after")
     def _known_loss(self) -> Term:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from alambic.batches import call_model, logits_of, split_batch  # noqa: F401  (re-exported)
 from alambic.config import Term
+from alambic.connectors import make_connector
 from alambic.errors import ConfigError
 from alambic.hooks import capture_features, unwrap_model
 from alambic.losses import get_loss_spec
@@ -61,9 +62,7 @@ class Distiller(nn.Module):
         if not terms:
             raise ConfigError("a distillation setup needs at least one term (for example ce and kd)")
         self.student = student
-        self.connectors = (
-            nn.ModuleDict()
-        )  # learned adapters between feature shapes (the method library adds them)
+        self.connectors = nn.ModuleDict()  # term index -> adapter; see build_connectors
         self.terms = list(terms)
         names = [term.name for term in self.terms]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -78,19 +77,53 @@ class Distiller(nn.Module):
             output = call_model(self.student, inputs)
         return {"logits": logits_of(output), **features}
 
-    @staticmethod
+    def _wants_connector(self, term: Term) -> bool:
+        if term.student == "logits" or term.connector == "none" or not get_loss_spec(term.loss).needs_teacher:
+            return False
+        return term.connector != "auto" or get_loss_spec(term.loss).same_shape
+
+    @torch.no_grad()
+    def build_connectors(self, inputs: Any, teacher: Teacher | None) -> None:
+        """Create the connectors the terms need from one probing forward pass (before the optimizer exists).
+
+        ``auto`` creates one only when the loss needs equal shapes and they differ.
+        """
+        wanted = [(index, term) for index, term in enumerate(self.terms) if self._wants_connector(term)]
+        if not wanted or teacher is None:
+            return
+        was_training = self.training
+        self.eval()  # no BatchNorm statistics are updated by the probe
+        try:
+            student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs)
+        finally:
+            self.train(was_training)
+        for index, term in wanted:
+            student_shape = tuple(student_outputs[term.student].shape)
+            teacher_shape = tuple(teacher_outputs[term.teacher].shape)
+            if term.connector == "auto" and student_shape == teacher_shape:
+                continue
+            device = student_outputs[term.student].device
+            self.connectors[str(index)] = make_connector(student_shape, teacher_shape, term.connector).to(
+                device
+            )
+
     def term_value(
-        term: Term,
+        self,
+        index: int,
         student_outputs: dict,
         teacher_outputs: dict | None,
         labels: Tensor | None,
         epoch: float | None = None,
     ) -> Tensor:
-        """The unweighted value of one term; losses that ask for it get the epoch explicitly."""
+        """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch."""
+        term = self.terms[index]
         spec = get_loss_spec(term.loss)
+        student_value = student_outputs[term.student]
+        if str(index) in self.connectors:
+            student_value = self.connectors[str(index)](student_value)
         teacher_value = teacher_outputs[term.teacher] if spec.needs_teacher else None
         state = {"epoch": epoch} if spec.needs_epoch else {}
-        return spec.fn(student_outputs[term.student], teacher_value, labels=labels, **state, **term.params)
+        return spec.fn(student_value, teacher_value, labels=labels, **state, **term.params)
 
     def forward(
         self,
@@ -102,8 +135,8 @@ class Distiller(nn.Module):
         """Weighted term values and their ``total``; ``epoch`` (1-based) reaches losses that need it (DKD)."""
         student_outputs = self.student_outputs(inputs)
         losses = {
-            term.name: term.weight * self.term_value(term, student_outputs, teacher_outputs, labels, epoch)
-            for term in self.terms
+            term.name: term.weight * self.term_value(index, student_outputs, teacher_outputs, labels, epoch)
+            for index, term in enumerate(self.terms)
         }
         losses["total"] = torch.stack(list(losses.values())).sum()
         return losses
@@ -133,9 +166,9 @@ class Distiller(nn.Module):
                         f"teacher predicts {classes_teacher} classes but the student {classes_student}; "
                         "give the student the teacher's number of classes"
                     )
-            for term in self.terms:
+            for index, term in enumerate(self.terms):
                 try:
-                    value = self.term_value(term, student_outputs, teacher_outputs, labels, epoch=1.0)
+                    value = self.term_value(index, student_outputs, teacher_outputs, labels, epoch=1.0)
                 except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
                     message = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from alambic.errors import ConfigError
@@ -39,7 +41,7 @@ def resolve_module(model: nn.Module, path: str, *, side: str = "model") -> nn.Mo
     top = sorted({name.split(".")[0] for name in names})
     raise ConfigError(
         f"the {side} has no module {path!r}.{hint} Top-level modules: {', '.join(top)} "
-        "(print(model) lists every module)"
+        "(`alambic inspect ARCH` lists every module with its output shape)"
     )
 
 
@@ -66,3 +68,46 @@ def capture_features(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class ModuleRow:
+    """One line of :func:`module_table`."""
+
+    path: str
+    kind: str
+    output_shape: tuple[int, ...] | None
+    parameters: int
+
+
+def module_table(model: nn.Module, example_input: Tensor, *, max_depth: int | None = None) -> list[ModuleRow]:
+    """Every named module with its output shape on ``example_input``: what a term's ``student:`` / ``teacher:`` can name.
+
+    Example:
+        >>> for row in module_table(build_model("resnet20", num_classes=10, input_shape=(3, 32, 32)),
+        ...                         torch.randn(1, 3, 32, 32)):
+        ...     print(row.path, row.output_shape)
+    """
+    model = unwrap_model(model)
+    names = [
+        name
+        for name, _ in model.named_modules()
+        if name and (max_depth is None or name.count(".") < max_depth)
+    ]
+    with torch.no_grad(), capture_features(model, names) as features:
+        was_training = model.training
+        model.eval()
+        try:
+            model(example_input)
+        finally:
+            model.train(was_training)
+    modules = dict(model.named_modules())
+    return [
+        ModuleRow(
+            path=name,
+            kind=type(modules[name]).__name__,
+            output_shape=tuple(features[name].shape) if isinstance(features.get(name), Tensor) else None,
+            parameters=sum(p.numel() for p in modules[name].parameters()),
+        )
+        for name in names
+    ]

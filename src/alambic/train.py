@@ -179,6 +179,13 @@ def fit(
     Returns the trained student (unwrapped).
     """
     log = log or MetricsLog(None)
+    if (
+        teacher is not None
+    ):  # connectors are sized by one probing pass, before the optimizer sees the parameters
+        probe_device = next(module.parameters()).device
+        teacher.to(probe_device)
+        probe_inputs, _ = split_batch(send_to_device(next(iter(train_loader)), probe_device))
+        module.build_connectors(probe_inputs, teacher)
     optimizer_ = make_optimizer(
         module.parameters(),
         optimizer=optimizer,

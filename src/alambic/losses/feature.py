@@ -27,7 +27,9 @@ def _same_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     return student, teacher
 
 
-@register_loss("fitnet", inputs="features", paper="Romero et al. 2015, FitNets, arXiv:1412.6550")
+@register_loss(
+    "fitnet", inputs="features", same_shape=True, paper="Romero et al. 2015, FitNets, arXiv:1412.6550"
+)
 def fitnet_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
     """FitNets hint loss: mean squared error between a student feature (through its connector) and a teacher one.
 

@@ -30,7 +30,8 @@ class LossSpec:
     paper: str
     needs_teacher: bool = True
     needs_labels: bool = False
-    needs_epoch: bool = False  # the loop passes epoch= (1-based, fractional) to this loss
+    needs_epoch: bool = False  # the loop passes epoch= (1-based) to this loss
+    same_shape: bool = False  # student and teacher values must have one shape (auto connectors make it so)
     hyper_parameters: dict = field(default_factory=dict)  # name -> default
 
     @property
@@ -50,6 +51,7 @@ def register_loss(
     needs_teacher: bool = True,
     needs_labels: bool = False,
     needs_epoch: bool = False,
+    same_shape: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` under ``name``; its keyword-only arguments after ``labels`` are its hyper-parameters."""
 
@@ -62,7 +64,9 @@ def register_loss(
             for key, parameter in signature.parameters.items()
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY and key not in ("labels", "mask", "epoch")
         }
-        _LOSSES[name] = LossSpec(name, fn, inputs, paper, needs_teacher, needs_labels, needs_epoch, hyper)
+        _LOSSES[name] = LossSpec(
+            name, fn, inputs, paper, needs_teacher, needs_labels, needs_epoch, same_shape, hyper
+        )
         return fn
 
     return decorator
