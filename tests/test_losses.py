@@ -43,7 +43,13 @@ def test_every_loss_is_a_finite_scalar_with_gradient_to_the_student_only(name):
     assert teacher.grad is None  # nothing flows into the teacher
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in list_losses() if spec.needs_teacher])
+# losses whose minimum is not at student == teacher, with where it is (tested below)
+MINIMUM_ELSEWHERE = {"ab": "a margin hinge: zero once every neuron is on the teacher's side by the margin"}
+
+
+@pytest.mark.parametrize(
+    "name", [s.name for s in list_losses() if s.needs_teacher and s.name not in MINIMUM_ELSEWHERE]
+)
 def test_every_teacher_loss_is_zero_when_student_equals_teacher(name):
     student, _, labels = _inputs_for(get_loss_spec(name))
     value = get_loss(name)(student, student.clone(), labels=labels)
@@ -261,3 +267,21 @@ def test_sp_matches_its_formula_written_with_numpy():
     g_t = g_t / np.linalg.norm(g_t, axis=1, keepdims=True)
     expected = ((g_t - g_s) ** 2).sum() / 9
     assert get_loss("sp")(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_activation_boundary_penalises_only_the_wrong_side_of_the_margin():
+    teacher = torch.tensor([[1.0, -1.0, 2.0, -3.0]])
+    student = torch.tensor([[2.0, -2.0, 0.5, 0.5]])  # right, right, on but inside the margin, wrongly on
+    # (0.5 - 1)^2 for the third neuron, (0.5 + 1)^2 for the fourth
+    assert get_loss("ab")(student, teacher, margin=1.0).item() == pytest.approx(0.25 + 2.25)
+    teacher = _maps(8)
+    beyond_the_margin = teacher.sign() * (teacher.abs() + 1.0)
+    assert get_loss("ab")(beyond_the_margin, teacher, margin=1.0).item() == 0.0
+
+
+def test_correlation_congruence_golden_value_and_width_independence():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # orthogonal: ||u - v||^2 = 2
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # identical: distance 0
+    # C_s off-diagonal exp(-0.4 * 2), C_t off-diagonal 1; two off-diagonal entries, / B^2 = 4
+    expected = 2 * (1 - math.exp(-0.8)) ** 2 / 4
+    assert get_loss("cc")(student, teacher).item() == pytest.approx(expected, rel=1e-5)

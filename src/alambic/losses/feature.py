@@ -97,3 +97,31 @@ def neuron_selectivity_loss(student: Tensor, teacher: Tensor, *, labels: Tensor 
         return (x @ y.transpose(1, 2)).pow(2).mean()  # mean over batch and channel pairs
 
     return kernel(t, t) + kernel(s, s) - 2 * kernel(s, t)
+
+
+@register_loss(
+    "ab", inputs="features", same_shape=True, paper="Heo et al. 2019, Activation Boundaries, arXiv:1811.03233"
+)
+def activation_boundary_loss(
+    student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, margin: float = 1.0
+) -> Tensor:
+    """Activation-boundary transfer: make each student neuron fire (> 0) exactly where the teacher's does.
+
+    Compare *pre-activation* features (hook the layer before the ReLU). With ``s`` the student value
+    through its connector and ``t`` the teacher's: ``loss = sum[(s + m)^2 * 1(s > -m, t <= 0)
+    + (s - m)^2 * 1(s <= m, t > 0)] / B`` (a hinge with margin ``m`` on the wrong side of the boundary).
+
+    Args:
+        student: student pre-activations ``[B, ...]`` (through the connector).
+        teacher: teacher pre-activations, same shape.
+        labels: unused.
+        margin: m > 0 (paper: 1).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"ab needs equal shapes, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    s, t = student.float(), teacher.detach().float()
+    teacher_on = t > 0
+    wrongly_on = (s > -margin) & ~teacher_on  # [B, ...]
+    wrongly_off = (s <= margin) & teacher_on
+    penalty = (s + margin).pow(2) * wrongly_on + (s - margin).pow(2) * wrongly_off
+    return penalty.sum() / s.shape[0]

@@ -95,3 +95,28 @@ def relational_kd_loss(
     distance = F.smooth_l1_loss(_pairwise_distances(s), _pairwise_distances(t))
     angle = F.smooth_l1_loss(_angles(s), _angles(t))
     return distance_weight * distance + angle_weight * angle
+
+
+@register_loss("cc", inputs="features", paper="Peng et al. 2019, Correlation Congruence, arXiv:1904.01802")
+def correlation_congruence_loss(
+    student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, gamma: float = 0.4
+) -> Tensor:
+    """Correlation congruence: match the batch's sample-to-sample correlation under a Gaussian RBF kernel.
+
+    On L2-normalised features, ``C[i, j] = exp(-gamma * ||f_i - f_j||^2)`` (``[B, B]``);
+    ``loss = ||C_t - C_s||_F^2 / B^2``. The paper approximates the kernel by a Taylor series; this
+    uses the exact kernel.
+
+    Args:
+        student: student features ``[B, ...]``.
+        teacher: teacher features ``[B, ...]``.
+        labels: unused.
+        gamma: kernel width (> 0).
+    """
+
+    def correlation(features: Tensor) -> Tensor:
+        unit = F.normalize(_flat(features), dim=1)
+        return torch.exp(-gamma * torch.cdist(unit, unit).pow(2))  # [B, B]
+
+    difference = correlation(teacher.detach()) - correlation(student)
+    return difference.pow(2).sum() / student.shape[0] ** 2
