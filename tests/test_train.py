@@ -170,18 +170,21 @@ def test_lr_schedule_shapes():
     assert lr_factor(80, schedule="constant", **kwargs) == 1.0
 
 
+# one epoch of plain SGD on labels: updates that can be predicted exactly
+PLAIN_SGD = {
+    "terms": [{"loss": "ce"}],
+    "epochs": 1,
+    "optimizer": "sgd",
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+}
+
+
 def test_grad_accumulation_equals_one_step_on_the_whole_batch():
     # two micro-batches of 16 accumulated == one batch of 32 (plain SGD, no dropout, mean losses)
     dataset = _data(n=64)
-    settings = {
-        "terms": [{"loss": "ce"}],
-        "epochs": 1,
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-    }
+    settings = {**PLAIN_SGD, "lr": 0.1}
     one = distill(None, _mlp(8, 1), _loader(dataset, batch_size=32), **settings)
     two = distill(None, _mlp(8, 1), _loader(dataset, batch_size=16), grad_accum=2, **settings)
     for key, value in one.state_dict().items():
@@ -192,15 +195,7 @@ def test_grad_accumulation_equals_one_step_on_the_whole_batch():
 
 def test_gradient_clipping_bounds_the_update():
     dataset = _data(n=32)
-    settings = {
-        "terms": [{"loss": "ce"}],
-        "epochs": 1,
-        "optimizer": "sgd",
-        "lr": 1.0,
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-    }
+    settings = {**PLAIN_SGD, "lr": 1.0}
     start = torch.cat([p.detach().flatten() for p in _mlp(8, 1).parameters()])
     clipped = distill(None, _mlp(8, 1), _loader(dataset, batch_size=32), grad_clip=0.01, **settings)
     moved = torch.cat([p.detach().flatten() for p in clipped.parameters()]) - start

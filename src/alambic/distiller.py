@@ -77,6 +77,11 @@ class Distiller(nn.Module):
             output = call_model(self.student, inputs)
         return {"logits": logits_of(output), **features}
 
+    @property
+    def needs_connectors(self) -> bool:
+        """Whether a term may need a connector, i.e. whether a probing pass is worth running."""
+        return any(self._wants_connector(term) for term in self.terms)
+
     def _wants_connector(self, term: Term) -> bool:
         if term.student == "logits" or term.connector == "none" or not get_loss_spec(term.loss).needs_teacher:
             return False
@@ -89,7 +94,7 @@ class Distiller(nn.Module):
         ``auto`` creates one only when the loss needs equal shapes and they differ.
         """
         wanted = [(index, term) for index, term in enumerate(self.terms) if self._wants_connector(term)]
-        if not wanted or teacher is None:
+        if not wanted or teacher is None:  # callers check needs_connectors first to skip the probe batch
             return
         was_training = self.training
         self.eval()  # no BatchNorm statistics are updated by the probe

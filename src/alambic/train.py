@@ -179,9 +179,8 @@ def fit(
     Returns the trained student (unwrapped).
     """
     log = log or MetricsLog(None)
-    if (
-        teacher is not None
-    ):  # connectors are sized by one probing pass, before the optimizer sees the parameters
+    # connectors are sized by one probing pass, before the optimizer sees the parameters
+    if teacher is not None and module.needs_connectors:
         probe_device = next(module.parameters()).device
         teacher.to(probe_device)
         probe_inputs, _ = split_batch(send_to_device(next(iter(train_loader)), probe_device))
