@@ -1,6 +1,7 @@
 """Config validation: unknown keys, wrong types and bad values name the key path and what was expected."""
 
 import pytest
+from pydantic import ValidationError
 
 from alambic.config import RunConfig, Term, apply_overrides, config_from_dict, dump_config, load_config
 from alambic.errors import ConfigError
@@ -93,13 +94,58 @@ def test_dump_round_trips(tmp_path):
 def test_every_recipe_validates():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("**/*.yaml"))
     assert len(recipes) >= 3
     for recipe in recipes:
         assert isinstance(load_config(recipe), RunConfig), recipe
         assert recipe.read_text().startswith("# alambic "), (
             f"{recipe.name} must start with the command that runs it"
         )
+
+
+def test_every_loss_has_a_method_recipe_on_both_cifar_pairs():
+    from pathlib import Path
+
+    from alambic.losses import list_losses
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for pair in ("cifar10-resnet56-resnet20", "cifar10-resnet32x4-resnet8x4"):
+        used = {
+            term.loss for recipe in (root / pair).glob("*.yaml") for term in load_config(recipe).distill.terms
+        }
+        missing = {spec.name for spec in list_losses()} - used
+        assert not missing, f"{pair} has no recipe using {sorted(missing)}"
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: base\nteacher: {model: {arch: mlp}, train: {epochs: 2}}\nstudent: {model: {arch: mlp}}\n"
+        "distill: {terms: [{loss: ce}, {loss: kd}], train: {epochs: 3, lr: 0.2}}\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\nname: child\ndistill: {terms: [{loss: dist}], train: {epochs: 5}}\n"
+    )
+    config = load_config(tmp_path / "child.yaml", overrides=["distill.train.lr=0.3"])
+    assert config.name == "child" and config.teacher.train.epochs == 2
+    assert [term.loss for term in config.distill.terms] == ["dist"]  # lists are replaced, not merged
+    assert config.distill.train.epochs == 5 and config.distill.train.lr == 0.3
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nname: x\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_multi_feature_terms_take_lists_and_single_feature_terms_do_not():
+    term = Term(loss="fsp", student=["layer1", "layer2"], teacher=["layer1", "layer2"])
+    assert term.name == "fsp:layer1..layer2"
+    with pytest.raises(ValidationError, match="lists of features"):
+        Term(loss="fsp", student="layer1", teacher="layer1")
+    with pytest.raises(ValidationError, match="one length"):
+        Term(loss="review_kd", student=["a", "b"], teacher=["a"])
+    with pytest.raises(ValidationError, match="one module path, not a list"):
+        Term(loss="fitnet", student=["a"], teacher=["a"])
 
 
 def test_term_name_for_feature_terms():

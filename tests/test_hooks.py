@@ -91,8 +91,19 @@ def test_connectors_by_shape():
 
 def test_auto_adds_no_connector_when_shapes_match_or_the_loss_does_not_need_one():
     same = Distiller(Net(), [Term(loss="fitnet", student="encoder", teacher="encoder")])
-    same.build_connectors(torch.randn(3, 4), Teacher(Net(), same.terms))
+    same.build_modules(torch.randn(3, 4), Teacher(Net(), same.terms))
     assert len(same.connectors) == 0
     relation = Distiller(Net(), [Term(loss="sp", student="encoder", teacher="encoder")])
-    relation.build_connectors(torch.randn(3, 4), Teacher(Wide(), relation.terms))
+    relation.build_modules(torch.randn(3, 4), Teacher(Wide(), relation.terms))
     assert len(relation.connectors) == 0  # sp compares batch relations: widths may differ
+
+
+def test_a_path_ending_in_input_captures_what_the_module_receives():
+    model = Net()
+    inputs = torch.randn(2, 4)
+    with capture_features(model, ["head:input", "head"]) as features:
+        model(inputs)
+    torch.testing.assert_close(features["head:input"], model.encoder(inputs))  # the head's input
+    torch.testing.assert_close(features["head"], model(inputs))
+    with pytest.raises(ConfigError, match="no module 'heda'"), capture_features(model, ["heda:input"]):
+        pass

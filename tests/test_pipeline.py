@@ -3,7 +3,7 @@
 import torch
 
 from alambic.data import build_datasets
-from alambic.data.datasets import Augmentation, InMemoryDataset
+from alambic.data.datasets import Augmentation, IndexedDataset, InMemoryDataset
 from alambic.pipeline import _stage_train_set
 
 
@@ -15,15 +15,17 @@ def test_a_stage_can_turn_augmentation_off_without_touching_the_shared_set():
         images, torch.zeros(8), augmentation=Augmentation(crop_padding=2, horizontal_flip=False)
     )
     plain = _stage_train_set(train_set, False)
-    assert plain.augmentation is None and train_set.augmentation is not None
-    assert torch.equal(plain[3][0], images[3].float() / 255)  # no jitter
+    assert isinstance(plain, IndexedDataset)  # every stage's batches carry sample indices
+    assert plain.dataset.augmentation is None and train_set.augmentation is not None
+    image, label, index = plain[3]
+    assert torch.equal(image, images[3].float() / 255) and index == 3  # no jitter
     torch.manual_seed(0)
     jittered = [train_set[3][0] for _ in range(5)]
     assert any(not torch.equal(x, images[3].float() / 255) for x in jittered)
-    assert _stage_train_set(train_set, None) is train_set
-    assert _stage_train_set(train_set, True) is train_set
+    assert _stage_train_set(train_set, None).dataset is train_set
+    assert _stage_train_set(train_set, True).dataset is train_set
     digits, _, _ = build_datasets("digits")
-    assert _stage_train_set(digits, False) is digits  # nothing to turn off
+    assert _stage_train_set(digits, False).dataset is digits  # nothing to turn off
 
 
 def test_a_model_factory_gets_exactly_its_kwargs_including_num_classes(tmp_path, monkeypatch):

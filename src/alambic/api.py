@@ -54,7 +54,9 @@ def distill(
         teacher: any module mapping inputs to logits (or an output with ``.logits``); frozen here.
             ``None`` trains the student alone (terms must then need no teacher, e.g. ``ce``).
         student: the module to train; it must predict the teacher's number of classes.
-        train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key.
+        train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key; ``(inputs,
+            labels, index)`` (see :class:`alambic.data.IndexedDataset`) for losses that keep per-sample
+            state such as ``crd``.
         terms: the distillation terms; default Hinton KD: ``ce * 0.1 + kd(temperature=4) * 0.9``.
         epochs: passes over ``train_loader``.
         eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.

@@ -1,7 +1,8 @@
 """What a batch and a model output look like to alambic, in one place (the loop and evaluation share it).
 
-A batch is ``(inputs, labels)`` (extra items ignored) or a dict whose ``labels`` key holds the labels
-and whose other keys are the model's keyword arguments (Hugging Face style). A model output is a
+A batch is ``(inputs, labels)`` or ``(inputs, labels, index)`` (``index``: the samples' positions in
+the data set, which CRD's memory bank and a cached teacher need), or a dict whose ``labels`` and
+``index`` keys hold those and whose other keys are the model's keyword arguments (Hugging Face style). A model output is a
 tensor of logits, a dict with ``logits``, an object with ``.logits``, or a tuple whose first item is one.
 """
 
@@ -18,12 +19,22 @@ from alambic.errors import AlambicError
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """``(inputs, labels)``; labels are None for a bare tensor or a dict without ``labels``."""
     if isinstance(batch, Mapping):
-        return {key: value for key, value in batch.items() if key != "labels"}, batch.get("labels")
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
+        return inputs, batch.get("labels")
     if isinstance(batch, (tuple, list)):
         if len(batch) < 2:
             raise AlambicError("a batch tuple must be (inputs, labels); got a tuple of one item")
         return batch[0], batch[1]
     return batch, None
+
+
+def index_of(batch: Any) -> Tensor | None:
+    """The batch's sample indices (third tuple item or ``index`` key), or None when it carries none."""
+    if isinstance(batch, Mapping):
+        return batch.get("index")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        return batch[2]
+    return None
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

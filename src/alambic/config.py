@@ -35,8 +35,10 @@ class Term(_Strict):
     loss: str
     weight: float = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
-    student: str = "logits"
-    teacher: str = "logits"
+    # "logits", a module path ("layer3"), "path:input" (what the module receives), or, for losses that
+    # compare several features (fsp, review_kd), a list of paths
+    student: str | list[str] = "logits"
+    teacher: str | list[str] = "logits"
     # maps the student's feature to the teacher's shape: auto (when the loss needs equal shapes and
     # they differ), none, linear (vectors / tokens), conv1x1 (feature maps, + BN, resized if needed)
     connector: Literal["auto", "none", "linear", "conv1x1"] = "auto"
@@ -53,12 +55,26 @@ class Term(_Strict):
             raise ValueError(f"temperature must be > 0, got {temperature} (Hinton et al. use 1 to 20; try 4)")
         if not spec.needs_teacher and self.teacher != "logits":
             raise ValueError(f"loss {self.loss!r} does not use the teacher; remove 'teacher: {self.teacher}'")
+        lists = isinstance(self.student, list), isinstance(self.teacher, list)
+        if spec.multi_feature and not (all(lists) and len(self.student) == len(self.teacher) >= 1):
+            raise ValueError(
+                f"loss {self.loss!r} compares lists of features: give student and teacher as lists of "
+                f"module paths of one length (got student {self.student!r}, teacher {self.teacher!r})"
+            )
+        if not spec.multi_feature and any(lists):
+            raise ValueError(f"loss {self.loss!r} compares one feature; give one module path, not a list")
+        if spec.multi_feature and self.connector not in ("auto", "none"):
+            raise ValueError(f"loss {self.loss!r} builds its own adapters; leave connector on auto")
         return self
 
     @property
     def name(self) -> str:
         """The key this term's value is logged under."""
-        return self.loss if self.student == "logits" else f"{self.loss}:{self.student}"
+        if self.student == "logits":
+            return self.loss
+        if isinstance(self.student, list):
+            return f"{self.loss}:{self.student[0]}..{self.student[-1]}"
+        return f"{self.loss}:{self.student}"
 
 
 class ModelConfig(_Strict):
@@ -273,9 +289,7 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfi
         raise ConfigError(f"invalid config: {format_validation_error(error)}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and validate it."""
-    path = Path(path)
+def _read_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (see recipes/ for examples)")
     try:
@@ -288,7 +302,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(
             f"{path} must hold a mapping of keys (data, teacher, student, ...), got {type(data).__name__}"
         )
-    return config_from_dict(data, overrides)
+    return data
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(base)
+    for key, value in child.items():
+        merged[key] = (
+            _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
+    return merged
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config as a dict, with ``extends: other.yaml`` (relative to the file) merged underneath.
+
+    A method recipe is then a few lines over a shared setting: ``extends: cifar10-resnet56-resnet20.yaml``
+    plus its ``name`` and ``distill.terms``.
+    """
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path} extends itself (through {' -> '.join(map(str, _seen))})")
+    data = _read_mapping(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be one file name, got {base!r}")
+    return _merge(read_config_file(path.parent / base, (*_seen, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (following ``extends:``), apply ``--set`` overrides and validate it."""
+    return config_from_dict(read_config_file(path), overrides)
 
 
 def dump_config(config: RunConfig) -> str:

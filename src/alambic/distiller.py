@@ -17,11 +17,24 @@ from alambic.config import Term
 from alambic.connectors import make_connector
 from alambic.errors import ConfigError
 from alambic.hooks import capture_features, unwrap_model
-from alambic.losses import get_loss_spec
+from alambic.losses import build_loss, get_loss_spec
+
+
+def _paths(value: str | list[str]) -> list[str]:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _feature_paths(terms: Sequence[Term], side: str) -> list[str]:
-    return [getattr(term, side) for term in terms if getattr(term, side) != "logits"]
+    return [path for term in terms for path in _paths(getattr(term, side)) if path != "logits"]
+
+
+def _pick(outputs: dict[str, Tensor], value: str | list[str]) -> Tensor | list[Tensor]:
+    """One output, or the list of outputs a multi-feature term compares."""
+    return [outputs[path] for path in value] if isinstance(value, list) else outputs[value]
+
+
+def _shape(value: Tensor | list[Tensor]) -> tuple[int, ...] | list[tuple[int, ...]]:
+    return [tuple(item.shape) for item in value] if isinstance(value, list) else tuple(value.shape)
 
 
 class Teacher:
@@ -49,7 +62,11 @@ class Teacher:
 
 
 class Distiller(nn.Module):
-    """Student (+ connectors) with its terms: ``forward`` returns the weighted loss of every term and ``total``.
+    """Student (+ connectors, + learned losses) with its terms: ``forward`` returns each weighted term and ``total``.
+
+    Connectors and learned losses (CRD's embeddings and memory bank, VID's regressor, ...) are sized
+    by one probing pass (:meth:`build_modules`); they train and are checkpointed with the student but
+    are never part of it.
 
     Example:
         >>> module = Distiller(student, [Term(loss="ce", weight=0.1), Term(loss="kd", weight=0.9)])
@@ -62,7 +79,8 @@ class Distiller(nn.Module):
         if not terms:
             raise ConfigError("a distillation setup needs at least one term (for example ce and kd)")
         self.student = student
-        self.connectors = nn.ModuleDict()  # term index -> adapter; see build_connectors
+        self.connectors = nn.ModuleDict()  # term index -> adapter; see build_modules
+        self.learned_losses = nn.ModuleDict()  # term index -> learned loss module; see build_modules
         self.terms = list(terms)
         names = [term.name for term in self.terms]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -78,23 +96,29 @@ class Distiller(nn.Module):
         return {"logits": logits_of(output), **features}
 
     @property
-    def needs_connectors(self) -> bool:
-        """Whether a term may need a connector, i.e. whether a probing pass is worth running."""
-        return any(self._wants_connector(term) for term in self.terms)
+    def needs_probe(self) -> bool:
+        """Whether a term may need a connector or a learned loss, i.e. whether a probing pass is worth running."""
+        return any(self._wants_connector(term) or get_loss_spec(term.loss).learned for term in self.terms)
 
     def _wants_connector(self, term: Term) -> bool:
-        if term.student == "logits" or term.connector == "none" or not get_loss_spec(term.loss).needs_teacher:
+        spec = get_loss_spec(term.loss)
+        if term.student == "logits" or term.connector == "none" or not spec.needs_teacher or spec.learned:
             return False
-        return term.connector != "auto" or get_loss_spec(term.loss).same_shape
+        return term.connector != "auto" or spec.same_shape
 
     @torch.no_grad()
-    def build_connectors(self, inputs: Any, teacher: Teacher | None) -> None:
-        """Create the connectors the terms need from one probing forward pass (before the optimizer exists).
+    def build_modules(self, inputs: Any, teacher: Teacher | None, num_samples: int | None = None) -> None:
+        """Create connectors and learned losses from one probing forward pass (before the optimizer exists).
 
-        ``auto`` creates one only when the loss needs equal shapes and they differ.
+        ``auto`` creates a connector only when the loss needs equal shapes and they differ. Learned
+        losses get both sides' shapes and ``num_samples`` (the training set's size).
         """
-        wanted = [(index, term) for index, term in enumerate(self.terms) if self._wants_connector(term)]
-        if not wanted or teacher is None:  # callers check needs_connectors first to skip the probe batch
+        wanted = [
+            (index, term)
+            for index, term in enumerate(self.terms)
+            if self._wants_connector(term) or get_loss_spec(term.loss).learned
+        ]
+        if not wanted or teacher is None:  # callers check needs_probe first to skip the probe batch
             return
         was_training = self.training
         self.eval()  # no BatchNorm statistics are updated by the probe
@@ -102,15 +126,22 @@ class Distiller(nn.Module):
             student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs)
         finally:
             self.train(was_training)
+        device = student_outputs["logits"].device
         for index, term in wanted:
-            student_shape = tuple(student_outputs[term.student].shape)
-            teacher_shape = tuple(teacher_outputs[term.teacher].shape)
-            if term.connector == "auto" and student_shape == teacher_shape:
-                continue
-            device = student_outputs[term.student].device
-            self.connectors[str(index)] = make_connector(student_shape, teacher_shape, term.connector).to(
-                device
-            )
+            student_shape = _shape(_pick(student_outputs, term.student))
+            teacher_shape = _shape(_pick(teacher_outputs, term.teacher))
+            if get_loss_spec(term.loss).learned:
+                loss = build_loss(
+                    term.loss,
+                    term.params,
+                    student_shape=student_shape,
+                    teacher_shape=teacher_shape,
+                    num_samples=num_samples,
+                )
+                self.learned_losses[str(index)] = loss.to(device)
+            elif term.connector != "auto" or student_shape != teacher_shape:
+                connector = make_connector(student_shape, teacher_shape, term.connector)
+                self.connectors[str(index)] = connector.to(device)
 
     def term_value(
         self,
@@ -119,15 +150,22 @@ class Distiller(nn.Module):
         teacher_outputs: dict | None,
         labels: Tensor | None,
         epoch: float | None = None,
+        sample_index: Tensor | None = None,
     ) -> Tensor:
-        """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch."""
+        """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch / indices."""
         term = self.terms[index]
         spec = get_loss_spec(term.loss)
-        student_value = student_outputs[term.student]
+        student_value = _pick(student_outputs, term.student)
         if str(index) in self.connectors:
             student_value = self.connectors[str(index)](student_value)
-        teacher_value = teacher_outputs[term.teacher] if spec.needs_teacher else None
+        teacher_value = _pick(teacher_outputs, term.teacher) if spec.needs_teacher else None
         state = {"epoch": epoch} if spec.needs_epoch else {}
+        if spec.needs_index:
+            state["index"] = sample_index
+        if spec.learned:
+            if str(index) not in self.learned_losses:
+                raise ConfigError(f"term {term.name!r} is a learned loss: call build_modules before training")
+            return self.learned_losses[str(index)](student_value, teacher_value, labels=labels, **state)
         return spec.fn(student_value, teacher_value, labels=labels, **state, **term.params)
 
     def forward(
@@ -136,18 +174,30 @@ class Distiller(nn.Module):
         labels: Tensor | None,
         teacher_outputs: dict[str, Tensor] | None,
         epoch: float | None = None,
+        sample_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Weighted term values and their ``total``; ``epoch`` (1-based) reaches losses that need it (DKD)."""
+        """Weighted term values and their ``total``.
+
+        ``epoch`` (1-based) reaches losses that need it (DKD's warm-up); ``sample_index`` (the batch's
+        positions in the training set) reaches those that keep per-sample state (CRD's memory bank).
+        """
         student_outputs = self.student_outputs(inputs)
         losses = {
-            term.name: term.weight * self.term_value(index, student_outputs, teacher_outputs, labels, epoch)
+            term.name: term.weight
+            * self.term_value(index, student_outputs, teacher_outputs, labels, epoch, sample_index)
             for index, term in enumerate(self.terms)
         }
         losses["total"] = torch.stack(list(losses.values())).sum()
         return losses
 
     @torch.no_grad()
-    def check(self, inputs: Any, labels: Tensor | None, teacher: Teacher | None) -> None:
+    def check(
+        self,
+        inputs: Any,
+        labels: Tensor | None,
+        teacher: Teacher | None,
+        sample_index: Tensor | None = None,
+    ) -> None:
         """Run every term once on a real batch before step 0, turning any failure into a one-line error."""
         if self.needs_teacher and teacher is None:
             needing = [t.loss for t in self.terms if get_loss_spec(t.loss).needs_teacher]
@@ -155,6 +205,12 @@ class Distiller(nn.Module):
         if any(get_loss_spec(t.loss).needs_labels for t in self.terms) and labels is None:
             raise ConfigError(
                 "a term needs labels (ce), but the batches carry none; yield (inputs, labels) or a 'labels' key"
+            )
+        if any(get_loss_spec(t.loss).needs_index for t in self.terms) and sample_index is None:
+            needing = [t.loss for t in self.terms if get_loss_spec(t.loss).needs_index]
+            raise ConfigError(
+                f"terms {needing} keep per-sample state and need the samples' indices; yield "
+                "(inputs, labels, index) batches (alambic.data.IndexedDataset wraps a data set so)"
             )
         was_training = self.training
         self.eval()
@@ -173,7 +229,9 @@ class Distiller(nn.Module):
                     )
             for index, term in enumerate(self.terms):
                 try:
-                    value = self.term_value(index, student_outputs, teacher_outputs, labels, epoch=1.0)
+                    value = self.term_value(
+                        index, student_outputs, teacher_outputs, labels, epoch=1.0, sample_index=sample_index
+                    )
                 except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
                     message = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error

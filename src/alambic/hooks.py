@@ -45,23 +45,32 @@ def resolve_module(model: nn.Module, path: str, *, side: str = "model") -> nn.Mo
     )
 
 
+INPUT_SUFFIX = ":input"  # "fc:input" names what the module receives (e.g. the pooled embedding before fc)
+
+
 @contextlib.contextmanager
 def capture_features(
     model: nn.Module, paths: list[str], *, side: str = "model"
 ) -> Iterator[dict[str, Tensor]]:
-    """Capture the outputs of the modules at ``paths`` during forward passes inside the block.
+    """Capture the outputs (or, for ``path:input``, the first input) of named modules during forward passes.
 
     Paths are validated before anything runs. The dict is refilled on every forward pass; handles
     are removed on exit, even after an exception.
+
+    Example:
+        >>> with capture_features(model, ["layer3", "fc:input"]) as features:
+        ...     model(images)   # features["fc:input"] is the pooled vector the classifier sees
     """
     features: dict[str, Tensor] = {}
     handles = []
     try:
         for path in dict.fromkeys(paths):
-            module = resolve_module(model, path, side=side)
+            wants_input = path.endswith(INPUT_SUFFIX)
+            module = resolve_module(model, path.removesuffix(INPUT_SUFFIX), side=side)
 
-            def hook(_module, _inputs, output, path=path):
-                features[path] = output[0] if isinstance(output, (tuple, list)) else output
+            def hook(_module, inputs, output, path=path, wants_input=wants_input):
+                value = inputs if wants_input else output
+                features[path] = value[0] if isinstance(value, (tuple, list)) else value
 
             handles.append(module.register_forward_hook(hook))
         yield features

@@ -23,6 +23,7 @@ from torch import nn
 
 from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import RunConfig, TrainConfig, dump_config
+from alambic.data import IndexedDataset
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
@@ -162,12 +163,14 @@ def _train_stage(
 
 
 def _stage_train_set(train_set: Any, augment: bool | None) -> Any:
-    """The training set as this stage wants it: ``augment: false`` gives a view without augmentation."""
-    if augment is None or augment or getattr(train_set, "augmentation", None) is None:
-        return train_set
-    view = copy.copy(train_set)  # shares the tensors
-    view.augmentation = None
-    return view
+    """The training set as this stage wants it, yielding sample indices (CRD's memory bank reads them).
+
+    ``augment: false`` gives a view without augmentation.
+    """
+    if not (augment is None or augment or getattr(train_set, "augmentation", None) is None):
+        train_set = copy.copy(train_set)  # shares the tensors
+        train_set.augmentation = None
+    return IndexedDataset(train_set)
 
 
 def _load_or_train(

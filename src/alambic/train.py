@@ -20,7 +20,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from alambic.batches import split_batch
+from alambic.batches import index_of, split_batch
 from alambic.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import NonFiniteLossError
@@ -179,12 +179,13 @@ def fit(
     Returns the trained student (unwrapped).
     """
     log = log or MetricsLog(None)
-    # connectors are sized by one probing pass, before the optimizer sees the parameters
-    if teacher is not None and module.needs_connectors:
+    # connectors and learned losses are sized by one probing pass, before the optimizer sees the parameters
+    if teacher is not None and module.needs_probe:
         probe_device = next(module.parameters()).device
         teacher.to(probe_device)
         probe_inputs, _ = split_batch(send_to_device(next(iter(train_loader)), probe_device))
-        module.build_connectors(probe_inputs, teacher)
+        num_samples = len(train_loader.dataset) if hasattr(train_loader.dataset, "__len__") else None
+        module.build_modules(probe_inputs, teacher, num_samples=num_samples)
     optimizer_ = make_optimizer(
         module.parameters(),
         optimizer=optimizer,
@@ -227,7 +228,7 @@ def fit(
     unwrapped = accelerator.unwrap_model(model)
     if latest is None:  # one-line errors before step 0, on a real batch
         first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
-        unwrapped.check(*split_batch(first_batch), teacher)
+        unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
     for epoch in range(start_epoch, epochs):
         # Accelerate's loader counts epochs itself from 0; set it so a resumed run sees the same order.
         if hasattr(loader, "set_epoch"):
@@ -244,7 +245,7 @@ def fit(
                     teacher_outputs = (
                         teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
                     )
-                    losses = model(inputs, labels, teacher_outputs, epoch + 1)
+                    losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch))
                 finite = torch.isfinite(losses["total"]).float()
                 if accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
                     finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes

@@ -123,6 +123,29 @@ class InMemoryDataset(Dataset):
         )
 
 
+class IndexedDataset(Dataset):
+    """Yields ``(input, label, index)``: the sample's position travels with it through the loader.
+
+    Losses that keep per-sample state (CRD's memory bank) and cached teachers read ``index``.
+
+    Example:
+        >>> loader = DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True)
+        >>> images, labels, index = next(iter(loader))
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs")
+        return item[0], item[1], index
+
+
 def _augment(image: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
     """Random crop of the original size from the zero-padded image, then a random flip."""
     padding = augmentation.crop_padding

@@ -1,8 +1,9 @@
 """Distillation losses and their registry. Importing this package registers every built-in loss."""
 
-from alambic.losses import feature, logit, relation  # noqa: F401  (registers the built-in losses)
+from alambic.losses import feature, learned, logit, relation  # noqa: F401  (registers the built-in losses)
 from alambic.losses.registry import (
     LossSpec,
+    build_loss,
     check_hyper_parameters,
     get_loss,
     get_loss_spec,
@@ -10,4 +11,12 @@ from alambic.losses.registry import (
     register_loss,
 )
 
-__all__ = ["LossSpec", "check_hyper_parameters", "get_loss", "get_loss_spec", "list_losses", "register_loss"]
+__all__ = [
+    "LossSpec",
+    "build_loss",
+    "check_hyper_parameters",
+    "get_loss",
+    "get_loss_spec",
+    "list_losses",
+    "register_loss",
+]

@@ -7,6 +7,9 @@ larger map is average-pooled to the smaller one; channel counts may differ unles
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -125,3 +128,87 @@ def activation_boundary_loss(
     wrongly_off = (s <= margin) & teacher_on
     penalty = (s + margin).pow(2) * wrongly_on + (s - margin).pow(2) * wrongly_off
     return penalty.sum() / s.shape[0]
+
+
+def _flow_matrix(first: Tensor, second: Tensor) -> Tensor:
+    """FSP matrix ``G = F1^T F2 / (H W)`` of two feature maps ``[B, C1, H, W]``, ``[B, C2, H', W']``."""
+    first, second = _same_spatial(first.float(), second.float())
+    return (
+        first.flatten(2) @ second.flatten(2).transpose(1, 2) / first.shape[-1] / first.shape[-2]
+    )  # [B, C1, C2]
+
+
+@register_loss(
+    "fsp",
+    inputs="features",
+    multi_feature=True,
+    paper="Yim et al. 2017, A Gift from Knowledge Distillation (FSP), CVPR 2017",
+)
+def flow_of_solution_loss(
+    student: list[Tensor], teacher: list[Tensor], *, labels: Tensor | None = None
+) -> Tensor:
+    """Flow of solution procedure: match the Gram matrices between consecutive layers' feature maps.
+
+    For features ``f_1 .. f_n`` on each side, ``G_i = f_i^T f_{i+1} / (H W)`` (``[B, C_i, C_{i+1}]``,
+    the larger map average-pooled to the smaller); ``loss = sum_i mean((G_i^s - G_i^t)^2)``. Channel
+    counts must match pair by pair (as in the paper, whose student and teacher share stage widths).
+
+    Args:
+        student: ``n >= 2`` student feature maps, shallow to deep.
+        teacher: ``n`` teacher feature maps with the same channel counts.
+        labels: unused.
+    """
+    if len(student) < 2 or len(student) != len(teacher):
+        raise ValueError(f"fsp needs n >= 2 features on each side, got {len(student)} and {len(teacher)}")
+    loss = student[0].new_zeros((), dtype=torch.float32)
+    for i in range(len(student) - 1):
+        flow_student = _flow_matrix(student[i], student[i + 1])
+        flow_teacher = _flow_matrix(teacher[i].detach(), teacher[i + 1].detach())
+        if flow_student.shape != flow_teacher.shape:
+            raise ValueError(
+                f"fsp pair {i} has channels {tuple(flow_student.shape[1:])} (student) and "
+                f"{tuple(flow_teacher.shape[1:])} (teacher); pick layers of equal widths"
+            )
+        loss = loss + (flow_student - flow_teacher).pow(2).mean()
+    return loss
+
+
+def _expected_negative_response(teacher: Tensor) -> Tensor:
+    """OFD's margin per channel: ``E[x | x < 0]`` of a Gaussian fitted to each teacher channel.
+
+    The paper reads mean and std from the BN layer before the ReLU; here they are measured on the batch
+    (the same distribution, without needing the teacher's modules). ``[B, C, ...]`` -> ``[1, C, 1...]``.
+    """
+    values = teacher.transpose(0, 1).flatten(1)  # [C, N]
+    mean, std = values.mean(1), values.std(1).clamp_min(1e-6)
+    below = torch.special.ndtr(-mean / std)  # P(x < 0)
+    density = torch.exp(-((mean / std) ** 2) / 2) / math.sqrt(2 * math.pi)
+    margin = torch.where(below > 1e-3, mean - std * density / below.clamp_min(1e-3), -3 * std)
+    return margin.view(1, -1, *([1] * (teacher.dim() - 2)))
+
+
+@register_loss(
+    "ofd",
+    inputs="features",
+    same_shape=True,
+    paper="Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation, arXiv:1904.01866",
+)
+def overhaul_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
+    """Overhaul of feature distillation: partial L2 to the margin-ReLU'd teacher pre-activation.
+
+    Compare pre-ReLU features (the student's through its connector, a 1x1 conv + BN). The teacher's
+    negatives are raised to the channel margin ``m = E[t | t < 0]``: ``t' = max(t, m)``; then
+    ``loss = sum((s - t')^2 * 1(s > t' or t' > 0)) / B``, i.e. no penalty where both are "off".
+    The sum is large: the paper's weight is about 1e-3 to 1e-4.
+
+    Args:
+        student: student pre-activations ``[B, C, H, W]`` (or ``[B, D]``), through the connector.
+        teacher: teacher pre-activations, same shape.
+        labels: unused.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"ofd needs equal shapes, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    s, t = student.float(), teacher.detach().float()
+    target = torch.maximum(t, _expected_negative_response(t))
+    penalised = (s > target) | (target > 0)
+    return ((s - target).pow(2) * penalised).sum() / s.shape[0]
