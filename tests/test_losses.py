@@ -30,6 +30,11 @@ def _inputs_for(spec, seed=0):
     elif spec.inputs == "features":
         student = torch.randn(4, 3, 5, 5, generator=generator)
         teacher = torch.randn(4, 3, 5, 5, generator=generator)
+    elif spec.inputs == "tokens":  # [B, T, V] logits, labels with padding / prompt tokens masked
+        student = torch.randn(2, 6, 11, generator=generator)
+        teacher = torch.randn(2, 6, 11, generator=generator)
+        labels = torch.randint(0, 11, (2, 6), generator=generator)
+        labels[0, :2] = -100
     elif spec.inputs == "embeddings":
         student = torch.randn(4, 6, generator=generator)
         teacher = torch.randn(4, 8, generator=generator)
