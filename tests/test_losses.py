@@ -35,6 +35,12 @@ def _inputs_for(spec, seed=0):
         teacher = torch.randn(2, 6, 11, generator=generator)
         labels = torch.randint(0, 11, (2, 6), generator=generator)
         labels[0, :2] = -100
+    elif spec.inputs in ("hidden", "values"):  # [B, T, D] (D = 24: 12 heads of 2 for value relations)
+        student = torch.randn(2, 4, 24, generator=generator)
+        teacher = torch.randn(2, 4, 24, generator=generator)
+    elif spec.inputs == "attention":  # [B, H, T, T], rows are distributions
+        student = torch.randn(2, 3, 4, 4, generator=generator).softmax(-1)
+        teacher = torch.randn(2, 3, 4, 4, generator=generator).softmax(-1)
     elif spec.inputs == "embeddings":
         student = torch.randn(4, 6, generator=generator)
         teacher = torch.randn(4, 8, generator=generator)

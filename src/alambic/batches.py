@@ -37,9 +37,45 @@ def index_of(batch: Any) -> Tensor | None:
     return None
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` with a dict as keyword arguments, anything else as one positional argument."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+def call_model(model: nn.Module, inputs: Any, **options: Any) -> Any:
+    """Call ``model`` with a dict as keyword arguments, anything else as one positional argument.
+
+    ``options`` (such as ``output_hidden_states=True`` for a Hugging Face model) are added as keywords.
+    """
+    return model(**inputs, **options) if isinstance(inputs, Mapping) else model(inputs, **options)
+
+
+OUTPUT_FIELDS = ("hidden_states", "attentions")  # read from the model's output object, not by hooks
+
+
+def is_output_field(path: str) -> bool:
+    """Whether a term side names an output field (``hidden_states.3``, ``attentions.-1``), not a module."""
+    return path.split(".")[0] in OUTPUT_FIELDS
+
+
+def output_options(paths: list[str]) -> dict[str, bool]:
+    """The keyword flags that make a Hugging Face model return the fields ``paths`` name."""
+    fields = {path.split(".")[0] for path in paths if is_output_field(path)}
+    return {f"output_{field}": True for field in sorted(fields)}
+
+
+def read_output_field(output: Any, path: str) -> Tensor:
+    """``hidden_states.3`` -> ``output.hidden_states[3]``: one layer's value from a model output object."""
+    field, _, layer = path.partition(".")
+    values = output.get(field) if isinstance(output, Mapping) else getattr(output, field, None)
+    if not values:
+        raise AlambicError(
+            f"the model returned no {field!r}; it must be a Hugging Face model that supports "
+            f"output_{field}=True"
+            + (" (load it with attn_implementation='eager')" if field == "attentions" else "")
+        )
+    try:
+        return values[int(layer)]
+    except (ValueError, IndexError):
+        raise AlambicError(
+            f"{path!r}: the model returned {len(values)} {field} (indices 0..{len(values) - 1} or -1); "
+            f"write {field}.N"
+        ) from None
 
 
 def logits_of(output: Any) -> Tensor:

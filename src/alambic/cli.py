@@ -249,6 +249,40 @@ def inspect(
     console.print(table)
 
 
+@app.command()
+@user_errors
+def derive(
+    teacher: Annotated[str, typer.Argument(help="a Hugging Face model folder (or hub id)")],
+    out: Annotated[Path, typer.Option(help="new folder for the student")],
+    layers: Annotated[
+        int | None, typer.Option(help="keep N layers, first and last included, evenly spread")
+    ] = None,
+    keep: Annotated[str | None, typer.Option(help="keep these teacher layers, e.g. 0,5")] = None,
+    every: Annotated[int | None, typer.Option(help="keep every K-th layer from 0 (DistilBERT: 2)")] = None,
+    task: Annotated[str, typer.Option(help="sequence-classification, causal-lm or embedding")] = (
+        "sequence-classification"
+    ),
+    offline: Annotated[bool, typer.Option(help="never reach the network")] = False,
+    debug: Debug = False,
+) -> None:
+    """Build a smaller student of the teacher's family, initialised from its embeddings, chosen layers and head."""
+    from alambic.hf import derive_to_folder
+
+    try:
+        kept = [int(index) for index in keep.split(",")] if keep else None
+    except ValueError:
+        raise AlambicError(f"--keep takes layer indices like 0,5; got {keep!r}") from None
+    report = derive_to_folder(
+        teacher, out, task=task, layers=layers, keep=kept, every=every, local_files_only=offline
+    )
+    console.print(
+        f"{report['family']}: kept teacher layers {report['kept_layers']} of {report['teacher_layers']}; "
+        f"copied {report['copied_tensors']} tensors, {len(report['fresh_tensors'])} fresh; "
+        f"{report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,}); "
+        f"tokenizer {report['tokenizer']}; wrote {out}"
+    )
+
+
 def main() -> None:
     """Entry point of the ``alambic`` console script."""
     app(prog_name="alambic")

@@ -6,13 +6,20 @@ only what trains.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from alambic.batches import call_model, logits_of, split_batch  # noqa: F401  (re-exported)
+from alambic.batches import (  # noqa: F401  (split_batch re-exported)
+    call_model,
+    is_output_field,
+    logits_of,
+    output_options,
+    read_output_field,
+    split_batch,
+)
 from alambic.config import Term
 from alambic.connectors import make_connector
 from alambic.errors import ConfigError
@@ -31,6 +38,11 @@ def _feature_paths(terms: Sequence[Term], side: str) -> list[str]:
 def _pick(outputs: dict[str, Tensor], value: str | list[str]) -> Tensor | list[Tensor]:
     """One output, or the list of outputs a multi-feature term compares."""
     return [outputs[path] for path in value] if isinstance(value, list) else outputs[value]
+
+
+def _attention_mask(inputs: Any) -> Tensor | None:
+    """The batch's ``attention_mask`` (1 = real token) when its inputs are a dict that has one."""
+    return inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
 
 
 def _shape(value: Tensor | list[Tensor]) -> tuple[int, ...] | list[tuple[int, ...]]:
@@ -56,9 +68,16 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, inputs: Any) -> dict[str, Tensor]:
-        with capture_features(self.model, self.feature_paths, side="teacher") as features:
-            output = call_model(self.model, inputs)
-        return {"logits": logits_of(output), **features}
+        return model_outputs(self.model, inputs, self.feature_paths, side="teacher")
+
+
+def model_outputs(model: nn.Module, inputs: Any, paths: list[str], *, side: str) -> dict[str, Tensor]:
+    """``{"logits": ..., path: value}``: module paths through hooks, output fields from the output object."""
+    hooked = [path for path in paths if not is_output_field(path)]
+    with capture_features(model, hooked, side=side) as features:
+        output = call_model(model, inputs, **output_options(paths))
+    fields = {path: read_output_field(output, path) for path in paths if is_output_field(path)}
+    return {"logits": logits_of(output), **features, **fields}
 
 
 class Distiller(nn.Module):
@@ -91,9 +110,7 @@ class Distiller(nn.Module):
 
     def student_outputs(self, inputs: Any) -> dict[str, Tensor]:
         """The student's logits and the features its terms compare."""
-        with capture_features(self.student, self.student_paths, side="student") as features:
-            output = call_model(self.student, inputs)
-        return {"logits": logits_of(output), **features}
+        return model_outputs(self.student, inputs, self.student_paths, side="student")
 
     @property
     def needs_probe(self) -> bool:
@@ -151,8 +168,10 @@ class Distiller(nn.Module):
         labels: Tensor | None,
         epoch: float | None = None,
         sample_index: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch / indices."""
+        """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch,
+        the sample indices, the attention mask."""
         term = self.terms[index]
         spec = get_loss_spec(term.loss)
         student_value = _pick(student_outputs, term.student)
@@ -162,6 +181,8 @@ class Distiller(nn.Module):
         state = {"epoch": epoch} if spec.needs_epoch else {}
         if spec.needs_index:
             state["index"] = sample_index
+        if spec.takes_mask:
+            state["mask"] = mask
         if spec.learned:
             if str(index) not in self.learned_losses:
                 raise ConfigError(f"term {term.name!r} is a learned loss: call build_modules before training")
@@ -182,9 +203,10 @@ class Distiller(nn.Module):
         positions in the training set) reaches those that keep per-sample state (CRD's memory bank).
         """
         student_outputs = self.student_outputs(inputs)
+        mask = _attention_mask(inputs)
         losses = {
             term.name: term.weight
-            * self.term_value(index, student_outputs, teacher_outputs, labels, epoch, sample_index)
+            * self.term_value(index, student_outputs, teacher_outputs, labels, epoch, sample_index, mask)
             for index, term in enumerate(self.terms)
         }
         losses["total"] = torch.stack(list(losses.values())).sum()
@@ -222,6 +244,12 @@ class Distiller(nn.Module):
                     student_outputs["logits"].shape[-1],
                     teacher_outputs["logits"].shape[-1],
                 )
+                if classes_student != classes_teacher and student_outputs["logits"].dim() == 3:
+                    raise ConfigError(
+                        f"the teacher's vocabulary has {classes_teacher} tokens and the student's "
+                        f"{classes_student}: token losses need one tokenizer; derive the student from the "
+                        "teacher (alambic derive) or give it the teacher's tokenizer and vocabulary size"
+                    )
                 if classes_student != classes_teacher:
                     raise ConfigError(
                         f"teacher predicts {classes_teacher} classes but the student {classes_student}; "
@@ -230,7 +258,13 @@ class Distiller(nn.Module):
             for index, term in enumerate(self.terms):
                 try:
                     value = self.term_value(
-                        index, student_outputs, teacher_outputs, labels, epoch=1.0, sample_index=sample_index
+                        index,
+                        student_outputs,
+                        teacher_outputs,
+                        labels,
+                        epoch=1.0,
+                        sample_index=sample_index,
+                        mask=_attention_mask(inputs),
                     )
                 except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
                     message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -45,6 +45,7 @@ class LossSpec:
     learned: bool = False  # an nn.Module class with its own parameters / state (see the module docstring)
     needs_index: bool = False  # the loop passes index= (the batch's dataset indices) to this loss
     multi_feature: bool = False  # compares lists of features (student: [a, b, c]), not one
+    takes_mask: bool = False  # the loop passes mask= (the batch's attention_mask, 1 = real token)
 
     @property
     def description(self) -> str:
@@ -98,6 +99,7 @@ def register_loss(
             learned,
             needs_index,
             multi_feature,
+            "mask" in inspect.signature(fn.forward if learned else fn).parameters,
         )
         return fn
 

@@ -1,0 +1,204 @@
+"""Hugging Face models as teachers and students, and students derived from their teacher.
+
+``transformers`` is an optional extra (``pip install alambic[hf]``), imported inside these functions.
+
+Example:
+    >>> teacher = load_hf_model("path/to/bert", task="sequence-classification", num_labels=2)
+    >>> student, report = derive_student(teacher, layers=2)   # DistilBERT-style: copied embeddings,
+    >>> report["kept_layers"]                                   # chosen layers and head
+    [0, 5]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from alambic.errors import ConfigError
+
+TASKS = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "embedding": "AutoModel",
+}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "Hugging Face models need the transformers package: pip install 'alambic[hf]'"
+        ) from None
+    return transformers
+
+
+def load_hf_model(
+    name_or_path: str,
+    *,
+    task: str = "sequence-classification",
+    num_labels: int | None = None,
+    local_files_only: bool = False,
+    attn_implementation: str = "eager",
+    **kwargs: Any,
+) -> nn.Module:
+    """A ``transformers`` model from a local folder or a hub id.
+
+    Args:
+        name_or_path: a folder written by ``save_pretrained`` (works offline) or a hub id.
+        task: ``sequence-classification``, ``causal-lm`` or ``embedding`` (the bare encoder).
+        num_labels: classes of a classification head (a new head when it differs from the checkpoint's).
+        local_files_only: never reach the network.
+        attn_implementation: ``eager`` returns attention maps (``attentions.K`` terms); ``sdpa`` is faster
+            but returns none.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    auto = getattr(_transformers(), TASKS[task])
+    if num_labels is not None and task == "sequence-classification":
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    try:
+        return auto.from_pretrained(
+            name_or_path, local_files_only=local_files_only, attn_implementation=attn_implementation, **kwargs
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the Hugging Face model {name_or_path!r}: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and ``ModuleList`` of a Transformer's blocks (BERT ``encoder.layer``, Llama ``layers``, GPT-2 ``h``)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and (count is None or len(module) == count)
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"cannot find the layer list of {type(model).__name__} (a ModuleList of num_hidden_layers blocks)"
+        )
+    return min(candidates, key=lambda item: item[0].count("."))  # the outermost such list
+
+
+def choose_layers(
+    num_layers: int, *, layers: int | None = None, keep: Sequence[int] | None = None, every: int | None = None
+) -> list[int]:
+    """Which teacher layers a derived student keeps: explicit ``keep``, ``every`` k-th from 0, or ``layers`` spread evenly.
+
+    ``layers=n`` keeps the first and the last layer and spreads the rest evenly (6 -> 2: [0, 5];
+    12 -> 4: [0, 4, 7, 11]); ``every=2`` keeps 0, 2, 4, ... as DistilBERT does.
+    """
+    given = sum(option is not None for option in (layers, keep, every))
+    if given != 1:
+        raise ConfigError(
+            "choose the student's layers with exactly one of --layers N, --keep I,J,..., --every K"
+        )
+    if keep is not None:
+        chosen = list(keep)
+        bad = [i for i in chosen if not 0 <= i < num_layers]
+        if bad or not chosen or sorted(set(chosen)) != chosen:
+            raise ConfigError(
+                f"--keep {chosen}: give increasing, distinct layer indices in 0..{num_layers - 1}"
+            )
+        return chosen
+    if every is not None:
+        if every < 1:
+            raise ConfigError(f"--every must be >= 1, got {every}")
+        return list(range(0, num_layers, every))
+    if not 1 <= layers <= num_layers:
+        raise ConfigError(f"--layers must be in 1..{num_layers} (the teacher has {num_layers}), got {layers}")
+    if layers == 1:
+        return [num_layers - 1]
+    return [round(i * (num_layers - 1) / (layers - 1)) for i in range(layers)]
+
+
+def derive_student(
+    teacher: nn.Module,
+    *,
+    layers: int | None = None,
+    keep: Sequence[int] | None = None,
+    every: int | None = None,
+) -> tuple[nn.Module, dict]:
+    """A student of the teacher's family with fewer layers, initialised from the teacher's weights.
+
+    Embeddings, the chosen layers (renumbered) and the head are copied, as DistilBERT does; works for
+    BERT-family encoders and Llama / GPT-2 style decoders (any ``transformers`` model whose blocks form
+    one ``ModuleList``). Returns the student and a report: kept layers, copied and fresh tensors,
+    parameter counts.
+    """
+    path, blocks = layer_list(teacher)
+    chosen = choose_layers(len(blocks), layers=layers, keep=keep, every=every)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(chosen)
+    student = type(teacher)(config)
+    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
+    source = teacher.state_dict()
+    state, copied, fresh = {}, 0, []
+    for key, value in student.state_dict().items():
+        match = pattern.match(key)
+        teacher_key = pattern.sub(f"{path}.{chosen[int(match.group(1))]}.", key, count=1) if match else key
+        if teacher_key in source and source[teacher_key].shape == value.shape:
+            state[key] = source[teacher_key].clone()
+            copied += 1
+        else:
+            state[key] = value
+            fresh.append(key)
+    student.load_state_dict(state)
+    report = {
+        "family": type(teacher).__name__,
+        "layer_list": path,
+        "teacher_layers": len(blocks),
+        "kept_layers": chosen,
+        "copied_tensors": copied,
+        "fresh_tensors": fresh,
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+    }
+    return student, report
+
+
+def derive_to_folder(
+    teacher: str,
+    out: str | Path,
+    *,
+    task: str = "sequence-classification",
+    layers: int | None = None,
+    keep: Sequence[int] | None = None,
+    every: int | None = None,
+    local_files_only: bool = False,
+) -> dict:
+    """Derive a student from the Hugging Face model ``teacher`` and save it (with the tokenizer, when
+    the teacher has one) to the new folder ``out``; returns the report, also written to ``derive.json``.
+
+    The folder appears complete or not at all (written aside, then renamed).
+    """
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose a new folder for the derived student")
+    model = load_hf_model(teacher, task=task, local_files_only=local_files_only)
+    student, report = derive_student(model, layers=layers, keep=keep, every=every)
+    report["teacher"] = teacher
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
+        student.save_pretrained(staging)
+        try:
+            tokenizer = _transformers().AutoTokenizer.from_pretrained(
+                teacher, local_files_only=local_files_only
+            )
+            tokenizer.save_pretrained(staging)
+            report["tokenizer"] = "copied"
+        except (OSError, ValueError):
+            report["tokenizer"] = "none found next to the teacher"
+        (Path(staging) / "derive.json").write_text(json.dumps(report, indent=2))
+        os.replace(staging, out)
+    return report

@@ -1,0 +1,284 @@
+"""Transformer distillation: encoder losses by hand, masks, derived students, and tiny Hugging Face models
+(built from configs in the test, no downloads) through the loop."""
+
+import math
+
+import pytest
+import torch
+
+from alambic.errors import ConfigError
+from alambic.losses import get_loss
+
+
+def _rand(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hidden_losses_ignore_padding_and_average_over_real_tokens():
+    student, teacher = _rand(0, 2, 3, 4), _rand(1, 2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    real = [(0, 0), (0, 1), (1, 0)]
+    mse = sum(((student[b, t] - teacher[b, t]) ** 2).mean() for b, t in real) / 3
+    assert get_loss("hidden_mse")(student, teacher, mask=mask).item() == pytest.approx(mse.item(), rel=1e-5)
+    cosine = sum(1 - torch.cosine_similarity(student[b, t], teacher[b, t], dim=0) for b, t in real) / 3
+    assert get_loss("hidden_cosine")(student, teacher, mask=mask).item() == pytest.approx(
+        cosine.item(), rel=1e-5
+    )
+    garbage = student.clone()
+    garbage[0, 2] = 1e3
+    garbage[1, 1:] = -1e3
+    assert get_loss("hidden_mse")(garbage, teacher, mask=mask).item() == pytest.approx(mse.item(), rel=1e-5)
+    # cosine ignores the norm of each token's vector
+    assert get_loss("hidden_cosine")(3 * student, teacher, mask=mask).item() == pytest.approx(
+        cosine.item(), rel=1e-5
+    )
+
+
+def test_attention_kl_is_the_row_kl_over_real_queries():
+    student, teacher = _rand(2, 1, 2, 3, 3).softmax(-1), _rand(3, 1, 2, 3, 3).softmax(-1)
+    kl = (
+        sum(
+            (teacher[0, h, i] * (teacher[0, h, i].log() - student[0, h, i].log())).sum()
+            for h in range(2)
+            for i in range(3)
+        )
+        / 6
+    )
+    assert get_loss("attention_kl")(student, teacher).item() == pytest.approx(kl.item(), rel=1e-5)
+    mask = torch.tensor([[1, 1, 0]])
+    kl_real = (
+        sum(
+            (teacher[0, h, i] * (teacher[0, h, i].log() - student[0, h, i].log())).sum()
+            for h in range(2)
+            for i in range(2)
+        )
+        / 4
+    )
+    assert get_loss("attention_kl")(student, teacher, mask=mask).item() == pytest.approx(
+        kl_real.item(), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="one head count"):
+        get_loss("attention_kl")(student, _rand(4, 1, 4, 3, 3).softmax(-1))
+
+
+def test_attention_mse_counts_real_query_key_pairs():
+    student, teacher = _rand(5, 1, 2, 3, 3).softmax(-1), _rand(6, 1, 2, 3, 3).softmax(-1)
+    mask = torch.tensor([[1, 1, 0]])
+    expected = ((student[:, :, :2, :2] - teacher[:, :, :2, :2]) ** 2).mean()
+    assert get_loss("attention_mse")(student, teacher, mask=mask).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+
+
+def test_value_relation_is_scaled_dot_product_softmax_per_head_and_width_free():
+    values = _rand(7, 1, 3, 4)  # 2 heads of width 2
+    from alambic.losses.transformer import _value_relation
+
+    head = values[0, :, 2:]  # second head
+    expected = torch.softmax(head @ head.T / math.sqrt(2), dim=-1)
+    torch.testing.assert_close(_value_relation(values, 2, None)[0, 1], expected)
+    # student values of another width compare fine; identical relations give zero
+    wide = (
+        torch.cat([values, values], dim=-1).view(1, 3, 2, 2, 2).reshape(1, 3, 8)
+    )  # each head's width doubled
+    assert get_loss("value_relation_kl")(values, values, num_heads=2).item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(get_loss("value_relation_kl")(wide, values, num_heads=2))
+
+
+# --- Hugging Face models ------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+
+def _tiny_bert(layers=4, labels=3):
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=labels, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _tiny_llama(layers=4, vocab=48):
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=64, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _tiny_gpt2(layers=4):
+    config = transformers.GPT2Config(vocab_size=48, n_embd=16, n_layer=layers, n_head=2, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("make", [_tiny_bert, _tiny_llama, _tiny_gpt2], ids=["bert", "llama", "gpt2"])
+def test_a_derived_student_copies_embeddings_the_chosen_layers_and_the_head(make):
+    from alambic.hf import derive_student, layer_list
+
+    teacher = make()
+    student, report = derive_student(teacher, keep=[0, 3])
+    path, blocks = layer_list(student)
+    assert len(blocks) == 2 and report["kept_layers"] == [0, 3] and report["fresh_tensors"] == []
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for key, value in student_state.items():
+        source = key.replace(f"{path}.1.", f"{path}.3.") if key.startswith(f"{path}.1.") else key
+        assert torch.equal(value, teacher_state[source]), key
+    assert report["student_parameters"] < report["teacher_parameters"]
+    ids = torch.randint(0, 40, (2, 5))
+    assert torch.isfinite(student(input_ids=ids).logits).all()
+
+
+def test_choose_layers_spreads_keeps_every_and_refuses_nonsense():
+    from alambic.hf import choose_layers
+
+    assert choose_layers(6, layers=2) == [0, 5]
+    assert choose_layers(12, layers=4) == [0, 4, 7, 11]
+    assert choose_layers(6, every=2) == [0, 2, 4]  # DistilBERT
+    assert choose_layers(6, keep=[1, 4]) == [1, 4]
+    with pytest.raises(ConfigError, match="1..6"):
+        choose_layers(6, layers=7)
+    with pytest.raises(ConfigError, match="exactly one"):
+        choose_layers(6, layers=2, every=2)
+    with pytest.raises(ConfigError, match="increasing"):
+        choose_layers(6, keep=[4, 1])
+
+
+class _TextSet(torch.utils.data.Dataset):
+    def __init__(self, columns):
+        self.columns = columns
+
+    def __len__(self):
+        return len(self.columns["input_ids"])
+
+    def __getitem__(self, index):
+        return {key: value[index] for key, value in self.columns.items()}
+
+
+def _text_batches(vocab=40, n=24, length=7, causal=False):
+    """A loader of dict batches: input_ids, attention_mask (every other sample padded), labels."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (n, length), generator=generator)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::2, 5:] = 0
+    ids[mask == 0] = 0
+    if causal:
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :2] = -100  # a prompt
+    else:
+        labels = torch.randint(0, 3, (n,), generator=generator)
+    columns = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return torch.utils.data.DataLoader(_TextSet(columns), batch_size=8)
+
+
+def test_an_encoder_distils_through_logits_hidden_states_attentions_and_value_relations(tmp_path):
+    from alambic import distill
+    from alambic.hf import derive_student
+
+    teacher = _tiny_bert()
+    student, _ = derive_student(teacher, layers=2)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    terms = [
+        {"loss": "ce", "weight": 1.0},
+        {"loss": "kd", "weight": 1.0, "params": {"temperature": 2.0}},
+        {"loss": "hidden_mse", "student": "hidden_states.2", "teacher": "hidden_states.4"},
+        {"loss": "hidden_mse", "weight": 0.5, "student": "hidden_states.0", "teacher": "hidden_states.0"},
+        {"loss": "attention_kl", "student": "attentions.-1", "teacher": "attentions.-1"},
+        {
+            "loss": "value_relation_kl",
+            "student": "bert.encoder.layer.1.attention.self.value",
+            "teacher": "bert.encoder.layer.3.attention.self.value",
+            "params": {"num_heads": 2},
+        },
+    ]
+    trained = distill(
+        teacher, student, _text_batches(), terms=terms, epochs=2, lr=0.01, log_every=1, run_dir=tmp_path
+    )
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records  # every term was logged by name
+    assert "attention_kl:attentions.-1" in records[-1] and "hidden_mse:hidden_states.0" in records[-1]
+
+
+def test_a_causal_lm_distils_with_token_divergences_on_masked_batches(tmp_path):
+    from alambic import distill
+    from alambic.distiller import Teacher
+
+    teacher = _tiny_llama()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(40)  # sharp next-token distributions, far from a fresh student's
+    student = _tiny_llama(layers=2)
+    terms = [{"loss": "lm_ce", "weight": 0.1}, {"loss": "jsd", "params": {"beta": 0.5, "chunk_size": 16}}]
+    batches = _text_batches(vocab=48, causal=True)
+    batch = next(iter(batches))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    teacher_logits = Teacher(teacher)(inputs)["logits"]
+
+    def divergence(model):
+        with torch.no_grad():
+            return get_loss("jsd")(model(**inputs).logits, teacher_logits, labels=batch["labels"]).item()
+
+    before = divergence(student)
+    trained = distill(
+        teacher, student, batches, terms=terms, epochs=6, lr=0.05, optimizer="adamw", run_dir=tmp_path
+    )
+    assert (
+        divergence(trained) < 0.9 * before
+    )  # the student moved towards the teacher's next-token distributions
+
+
+def test_a_vocabulary_mismatch_is_a_one_line_error_naming_both_sizes(tmp_path):
+    from alambic import distill
+
+    with pytest.raises(ConfigError, match="vocabulary has 48 tokens and the student's 40"):
+        distill(
+            _tiny_llama(vocab=48),
+            _tiny_llama(layers=2, vocab=40),
+            _text_batches(vocab=40, causal=True),
+            terms=[{"loss": "forward_kl"}],
+            epochs=1,
+            run_dir=tmp_path,
+        )
+
+
+def test_load_hf_model_reads_a_saved_folder_offline_and_explains_a_bad_path(tmp_path):
+    from alambic.hf import load_hf_model
+
+    _tiny_bert().save_pretrained(tmp_path / "bert")
+    model = load_hf_model(str(tmp_path / "bert"), num_labels=5, local_files_only=True)
+    assert model.config.num_labels == 5 and model.classifier.out_features == 5
+    with pytest.raises(ConfigError, match="cannot load the Hugging Face model"):
+        load_hf_model(str(tmp_path / "nowhere"), local_files_only=True)
+
+
+def test_alambic_derive_writes_a_loadable_student_and_refuses_to_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from alambic.cli import app
+    from alambic.hf import load_hf_model
+
+    _tiny_bert(layers=6).save_pretrained(tmp_path / "teacher")
+    runner = CliRunner()
+    arguments = [
+        "derive",
+        str(tmp_path / "teacher"),
+        "--out",
+        str(tmp_path / "student"),
+        "--every",
+        "3",
+        "--offline",
+    ]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "kept teacher layers [0, 3] of 6" in result.output
+    student = load_hf_model(str(tmp_path / "student"), local_files_only=True)
+    assert student.config.num_hidden_layers == 2
+    assert '"kept_layers": [\n    0,\n    3\n  ]' in (tmp_path / "student" / "derive.json").read_text()
+    again = runner.invoke(app, arguments)
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = runner.invoke(
+        app, ["derive", str(tmp_path / "teacher"), "--out", str(tmp_path / "x"), "--keep", "5,1"]
+    )
+    assert bad.exit_code == 2 and "increasing" in bad.output and not (tmp_path / "x").exists()
