@@ -130,3 +130,39 @@ def test_lm_ce_is_the_shifted_next_token_cross_entropy():
         logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100
     )
     torch.testing.assert_close(get_loss("lm_ce")(logits, labels=labels), expected)
+
+
+def test_token_losses_average_over_the_tokens_of_the_whole_accumulation_window():
+    """Two micro-batches with 5 and 1 counted tokens, accumulated, make the step of one batch of both."""
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from alambic import distill
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embedding = nn.Embedding(9, 9)
+
+        def forward(self, input_ids):
+            return self.embedding(input_ids)  # [B, T, V]: next-token logits straight from the table
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self):
+            generator = torch.Generator().manual_seed(3)
+            self.ids = torch.randint(0, 9, (2, 6), generator=generator)
+            self.labels = self.ids.clone()
+            self.labels[1, :5] = -100  # the second sample counts one token, the first five
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return {"input_ids": self.ids[index], "labels": self.labels[index]}
+
+    settings = {"terms": [{"loss": "lm_ce"}], "epochs": 1, "optimizer": "sgd", "lr": 1.0, "momentum": 0.0,
+                "weight_decay": 0.0, "schedule": "constant"}  # fmt: skip
+    whole = distill(None, TinyLM(), DataLoader(Rows(), batch_size=2), **settings)
+    window = distill(None, TinyLM(), DataLoader(Rows(), batch_size=1), grad_accum=2, **settings)
+    torch.testing.assert_close(window.embedding.weight, whole.embedding.weight)

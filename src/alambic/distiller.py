@@ -107,6 +107,7 @@ class Distiller(nn.Module):
             raise ConfigError(f"two terms log under the same name {duplicates}; combine them into one term")
         self.student_paths = _feature_paths(self.terms, "student")
         self.needs_teacher = any(get_loss_spec(term.loss).needs_teacher for term in self.terms)
+        self.has_token_terms = any(get_loss_spec(term.loss).inputs == "tokens" for term in self.terms)
 
     def student_outputs(self, inputs: Any) -> dict[str, Tensor]:
         """The student's logits and the features its terms compare."""
@@ -196,19 +197,25 @@ class Distiller(nn.Module):
         teacher_outputs: dict[str, Tensor] | None,
         epoch: float | None = None,
         sample_index: Tensor | None = None,
+        token_scale: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Weighted term values and their ``total``.
 
         ``epoch`` (1-based) reaches losses that need it (DKD's warm-up); ``sample_index`` (the batch's
-        positions in the training set) reaches those that keep per-sample state (CRD's memory bank).
+        positions in the training set) reaches those that keep per-sample state (CRD's memory bank);
+        ``token_scale`` multiplies token losses so that they average over the tokens of the whole
+        gradient-accumulation window (the loop computes it).
         """
         student_outputs = self.student_outputs(inputs)
         mask = _attention_mask(inputs)
-        losses = {
-            term.name: term.weight
-            * self.term_value(index, student_outputs, teacher_outputs, labels, epoch, sample_index, mask)
-            for index, term in enumerate(self.terms)
-        }
+        losses = {}
+        for index, term in enumerate(self.terms):
+            value = term.weight * self.term_value(
+                index, student_outputs, teacher_outputs, labels, epoch, sample_index, mask
+            )
+            if token_scale is not None and get_loss_spec(term.loss).inputs == "tokens":
+                value = value * token_scale
+            losses[term.name] = value
         losses["total"] = torch.stack(list(losses.values())).sum()
         return losses
 

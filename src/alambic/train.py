@@ -146,6 +146,44 @@ class MetricsLog:
             self.writer.flush()
 
 
+def _counted_tokens(labels: torch.Tensor | None) -> torch.Tensor:
+    """Tokens a causal-LM loss counts in a batch: next-token labels that are not -100."""
+    if labels is None or labels.dim() < 2:
+        return torch.tensor(0.0)
+    return (labels[:, 1:] != -100).sum().float()
+
+
+def _token_scaled(loader, accelerator: Accelerator, token_terms: bool):
+    """Yield ``(batch, token_scale)``: token losses are normalised by the tokens of the whole accumulation window.
+
+    A token loss averages over its micro-batch's ``n_i`` tokens, and Accelerate divides each
+    micro-batch's loss by the ``k`` accumulation steps; scaling it by ``n_i k P / N`` (``N`` the tokens
+    of the window across the ``P`` processes) makes the step's gradient that of ``sum / N``, as if the
+    window were one batch, whatever the padding. Without token terms the scale is 1.
+    """
+    k = accelerator.gradient_accumulation_steps
+    if not token_terms or (k == 1 and accelerator.num_processes == 1):
+        for batch in loader:
+            yield batch, None
+        return
+    window: list = []
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if batch is not None:
+            window.append(batch)
+        if window and (batch is None or len(window) == k):
+            counts = [_counted_tokens(split_batch(item)[1]).to(accelerator.device) for item in window]
+            total = torch.stack(counts).sum()
+            if accelerator.num_processes > 1:
+                total = accelerator.reduce(total, reduction="sum")
+            for item, count in zip(window, counts):
+                yield item, count * k * accelerator.num_processes / total.clamp_min(1.0)
+            window = []
+        if batch is None:
+            return
+
+
 def fit(
     module: Distiller,
     train_loader: DataLoader,
@@ -238,14 +276,14 @@ def fit(
         model.train()
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for batch in loader:
+        for batch, token_scale in _token_scaled(loader, accelerator, unwrapped.has_token_terms):
             inputs, labels = split_batch(batch)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     teacher_outputs = (
                         teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
                     )
-                    losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch))
+                    losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch), token_scale)
                 finite = torch.isfinite(losses["total"]).float()
                 if accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
                     finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
