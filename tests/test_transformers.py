@@ -282,3 +282,34 @@ def test_alambic_derive_writes_a_loadable_student_and_refuses_to_overwrite(tmp_p
         app, ["derive", str(tmp_path / "teacher"), "--out", str(tmp_path / "x"), "--keep", "5,1"]
     )
     assert bad.exit_code == 2 and "increasing" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_layer_mappings_uniform_last_and_explicit():
+    from alambic.hf import hidden_state_terms, layer_pairs
+
+    assert layer_pairs(2, 6) == [(1, 3), (2, 6)]  # TinyBERT's g(m) = m N / M
+    assert layer_pairs(4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    assert layer_pairs(2, 6, "last") == [(2, 6)]
+    assert layer_pairs(2, 6, [[1, 2], [2, 5]]) == [(1, 2), (2, 5)]
+    with pytest.raises(ConfigError, match="out of range"):
+        layer_pairs(2, 6, [[3, 2]])
+    with pytest.raises(ConfigError, match="multiple"):
+        layer_pairs(4, 6)
+    terms = hidden_state_terms(2, 6, embeddings=True)
+    assert [(t["student"], t["teacher"]) for t in terms] == [
+        ("hidden_states.0", "hidden_states.0"),
+        ("hidden_states.1", "hidden_states.3"),
+        ("hidden_states.2", "hidden_states.6"),
+    ]
+
+
+def test_a_run_config_can_name_a_hugging_face_model(tmp_path):
+    from types import SimpleNamespace
+
+    from alambic.config import ModelConfig
+    from alambic.pipeline import build_named_model
+
+    _tiny_bert().save_pretrained(tmp_path / "bert")
+    config = ModelConfig(arch=f"hf:{tmp_path / 'bert'}", kwargs={"local_files_only": True})
+    model = build_named_model(config, SimpleNamespace(num_classes=4, input_shape=(7,)))
+    assert model.config.num_labels == 4  # the data set's class count, a fresh head

@@ -78,7 +78,8 @@ class Term(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A model: a zoo name (``resnet20``, ``mlp``) or a user factory ``package.module:function``."""
+    """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, or a
+    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...)."""
 
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -202,3 +202,65 @@ def derive_to_folder(
         (Path(staging) / "derive.json").write_text(json.dumps(report, indent=2))
         os.replace(staging, out)
     return report
+
+
+def layer_pairs(
+    student_layers: int, teacher_layers: int, mapping: str | Sequence[Sequence[int]] = "uniform"
+) -> list[tuple[int, int]]:
+    """Which teacher layer each student layer learns from, as ``(student, teacher)`` hidden-state indices.
+
+    Indices count the embedding output as 0, so layer ``i`` is ``hidden_states.i``. ``uniform`` maps
+    student layer ``i`` to teacher layer ``i * teacher_layers / student_layers`` (TinyBERT's
+    ``g(m) = m * N / M``), ``last`` pairs the last layers only, and explicit pairs are checked.
+
+    Example:
+        >>> layer_pairs(2, 6)
+        [(1, 3), (2, 6)]
+    """
+    if mapping == "uniform":
+        if teacher_layers % student_layers:
+            raise ConfigError(
+                f"uniform mapping needs the teacher's {teacher_layers} layers to be a multiple of the "
+                f"student's {student_layers}; give explicit pairs instead"
+            )
+        step = teacher_layers // student_layers
+        return [(i, i * step) for i in range(1, student_layers + 1)]
+    if mapping == "last":
+        return [(student_layers, teacher_layers)]
+    if isinstance(mapping, str):
+        raise ConfigError(
+            f"unknown layer mapping {mapping!r}: use uniform, last, or a list of [student, teacher] pairs"
+        )
+    pairs = [tuple(int(i) for i in pair) for pair in mapping]
+    bad = [
+        p for p in pairs if len(p) != 2 or not (0 <= p[0] <= student_layers and 0 <= p[1] <= teacher_layers)
+    ]
+    if bad:
+        raise ConfigError(
+            f"layer pairs {bad} are out of range: student 0..{student_layers}, teacher 0..{teacher_layers} "
+            "(0 is the embedding output)"
+        )
+    return pairs
+
+
+def hidden_state_terms(
+    student_layers: int,
+    teacher_layers: int,
+    mapping: str | Sequence[Sequence[int]] = "uniform",
+    *,
+    loss: str = "hidden_mse",
+    weight: float = 1.0,
+    embeddings: bool = False,
+) -> list[dict]:
+    """One term per mapped layer pair (plus the embedding layer when asked), ready for ``distill(terms=...)``.
+
+    Example:
+        >>> hidden_state_terms(2, 6, embeddings=True)   # TinyBERT: embeddings, 1 -> 3, 2 -> 6
+    """
+    pairs = layer_pairs(student_layers, teacher_layers, mapping)
+    if embeddings and (0, 0) not in pairs:
+        pairs = [(0, 0), *pairs]
+    return [
+        {"loss": loss, "weight": weight, "student": f"hidden_states.{s}", "teacher": f"hidden_states.{t}"}
+        for s, t in pairs
+    ]

@@ -49,7 +49,14 @@ def build_named_model(model_config, info) -> nn.Module:
     """Build a model from its config and load its checkpoint when one is given."""
     from alambic.models import build_factory_model, build_model, load_weights
 
-    if ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
+    if model_config.arch.startswith("hf:"):  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
+        from alambic.hf import load_hf_model
+
+        kwargs = dict(model_config.kwargs)
+        if kwargs.get("task", "sequence-classification") == "sequence-classification":
+            kwargs.setdefault("num_labels", info.num_classes)
+        model = load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
+    elif ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
         model = build_factory_model(model_config.arch, dict(model_config.kwargs))
     else:
         kwargs = {
