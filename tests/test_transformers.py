@@ -313,3 +313,68 @@ def test_a_run_config_can_name_a_hugging_face_model(tmp_path):
     config = ModelConfig(arch=f"hf:{tmp_path / 'bert'}", kwargs={"local_files_only": True})
     model = build_named_model(config, SimpleNamespace(num_classes=4, input_shape=(7,)))
     assert model.config.num_labels == 4  # the data set's class count, a fresh head
+
+
+def _prompted(n=16, length=10, prompt=4, vocab=48):
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (n, length), generator=generator)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return ids, labels
+
+
+def test_greedy_sampling_follows_the_argmax_and_keeps_the_prompt():
+    from alambic.llm import sample_tokens
+
+    model = _tiny_llama()
+    prompt = _prompted()[0][:2, :4]
+    out = sample_tokens(model, prompt, 3, top_k=1)
+    assert out.shape == (2, 7) and torch.equal(out[:, :4], prompt)
+    with torch.no_grad():
+        first = model(input_ids=prompt).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, 4], first)
+
+
+def test_on_policy_batches_replace_completions_with_student_samples_at_rate_mix():
+    from alambic.llm import OnPolicyBatches
+
+    ids, labels = _prompted(n=64)
+    rows = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 64, 2)]
+    student = _tiny_llama(layers=1)
+    on = list(OnPolicyBatches(rows, student, mix=1.0))
+    for batch, original in zip(on, rows):
+        assert torch.equal(batch["input_ids"][:, :4], original["input_ids"][:, :4])  # the same prompts
+        assert (batch["labels"][:, :4] == -100).all()
+        assert torch.equal(
+            batch["labels"][:, 4:], batch["input_ids"][:, 4:]
+        )  # the student's tokens are the targets
+    assert sum(not torch.equal(b["input_ids"], r["input_ids"]) for b, r in zip(on, rows)) > 25
+    off = list(OnPolicyBatches(rows, student, mix=0.0))
+    assert all(b is r for b, r in zip(off, rows))
+    half = OnPolicyBatches(rows * 4, student, mix=0.5, seed=1)
+    share = sum(b is not r for b, r in zip(half, rows * 4)) / 128
+    assert 0.35 < share < 0.65
+    with pytest.raises(ConfigError, match="one prompt length"):
+        uneven = labels[:2].clone()
+        uneven[1, 4] = -100
+        OnPolicyBatches(rows, student).on_policy({"input_ids": ids[:2], "labels": uneven})
+
+
+def test_on_policy_gkd_trains_through_distill_and_sequence_kd_data_masks_prompts(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from alambic import distill
+    from alambic.llm import OnPolicyBatches, _Rows, teacher_generations
+
+    teacher, student = _tiny_llama(), _tiny_llama(layers=2)
+    ids, labels = _prompted()
+    loader = OnPolicyBatches(DataLoader(_Rows(ids, labels), batch_size=4), student, mix=0.5)
+    before = [p.clone() for p in student.parameters()]
+    trained = distill(
+        teacher, student, loader, terms=[{"loss": "jsd", "params": {"beta": 0.9}}], epochs=1, lr=0.01
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))
+    data = teacher_generations(teacher, ids[:, :4], new_tokens=6, batch_size=5)
+    row = data[3]
+    assert row["input_ids"].shape == (10,) and torch.equal(row["input_ids"][:4], ids[3, :4])
+    assert (row["labels"][:4] == -100).all() and torch.equal(row["labels"][4:], row["input_ids"][4:])
