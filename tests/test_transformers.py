@@ -378,3 +378,34 @@ def test_on_policy_gkd_trains_through_distill_and_sequence_kd_data_masks_prompts
     row = data[3]
     assert row["input_ids"].shape == (10,) and torch.equal(row["input_ids"][:4], ids[3, :4])
     assert (row["labels"][:4] == -100).all() and torch.equal(row["labels"][4:], row["input_ids"][4:])
+
+
+def test_sentence_embeddings_distil_through_the_mean_pooled_embedding_over_real_tokens():
+    from alambic import distill
+    from alambic.batches import mean_pooled
+    from alambic.distiller import Teacher
+    from alambic.hf import derive_student
+
+    teacher = transformers.BertModel(_tiny_bert().config).eval()
+    student, _ = derive_student(teacher, layers=1)
+    with torch.no_grad():  # a student far from its teacher
+        for parameter in student.encoder.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    loader = _text_batches()
+    batch = next(iter(loader))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    embedding = Teacher(teacher, []).model(**inputs)
+    pooled = mean_pooled(embedding, inputs["attention_mask"])
+    by_hand = embedding.last_hidden_state[0, :5].mean(0)  # sample 0 has 5 real tokens, 2 padded
+    torch.testing.assert_close(pooled[0], by_hand)
+
+    def agreement(model):
+        with torch.no_grad():
+            return torch.cosine_similarity(
+                mean_pooled(model(**inputs), inputs["attention_mask"]), pooled
+            ).mean()
+
+    before = agreement(student)
+    terms = [{"loss": "hidden_cosine", "student": "embedding", "teacher": "embedding"}]
+    trained = distill(teacher, student, loader, terms=terms, epochs=8, lr=0.003, optimizer="adamw")
+    assert agreement(trained) > before + 0.05

@@ -45,22 +45,43 @@ def call_model(model: nn.Module, inputs: Any, **options: Any) -> Any:
     return model(**inputs, **options) if isinstance(inputs, Mapping) else model(inputs, **options)
 
 
-OUTPUT_FIELDS = ("hidden_states", "attentions")  # read from the model's output object, not by hooks
+# read from the model's output object, not by hooks; "embedding" is the mean of the last hidden state
+# over real tokens (sentence-transformers' pooling)
+OUTPUT_FIELDS = ("hidden_states", "attentions", "embedding")
 
 
 def is_output_field(path: str) -> bool:
-    """Whether a term side names an output field (``hidden_states.3``, ``attentions.-1``), not a module."""
+    """Whether a term side names an output field (``hidden_states.3``, ``attentions.-1``, ``embedding``)."""
     return path.split(".")[0] in OUTPUT_FIELDS
 
 
 def output_options(paths: list[str]) -> dict[str, bool]:
     """The keyword flags that make a Hugging Face model return the fields ``paths`` name."""
-    fields = {path.split(".")[0] for path in paths if is_output_field(path)}
+    fields = {path.split(".")[0] for path in paths if is_output_field(path)} - {"embedding"}
     return {f"output_{field}": True for field in sorted(fields)}
 
 
-def read_output_field(output: Any, path: str) -> Tensor:
+def mean_pooled(output: Any, mask: Tensor | None) -> Tensor:
+    """The mean of the last hidden state over real tokens: a sentence embedding ``[B, D]``."""
+    hidden = (
+        output.get("last_hidden_state")
+        if isinstance(output, Mapping)
+        else getattr(output, "last_hidden_state", None)
+    )
+    if hidden is None:
+        raise AlambicError(
+            "'embedding' needs a model output with last_hidden_state (load the model with task: embedding)"
+        )
+    if mask is None:
+        return hidden.mean(1)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def read_output_field(output: Any, path: str, mask: Tensor | None = None) -> Tensor:
     """``hidden_states.3`` -> ``output.hidden_states[3]``: one layer's value from a model output object."""
+    if path == "embedding":
+        return mean_pooled(output, mask)
     field, _, layer = path.partition(".")
     values = output.get(field) if isinstance(output, Mapping) else getattr(output, field, None)
     if not values:

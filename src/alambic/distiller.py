@@ -22,7 +22,7 @@ from alambic.batches import (  # noqa: F401  (split_batch re-exported)
 )
 from alambic.config import Term
 from alambic.connectors import make_connector
-from alambic.errors import ConfigError
+from alambic.errors import AlambicError, ConfigError
 from alambic.hooks import capture_features, unwrap_model
 from alambic.losses import build_loss, get_loss_spec
 
@@ -76,8 +76,15 @@ def model_outputs(model: nn.Module, inputs: Any, paths: list[str], *, side: str)
     hooked = [path for path in paths if not is_output_field(path)]
     with capture_features(model, hooked, side=side) as features:
         output = call_model(model, inputs, **output_options(paths))
-    fields = {path: read_output_field(output, path) for path in paths if is_output_field(path)}
-    return {"logits": logits_of(output), **features, **fields}
+    mask = _attention_mask(inputs)
+    fields = {path: read_output_field(output, path, mask) for path in paths if is_output_field(path)}
+    try:
+        logits = {"logits": logits_of(output)}
+    except AlambicError:
+        if not fields and not features:
+            raise
+        logits = {}  # a bare encoder (embedding models) has no logits; its terms compare other outputs
+    return {**logits, **features, **fields}
 
 
 class Distiller(nn.Module):
@@ -144,7 +151,7 @@ class Distiller(nn.Module):
             student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs)
         finally:
             self.train(was_training)
-        device = student_outputs["logits"].device
+        device = next(iter(student_outputs.values())).device
         for index, term in wanted:
             student_shape = _shape(_pick(student_outputs, term.student))
             teacher_shape = _shape(_pick(teacher_outputs, term.teacher))
@@ -246,7 +253,7 @@ class Distiller(nn.Module):
         try:
             teacher_outputs = teacher(inputs) if (teacher is not None and self.needs_teacher) else None
             student_outputs = self.student_outputs(inputs)
-            if teacher_outputs is not None:
+            if teacher_outputs is not None and "logits" in teacher_outputs and "logits" in student_outputs:
                 classes_student, classes_teacher = (
                     student_outputs["logits"].shape[-1],
                     teacher_outputs["logits"].shape[-1],

@@ -47,12 +47,14 @@ def hidden_mse_loss(
     is TinyBERT's embedding-layer loss. The projection is the term's automatic linear connector.
 
     Args:
-        student: ``[B, T, D]`` (through the connector); teacher: ``[B, T, D]``.
-        labels: unused. mask: ``[B, T]`` attention mask.
+        student: ``[B, T, D]`` (through the connector), or ``[B, D]`` sentence embeddings; teacher: same.
+        labels: unused. mask: ``[B, T]`` attention mask (token values only).
     """
     _check_same(student, teacher, "hidden_mse", "leave the term's connector on 'auto'")
+    squared = (student.float() - teacher.detach().float()).pow(2).mean(-1)  # [B, T] (or [B] for embeddings)
+    if squared.dim() == 1:
+        return squared.mean()
     weights = _token_weights(student, mask)  # [B, T]
-    squared = (student.float() - teacher.detach().float()).pow(2).mean(-1)  # [B, T]
     return (squared * weights).sum() / weights.sum().clamp_min(1)
 
 
