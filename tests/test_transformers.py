@@ -243,6 +243,17 @@ def test_a_vocabulary_mismatch_is_a_one_line_error_naming_both_sizes(tmp_path):
         )
 
 
+def test_a_padded_teacher_vocabulary_is_sliced_when_asked_and_said_so(tmp_path):
+    from alambic import distill
+
+    arguments = (_tiny_llama(vocab=48), _tiny_llama(layers=2, vocab=40), _text_batches(vocab=40, causal=True))
+    with pytest.raises(ConfigError, match="teacher_vocab_size=40"):
+        distill(*arguments, terms=[{"loss": "forward_kl"}], epochs=1)
+    with pytest.warns(UserWarning, match="sliced to its first 40"):
+        student = distill(*arguments, terms=[{"loss": "forward_kl"}], epochs=1, teacher_vocab_size=40)
+    assert student.config.vocab_size == 40
+
+
 def test_load_hf_model_reads_a_saved_folder_offline_and_explains_a_bad_path(tmp_path):
     from alambic.hf import load_hf_model
 

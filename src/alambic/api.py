@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def distill(
     grad_accum: int = 1,
     seed: int | None = 0,
     accelerator: Any = None,
+    teacher_vocab_size: int | None = None,
     **train: Any,
 ) -> nn.Module:
     """Distill ``teacher`` into ``student`` and return the trained student.
@@ -64,6 +66,8 @@ def distill(
         precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast.
         grad_accum: micro-batches per optimizer step.
         seed: seeds Python, NumPy and torch before training (None leaves them alone).
+        teacher_vocab_size: slice the teacher's logits to this many entries, for a student of the same
+            tokenizer whose vocabulary is not padded as the teacher's (a warning says so).
         **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
             (``optimizer``, ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``schedule``,
             ``warmup_epochs``, ``milestones``, ``gamma``, ``grad_clip``, ``log_every``, ...).
@@ -88,6 +92,12 @@ def distill(
     except ValidationError as error:
         raise ConfigError(f"invalid training setting: {format_validation_error(error)}") from None
     terms = as_terms(terms)
+    if teacher_vocab_size is not None:
+        warnings.warn(
+            f"the teacher's logits are sliced to its first {teacher_vocab_size} vocabulary entries "
+            "(teacher_vocab_size): valid only when teacher and student share one tokenizer",
+            stacklevel=2,
+        )
     if seed is not None:
         set_seed(seed)
     accelerator = accelerator or make_accelerator(precision)
@@ -108,7 +118,7 @@ def distill(
         Distiller(student, terms),
         train_loader,
         accelerator=accelerator,
-        teacher=Teacher(teacher, terms) if teacher is not None else None,
+        teacher=Teacher(teacher, terms, vocab_size=teacher_vocab_size) if teacher is not None else None,
         evaluate=evaluate,
         log=log,
         checkpoint_dir=run_dir / "checkpoints" if run_dir else None,

@@ -56,8 +56,11 @@ class Teacher:
     Calling it returns ``{"logits": ..., path: feature, ...}`` for the outputs the terms ask for.
     """
 
-    def __init__(self, model: nn.Module, terms: Sequence[Term] = ()):
+    def __init__(self, model: nn.Module, terms: Sequence[Term] = (), *, vocab_size: int | None = None):
+        """``vocab_size`` slices the teacher's logits to the first ``vocab_size`` entries: for a student of
+        the same tokenizer whose vocabulary is not padded as the teacher's is (32000 vs 32064)."""
         self.model = unwrap_model(model).eval().requires_grad_(False)
+        self.vocab_size = vocab_size
         self.feature_paths = _feature_paths(
             [t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher"
         )
@@ -68,7 +71,12 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, inputs: Any) -> dict[str, Tensor]:
-        return model_outputs(self.model, inputs, self.feature_paths, side="teacher")
+        outputs = model_outputs(self.model, inputs, self.feature_paths, side="teacher")
+        if self.vocab_size is not None and "logits" in outputs:
+            outputs["logits"] = outputs["logits"][
+                ..., : self.vocab_size
+            ]  # the padding rows of a padded vocabulary
+        return outputs
 
 
 def model_outputs(model: nn.Module, inputs: Any, paths: list[str], *, side: str) -> dict[str, Tensor]:
@@ -262,7 +270,13 @@ class Distiller(nn.Module):
                     raise ConfigError(
                         f"the teacher's vocabulary has {classes_teacher} tokens and the student's "
                         f"{classes_student}: token losses need one tokenizer; derive the student from the "
-                        "teacher (alambic derive) or give it the teacher's tokenizer and vocabulary size"
+                        "teacher (alambic derive) or give it the teacher's tokenizer"
+                        + (
+                            f" (if both use one tokenizer and the teacher's vocabulary is only padded, pass "
+                            f"teacher_vocab_size={classes_student})"
+                            if classes_teacher > classes_student
+                            else ""
+                        )
                     )
                 if classes_student != classes_teacher:
                     raise ConfigError(
