@@ -107,9 +107,9 @@ def _table(args, out: Path) -> str:
     results: dict[str, list[dict]] = {}
     for record in map(json.loads, (out / "results.jsonl").read_text().splitlines()):
         results.setdefault(record["method"], []).append(record)
-    baseline_last = statistics.mean(r["curve"][-1] for r in results.get("baseline", [{"curve": [0]}]))
+    baseline_last = {r["seed"]: r["curve"][-1] for r in results.get("baseline", [])}
     lines = [
-        "| method | best % | last % | last - student alone | seeds | wall s (mean) |",
+        "| method | best % | last % | last - student alone (same seeds) | seeds | wall s (mean) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     order = ["teacher", "baseline"] + sorted(m for m in results if m not in ("teacher", "baseline"))
@@ -124,9 +124,10 @@ def _table(args, out: Path) -> str:
             mean = statistics.mean(values)
             return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
-        delta = (
-            "" if method in ("teacher", "baseline") else f"{statistics.mean(last) - 100 * baseline_last:+.2f}"
-        )
+        paired = [
+            100 * (r["curve"][-1] - baseline_last[r["seed"]]) for r in rows if r["seed"] in baseline_last
+        ]
+        delta = "" if method in ("teacher", "baseline") or not paired else f"{statistics.mean(paired):+.2f}"
         name = {"teacher": "teacher", "baseline": "student alone"}.get(method, method)
         seconds = statistics.mean(r["seconds"] for r in rows)
         lines.append(f"| {name} | {spread(best)} | {spread(last)} | {delta} | {len(rows)} | {seconds:.0f} |")
