@@ -166,3 +166,27 @@ def test_token_losses_average_over_the_tokens_of_the_whole_accumulation_window()
     whole = distill(None, TinyLM(), DataLoader(Rows(), batch_size=2), **settings)
     window = distill(None, TinyLM(), DataLoader(Rows(), batch_size=1), grad_accum=2, **settings)
     torch.testing.assert_close(window.embedding.weight, whole.embedding.weight)
+
+
+def test_token_losses_without_labels_still_train_under_accumulation():
+    """Without labels every token counts: the window scale must not silence the loss."""
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from alambic import distill
+
+    class TinyLM(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.embedding = nn.Embedding(9, 9)
+
+        def forward(self, input_ids):
+            return self.embedding(input_ids)
+
+    ids = torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader([{"input_ids": row} for row in ids], batch_size=2)
+    student = TinyLM(1)
+    before = student.embedding.weight.clone()
+    trained = distill(TinyLM(0), student, loader, terms=[{"loss": "forward_kl"}], grad_accum=2, lr=0.5)
+    assert not torch.equal(trained.embedding.weight, before)

@@ -146,11 +146,15 @@ class MetricsLog:
             self.writer.flush()
 
 
-def _counted_tokens(labels: torch.Tensor | None) -> torch.Tensor:
-    """Tokens a causal-LM loss counts in a batch: next-token labels that are not -100."""
-    if labels is None or labels.dim() < 2:
-        return torch.tensor(0.0)
-    return (labels[:, 1:] != -100).sum().float()
+def _counted_tokens(batch) -> torch.Tensor:
+    """Tokens a causal-LM loss counts in a batch: next-token labels that are not -100 (all, without labels)."""
+    inputs, labels = split_batch(batch)
+    if labels is not None and labels.dim() >= 2:
+        return (labels[:, 1:] != -100).sum().float()
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return torch.tensor(1.0)  # nothing to count by: every micro-batch weighs the same
+    return torch.tensor(float(ids.shape[0] * (ids.shape[1] - 1)))
 
 
 def _token_scaled(loader, accelerator: Accelerator, token_terms: bool):
@@ -173,7 +177,7 @@ def _token_scaled(loader, accelerator: Accelerator, token_terms: bool):
         if batch is not None:
             window.append(batch)
         if window and (batch is None or len(window) == k):
-            counts = [_counted_tokens(split_batch(item)[1]).to(accelerator.device) for item in window]
+            counts = [_counted_tokens(item).to(accelerator.device) for item in window]
             total = torch.stack(counts).sum()
             if accelerator.num_processes > 1:
                 total = accelerator.reduce(total, reduction="sum")
