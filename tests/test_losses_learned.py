@@ -43,7 +43,6 @@ def test_ofd_margin_is_the_gaussian_mean_of_negative_responses():
 
 def test_ofd_penalises_only_where_student_or_teacher_is_on():
     teacher = torch.tensor([[1.0, -5.0, -5.0, 2.0, -1.0, 1.0, -4.0, 0.5]]).view(1, 1, 8)  # one channel
-    margin = _margin = None  # noqa: F841
     from alambic.losses.feature import _expected_negative_response
 
     margin = _expected_negative_response(teacher).item()

@@ -78,9 +78,7 @@ def test_value_relation_is_scaled_dot_product_softmax_per_head_and_width_free():
     expected = torch.softmax(head @ head.T / math.sqrt(2), dim=-1)
     torch.testing.assert_close(_value_relation(values, 2, None)[0, 1], expected)
     # student values of another width compare fine; identical relations give zero
-    wide = (
-        torch.cat([values, values], dim=-1).view(1, 3, 2, 2, 2).reshape(1, 3, 8)
-    )  # each head's width doubled
+    wide = _rand(8, 1, 3, 8)  # a student of another width: relations are [B, H, T, T] on both sides
     assert get_loss("value_relation_kl")(values, values, num_heads=2).item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(get_loss("value_relation_kl")(wide, values, num_heads=2))
 

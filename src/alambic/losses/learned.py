@@ -171,16 +171,22 @@ class ContrastiveRepresentationLoss(nn.Module):
         self.register_buffer("student_bank", torch.rand(num_samples, feature_dim) * 2 * bound - bound)
         self.register_buffer("teacher_bank", torch.rand(num_samples, feature_dim) * 2 * bound - bound)
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z for each direction, set once
+        self._normalizers_set = False
         self.num_negatives, self.temperature, self.momentum = num_negatives, temperature, momentum
 
     def _scores(self, anchor: Tensor, bank: Tensor, candidates: Tensor, direction: int) -> Tensor:
         """``exp(anchor . bank[candidates] / T) / Z`` for ``candidates [B, K+1]`` -> ``[B, K+1]``."""
         scores = torch.exp(torch.einsum("bkd,bd->bk", bank[candidates], anchor) / self.temperature)
-        normalizer = self.normalizers[direction]
-        if normalizer < 0:  # the paper's one-time Monte-Carlo estimate of the partition function
-            normalizer = scores.detach().mean() * bank.shape[0]
-            if self.training:
-                self.normalizers[direction] = normalizer
+        # Z: the paper's one-time Monte-Carlo estimate of the partition function. Whether it is set is
+        # read from the buffer once (it may come from a checkpoint), then kept as a Python flag, so the
+        # hot loop makes no host-device sync for it.
+        if not self._normalizers_set:
+            self._normalizers_set = bool((self.normalizers > 0).all())
+        if self._normalizers_set:
+            return scores / self.normalizers[direction]
+        normalizer = scores.detach().mean() * bank.shape[0]
+        if self.training:
+            self.normalizers[direction] = normalizer
         return scores / normalizer
 
     def _nce(self, scores: Tensor) -> Tensor:

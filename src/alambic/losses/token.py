@@ -186,7 +186,9 @@ def total_variation_loss(
 
 
 def _skew(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
-    """``KL(p || alpha p + (1 - alpha) q)`` per row."""
+    """``KL(p || alpha p + (1 - alpha) q)`` per row; alpha = 0 is ``KL(p || q)``."""
+    if alpha == 0.0:
+        return _kl(log_p, log_q)
     log_mixture = torch.logsumexp(torch.stack([log_p + math.log(alpha), log_q + math.log1p(-alpha)]), dim=0)
     return _kl(log_p, log_mixture)
 
@@ -212,8 +214,7 @@ def skew_forward_kl_loss(
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew_kl alpha must be in [0, 1), got {alpha}")
     return temperature**2 * _chunked_mean(
-        lambda s, t: _skew(_log_probs(t, temperature), _log_probs(s, temperature), alpha) if alpha > 0
-        else _kl(_log_probs(t, temperature), _log_probs(s, temperature)),
+        lambda s, t: _skew(_log_probs(t, temperature), _log_probs(s, temperature), alpha),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
 
@@ -236,8 +237,7 @@ def skew_reverse_kl_loss(
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew_reverse_kl alpha must be in [0, 1), got {alpha}")
     return temperature**2 * _chunked_mean(
-        lambda s, t: _skew(_log_probs(s, temperature), _log_probs(t, temperature), alpha) if alpha > 0
-        else _kl(_log_probs(s, temperature), _log_probs(t, temperature)),
+        lambda s, t: _skew(_log_probs(s, temperature), _log_probs(t, temperature), alpha),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
 
