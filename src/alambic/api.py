@@ -83,9 +83,10 @@ def distill(
 
     from alambic.config import format_validation_error
 
-    if "augment" in train:
+    if "augment" in train or "mix" in train:
         raise ConfigError(
-            "distill() takes no augment: augment in your dataset or DataLoader (run configs have data.augment)"
+            "distill() takes no augment or mix: augment in your dataset or DataLoader (run configs have "
+            "data.augment and train.mix; alambic.strategies.MixedDataset wraps a data set)"
         )
     try:
         settings = TrainConfig(epochs=epochs, grad_accum=grad_accum, **train)
@@ -122,5 +123,5 @@ def distill(
         evaluate=evaluate,
         log=log,
         checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
-        **settings.model_dump(exclude={"batch_size", "grad_accum", "augment"}),
+        **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,6 +108,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(20, ge=1)  # optimizer steps
     checkpoint_every: int = Field(1, ge=1)  # epochs
     augment: bool | None = None  # this stage only; None follows data.augment (false turns it off here)
+    # mixup / cutmix of each sample with a random partner (teacher and student see the same mixed view)
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float = Field(1.0, gt=0)  # lam ~ Beta(mix_alpha, mix_alpha)
 
     @model_validator(mode="after")
     def _milestones(self) -> TrainConfig:
@@ -181,6 +184,66 @@ class EvaluateConfig(_Strict):
     latency_threads: int | None = Field(1, ge=1)
 
 
+class EnsembleStrategy(_Strict):
+    """Several teachers as one: their averaged softened outputs, or one model of their averaged weights."""
+
+    kind: Literal["ensemble"]
+    teachers: list[ModelConfig] = Field(min_length=2)
+    train: TrainConfig | None = None  # trains the teachers without a checkpoint (ce, data order seed + k)
+    fusion: Literal["outputs", "weights"] = "outputs"
+    weighting: Literal["fixed", "confidence", "entropy"] = "fixed"  # per-sample correctness: ensemble_kd
+    weights: list[float] | None = None  # fixed weights, one per teacher (equal by default)
+    temperature: float | None = Field(None, gt=0)  # of the average; default: the distill terms' temperature
+
+    @model_validator(mode="after")
+    def _sources(self) -> EnsembleStrategy:
+        if self.train is None and any(model.checkpoint is None for model in self.teachers):
+            raise ValueError("give every teacher a checkpoint, or strategy.train to train those without one")
+        if self.weights is not None and len(self.weights) != len(self.teachers):
+            raise ValueError(f"weights: one per teacher ({len(self.teachers)}), got {len(self.weights)}")
+        return self
+
+
+class MutualStrategy(_Strict):
+    """Deep Mutual Learning: the student and its peers trained together, each distilled from the others."""
+
+    kind: Literal["mutual"]
+    peers: list[ModelConfig] = Field(min_length=1)  # trained beside the student (peer 0)
+    # each peer's own terms, student first (online KD: a still-training teacher on [ce]); default distill.terms
+    peer_terms: list[list[Term]] | None = None
+
+
+class BornAgainStrategy(_Strict):
+    """Born-again networks: generation k is distilled from generation k - 1 (the first from the teacher)."""
+
+    kind: Literal["born_again"]
+    generations: int = Field(2, ge=1)  # the last generation is the run's distilled student
+
+
+class AssistantsStrategy(_Strict):
+    """Teacher assistants: teacher -> assistant 1 -> ... -> student, each distilled from the one before."""
+
+    kind: Literal["assistants"]
+    assistants: list[ModelConfig] = Field(min_length=1)
+    train: TrainConfig | None = None  # of every assistant; default distill.train
+
+
+class SelfDistillStrategy(_Strict):
+    """Be Your Own Teacher: classifier heads on intermediate modules, distilled from the deepest output."""
+
+    kind: Literal["self_distill"]
+    exits: list[str] = Field(min_length=1)  # module paths, e.g. [hidden.0, hidden.1] or [layer1, layer2]
+    temperature: float = Field(3.0, gt=0)
+    kd_weight: float = Field(0.5, ge=0, le=1)
+
+
+Strategy = Annotated[
+    EnsembleStrategy | MutualStrategy | BornAgainStrategy | AssistantsStrategy | SelfDistillStrategy,
+    Field(discriminator="kind"),
+]
+TEACHER_FREE_STRATEGIES = ("mutual", "self_distill")
+
+
 class RunConfig(_Strict):
     """A whole run: data, models, the stages to run and how each trains."""
 
@@ -193,15 +256,17 @@ class RunConfig(_Strict):
         default_factory=lambda: list(STAGES)
     )
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = None  # optional only for strategies that bring their own targets
     student: StudentConfig
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    strategy: Strategy | None = None  # beyond one frozen teacher (see alambic.strategies); None: plain KD
 
     @model_validator(mode="after")
     def _stage_augmentation(self) -> RunConfig:
-        trains = [self.teacher.train, self.baseline.train, self.distill.train]
+        trains = [self.teacher.train if self.teacher else None, self.baseline.train, self.distill.train]
+        trains += [getattr(self.strategy, "train", None)]
         if not self.data.augment and any(train is not None and train.augment for train in trains):
             raise ValueError(
                 "a stage sets train.augment: true but data.augment is false; set data.augment: true "
@@ -211,8 +276,26 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _teacher_source(self) -> RunConfig:
-        if "teacher" in self.stages and self.teacher.model.checkpoint is None and self.teacher.train is None:
+        kind = self.strategy.kind if self.strategy is not None else None
+        if self.teacher is None:
+            if kind not in (*TEACHER_FREE_STRATEGIES, "ensemble"):
+                raise ValueError(
+                    "teacher: required key is missing (only mutual and self_distill runs go without)"
+                )
+            if "teacher" in self.stages and kind != "ensemble":
+                raise ValueError("the 'teacher' stage needs a teacher section; remove the stage or add one")
+        elif kind == "ensemble":
+            raise ValueError("an ensemble's teachers are strategy.teachers; remove the teacher section")
+        elif (
+            "teacher" in self.stages and self.teacher.model.checkpoint is None and self.teacher.train is None
+        ):
             raise ValueError("teacher: give model.checkpoint (load a trained teacher) or train (train one)")
+        if kind == "self_distill" and any(
+            get_loss_spec(term.loss).needs_teacher for term in self.distill.terms
+        ):
+            raise ValueError(
+                "self_distill: the deepest exit trains on teacher-free distill.terms, such as [ce]"
+            )
         return self
 
 

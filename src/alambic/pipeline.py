@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class RunContext:
     info: Any
     log: MetricsLog
     progress: Any
+    architectures: dict[str, str] = field(default_factory=dict)  # summary names beyond the three (strategies)
 
 
 def build_named_model(model_config, info) -> nn.Module:
@@ -130,16 +131,25 @@ def prepare_run_dir(
 
 
 def _train_stage(
-    context: RunContext, stage: str, model: nn.Module, terms, train: TrainConfig, teacher: Teacher | None
+    context: RunContext,
+    stage: str,
+    model: nn.Module,
+    terms,
+    train: TrainConfig,
+    teacher: Teacher | None,
+    module: nn.Module | None = None,
 ) -> nn.Module:
-    """Train ``model`` with ``terms`` (resuming from its checkpoints) and save it as ``model.safetensors``."""
+    """Train ``model`` with ``terms`` (resuming from its checkpoints) and save it as ``model.safetensors``.
+
+    ``module``: a trainable module of its own (a strategy's, with the Distiller interface) instead of
+    ``Distiller(model, terms)``."""
     from alambic.evaluate import evaluate_classifier
 
     accelerator = context.accelerator
     folder = context.run_dir / MODEL_DIRS.get(stage, stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     loader = make_loader(
-        _stage_train_set(context.train_set, train.augment),
+        _stage_train_set(context.train_set, train.augment, train.mix, train.mix_alpha),
         batch_size=train.batch_size,
         shuffle=True,
         seed=context.config.seed,
@@ -148,7 +158,7 @@ def _train_stage(
     test_loader = accelerator.prepare(
         make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
     )
-    module = Distiller(model, terms)
+    module = module if module is not None else Distiller(model, terms)
     student = fit(
         module,
         loader,
@@ -161,7 +171,7 @@ def _train_stage(
         evaluate=lambda student: evaluate_classifier(
             student, test_loader, num_classes=context.info.num_classes, accelerator=accelerator
         ),
-        **train.model_dump(exclude={"batch_size", "grad_accum", "augment"}),
+        **train.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
     )
     if accelerator.is_main_process:
         save_weights(student, folder / "model.safetensors", metadata={"stage": stage})
@@ -169,14 +179,18 @@ def _train_stage(
     return student
 
 
-def _stage_train_set(train_set: Any, augment: bool | None) -> Any:
+def _stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix_alpha: float = 1.0) -> Any:
     """The training set as this stage wants it, yielding sample indices (CRD's memory bank reads them).
 
-    ``augment: false`` gives a view without augmentation.
+    ``augment: false`` gives a view without augmentation; ``mix`` mixes each sample with a partner.
     """
     if not (augment is None or augment or getattr(train_set, "augmentation", None) is None):
         train_set = copy.copy(train_set)  # shares the tensors
         train_set.augmentation = None
+    if mix != "none":
+        from alambic.strategies.mixing import MixedDataset
+
+        train_set = MixedDataset(train_set, mix, mix_alpha)
     return IndexedDataset(train_set)
 
 
@@ -288,6 +302,10 @@ def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progres
 
 def _run_stages(context: RunContext) -> dict[str, nn.Module]:
     config, info = context.config, context.info
+    if config.strategy is not None:
+        from alambic.strategies.stages import run_strategy_stages
+
+        return run_strategy_stages(context)
     stages, models = config.stages, {}
     example = example_input(context.test_set)
 
@@ -340,9 +358,10 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     )
     example = example_input(context.test_set)
     architectures = {
-        "teacher": config.teacher.model.arch,
+        "teacher": config.teacher.model.arch if config.teacher else None,
         "baseline": config.student.model.arch,
         "distilled": config.student.model.arch,
+        **context.architectures,
     }
     summary_models = {}
     for name, model in models.items():

@@ -1,6 +1,6 @@
 """Distillation losses and their registry. Importing this package registers every built-in loss."""
 
-from alambic.losses import feature, learned, logit, relation, token, transformer  # noqa: F401  (registers the built-in losses)
+from alambic.losses import ensemble, feature, learned, logit, relation, token, transformer  # noqa: F401  (registers the built-in losses)
 from alambic.losses.registry import (
     LossSpec,
     build_loss,

@@ -1,0 +1,21 @@
+"""Strategies beyond one frozen teacher, composed from the loop, the distiller and the loss registry.
+
+- :class:`EnsembleModel` / :func:`average_weights`: several teachers as one (outputs or weights).
+- :class:`MutualDistiller` / :func:`mutual_learning`: peers that teach each other (DML, online KD).
+- :class:`SelfDistiller`: shallow exits distilled from the deepest (Be Your Own Teacher).
+- :class:`MixedDataset`: mixup / CutMix views, seen alike by teacher and student.
+- Born-again generations and teacher-assistant chains are run configs (``strategy:``; see README).
+"""
+
+from alambic.strategies.ensemble import EnsembleModel, average_weights
+from alambic.strategies.mixing import MixedDataset
+from alambic.strategies.online import MutualDistiller, SelfDistiller, mutual_learning
+
+__all__ = [
+    "EnsembleModel",
+    "MixedDataset",
+    "MutualDistiller",
+    "SelfDistiller",
+    "average_weights",
+    "mutual_learning",
+]
