@@ -155,6 +155,69 @@ def run_command(
 
 @app.command()
 @user_errors
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML run config: teacher, student, distill (see recipes/)")],
+    trials: Annotated[
+        int, typer.Option(help="finished trials the study should hold (a resumed study counts its own)")
+    ],
+    study: Annotated[
+        Path, typer.Option(help="study folder: study.db (SQLite), teacher, best.yaml; reuse it to resume")
+    ],
+    methods: Annotated[str, typer.Option(help="losses to choose from, comma-separated")] = "kd,dkd,dist",
+    max_size_mb: Annotated[float | None, typer.Option(help="budget mode: student size limit (MB)")] = None,
+    max_latency_ms: Annotated[
+        float | None, typer.Option(help="budget mode: latency limit (ms, batch 1, 1 thread)")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="share of the training set that scores the trials")
+    ] = 0.2,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Search temperature, loss weights, method and lr (and, with a budget, the student's size) with Optuna."""
+    from alambic.config import load_config
+    from alambic.tune import tune as tune_study
+
+    result = tune_study(
+        load_config(config, set_ or []),
+        trials=trials,
+        study_dir=study,
+        methods=[method.strip() for method in methods.split(",") if method.strip()],
+        max_size_mb=max_size_mb,
+        max_latency_ms=max_latency_ms,
+        val_fraction=val_fraction,
+    )
+    table = Table(title=f"alambic tune: {study}")
+    for column in ("trial", "state", "val acc %", "method", "T", "ce", "w", "lr", "student / note"):
+        table.add_column(
+            column, justify="left" if column in ("state", "method", "student / note") else "right"
+        )
+    for record in result["trials"]:
+        params, value = record["params"], record["value"]
+        note = record.get("over_budget") or json.dumps((record.get("student") or {}).get("kwargs", {}))
+        table.add_row(
+            str(record["number"]),
+            record["state"].lower(),
+            "" if value is None else f"{100 * value:.2f}",
+            str(params.get("method", "")),
+            *(
+                f"{params[key]:.3g}" if key in params else ""
+                for key in ("temperature", "ce_weight", "distill_weight", "lr")
+            ),
+            note,
+        )
+    console.print(table)
+    if result["best_config"]:
+        console.print(
+            f"best: trial validation accuracy {100 * result['best_value']:.2f}%; run it with "
+            f"alambic run {result['best_config']}"
+        )
+
+
+@app.command()
+@user_errors
 def losses(debug: Debug = False) -> None:
     """List every registered loss with a one-line description and its paper."""
     from alambic.losses import list_losses
