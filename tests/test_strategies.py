@@ -331,3 +331,40 @@ def test_an_ensemble_teacher_feeds_members_to_terms_through_hooks():
     )
     outputs = teacher(torch.zeros(2, 5))
     assert outputs["members"].shape == (2, 2, 3) and outputs["logits"].shape == (2, 3)
+
+
+def test_a_stopped_chain_resumes_without_training_its_finished_generations_again(tmp_path, monkeypatch):
+    import alambic.pipeline as pipeline
+    from alambic.pipeline import run
+
+    trained = []
+    original = pipeline._train_stage
+
+    def failing_at_generation_2(context, stage, model, terms, train, teacher, module=None):
+        trained.append(stage)
+        if stage == "generation_2" and trained.count("generation_2") == 1:
+            raise KeyboardInterrupt  # the run is stopped during generation 2
+        return original(context, stage, model, terms, train, teacher, module)
+
+    monkeypatch.setattr(pipeline, "_train_stage", failing_at_generation_2)
+    config = load_config(STRATEGIES / "born-again.yaml", [*QUICK, "teacher.train.epochs=1", *NO_REPORT])
+    with pytest.raises(KeyboardInterrupt):
+        run(config, run_dir=tmp_path / "run")
+    first = load_file(str(tmp_path / "run" / "generation_1" / "model.safetensors"))
+    run(config, run_dir=tmp_path / "run", resume=True)
+    assert trained == ["teacher", "baseline", "generation_1", "generation_2", "generation_2", "distill"]
+    again = load_file(str(tmp_path / "run" / "generation_1" / "model.safetensors"))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+
+
+def test_a_stage_with_mix_trains_on_mixed_views_and_distill_refuses_it():
+    from alambic import distill
+    from alambic.data import build_datasets
+    from alambic.pipeline import _stage_train_set
+
+    digits, _, _ = build_datasets("digits")
+    view = _stage_train_set(digits, None, "mixup", 0.4)
+    assert isinstance(view.dataset, MixedDataset) and view.dataset.alpha == 0.4
+    assert _stage_train_set(digits, None).dataset is digits
+    with pytest.raises(ConfigError, match="mix"):
+        distill(nn.Linear(64, 10), nn.Linear(64, 10), [], mix="mixup")

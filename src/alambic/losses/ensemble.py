@@ -81,7 +81,9 @@ def fixed_weights(weights: Sequence[float] | None, num_members: int) -> Tensor:
 
 
 @register_loss(
-    "ensemble_kd", paper="Hinton et al. 2015 (ensembles); You et al. 2017, KDD, doi:10.1145/3097983.3098135"
+    "ensemble_kd",
+    inputs="ensemble",  # student logits [B, C] against the members' logits [B, K, C]
+    paper="Hinton et al. 2015 (ensembles); You et al. 2017, KDD, doi:10.1145/3097983.3098135",
 )
 def ensemble_kd_loss(
     student: Tensor,

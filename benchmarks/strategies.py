@@ -1,0 +1,148 @@
+"""Every strategy recipe against plain KD on one setting, over several seeds: the strategy table of BENCHMARKS.md.
+
+Each recipe of ``recipes/strategies/`` (and ``recipes/digits.yaml``, plain KD) runs through the same
+code path as ``alambic run``, with one budget for every training stage. By default on digits; with
+``--dataset mnist --data-dir DIR --subset N`` on an N-image, class-stratified MNIST subset (all
+10,000 test images). Results go to ``OUT/results.jsonl`` (one line per run; a finished run is not
+run again); ``--table`` prints the markdown table.
+
+    OMP_NUM_THREADS=1 python benchmarks/strategies.py --dataset mnist --data-dir ../shared/data/mnist \
+        --subset 2000 --epochs 20 --seeds 0 1 2 --out /tmp/strategies
+    python benchmarks/strategies.py --out /tmp/strategies --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from alambic.config import config_from_dict, read_config_file
+from alambic.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "plain KD": "digits.yaml",
+    "ensemble (outputs, equal weights)": "strategies/ensemble.yaml",
+    "ensemble (ensemble_kd, per-sample correctness)": "strategies/ensemble-correct.yaml",
+    "weight average of 3 teachers": "strategies/weight-average.yaml",
+    "mutual learning (DML, 2 peers)": "strategies/mutual.yaml",
+    "online KD (teacher trained alongside)": "strategies/online-kd.yaml",
+    "born-again, 3 generations": "strategies/born-again.yaml",
+    "teacher assistant (128)": "strategies/assistants.yaml",
+    "self-distillation (BYOT exits)": "strategies/self-distill.yaml",
+    "augmentation-consistent KD (mixup)": "strategies/mixup.yaml",
+}
+
+
+def recipe_config(
+    path: Path, *, dataset: str, data_dir: str | None, subset: int | None, epochs: int, seed: int
+):
+    """The recipe with the benchmark's data, seed and one epoch budget for every stage it trains."""
+    data = read_config_file(path)
+    data["seed"] = seed
+    data["data"] = {**data.get("data", {}), "dataset": dataset, "eval_batch_size": 1000}
+    if data_dir:
+        data["data"]["data_dir"] = data_dir
+    if subset:
+        data["data"]["train_subset"] = subset
+    sections = [data.get("teacher"), data.get("distill"), data.get("baseline"), data.get("strategy")]
+    for section in sections:
+        if isinstance(section, dict) and isinstance(section.get("train"), dict):
+            section["train"]["epochs"] = epochs
+    data["evaluate"] = {"latency_repeats": 5, "batch_sizes": [1]}
+    data["stages"] = [
+        stage
+        for stage in data.get("stages", ["teacher", "baseline", "distill", "evaluate"])
+        if stage != "report"
+    ]
+    return config_from_dict(data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--subset", type=int)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="*", help="recipe files to run (default: all)")
+    parser.add_argument("--out", default="runs/strategies")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results_path = out / "results.jsonl"
+    if args.table:
+        return print_table(results_path)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {(r["recipe"], r["seed"]) for r in _read(results_path)}
+    for label, recipe in RECIPES.items():
+        if args.only and recipe not in args.only:
+            continue
+        for seed in args.seeds:
+            if (recipe, seed) in done:
+                continue
+            config = recipe_config(
+                ROOT / "recipes" / recipe,
+                dataset=args.dataset,
+                data_dir=args.data_dir,
+                subset=args.subset,
+                epochs=args.epochs,
+                seed=seed,
+            )
+            run_dir = out / f"{Path(recipe).stem}-seed{seed}"
+            run(config, run_dir=run_dir, resume=(run_dir / "config.yaml").is_file())
+            summary = json.loads((run_dir / "summary.json").read_text())
+            record = {
+                "label": label,
+                "recipe": recipe,
+                "seed": seed,
+                "dataset": args.dataset,
+                "subset": args.subset,
+                "epochs": args.epochs,
+                "accuracy": {name: model["accuracy"] for name, model in summary["models"].items()},
+                "parameters": {name: model["parameters"] for name, model in summary["models"].items()},
+                "seconds": summary["stages_seconds"],
+            }
+            with open(results_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            print(label, seed, {k: round(100 * v, 2) for k, v in record["accuracy"].items()}, flush=True)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{100 * statistics.mean(values):.2f}{spread}"
+
+
+def print_table(path: Path) -> None:
+    records = _read(path)
+    print(
+        "| strategy | recipe | seeds | teacher(s) acc % | baseline acc % | student acc % | student params | student-side train s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, recipe in RECIPES.items():
+        rows = [r for r in records if r["recipe"] == recipe]
+        if not rows:
+            continue
+        teachers = [v for r in rows for k, v in r["accuracy"].items() if k == "teacher"]
+        student_side = [
+            sum(s for k, s in r["seconds"].items() if not k.startswith("teacher") and k != "baseline")
+            for r in rows
+        ]
+        print(
+            f"| {label} | `recipes/{recipe}` | {len(rows)} | {_mean_std(teachers) or '-'} "
+            f"| {_mean_std([r['accuracy']['baseline'] for r in rows if 'baseline' in r['accuracy']])} "
+            f"| **{_mean_std([r['accuracy']['distilled'] for r in rows])}** | {rows[0]['parameters']['distilled']:,} "
+            f"| {statistics.mean(student_side):.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
