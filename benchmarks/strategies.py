@@ -4,7 +4,9 @@ Each recipe of ``recipes/strategies/`` (and ``recipes/digits.yaml``, plain KD) r
 code path as ``alambic run``, with one budget for every training stage. By default on digits; with
 ``--dataset mnist --data-dir DIR --subset N`` on an N-image, class-stratified MNIST subset (all
 10,000 test images). Results go to ``OUT/results.jsonl`` (one line per run; a finished run is not
-run again); ``--table`` prints the markdown table.
+run again); ``--table`` prints the markdown table. ``--tune N`` adds the tuned rows: per seed, ``alambic
+tune`` searches plain KD's config for N trials on a validation split of that seed's training set,
+then the best config runs as any recipe (``--max-size-mb`` adds a budget-mode row).
 
     OMP_NUM_THREADS=1 python benchmarks/strategies.py --dataset mnist --data-dir ../shared/data/mnist \
         --subset 2000 --epochs 20 --seeds 0 1 2 --out /tmp/strategies
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="recipe files to run (default: all)")
     parser.add_argument("--out", default="runs/strategies")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--tune", type=int, default=0, help="trials of the tuned rows (0: no tuning)")
+    parser.add_argument("--max-size-mb", type=float, help="budget of the budget-mode tuned row")
     args = parser.parse_args()
     out = Path(args.out)
     results_path = out / "results.jsonl"
@@ -110,6 +114,18 @@ def main() -> None:
             print(label, seed, {k: round(100 * v, 2) for k, v in record["accuracy"].items()}, flush=True)
 
 
+def _tuned(config, study_dir: Path, args, *, budget: bool):
+    """The best config of an ``alambic tune`` study over ``config`` (its stages, seed and data kept)."""
+    from alambic.config import load_config
+    from alambic.tune import tune
+
+    result = tune(
+        config, trials=args.tune, study_dir=study_dir, max_size_mb=args.max_size_mb if budget else None
+    )
+    print("best", result["best_params"], result["best_student"], flush=True)
+    return load_config(result["best_config"])
+
+
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
@@ -127,7 +143,8 @@ def print_table(path: Path) -> None:
         "| strategy | recipe | seeds | teacher(s) acc % | baseline acc % | student acc % | student params | student-side train s |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for label, recipe in RECIPES.items():
+    labels = {**RECIPES, **{r["label"]: r["recipe"] for r in records if r["recipe"].startswith("tune")}}
+    for label, recipe in labels.items():
         rows = [r for r in records if r["recipe"] == recipe]
         if not rows:
             continue
@@ -137,11 +154,19 @@ def print_table(path: Path) -> None:
             for r in rows
         ]
         print(
-            f"| {label} | `recipes/{recipe}` | {len(rows)} | {_mean_std(teachers) or '-'} "
+            f"| {label} | {'`alambic tune`' if recipe.startswith('tune') else f'`recipes/{recipe}`'} | {len(rows)} | {_mean_std(teachers) or '-'} "
             f"| {_mean_std([r['accuracy']['baseline'] for r in rows if 'baseline' in r['accuracy']])} "
-            f"| **{_mean_std([r['accuracy']['distilled'] for r in rows])}** | {rows[0]['parameters']['distilled']:,} "
-            f"| {statistics.mean(student_side):.0f} |"
+            f"| **{_mean_std([r['accuracy']['distilled'] for r in rows])}** | {' / '.join(f'{n:,}' for n in sorted({r['parameters']['distilled'] for r in rows}))} "
+            f"| {statistics.mean(student_side):.0f} | {_others(rows)} |"
         )
+
+
+def _others(rows: list[dict]) -> str:
+    """Mean accuracy of the models beyond teacher, baseline and student (members, peers, generations)."""
+    names = [name for name in rows[0]["accuracy"] if name not in ("teacher", "baseline", "distilled")]
+    return ", ".join(
+        f"{name} {100 * statistics.mean(r['accuracy'][name] for r in rows):.2f}" for name in names
+    )
 
 
 if __name__ == "__main__":
