@@ -306,6 +306,14 @@ def test_mutual_and_self_distill_runs_need_no_teacher_and_save_what_they_promise
         ({"strategy": {"kind": "born_again"}, "teacher": None}, "required"),
         ({"strategy": {"kind": "self_distill", "exits": ["hidden.0"]}}, "teacher-free"),
         ({"strategy": {"kind": "dml"}}, "kind"),
+        (
+            {
+                "teacher": None,
+                "stages": ["distill"],
+                "strategy": {"kind": "ensemble", "teachers": [{"arch": "mlp"}] * 2, "train": {"epochs": 1}},
+            },
+            "add it to stages",
+        ),
     ],
 )
 def test_strategy_configs_are_checked_before_anything_runs(change, message):
