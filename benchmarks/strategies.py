@@ -81,20 +81,30 @@ def main() -> None:
         return print_table(results_path)
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["recipe"], r["seed"]) for r in _read(results_path)}
-    for label, recipe in RECIPES.items():
-        if args.only and recipe not in args.only:
-            continue
+    jobs = [(label, recipe) for label, recipe in RECIPES.items() if not args.only or recipe in args.only]
+    if args.tune:
+        jobs.append((f"tuned KD ({args.tune} trials)", "tune"))
+        if args.max_size_mb:
+            jobs.append(
+                (f"tuned KD + student size under {args.max_size_mb} MB ({args.tune} trials)", "tune-budget")
+            )
+    for label, recipe in jobs:
         for seed in args.seeds:
             if (recipe, seed) in done:
                 continue
+            source = "digits.yaml" if recipe.startswith("tune") else recipe
             config = recipe_config(
-                ROOT / "recipes" / recipe,
+                ROOT / "recipes" / source,
                 dataset=args.dataset,
                 data_dir=args.data_dir,
                 subset=args.subset,
                 epochs=args.epochs,
                 seed=seed,
             )
+            if recipe.startswith("tune"):
+                config = _tuned(
+                    config, out / f"{recipe}-study-seed{seed}", args, budget=recipe == "tune-budget"
+                )
             run_dir = out / f"{Path(recipe).stem}-seed{seed}"
             run(config, run_dir=run_dir, resume=(run_dir / "config.yaml").is_file())
             summary = json.loads((run_dir / "summary.json").read_text())
@@ -140,9 +150,10 @@ def _mean_std(values: list[float]) -> str:
 def print_table(path: Path) -> None:
     records = _read(path)
     print(
-        "| strategy | recipe | seeds | teacher(s) acc % | baseline acc % | student acc % | student params | student-side train s |"
+        "| strategy | recipe | seeds | teacher acc % | baseline acc % | student acc % | student params "
+        "| student-side train s | other models, acc % |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     labels = {**RECIPES, **{r["label"]: r["recipe"] for r in records if r["recipe"].startswith("tune")}}
     for label, recipe in labels.items():
         rows = [r for r in records if r["recipe"] == recipe]
