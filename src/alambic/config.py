@@ -286,15 +286,15 @@ class RunConfig(_Strict):
                 raise ValueError("the 'teacher' stage needs a teacher section; remove the stage or add one")
         elif kind == "ensemble":
             raise ValueError("an ensemble's teachers are strategy.teachers; remove the teacher section")
-        if kind == "ensemble" and "teacher" not in self.stages:
-            if any(model.checkpoint is None for model in self.strategy.teachers):
-                raise ValueError(
-                    "strategy.teachers without a checkpoint train in the 'teacher' stage; add it to stages"
-                )
         elif (
             "teacher" in self.stages and self.teacher.model.checkpoint is None and self.teacher.train is None
         ):
             raise ValueError("teacher: give model.checkpoint (load a trained teacher) or train (train one)")
+        untrained = kind == "ensemble" and any(model.checkpoint is None for model in self.strategy.teachers)
+        if untrained and "teacher" not in self.stages:
+            raise ValueError(
+                "strategy.teachers without a checkpoint train in the 'teacher' stage; add it to stages"
+            )
         if kind == "self_distill" and any(
             get_loss_spec(term.loss).needs_teacher for term in self.distill.terms
         ):
