@@ -74,7 +74,11 @@ class ProgressBar:
 def print_summary(summary: dict) -> None:
     """The models side by side: accuracy, F1, size, FLOPs, latency."""
     table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
-    for column in ("model", "acc %", "F1", "params", "KB", "MFLOPs", "ms@1", "ms@64"):
+    batch_sizes = sorted(
+        {size for m in summary["models"].values() for size in m.get("latency_ms", {})}, key=int
+    )
+    columns = ("model", "acc %", "F1", "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for name, m in summary["models"].items():
         latency = m.get("latency_ms", {})
@@ -85,8 +89,7 @@ def print_summary(summary: dict) -> None:
             f"{m['parameters']:,}",
             f"{m['size_bytes'] / 1024:.1f}",
             f"{m['flops'] / 1e6:.3g}",
-            f"{latency.get('1', float('nan')):.3g}",
-            f"{latency.get('64', float('nan')):.3g}",
+            *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
         )
     console.print(table)
 

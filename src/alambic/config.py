@@ -78,8 +78,10 @@ class Term(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, or a
-    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...)."""
+    """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, a
+    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...), or,
+    for the student, ``derive:teacher``: fewer of the trained teacher's layers, initialised from them
+    (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.hf.derive_student`)."""
 
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -134,6 +136,9 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # for data sets without a test split (digits)
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
+    # text sets (sst2): a transformers tokenizer (folder or hub id); default: the hf: teacher's own
+    tokenizer: str | None = None
+    max_length: int = Field(128, ge=2)
 
 
 class TeacherConfig(_Strict):
@@ -207,6 +212,27 @@ class RunConfig(_Strict):
                 "a stage sets train.augment: true but data.augment is false; set data.augment: true "
                 "and turn it off in the stages that train without it (train.augment: false)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _derived_student(self) -> RunConfig:
+        if self.teacher.model.arch == "derive:teacher":
+            raise ValueError("teacher.model.arch: derive:teacher is for the student (it copies the teacher)")
+        if self.student.model.arch.startswith("derive:"):
+            if self.student.model.arch != "derive:teacher":
+                raise ValueError(f"student.model.arch {self.student.model.arch!r}: write derive:teacher")
+            if not self.teacher.model.arch.startswith("hf:"):
+                raise ValueError(
+                    "student.model.arch derive:teacher needs a Hugging Face teacher (arch: hf:PATH)"
+                )
+            given = {
+                key for key in ("layers", "keep", "every") if self.student.model.kwargs.get(key) is not None
+            }
+            if len(given) != 1 or set(self.student.model.kwargs) - {"layers", "keep", "every"}:
+                raise ValueError(
+                    "student.model.kwargs for derive:teacher: give exactly one of layers (N), keep ([I, J]) "
+                    f"or every (K), got {self.student.model.kwargs}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -69,6 +69,22 @@ def build_named_model(model_config, info) -> nn.Module:
     return model
 
 
+def _hf_path(arch: str) -> str | None:
+    return arch.removeprefix("hf:") if arch.startswith("hf:") else None
+
+
+def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
+    """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them."""
+    from alambic.hf import derive_student
+
+    student, _report = derive_student(teacher, **model_config.kwargs)
+    if model_config.checkpoint:
+        from alambic.models import load_weights
+
+        load_weights(student, model_config.checkpoint)
+    return student
+
+
 def example_input(dataset: Any) -> Any:
     """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
     inputs = dataset[0]
@@ -264,6 +280,8 @@ def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progres
             train_subset=data.train_subset,
             test_fraction=data.test_fraction,
             seed=config.seed,
+            tokenizer=data.tokenizer or _hf_path(config.teacher.model.arch),
+            max_length=data.max_length,
         )
         log = MetricsLog(
             run_dir / "metrics.jsonl",
@@ -296,14 +314,16 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         check_num_classes(model, example, info.num_classes, "teacher")
         return model
 
-    def build_student() -> (
-        nn.Module
-    ):  # baseline and distilled students start from the same weights (same seed)
-        model = build_named_model(config.student.model, info)
+    def build_student() -> nn.Module:  # baseline and distilled students start from the same weights
+        if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
+            model = derive_from_teacher(models["teacher"], config.student.model)
+        else:
+            model = build_named_model(config.student.model, info)
         check_num_classes(model, example, info.num_classes, "student")
         return model
 
-    needs_teacher = "teacher" in stages or "distill" in stages or "evaluate" in stages
+    derived = config.student.model.arch == "derive:teacher"
+    needs_teacher = derived or "teacher" in stages or "distill" in stages or "evaluate" in stages
     if needs_teacher:
         teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
         if config.teacher.model.checkpoint and not teacher_trained:

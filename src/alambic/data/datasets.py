@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from alambic.data import readers
+from alambic.data.text import TEXT_DATASETS, build_text_datasets
 from alambic.errors import ConfigError, DataError
 from alambic.imports import import_callable
 
@@ -32,7 +33,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "custom"]
+DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "sst2", "custom"]
 
 
 @dataclass
@@ -201,6 +202,8 @@ def build_datasets(
     test_fraction: float = 0.2,
     seed: int = 0,
     normalize: bool = True,
+    tokenizer: str | None = None,
+    max_length: int = 128,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build the train and test datasets for a named dataset.
 
@@ -218,6 +221,8 @@ def build_datasets(
         seed: Seeds the ``digits`` split and the ``train_subset`` choice.
         normalize: Subtract the dataset's per-channel mean and divide by its std (images only);
             otherwise images are in [0, 1].
+        tokenizer: For text sets (``sst2``): a ``transformers`` tokenizer folder or hub id.
+        max_length: For text sets: sentences are cut to this many tokens.
 
     Returns:
         ``(train_dataset, test_dataset, info)``; datasets yield ``(float32 input, int label)``.
@@ -243,6 +248,12 @@ def build_datasets(
         raise ConfigError(f"factory is only used with dataset 'custom', got factory={factory!r} for {name!r}")
     if name == "digits":
         train, test, info = _build_digits(test_fraction=test_fraction, seed=seed)
+    elif name in TEXT_DATASETS:
+        train, test, class_names = build_text_datasets(
+            name, _resolve_data_dir(name, data_dir), tokenizer=tokenizer, max_length=max_length
+        )
+        shape = (train.columns["input_ids"].shape[1],)
+        info = DatasetInfo(name, len(class_names), shape, class_names, None, None)
     else:
         train, test, info = _build_images(
             name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize
