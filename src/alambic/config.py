@@ -110,6 +110,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(20, ge=1)  # optimizer steps
     checkpoint_every: int = Field(1, ge=1)  # epochs
     augment: bool | None = None  # this stage only; None follows data.augment (false turns it off here)
+    compile: bool = False  # torch.compile the student's (and teacher's) forward pass
+    channels_last: bool = False  # NHWC memory format for convnets (faster on GPUs, and with bf16)
 
     @model_validator(mode="after")
     def _milestones(self) -> TrainConfig:

@@ -69,8 +69,9 @@ class Teacher:
         self.model.to(device)
         return self
 
-    @torch.no_grad()
-    def __call__(self, inputs: Any) -> dict[str, Tensor]:
+    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward pass
+    def __call__(self, inputs: Any, index: Tensor | None = None) -> dict[str, Tensor]:
+        """The outputs the terms ask for; ``index`` (the samples' positions) is for cached teachers."""
         outputs = model_outputs(self.model, inputs, self.feature_paths, side="teacher")
         if self.vocab_size is not None and "logits" in outputs:
             outputs["logits"] = outputs["logits"][
@@ -140,7 +141,13 @@ class Distiller(nn.Module):
         return term.connector != "auto" or spec.same_shape
 
     @torch.no_grad()
-    def build_modules(self, inputs: Any, teacher: Teacher | None, num_samples: int | None = None) -> None:
+    def build_modules(
+        self,
+        inputs: Any,
+        teacher: Teacher | None,
+        num_samples: int | None = None,
+        sample_index: Tensor | None = None,
+    ) -> None:
         """Create connectors and learned losses from one probing forward pass (before the optimizer exists).
 
         ``auto`` creates a connector only when the loss needs equal shapes and they differ. Learned
@@ -156,7 +163,7 @@ class Distiller(nn.Module):
         was_training = self.training
         self.eval()  # no BatchNorm statistics are updated by the probe
         try:
-            student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs)
+            student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs, sample_index)
         finally:
             self.train(was_training)
         device = next(iter(student_outputs.values())).device
@@ -259,7 +266,9 @@ class Distiller(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            teacher_outputs = teacher(inputs) if (teacher is not None and self.needs_teacher) else None
+            teacher_outputs = (
+                teacher(inputs, sample_index) if (teacher is not None and self.needs_teacher) else None
+            )
             student_outputs = self.student_outputs(inputs)
             if teacher_outputs is not None and "logits" in teacher_outputs and "logits" in student_outputs:
                 classes_student, classes_teacher = (

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from alambic.data import readers
 from alambic.data.text import TEXT_DATASETS, build_text_datasets
@@ -113,6 +113,17 @@ class InMemoryDataset(Dataset):
             sample = (sample - self._mean) / self._std
         return sample, int(self.labels[index])
 
+    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch ``(inputs [B, ...], labels [B])``, equal to stacking ``self[i]`` for each index."""
+        if self.augmentation is not None:  # per sample, drawing the global RNG in the same order
+            samples = [self[index] for index in indices]
+            return torch.stack([sample for sample, _ in samples]), self.labels[indices]
+        batch = self.inputs[indices]
+        batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+        if self._mean is not None:
+            batch = (batch - self._mean) / self._std
+        return batch, self.labels[indices]
+
     def subset(self, indices: torch.Tensor) -> InMemoryDataset:
         """A new dataset over ``indices`` with the same normalisation and augmentation."""
         return InMemoryDataset(
@@ -145,6 +156,35 @@ class IndexedDataset(Dataset):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs")
         return item[0], item[1], index
+
+    def get_batch(self, indices: list[int]) -> tuple:
+        """A whole batch ``(inputs, labels, index)``; batched by the wrapped set when it can."""
+        if hasattr(self.dataset, "get_batch"):
+            inputs, labels = self.dataset.get_batch(indices)
+            return inputs, labels, torch.tensor(indices)
+        return default_collate([self[index] for index in indices])
+
+
+class BatchedView(Dataset):
+    """A data set with ``get_batch`` seen by a DataLoader as one that returns whole batches.
+
+    The DataLoader calls ``__getitems__`` with a batch's indices; with :func:`alambic.train.already_batched`
+    as its collate, a batch costs one tensor gather instead of a ``__getitem__`` per sample and a stack.
+    The view is made by :func:`alambic.train.make_loader`, so a user's own DataLoader over the data set
+    keeps PyTorch's per-sample behaviour.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.get_batch(indices)
 
 
 def _augment(image: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:

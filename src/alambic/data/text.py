@@ -33,6 +33,10 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], int]:
         return {key: value[index] for key, value in self.columns.items()}, int(self.labels[index])
 
+    def get_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A whole batch ``({key: [B, T]}, labels [B])``."""
+        return {key: value[indices] for key, value in self.columns.items()}, self.labels[indices]
+
     def subset(self, indices: torch.Tensor) -> TokenizedDataset:
         """A new dataset over ``indices``."""
         return TokenizedDataset(
