@@ -286,6 +286,37 @@ def derive(
     )
 
 
+@app.command(name="cache-teacher")
+@user_errors
+def cache_teacher_command(
+    config: Annotated[Path, typer.Argument(help="YAML run config whose trained teacher and data to use")],
+    out: Annotated[Path, typer.Option(help="new folder for the cache")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="store the k largest log-probabilities and the tail mass (LM vocabularies)"),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or float16 storage")] = "float32",
+    debug: Debug = False,
+) -> None:
+    """Run the teacher once over the training set and store what the distill terms need (offline KD)."""
+    import time
+
+    from alambic.cache import cache_size_bytes
+    from alambic.config import load_config
+    from alambic.pipeline import cache_teacher_outputs
+
+    started = time.perf_counter()
+    manifest = cache_teacher_outputs(load_config(config, set_ or []), out, top_k=top_k, dtype=dtype)
+    console.print(
+        f"cached {', '.join(manifest['fields'])} for {manifest['num_samples']:,} samples in "
+        f"{time.perf_counter() - started:.1f} s ({cache_size_bytes(out) / 2**20:.1f} MiB, {manifest['dtype']}); "
+        f"train from it with --set distill.teacher_cache={out}"
+    )
+
+
 def main() -> None:
     """Entry point of the ``alambic`` console script."""
     app(prog_name="alambic")

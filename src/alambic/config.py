@@ -178,6 +178,10 @@ class DistillConfig(_Strict):
         ]
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # the teacher's weights in bfloat16 / float16 take half the memory (outputs come back as float32)
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # a folder written by `alambic cache-teacher`: the teacher's stored outputs replace its forward pass
+    teacher_cache: str | None = None
 
 
 class EvaluateConfig(_Strict):

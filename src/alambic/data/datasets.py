@@ -213,6 +213,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         >>> len(dataset_fingerprint(train))
         64
     """
+    while isinstance(dataset, (IndexedDataset, BatchedView)):  # the data, not how it is served
+        dataset = dataset.dataset
     digest = hashlib.sha256()
     length = len(dataset)
     digest.update(f"len={length}".encode())
