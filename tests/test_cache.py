@@ -130,14 +130,8 @@ def test_cache_teacher_cli_then_a_run_from_the_cache_and_a_stale_cache_is_one_li
     from alambic.cli import app
 
     runner = CliRunner()
-    tiny = [
-        "--set",
-        "teacher.train.epochs=2",
-        "--set",
-        "distill.train.epochs=2",
-        "--set",
-        "evaluate.latency_repeats=2",
-    ]
+    from test_cli import TINY as tiny  # the CLI tests' tiny budget
+
     digits = str(ROOT / "recipes" / "digits.yaml")
     first = runner.invoke(app, ["run", digits, *tiny, "--out", str(tmp_path / "run")], catch_exceptions=False)
     assert first.exit_code == 0, first.output
@@ -201,3 +195,30 @@ def test_the_finite_guard_names_the_first_bad_step_without_syncing_every_step():
 def test_epochs_to_pay_off():
     assert epochs_to_pay_off(10.0, 3.0, 1.0) == 5.0
     assert math.isinf(epochs_to_pay_off(10.0, 1.0, 1.0))
+
+
+def test_the_teacher_checksum_covers_every_weight_and_buffer():
+    from alambic.cache import teacher_checksum
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    before = teacher_checksum(model)
+    assert teacher_checksum(model) == before
+    model[1].num_batches_tracked += 1  # a 0-dim integer buffer
+    assert teacher_checksum(model) != before
+    assert teacher_checksum(model.to(torch.bfloat16)) != teacher_checksum(model.float())
+
+
+def test_compiled_training_keeps_parameter_names_and_matches_eager_training():
+    train = _digits(128)
+    loader = make_loader(IndexedDataset(train), batch_size=50, shuffle=True, seed=0)  # a short last batch
+    settings = {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "seed": 0}
+    eager = distill(_mlp(1, 64), _mlp(2), loader, terms=TERMS, **settings)
+    compiled = distill(_mlp(1, 64), _mlp(2), loader, terms=TERMS, compile=True, **settings)
+    assert getattr(compiled, "_compiled_call_impl", None) is not None  # nn.Module.compile() was applied
+    assert (
+        list(compiled.state_dict())
+        == list(eager.state_dict())
+        == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    )
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -45,7 +45,7 @@ def teacher_checksum(model: nn.Module) -> str:
     for name, tensor in sorted(unwrap_model(model).state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim buffers too
     return digest.hexdigest()
 
 

@@ -310,9 +310,9 @@ def fit(
         if isinstance(teacher, Teacher):
             teacher.model.to(memory_format=torch.channels_last)
     if compile:  # in place, so parameter names (checkpoints, exports) stay those of the plain module
-        module.student.compile()
+        module.student.compile(dynamic=False)
         if isinstance(teacher, Teacher):
-            teacher.model.compile()
+            teacher.model.compile(dynamic=False)
     optimizer_ = make_optimizer(
         module.parameters(),
         optimizer=optimizer,
