@@ -54,6 +54,7 @@ class _Context:
             factory=data.factory,
             factory_kwargs=data.factory_kwargs,
             augment=data.augment,
+            train_subset=data.train_subset,
             test_fraction=data.test_fraction,
             seed=config.seed,
         )
@@ -163,18 +164,15 @@ def _measure(context: _Context, name: str, model: nn.Module, **extra: Any) -> di
 
 
 def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
-    from alambic.prune import make_permanent, prune_model, recover
+    import copy
+
+    from alambic.prune import prune_model, recover
 
     settings = context.settings
     current = distilled
     if "prune" in settings.stages:
         context.say(f"pruning ({settings.prune.method}, {settings.prune.amount})")
-        masked = prune_model(
-            distilled, method=settings.prune.method, amount=settings.prune.amount, permanent=False
-        )
-        import copy
-
-        pruned = make_permanent(copy.deepcopy(masked))
+        pruned = prune_model(distilled, method=settings.prune.method, amount=settings.prune.amount)
         _measure(context, "pruned", pruned, method=settings.prune.method, amount=settings.prune.amount)
         current = pruned
         if "recover" in settings.stages:
@@ -182,7 +180,7 @@ def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
             train = settings.recover.train
             started = time.perf_counter()
             recovered = recover(
-                masked,
+                copy.deepcopy(pruned),
                 distilled,
                 context.loader(train.batch_size),
                 terms=settings.recover.terms,

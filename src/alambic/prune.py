@@ -10,8 +10,8 @@
   "Pruning Filters for Efficient ConvNets", https://arxiv.org/abs/1608.08710). Supported: the zoo's
   ``mlp`` (hidden units), ``cnn`` (every block's channels) and CIFAR ResNets (the inner channels of each
   residual block, which no shortcut depends on).
-- :func:`recover` distills the pruned model from the unpruned one with :func:`alambic.distill`; a
-  magnitude-pruned model keeps its mask while it trains, so pruned weights stay zero.
+- :func:`recover` distills the pruned model from the unpruned one with :func:`alambic.distill`; the
+  weights pruning zeroed stay zero while it trains.
 
 A structurally pruned model is saved as plain safetensors; :func:`alambic.export.load_resized` rebuilds
 it from its architecture and that file.
@@ -186,10 +186,10 @@ def channel_prune(model: nn.Module, ratio: float) -> nn.Module:
     return pruned
 
 
-def prune_model(model: nn.Module, *, method: str, amount: float, permanent: bool = True) -> nn.Module:
+def prune_model(model: nn.Module, *, method: str, amount: float) -> nn.Module:
     """A pruned copy: ``magnitude`` (``amount`` = sparsity) or ``channel`` (``amount`` = ratio removed)."""
     if method == "magnitude":
-        return magnitude_prune(copy.deepcopy(model), amount, permanent=permanent)
+        return magnitude_prune(copy.deepcopy(model), amount)
     if method == "channel":
         return channel_prune(model, amount)
     raise ConfigError(f"prune method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
@@ -202,18 +202,31 @@ def recover(
     *,
     terms: Sequence[Any] | None = None,
     epochs: int = 1,
+    keep_zeros: bool = True,
     **train: Any,
 ) -> nn.Module:
     """Distill the unpruned model into the pruned one to win back accuracy (:func:`alambic.distill`).
 
-    Pruning masks (from ``magnitude_prune(..., permanent=False)``) stay on while training, so pruned
-    weights remain zero; they are made permanent at the end.
+    Args:
+        pruned: The pruned model; it is trained in place and returned.
+        unpruned: The model before pruning: the teacher.
+        train_loader: Training batches.
+        terms: Distillation terms (default Hinton KD, see :func:`alambic.distill`).
+        epochs: Passes over ``train_loader``.
+        keep_zeros: Weights that are exactly zero (magnitude pruning) stay zero while training: they are
+            masked with ``prune.custom_from_mask`` and the masks made permanent at the end.
+        **train: Optimizer settings for :func:`alambic.distill`.
 
     Example:
         >>> recovered = recover(small, student, train_loader, epochs=2, optimizer="adamw", lr=1e-3)
     """
     from alambic.api import distill
 
+    if keep_zeros:
+        for _, module in prunable_layers(pruned):
+            mask = module.weight.detach() != 0
+            if not bool(mask.all()):
+                prune.custom_from_mask(module, "weight", mask)
     student = distill(
         copy.deepcopy(unpruned).eval(), pruned, train_loader, terms=terms, epochs=epochs, **train
     )
