@@ -41,12 +41,14 @@ ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "
 class _Context:
     """What every stage shares: the config, data, folders, and the rows measured so far."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, data_dir: str | None, progress: Any) -> None:
+    def __init__(
+        self, config: RunConfig, run_dir: Path, out: Path | None, data_dir: str | None, progress: Any
+    ) -> None:
         from alambic.data import build_datasets
 
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.settings: CompressConfig = config.compress or CompressConfig()
-        self.out = run_dir / "compress"
+        self.out = out or run_dir / "compress"
         data = config.data
         self.train_set, self.test_set, self.info = build_datasets(
             data.dataset,
@@ -294,6 +296,7 @@ def compress_run(
     overrides: list[str] | None = None,
     data_dir: str | None = None,
     run_dir: str | Path | None = None,
+    out: str | Path | None = None,
     progress: Any = None,
 ) -> dict:
     """Run the compression chain of a run directory (or of a config, after running it); returns the summary.
@@ -303,6 +306,7 @@ def compress_run(
         overrides: ``key.path=value`` settings, e.g. ``compress.prune.amount=0.3``.
         data_dir: Overrides ``data.data_dir``.
         run_dir: For a config: the run directory to create (default ``output_dir/name``).
+        out: Where the compression results go (default ``RUN_DIR/compress``).
         progress: Called with a one-line message as each step starts.
 
     Example:
@@ -326,7 +330,7 @@ def compress_run(
         if "distill" not in config.stages:
             config.stages.append("distill")
         run_dir = run(config, run_dir=run_dir)
-    context = _Context(config, Path(run_dir), data_dir, progress)
+    context = _Context(config, Path(run_dir), Path(out) if out else None, data_dir, progress)
     started = datetime.now(timezone.utc)
     models = _load_models(context)
     for name, model in models.items():
