@@ -81,6 +81,63 @@ def _ratios(rows: dict) -> list[str]:
     return lines
 
 
+def interleaved_latency(
+    run_dir: Path, folder: Path, rows: dict, *, repeats: int, data_dir: str | None
+) -> list[str]:
+    """Median ms of the float ONNX models, the int8 one and the PyTorch student, timed round-robin.
+
+    On a shared machine the load drifts; timing the models in turn, one run each per round, exposes them
+    to the same drift, so their ratio is fairer than that of measurements taken minutes apart.
+    """
+    import statistics
+    import time
+
+    from alambic.export import load_run_model, onnx_session
+
+    student = load_run_model(run_dir, data_dir=data_dir)
+    example = student.test_set[0][0].unsqueeze(0)
+    names = [name for name in ("teacher", "distilled", "recovered", "qat") if name in rows]
+    paths = {f"{name} fp32 ORT": folder / "onnx" / f"{name}.onnx" for name in names}
+    paths["int8 ORT"] = folder / "onnx" / "int8.onnx"
+    sessions = {label: onnx_session(path, threads=1) for label, path in paths.items()}
+    lines = [
+        f"Round-robin timing, {repeats} rounds, 1 thread (median ms per batch):",
+        "",
+        "| batch | " + " | ".join([*sessions, "distilled fp32 PyTorch"]) + " |",
+        "|---:|" + "---:|" * (len(sessions) + 1),
+    ]
+    torch.set_num_threads(1)
+    speedups = []
+    for size in (1, 64):
+        batch = example.repeat(size, *([1] * (example.ndim - 1)))
+        runners = {
+            label: (lambda s=s, b=batch.numpy(): s.run(None, {s.get_inputs()[0].name: b}))
+            for label, s in sessions.items()
+        }
+        runners["distilled fp32 PyTorch"] = lambda b=batch: student.model(b)
+        timings = {label: [] for label in runners}
+        with torch.inference_mode():
+            for round_index in range(repeats + 3):
+                for label, run in runners.items():
+                    start = time.perf_counter()
+                    run()
+                    if round_index >= 3:  # warm-up rounds
+                        timings[label].append((time.perf_counter() - start) * 1000)
+        medians = {label: statistics.median(values) for label, values in timings.items()}
+        lines.append(f"| {size} | " + " | ".join(f"{medians[label]:.3g}" for label in runners) + " |")
+        speedups.append(
+            f"- batch {size}: int8 is {medians['distilled fp32 ORT'] / medians['int8 ORT']:.2f}x faster than the "
+            f"float32 student in onnxruntime, {medians['distilled fp32 PyTorch'] / medians['int8 ORT']:.2f}x than "
+            "it in PyTorch"
+            + (
+                f", {medians['teacher fp32 ORT'] / medians['int8 ORT']:.2f}x than the teacher in onnxruntime"
+                if "teacher fp32 ORT" in medians
+                else ""
+            )
+        )
+    return [*lines, "", *speedups]
+
+
 def _table(summary: dict) -> list[str]:
     lines = [
         "| model | accuracy % | params | size on disk | MFLOPs | torch ms @1 | torch ms @64 | ORT ms @1 | ORT ms @64 |",
@@ -108,6 +165,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-compress")
     parser.add_argument("--variants", default="ptq-static,ptq-dynamic,qat,chain")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--rounds", type=int, default=50, help="rounds of the round-robin latency comparison")
     args = parser.parse_args()
 
     if args.benchmark == "cifar10":
@@ -136,6 +194,15 @@ def main() -> None:
         print("\n".join(_table(summary)))
         print()
         print("\n".join(_ratios(summary["models"])))
+        print()
+        folder = run_dir / f"compress-{variant}"
+        print(
+            "\n".join(
+                interleaved_latency(
+                    run_dir, folder, summary["models"], repeats=args.rounds, data_dir=args.data_dir
+                )
+            )
+        )
         settings = summary["compress"]
         shown = {"stages": settings["stages"], "prune": settings["prune"], "quantize": settings["quantize"]}
         shown["recover_train"] = settings["recover"]["train"]

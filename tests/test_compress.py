@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ for _module in ("onnx", "onnxruntime", "onnxscript"):
         _module, reason=f"the onnx extra ({_module}) is not installed: pip install 'alambic[onnx]'"
     )
 
+from alambic.compress import compress_run  # noqa: E402
 from alambic.export import export_model, export_run, load_run_model, onnx_session, real_inputs, run_onnx  # noqa: E402
 from alambic.quantize import evaluate_onnx, quantize_onnx_dynamic, quantize_onnx_static  # noqa: E402
 
@@ -169,3 +171,57 @@ def test_export_and_compress_errors_are_one_line(run_dir, tmp_path):
         assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     with pytest.raises(ConfigError, match="add 'prune'"):
         load_config(os.path.join(ROOT, "recipes", "digits.yaml"), ["compress.stages=[recover]"])
+
+
+def test_compress_runs_a_config_first(tmp_path):
+    summary = compress_run(
+        os.path.join(ROOT, "recipes", "digits.yaml"),
+        overrides=[
+            "teacher.train.epochs=2",
+            "distill.train.epochs=2",
+            "evaluate.latency_repeats=1",
+            "compress.stages=[quantize]",
+            "compress.quantize.method=dynamic",
+        ],
+        run_dir=tmp_path / "run",
+    )
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "summary.json").exists()  # the run's own evaluate / report are skipped
+    assert list(summary["models"]) == ["teacher", "baseline", "distilled", "int8"]
+    assert summary["models"]["int8"]["method"] == "dynamic" and summary["exports"] == []
+
+
+def _shared_data() -> Path:
+    if os.environ.get("ALAMBIC_SHARED_DATA"):
+        return Path(os.environ["ALAMBIC_SHARED_DATA"])
+    return Path(ROOT).parent / "shared" / "data"
+
+
+WEIGHTS = _shared_data() / "weights" / "cifar10-resnet-akamaster" / "resnet20-12fca82f.th"
+CIFAR = _shared_data() / "cifar10-jpeg"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (WEIGHTS.is_file() and CIFAR.is_dir()),
+    reason=f"{WEIGHTS} or {CIFAR} is absent (set ALAMBIC_SHARED_DATA)",
+)
+def test_pretrained_cifar_resnet_stays_accurate_in_static_int8(tmp_path):
+    from alambic.data import build_datasets
+    from alambic.models import build_model, load_weights
+    from alambic.prune import channel_prune
+
+    train_set, test_set, _ = build_datasets("cifar10-jpeg", data_dir=str(CIFAR))
+    model = build_model("resnet20", num_classes=10, input_shape=(3, 32, 32))
+    load_weights(model, WEIGHTS)
+    subset = torch.utils.data.Subset(test_set, torch.linspace(0, len(test_set) - 1, 500).long().tolist())
+    report = export_model(model, real_inputs(test_set, 32), tmp_path / "fp32.onnx")
+    assert report["max_abs_diff"] < 1e-3
+    quantize_onnx_static(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", real_inputs(train_set, 128))
+    fp32 = evaluate_onnx(tmp_path / "fp32.onnx", subset, num_classes=10)["accuracy"]
+    int8 = evaluate_onnx(tmp_path / "int8.onnx", subset, num_classes=10)["accuracy"]
+    assert fp32 > 0.75 and int8 > fp32 - 0.02
+    assert os.path.getsize(tmp_path / "int8.onnx") < 0.4 * os.path.getsize(tmp_path / "fp32.onnx")
+    # a channel-pruned ResNet exports and runs in onnxruntime too
+    small = channel_prune(model, 0.25).eval()
+    assert export_model(small, real_inputs(test_set, 16), tmp_path / "small.onnx")["max_abs_diff"] < 1e-3

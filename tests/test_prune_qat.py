@@ -1,6 +1,7 @@
 """Pruning (magnitude and channel), recovery by distillation, and QAT + KD: on the zoo models and digits."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,36 @@ def test_a_qat_kd_run_trains_and_its_temperature_reaches_the_loss(digits):
     assert _accuracy(cold, test_set) > 0.85  # learned from the teacher alone (kd_weight 1: no labels)
     hot = qat_distill(teacher, student, loader, temperature=8.0, **settings)
     assert not torch.allclose(hot.head.weight, cold.head.weight, atol=1e-4)
+
+
+def test_qat_wraps_convolutions_and_stays_close_to_the_float_model():
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, input_shape=(3, 32, 32)).eval()
+    inputs = torch.randn(8, 3, 32, 32)
+    prepared = prepare_qat(model)
+    assert (
+        sum(isinstance(m, FakeQuantWrapper) for m in prepared.modules()) == 20
+    )  # 19 convolutions + the head
+    prepared.train()
+    prepared(inputs).sum().backward()  # gradients reach the float weights through the fake quantization
+    assert prepared.conv1.layer.weight.grad is not None
+    prepared = prepare_qat(model).eval()
+    for module in prepared.modules():  # observe activation ranges with BatchNorm as in the float model
+        if isinstance(module, ActivationFakeQuant):
+            module.train()
+    prepared(inputs)
+    expected, simulated = model(inputs), prepared.eval()(inputs)
+    assert not torch.equal(expected, simulated)  # int8 rounding is simulated
+    assert (simulated - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_a_partial_stage_train_override_keeps_the_stage_defaults():
+    from alambic.config import load_config
+
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml",
+        ["compress.recover.train.epochs=3", "compress.quantize.qat_train.optimizer=sgd"],
+    )
+    recover, qat = config.compress.recover.train, config.compress.quantize.qat_train
+    assert (recover.epochs, recover.optimizer, recover.lr) == (3, "adamw", 0.001)
+    assert (qat.epochs, qat.optimizer, qat.lr, qat.weight_decay) == (1, "sgd", 0.0005, 0.0)

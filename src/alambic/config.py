@@ -188,6 +188,19 @@ class PruneConfig(_Strict):
     amount: float = Field(0.5, ge=0, lt=1)  # magnitude: fraction of weights zeroed; channel: of units removed
 
 
+def _train_over(defaults: dict):
+    """A ``before`` validator: a partial ``train`` mapping keeps this stage's defaults for the keys it omits."""
+
+    def merge(value: Any) -> Any:
+        return {**defaults, **value} if isinstance(value, dict) else value
+
+    return merge
+
+
+RECOVER_TRAIN = {"epochs": 1, "optimizer": "adamw", "lr": 0.001}
+QAT_TRAIN = {"epochs": 1, "optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0}
+
+
 class RecoverConfig(_Strict):
     """``compress.recover``: distill the unpruned student into the pruned one."""
 
@@ -197,7 +210,8 @@ class RecoverConfig(_Strict):
             Term(loss="kd", weight=0.9, params={"temperature": 4.0}),
         ]
     )
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, optimizer="adamw", lr=0.001))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**RECOVER_TRAIN))
+    _train_defaults = field_validator("train", mode="before")(_train_over(RECOVER_TRAIN))
 
 
 class QuantizeConfig(_Strict):
@@ -212,9 +226,8 @@ class QuantizeConfig(_Strict):
     qat_teacher: Literal["teacher", "float"] = "teacher"  # the run's teacher, or the float student itself
     qat_temperature: float = Field(2.0, gt=0)  # Distiller: high temperatures can hurt low-bit students
     qat_kd_weight: float = Field(0.9, ge=0, le=1)
-    qat_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=1, optimizer="adamw", lr=0.0005, weight_decay=0.0)
-    )
+    qat_train: TrainConfig = Field(default_factory=lambda: TrainConfig(**QAT_TRAIN))
+    _train_defaults = field_validator("qat_train", mode="before")(_train_over(QAT_TRAIN))
 
 
 class CompressConfig(_Strict):
