@@ -1,6 +1,7 @@
 """Transformer distillation: encoder losses by hand, masks, derived students, and tiny Hugging Face models
 (built from configs in the test, no downloads) through the loop."""
 
+import json
 import math
 
 import pytest
@@ -418,3 +419,87 @@ def test_sentence_embeddings_distil_through_the_mean_pooled_embedding_over_real_
     terms = [{"loss": "hidden_cosine", "student": "embedding", "teacher": "embedding"}]
     trained = distill(teacher, student, loader, terms=terms, epochs=8, lr=0.003, optimizer="adamw")
     assert agreement(trained) > before + 0.05
+
+
+def _tiny_sst2(tmp_path):
+    """A BERT teacher folder with a word-level tokenizer, and SST-2-style TSVs whose label is a keyword."""
+    words = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "plot", "acting"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 5 takes the vocabulary itself
+        tokenizer = transformers.BertTokenizer(vocab={word: index for index, word in enumerate(vocab)})
+    else:
+        tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    folder = tmp_path / "teacher"
+    _tiny_bert(layers=4, labels=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "sst2"
+    data.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name, count in (("train.tsv", 96), ("dev.tsv", 32)):
+        rows = ["sentence\tlabel"]
+        for _ in range(count):
+            label = int(torch.randint(0, 2, (1,), generator=generator))
+            key = words[int(torch.randint(0, 3, (1,), generator=generator)) + 3 * (1 - label)]
+            subject = ("film", "plot", "acting")[int(torch.randint(0, 3, (1,), generator=generator))]
+            rows.append(f"the {subject} was {key}\t{label}")
+        (data / name).write_text("\n".join(rows) + "\n")
+    return folder, data
+
+
+def test_a_run_config_fine_tunes_a_hf_teacher_derives_its_student_and_distils_on_sst2(tmp_path):
+    from alambic.config import config_from_dict
+    from alambic.pipeline import run
+
+    folder, data = _tiny_sst2(tmp_path)
+    train = {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}
+    config = config_from_dict({
+        "name": "sst2", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 16},
+        "teacher": {"model": {"arch": f"hf:{folder}", "kwargs": {"local_files_only": True}}, "train": {**train, "epochs": 8}},
+        "student": {"model": {"arch": "derive:teacher", "kwargs": {"layers": 2}}},
+        "distill": {"train": train, "terms": [
+            {"loss": "kd", "weight": 1.0, "params": {"temperature": 2.0}},
+            {"loss": "hidden_mse", "student": "hidden_states.2", "teacher": "hidden_states.4"},
+            {"loss": "attention_kl", "student": "attentions.1", "teacher": "attentions.3"},
+        ]},
+        "evaluate": {"latency_repeats": 1, "batch_sizes": [1]},
+    })  # fmt: skip
+    run_dir = run(config)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    models = summary["models"]
+    assert set(models) == {"teacher", "baseline", "distilled"}
+    assert summary["class_names"] == ["negative", "positive"]
+    # the derived student has 2 of the teacher's 4 layers; the teacher learnt the keyword task
+    assert models["distilled"]["parameters"] < models["teacher"]["parameters"]
+    assert models["distilled"]["parameters"] == models["baseline"]["parameters"]
+    assert models["teacher"]["accuracy"] > 0.7
+    from safetensors.torch import load_file
+
+    student = load_file(str(run_dir / "student" / "model.safetensors"))
+    assert not any(key.startswith("bert.encoder.layer.2.") for key in student)
+    assert any(key.startswith("bert.encoder.layer.1.") for key in student)
+
+
+def test_derive_teacher_needs_a_hf_teacher_and_one_layer_choice():
+    from alambic.config import config_from_dict
+
+    base = {
+        "teacher": {"model": {"arch": "mlp"}, "train": {}},
+        "student": {"model": {"arch": "derive:teacher"}},
+    }
+    with pytest.raises(ConfigError, match="needs a Hugging Face teacher"):
+        config_from_dict(base)
+    base["teacher"]["model"]["arch"] = "hf:somewhere"
+    with pytest.raises(ConfigError, match="exactly one of layers"):
+        config_from_dict(base)
+    base["student"]["model"]["kwargs"] = {"layers": 2}
+    assert config_from_dict(base).student.model.kwargs == {"layers": 2}
+
+
+def test_a_text_data_set_without_a_tokenizer_is_a_one_line_error(tmp_path):
+    from alambic.data import build_datasets
+
+    _folder, data = _tiny_sst2(tmp_path)
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
+        build_datasets("sst2", data_dir=str(data))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -48,12 +49,14 @@ def distill(
     seed: int | None = 0,
     accelerator: Any = None,
     teacher_vocab_size: int | None = None,
+    teacher_dtype: torch.dtype | None = None,
     **train: Any,
 ) -> nn.Module:
     """Distill ``teacher`` into ``student`` and return the trained student.
 
     Args:
         teacher: any module mapping inputs to logits (or an output with ``.logits``); frozen here.
+            A :class:`~alambic.cache.CachedTeacher` replays stored outputs (batches must carry indices).
             ``None`` trains the student alone (terms must then need no teacher, e.g. ``ce``).
         student: the module to train; it must predict the teacher's number of classes.
         train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key; ``(inputs,
@@ -66,6 +69,7 @@ def distill(
         precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast.
         grad_accum: micro-batches per optimizer step.
         seed: seeds Python, NumPy and torch before training (None leaves them alone).
+        teacher_dtype: run a copy of the teacher in this dtype (``torch.bfloat16``: half the memory).
         teacher_vocab_size: slice the teacher's logits to this many entries, for a student of the same
             tokenizer whose vocabulary is not padded as the teacher's (a warning says so).
         **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
@@ -119,9 +123,18 @@ def distill(
         Distiller(student, terms),
         train_loader,
         accelerator=accelerator,
-        teacher=Teacher(teacher, terms, vocab_size=teacher_vocab_size) if teacher is not None else None,
+        teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
         evaluate=evaluate,
         log=log,
         checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
         **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
     )
+
+
+def _as_teacher(teacher, terms, vocab_size: int | None, dtype) -> Teacher | None:
+    """A module becomes a frozen :class:`Teacher`; a :class:`~alambic.cache.CachedTeacher` is used as it is."""
+    from alambic.cache import CachedTeacher
+
+    if teacher is None or isinstance(teacher, CachedTeacher):
+        return teacher
+    return Teacher(teacher, terms, vocab_size=vocab_size, dtype=dtype)

@@ -74,7 +74,11 @@ class ProgressBar:
 def print_summary(summary: dict) -> None:
     """The models side by side: accuracy, F1, size, FLOPs, latency."""
     table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
-    for column in ("model", "acc %", "F1", "params", "KB", "MFLOPs", "ms@1", "ms@64"):
+    batch_sizes = sorted(
+        {size for m in summary["models"].values() for size in m.get("latency_ms", {})}, key=int
+    )
+    columns = ("model", "acc %", "F1", "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for name, m in summary["models"].items():
         latency = m.get("latency_ms", {})
@@ -85,8 +89,7 @@ def print_summary(summary: dict) -> None:
             f"{m['parameters']:,}",
             f"{m['size_bytes'] / 1024:.1f}",
             f"{m['flops'] / 1e6:.3g}",
-            f"{latency.get('1', float('nan')):.3g}",
-            f"{latency.get('64', float('nan')):.3g}",
+            *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
         )
     console.print(table)
 
@@ -344,6 +347,108 @@ def derive(
         f"{report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,}); "
         f"tokenizer {report['tokenizer']}; wrote {out}"
     )
+
+
+@app.command(name="cache-teacher")
+@user_errors
+def cache_teacher_command(
+    config: Annotated[Path, typer.Argument(help="YAML run config whose trained teacher and data to use")],
+    out: Annotated[Path, typer.Option(help="new folder for the cache")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: key.path=value (repeatable)")
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="store the k largest log-probabilities and the tail mass (LM vocabularies)"),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or float16 storage")] = "float32",
+    debug: Debug = False,
+) -> None:
+    """Run the teacher once over the training set and store what the distill terms need (offline KD)."""
+    import time
+
+    from alambic.cache import cache_size_bytes
+    from alambic.config import load_config
+    from alambic.pipeline import cache_teacher_outputs
+
+    started = time.perf_counter()
+    manifest = cache_teacher_outputs(load_config(config, set_ or []), out, top_k=top_k, dtype=dtype)
+    console.print(
+        f"cached {', '.join(manifest['fields'])} for {manifest['num_samples']:,} samples in "
+        f"{time.perf_counter() - started:.1f} s ({cache_size_bytes(out) / 2**20:.1f} MiB, {manifest['dtype']}); "
+        f"train from it with --set distill.teacher_cache={out}"
+    )
+
+
+@app.command(name="export")
+@user_errors
+def export_command(
+    source: Annotated[Path, typer.Argument(help="a run directory, or a .safetensors checkpoint with --arch")],
+    export_format: Annotated[
+        str, typer.Option("--format", help="onnx, torch-export or safetensors")
+    ] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="file to write (default RUN_DIR/export/MODEL.EXT)")] = None,
+    model: Annotated[str, typer.Option(help="for a run directory: student, baseline or teacher")] = "student",
+    data_dir: Annotated[str | None, typer.Option(help="data folder (for the check on real inputs)")] = None,
+    arch: Annotated[str | None, typer.Option(help="architecture of a checkpoint")] = None,
+    dataset: Annotated[str | None, typer.Option(help="data set of a checkpoint")] = None,
+    debug: Debug = False,
+) -> None:
+    """Export a student (ONNX with dynamic batch, torch.export program, safetensors) and check it."""
+    from alambic.export import export_run
+
+    report = export_run(
+        source, out, export_format=export_format, model=model, data_dir=data_dir, arch=arch, dataset=dataset
+    )
+    console.print(
+        f"wrote {report['path']} ({report['size_bytes']:,} bytes, {report['parameters']:,} parameters); "
+        f"max |difference| to PyTorch {report['max_abs_diff']:.3g} on {report['checked_samples']} "
+        f"test inputs in {report['runtime']}"
+    )
+
+
+@app.command()
+@user_errors
+def compress(
+    source: Annotated[
+        Path, typer.Argument(help="a run directory with a distilled student, or a YAML config")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override: key.path=value, e.g. compress.prune.amount=0.3"),
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="data folder")] = None,
+    out: Annotated[Path | None, typer.Option(help="for a config: the run directory to create")] = None,
+    debug: Debug = False,
+) -> None:
+    """Prune, recover by distillation, quantize to int8 and export the student; measure every stage."""
+    from alambic.compress import compress_run
+
+    summary = compress_run(
+        source,
+        overrides=set_ or [],
+        data_dir=data_dir,
+        run_dir=out,
+        progress=lambda line: console.print(line),
+    )
+    table = Table(
+        title=f"{summary['run_name']}: compression stages ({summary['evaluated_samples']:,} test samples)"
+    )
+    for column in ("model", "acc %", "params", "KB", "MFLOPs", "torch ms@1", "ORT ms@1", "ORT ms@64"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, row in summary["models"].items():
+        ort, torch_ms = row["onnxruntime_latency_ms"], row["latency_ms"]
+        table.add_row(
+            name,
+            f"{100 * row['accuracy']:.2f}",
+            f"{row['parameters']:,}",
+            f"{row['size_bytes'] / 1024:.1f}",
+            f"{row['flops'] / 1e6:.3g}",
+            f"{torch_ms['1']:.3g}" if "1" in torch_ms else "-",
+            f"{ort['1']:.3g}" if "1" in ort else "-",
+            f"{ort['64']:.3g}" if "64" in ort else "-",
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -78,8 +78,10 @@ class Term(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, or a
-    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...)."""
+    """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, a
+    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...), or,
+    for the student, ``derive:teacher``: fewer of the trained teacher's layers, initialised from them
+    (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.hf.derive_student`)."""
 
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -111,6 +113,8 @@ class TrainConfig(_Strict):
     # mixup / cutmix of each sample with a random partner (teacher and student see the same mixed view)
     mix: Literal["none", "mixup", "cutmix"] = "none"
     mix_alpha: float = Field(1.0, gt=0)  # lam ~ Beta(mix_alpha, mix_alpha)
+    compile: bool = False  # torch.compile the student's (and teacher's) forward pass
+    channels_last: bool = False  # NHWC memory format for convnets (faster on GPUs, and with bf16)
 
     @model_validator(mode="after")
     def _milestones(self) -> TrainConfig:
@@ -137,6 +141,9 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # for data sets without a test split (digits)
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
+    # text sets (sst2): a transformers tokenizer (folder or hub id); default: the hf: teacher's own
+    tokenizer: str | None = None
+    max_length: int = Field(128, ge=2)
 
 
 class TeacherConfig(_Strict):
@@ -174,6 +181,10 @@ class DistillConfig(_Strict):
         ]
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # the teacher's weights in bfloat16 / float16 take half the memory (outputs come back as float32)
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # a folder written by `alambic cache-teacher`: the teacher's stored outputs replace its forward pass
+    teacher_cache: str | None = None
 
 
 class EvaluateConfig(_Strict):
@@ -244,6 +255,78 @@ Strategy = Annotated[
 TEACHER_FREE_STRATEGIES = ("mutual", "self_distill")
 
 
+class PruneConfig(_Strict):
+    """``compress.prune``: ``magnitude`` zeroes weights (amount = sparsity); ``channel`` removes units."""
+
+    method: Literal["magnitude", "channel"] = "channel"
+    amount: float = Field(0.5, ge=0, lt=1)  # magnitude: fraction of weights zeroed; channel: of units removed
+
+
+def _train_over(defaults: dict):
+    """A ``before`` validator: a partial ``train`` mapping keeps this stage's defaults for the keys it omits."""
+
+    def merge(value: Any) -> Any:
+        return {**defaults, **value} if isinstance(value, dict) else value
+
+    return merge
+
+
+RECOVER_TRAIN = {"epochs": 1, "optimizer": "adamw", "lr": 0.001}
+QAT_TRAIN = {"epochs": 1, "optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0}
+
+
+class RecoverConfig(_Strict):
+    """``compress.recover``: distill the unpruned student into the pruned one."""
+
+    terms: list[Term] = Field(
+        default_factory=lambda: [
+            Term(loss="ce", weight=0.1),
+            Term(loss="kd", weight=0.9, params={"temperature": 4.0}),
+        ]
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**RECOVER_TRAIN))
+    _train_defaults = field_validator("train", mode="before")(_train_over(RECOVER_TRAIN))
+
+
+class QuantizeConfig(_Strict):
+    """``compress.quantize``: onnxruntime int8, optionally after quantization-aware training with KD."""
+
+    method: Literal["static", "dynamic"] = "static"
+    calibration_samples: int = Field(256, ge=1)  # training samples that calibrate static ranges
+    activation_type: Literal["uint8", "int8"] = "uint8"  # uint8 (U8S8) is the fast one on x86 CPUs
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI where U8S8 products can saturate
+    qat: bool = False  # quantization-aware training with KD before quantizing
+    qat_teacher: Literal["teacher", "float"] = "teacher"  # the run's teacher, or the float student itself
+    qat_temperature: float = Field(2.0, gt=0)  # Distiller: high temperatures can hurt low-bit students
+    qat_kd_weight: float = Field(0.9, ge=0, le=1)
+    qat_train: TrainConfig = Field(default_factory=lambda: TrainConfig(**QAT_TRAIN))
+    _train_defaults = field_validator("qat_train", mode="before")(_train_over(QAT_TRAIN))
+
+
+class CompressConfig(_Strict):
+    """``alambic compress``: distilled student -> prune -> recover -> quantize -> export, each measured."""
+
+    stages: list[Literal["prune", "recover", "quantize", "export"]] = Field(
+        default_factory=lambda: ["prune", "recover", "quantize", "export"]
+    )
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    export_formats: list[Literal["onnx", "torch-export", "safetensors"]] = Field(
+        default_factory=lambda: ["onnx", "torch-export", "safetensors"]
+    )
+    eval_subset: int | None = Field(None, ge=1)  # evaluate on this many test samples (evenly spread)
+
+    @model_validator(mode="after")
+    def _recover_after_prune(self) -> CompressConfig:
+        if "recover" in self.stages and "prune" not in self.stages:
+            raise ValueError(
+                "stage 'recover' distills into the pruned student; add 'prune' to compress.stages"
+            )
+        return self
+
+
 class RunConfig(_Strict):
     """A whole run: data, models, the stages to run and how each trains."""
 
@@ -262,6 +345,7 @@ class RunConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     strategy: Strategy | None = None  # beyond one frozen teacher (see alambic.strategies); None: plain KD
+    compress: CompressConfig | None = None  # read by `alambic compress` only
 
     @model_validator(mode="after")
     def _stage_augmentation(self) -> RunConfig:
@@ -272,6 +356,31 @@ class RunConfig(_Strict):
                 "a stage sets train.augment: true but data.augment is false; set data.augment: true "
                 "and turn it off in the stages that train without it (train.augment: false)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _derived_student(self) -> RunConfig:
+        if self.teacher is None:
+            if self.student.model.arch.startswith("derive:"):
+                raise ValueError("student.model.arch derive:teacher needs a teacher (arch: hf:PATH)")
+            return self
+        if self.teacher.model.arch == "derive:teacher":
+            raise ValueError("teacher.model.arch: derive:teacher is for the student (it copies the teacher)")
+        if self.student.model.arch.startswith("derive:"):
+            if self.student.model.arch != "derive:teacher":
+                raise ValueError(f"student.model.arch {self.student.model.arch!r}: write derive:teacher")
+            if not self.teacher.model.arch.startswith("hf:"):
+                raise ValueError(
+                    "student.model.arch derive:teacher needs a Hugging Face teacher (arch: hf:PATH)"
+                )
+            given = {
+                key for key in ("layers", "keep", "every") if self.student.model.kwargs.get(key) is not None
+            }
+            if len(given) != 1 or set(self.student.model.kwargs) - {"layers", "keep", "every"}:
+                raise ValueError(
+                    "student.model.kwargs for derive:teacher: give exactly one of layers (N), keep ([I, J]) "
+                    f"or every (K), got {self.student.model.kwargs}"
+                )
         return self
 
     @model_validator(mode="after")

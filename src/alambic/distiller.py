@@ -6,6 +6,7 @@ only what trains.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,11 +57,23 @@ class Teacher:
     Calling it returns ``{"logits": ..., path: feature, ...}`` for the outputs the terms ask for.
     """
 
-    def __init__(self, model: nn.Module, terms: Sequence[Term] = (), *, vocab_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        terms: Sequence[Term] = (),
+        *,
+        vocab_size: int | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         """``vocab_size`` slices the teacher's logits to the first ``vocab_size`` entries: for a student of
-        the same tokenizer whose vocabulary is not padded as the teacher's is (32000 vs 32064)."""
+        the same tokenizer whose vocabulary is not padded as the teacher's is (32000 vs 32064).
+        ``dtype`` (``torch.bfloat16``) runs a copy of the teacher in that dtype, half the memory where it
+        runs (the model given is untouched); its outputs are returned as float32."""
         self.model = unwrap_model(model).eval().requires_grad_(False)
         self.vocab_size = vocab_size
+        self.dtype = dtype
+        if dtype is not None:
+            self.model = copy.deepcopy(self.model).to(dtype)
         self.feature_paths = _feature_paths(
             [t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher"
         )
@@ -69,14 +82,26 @@ class Teacher:
         self.model.to(device)
         return self
 
-    @torch.no_grad()
-    def __call__(self, inputs: Any) -> dict[str, Tensor]:
+    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward pass
+    def __call__(self, inputs: Any, index: Tensor | None = None) -> dict[str, Tensor]:
+        """The outputs the terms ask for; ``index`` (the samples' positions) is for cached teachers."""
+        if self.dtype is not None:
+            inputs = _cast_floating(inputs, self.dtype)
         outputs = model_outputs(self.model, inputs, self.feature_paths, side="teacher")
+        if self.dtype is not None:
+            outputs = {name: value.float() for name, value in outputs.items()}
         if self.vocab_size is not None and "logits" in outputs:
             outputs["logits"] = outputs["logits"][
                 ..., : self.vocab_size
             ]  # the padding rows of a padded vocabulary
         return outputs
+
+
+def _cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (images) to ``dtype``; token ids and masks stay as they are."""
+    if isinstance(inputs, Mapping):
+        return {key: _cast_floating(value, dtype) for key, value in inputs.items()}
+    return inputs.to(dtype) if isinstance(inputs, Tensor) and inputs.is_floating_point() else inputs
 
 
 def model_outputs(model: nn.Module, inputs: Any, paths: list[str], *, side: str) -> dict[str, Tensor]:
@@ -140,7 +165,13 @@ class Distiller(nn.Module):
         return term.connector != "auto" or spec.same_shape
 
     @torch.no_grad()
-    def build_modules(self, inputs: Any, teacher: Teacher | None, num_samples: int | None = None) -> None:
+    def build_modules(
+        self,
+        inputs: Any,
+        teacher: Teacher | None,
+        num_samples: int | None = None,
+        sample_index: Tensor | None = None,
+    ) -> None:
         """Create connectors and learned losses from one probing forward pass (before the optimizer exists).
 
         ``auto`` creates a connector only when the loss needs equal shapes and they differ. Learned
@@ -156,7 +187,7 @@ class Distiller(nn.Module):
         was_training = self.training
         self.eval()  # no BatchNorm statistics are updated by the probe
         try:
-            student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs)
+            student_outputs, teacher_outputs = self.student_outputs(inputs), teacher(inputs, sample_index)
         finally:
             self.train(was_training)
         device = next(iter(student_outputs.values())).device
@@ -259,7 +290,9 @@ class Distiller(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            teacher_outputs = teacher(inputs) if (teacher is not None and self.needs_teacher) else None
+            teacher_outputs = (
+                teacher(inputs, sample_index) if (teacher is not None and self.needs_teacher) else None
+            )
             student_outputs = self.student_outputs(inputs)
             if teacher_outputs is not None and "logits" in teacher_outputs and "logits" in student_outputs:
                 classes_student, classes_teacher = (

@@ -70,6 +70,22 @@ def build_named_model(model_config, info) -> nn.Module:
     return model
 
 
+def _hf_path(arch: str) -> str | None:
+    return arch.removeprefix("hf:") if arch.startswith("hf:") else None
+
+
+def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
+    """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them."""
+    from alambic.hf import derive_student
+
+    student, _report = derive_student(teacher, **model_config.kwargs)
+    if model_config.checkpoint:
+        from alambic.models import load_weights
+
+        load_weights(student, model_config.checkpoint)
+    return student
+
+
 def example_input(dataset: Any) -> Any:
     """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
     inputs = dataset[0]
@@ -206,18 +222,37 @@ def _load_or_train(
     if weights.is_file():
         model.load_state_dict(load_file(str(weights)))
         return model
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     model = _train_stage(context, stage, model, terms, train, teacher)
     _add_timing(context, stage, time.perf_counter() - started)
+    _add_record(context, "peak_memory.json", stage, peak_memory())
     return model
 
 
+def peak_memory() -> dict[str, Any]:
+    """Peak memory: the GPU's allocated bytes since the last reset, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return {"device": "cuda", "peak_bytes": torch.cuda.max_memory_allocated()}
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    # the CPU figure is the process's peak so far (it cannot be reset per stage)
+    return {"device": "cpu", "peak_bytes": peak if sys.platform == "darwin" else peak * 1024}
+
+
 def _add_timing(context: RunContext, stage: str, seconds: float) -> None:
+    _add_record(context, "timings.json", stage, round(seconds, 3))
+
+
+def _add_record(context: RunContext, file: str, stage: str, value: Any) -> None:
     if context.accelerator.is_main_process:
-        path = context.run_dir / "timings.json"
-        timings = json.loads(path.read_text()) if path.is_file() else {}
-        timings[stage] = round(seconds, 3)
-        atomic_write_text(path, json.dumps(timings, indent=2))
+        path = context.run_dir / file
+        records = json.loads(path.read_text()) if path.is_file() else {}
+        records[stage] = value
+        atomic_write_text(path, json.dumps(records, indent=2))
 
 
 def run(
@@ -263,22 +298,29 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: 
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any) -> None:
+def build_run_datasets(config: RunConfig) -> tuple[Any, Any, Any]:
+    """The train and test sets of a run config, and their info."""
     from alambic.data import build_datasets
 
+    data = config.data
+    return build_datasets(
+        data.dataset,
+        data_dir=data.data_dir,
+        factory=data.factory,
+        factory_kwargs=data.factory_kwargs,
+        augment=data.augment,
+        train_subset=data.train_subset,
+        test_fraction=data.test_fraction,
+        seed=config.seed,
+        tokenizer=data.tokenizer or (_hf_path(config.teacher.model.arch) if config.teacher else None),
+        max_length=data.max_length,
+    )
+
+
+def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any) -> None:
     _status(run_dir, accelerator, state="running", stage="data")
     try:
-        data = config.data
-        train_set, test_set, info = build_datasets(
-            data.dataset,
-            data_dir=data.data_dir,
-            factory=data.factory,
-            factory_kwargs=data.factory_kwargs,
-            augment=data.augment,
-            train_subset=data.train_subset,
-            test_fraction=data.test_fraction,
-            seed=config.seed,
-        )
+        train_set, test_set, info = build_run_datasets(config)
         log = MetricsLog(
             run_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
@@ -314,14 +356,16 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         check_num_classes(model, example, info.num_classes, "teacher")
         return model
 
-    def build_student() -> (
-        nn.Module
-    ):  # baseline and distilled students start from the same weights (same seed)
-        model = build_named_model(config.student.model, info)
+    def build_student() -> nn.Module:  # baseline and distilled students start from the same weights
+        if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
+            model = derive_from_teacher(models["teacher"], config.student.model)
+        else:
+            model = build_named_model(config.student.model, info)
         check_num_classes(model, example, info.num_classes, "student")
         return model
 
-    needs_teacher = "teacher" in stages or "distill" in stages or "evaluate" in stages
+    derived = config.student.model.arch == "derive:teacher"
+    needs_teacher = derived or "teacher" in stages or "distill" in stages or "evaluate" in stages
     if needs_teacher:
         teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
         if config.teacher.model.checkpoint and not teacher_trained:
@@ -341,11 +385,27 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         models["baseline"] = _load_or_train(context, "baseline", build_student, config.baseline.terms, train)
     if "distill" in stages or (context.run_dir / "student" / "model.safetensors").is_file():
         _status(context.run_dir, context.accelerator, state="running", stage="distill")
-        teacher = Teacher(models["teacher"], config.distill.terms)
+        teacher = distill_teacher(context, models["teacher"])
         models["distilled"] = _load_or_train(
             context, "distill", build_student, config.distill.terms, config.distill.train, teacher
         )
     return models
+
+
+def distill_teacher(context: RunContext, model: nn.Module):
+    """The distill stage's teacher: live (in ``teacher_dtype``), or replayed from ``teacher_cache``."""
+    distill = context.config.distill
+    if distill.teacher_cache:
+        from alambic.cache import CachedTeacher
+
+        return CachedTeacher(
+            distill.teacher_cache,
+            teacher=model,
+            dataset=_stage_train_set(context.train_set, distill.train.augment),
+            terms=distill.terms,
+        )
+    dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
+    return Teacher(model, distill.terms, dtype=dtype)
 
 
 def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
@@ -383,6 +443,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     summary = {}
     if accelerator.is_main_process:
         timings_path = context.run_dir / "timings.json"
+        memory_path = context.run_dir / "peak_memory.json"
         summary = {
             "run_name": config.name,
             "dataset": config.data.dataset,
@@ -393,6 +454,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "num_processes": accelerator.num_processes,
             "models": summary_models,
             "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
+            "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
             "terms": [term.model_dump() for term in config.distill.terms],
         }
         atomic_write_text(context.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -428,3 +490,38 @@ def evaluate_checkpoint(
         "dataset": dataset,
         "models": {"checkpoint": {"architecture": arch, **metrics, **profile}},
     }
+
+
+def cache_teacher_outputs(
+    config: RunConfig, out_dir: str | Path, *, top_k: int | None = None, dtype: str = "float32"
+) -> dict:
+    """``alambic cache-teacher``: run the config's trained teacher once over its training set; returns the manifest.
+
+    Stores the logits and every teacher feature the distill terms compare. The teacher comes from
+    ``teacher.model.checkpoint`` (a run's ``teacher/model.safetensors`` works).
+    """
+    from alambic.cache import cache_teacher
+    from alambic.distiller import _feature_paths
+    from alambic.losses import get_loss_spec
+
+    if config.teacher is None or not (
+        config.teacher.model.checkpoint or config.teacher.model.arch.startswith("hf:")
+    ):
+        raise ConfigError(
+            "cache-teacher needs a trained teacher: give teacher.model.checkpoint "
+            "(for example --set teacher.model.checkpoint=runs/NAME/teacher/model.safetensors)"
+        )
+    train_set, _, info = build_run_datasets(config)
+    teacher = build_named_model(config.teacher.model, info)
+    terms = [term for term in config.distill.terms if get_loss_spec(term.loss).needs_teacher]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return cache_teacher(
+        teacher,
+        _stage_train_set(train_set, config.distill.train.augment),
+        out_dir,
+        features=list(dict.fromkeys(_feature_paths(terms, "teacher"))),
+        top_k=top_k,
+        dtype=dtype,
+        batch_size=config.data.eval_batch_size,
+        device=device,
+    )

@@ -175,14 +175,23 @@ def _terms_table(terms: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _stage_times_table(stages_seconds: dict[str, Any]) -> list[str]:
-    """Markdown table of wall time per stage, with a total row."""
-    lines = ["| Stage | Seconds | h:mm:ss |", "|---|---|---|"]
+def _stage_times_table(
+    stages_seconds: dict[str, Any], peak_memory: dict[str, Any] | None = None
+) -> list[str]:
+    """Markdown table of wall time (and peak memory) per stage, with a total row."""
+    peak_memory = peak_memory or {}
+    lines = ["| Stage | Seconds | h:mm:ss | Peak memory |", "|---|---|---|---|"]
     numbers = {stage: seconds for stage, seconds in stages_seconds.items() if _is_number(seconds)}
     for stage, seconds in [*numbers.items(), ("**total**", sum(numbers.values()))]:
         whole = round(seconds)
+        memory = peak_memory.get(stage) or {}
+        shown = (
+            f"{memory['peak_bytes'] / 2**20:,.0f} MiB ({'GPU' if memory.get('device') == 'cuda' else 'process RSS'})"
+            if _is_number(memory.get("peak_bytes"))
+            else ""
+        )
         lines.append(
-            f"| {stage} | {seconds:.1f} | {whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d} |"
+            f"| {stage} | {seconds:.1f} | {whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d} | {shown} |"
         )
     return lines
 
@@ -450,7 +459,12 @@ def write_report(run_dir: str | Path) -> Path:
     if summary.get("terms"):
         lines += ["", "## Distillation terms", "", *_terms_table(summary["terms"])]
     if summary.get("stages_seconds"):
-        lines += ["", "## Stage wall times", "", *_stage_times_table(summary["stages_seconds"])]
+        lines += [
+            "",
+            "## Stage wall times",
+            "",
+            *_stage_times_table(summary["stages_seconds"], summary.get("stages_peak_memory")),
+        ]
 
     lines += ["", "## Training curves", ""]
     if skipped:

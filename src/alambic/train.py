@@ -64,21 +64,44 @@ class EpochSampler(Sampler[int]):
 def make_loader(
     dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
 ) -> DataLoader:
-    """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`)."""
+    """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`).
+
+    A data set with ``get_batch`` (alambic's in-memory sets) returns whole batches, gathered from its
+    tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
+    in page-locked memory when a GPU is there to receive them.
+    """
+    from alambic.data.datasets import BatchedView
+
+    batched = hasattr(dataset, "get_batch")
     return DataLoader(
-        dataset,
+        BatchedView(dataset) if batched else dataset,
         batch_size=batch_size,
         sampler=EpochSampler(len(dataset), seed, shuffle),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=already_batched if batched else None,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
+def already_batched(batch: Any) -> Any:
+    """The collate of data sets whose ``__getitems__`` returns a whole batch."""
+    return batch
+
+
 def make_optimizer(
-    parameters, *, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float
+    parameters,
+    *,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    fused: bool = False,
 ):
-    """SGD (momentum, nesterov) or AdamW."""
+    """SGD (momentum, nesterov) or AdamW; ``fused`` runs the whole update as one kernel (on GPUs)."""
     parameters = [p for p in parameters if p.requires_grad]
+    fused_option = {"fused": True} if fused else {}
     if optimizer == "sgd":
         return torch.optim.SGD(
             parameters,
@@ -86,8 +109,9 @@ def make_optimizer(
             momentum=momentum,
             nesterov=nesterov and momentum > 0,
             weight_decay=weight_decay,
+            **fused_option,
         )
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **fused_option)
 
 
 def lr_factor(
@@ -188,6 +212,54 @@ def _token_scaled(loader, accelerator: Accelerator, token_terms: bool):
             return
 
 
+class FiniteGuard:
+    """Notices a non-finite loss without a host-device sync per step; :meth:`check` raises for it.
+
+    ``watch`` keeps, on the device, whether any loss so far was non-finite, how many micro-batches
+    came before the first one, and that micro-batch's terms. ``check`` (at log steps and at the end of
+    every epoch, before weights are evaluated or checkpointed) reads them once. Steps taken after the
+    bad one are wasted but never saved: the last good checkpoint stays the one to resume from.
+    """
+
+    def __init__(self, accelerator: Accelerator, stage: str, steps_done: int = 0):
+        self.accelerator, self.stage, self.steps_done = accelerator, stage, steps_done
+        self.bad: torch.Tensor | None = None
+        self.good_before = self.values = self.names = None
+
+    def watch(self, losses: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([value.detach().float().reshape(()) for value in losses.values()])  # [terms]
+        finite = torch.isfinite(values[list(losses).index("total")])
+        if self.bad is None:
+            self.names = list(losses)
+            self.bad = ~finite
+            self.good_before = finite.long()
+            self.values = values
+            return
+        newly_bad = ~self.bad & ~finite
+        self.values = torch.where(newly_bad, values, self.values)
+        self.bad = self.bad | ~finite
+        self.good_before = self.good_before + (~self.bad).long()
+
+    def check(self, epoch: int) -> None:
+        if self.bad is None:
+            return
+        bad = self.bad.float()
+        if self.accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
+            bad = self.accelerator.reduce(bad, reduction="max")
+        if bad.item() > 0:
+            if self.bad.item():
+                micro_batch = self.steps_done + int(self.good_before) + 1
+                step = math.ceil(micro_batch / self.accelerator.gradient_accumulation_steps)
+                values = dict(zip(self.names, self.values.tolist()))
+                where, terms = f"step {step}", f" (terms: {values})"
+            else:
+                where, terms = "a step", " in another process"
+            raise NonFiniteLossError(
+                f"{self.stage}: the loss became non-finite at epoch {epoch}, {where}{terms}; lower the lr, "
+                "add grad_clip, or check the inputs. The last good checkpoint is kept"
+            )
+
+
 def fit(
     module: Distiller,
     train_loader: DataLoader,
@@ -213,10 +285,13 @@ def fit(
     log: MetricsLog | None = None,
     stage: str = "distill",
     progress: Callable[[str, int, int, dict], None] | None = None,  # (stage, step, total_steps, values)
+    compile: bool = False,
+    channels_last: bool = False,
 ) -> nn.Module:
     """Train ``module`` (student + connectors) on its terms; resumes from ``checkpoint_dir`` when it holds one.
 
-    ``grad_accum`` and ``precision`` live on the ``accelerator``. ``evaluate(student)`` returns a dict
+    ``grad_accum`` and ``precision`` live on the ``accelerator``. ``compile`` compiles the student's and
+    the teacher's forward passes in place (``torch.compile``); ``channels_last`` stores convnets NHWC. ``evaluate(student)`` returns a dict
     with at least ``accuracy``; it runs every ``eval_every`` epochs and after the last.
     Returns the trained student (unwrapped).
     """
@@ -225,9 +300,19 @@ def fit(
     if teacher is not None and module.needs_probe:
         probe_device = next(module.parameters()).device
         teacher.to(probe_device)
-        probe_inputs, _ = split_batch(send_to_device(next(iter(train_loader)), probe_device))
+        probe_batch = send_to_device(next(iter(train_loader)), probe_device)
         num_samples = len(train_loader.dataset) if hasattr(train_loader.dataset, "__len__") else None
-        module.build_modules(probe_inputs, teacher, num_samples=num_samples)
+        module.build_modules(
+            split_batch(probe_batch)[0], teacher, num_samples=num_samples, sample_index=index_of(probe_batch)
+        )
+    if channels_last:  # convnets run faster in NHWC on GPUs and with bf16 on recent CPUs
+        module.student.to(memory_format=torch.channels_last)
+        if isinstance(teacher, Teacher):
+            teacher.model.to(memory_format=torch.channels_last)
+    if compile:  # in place, so parameter names (checkpoints, exports) stay those of the plain module
+        module.student.compile(dynamic=False)
+        if isinstance(teacher, Teacher):
+            teacher.model.compile(dynamic=False)
     optimizer_ = make_optimizer(
         module.parameters(),
         optimizer=optimizer,
@@ -235,6 +320,7 @@ def fit(
         momentum=momentum,
         nesterov=nesterov,
         weight_decay=weight_decay,
+        fused=accelerator.device.type == "cuda",
     )
     # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
     # must be counted on the prepared (sharded) loader, not on the one given.
@@ -268,6 +354,7 @@ def fit(
 
     model, optimizer_ = accelerator.prepare(module, optimizer_)
     unwrapped = accelerator.unwrap_model(model)
+    guard = FiniteGuard(accelerator, stage, steps_done=step * accelerator.gradient_accumulation_steps)
     if latest is None:  # one-line errors before step 0, on a real batch
         first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
         unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
@@ -285,19 +372,12 @@ def fit(
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     teacher_outputs = (
-                        teacher(inputs) if (teacher is not None and unwrapped.needs_teacher) else None
+                        teacher(inputs, index_of(batch))
+                        if (teacher is not None and unwrapped.needs_teacher)
+                        else None
                     )
                     losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch), token_scale)
-                finite = torch.isfinite(losses["total"]).float()
-                if accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
-                    finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-                if finite.item() < 1.0:
-                    values = {name: float(value.detach()) for name, value in losses.items()}
-                    raise NonFiniteLossError(
-                        f"{stage}: the loss became non-finite at epoch {epoch + 1}, step {step + 1} "
-                        f"(terms: {values}); lower the lr, add grad_clip, or check the inputs. "
-                        "The last good checkpoint is kept"
-                    )
+                guard.watch(losses)  # no host-device sync here: checked when logging and at the epoch's end
                 accelerator.backward(losses["total"])
                 if accelerator.sync_gradients and grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), grad_clip)
@@ -310,6 +390,7 @@ def fit(
                 scheduler.step()
                 step += 1
                 if step % log_every == 0:
+                    guard.check(epoch + 1)
                     means = {name: float(total) / count for name, total in sums.items()}
                     log.write(
                         {
@@ -324,6 +405,7 @@ def fit(
                     if progress:
                         progress(stage, step, epochs * steps_per_epoch, means)
                     sums, count = {}, 0
+        guard.check(epoch + 1)  # before evaluating or checkpointing weights a non-finite step touched
         last = epoch + 1 == epochs
         if evaluate is not None and ((eval_every and (epoch + 1) % eval_every == 0) or last):
             metrics = evaluate(unwrapped.student)

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from alambic.data import readers
+from alambic.data.text import TEXT_DATASETS, build_text_datasets
 from alambic.errors import ConfigError, DataError
 from alambic.imports import import_callable
 
@@ -32,7 +33,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "custom"]
+DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "sst2", "custom"]
 
 
 @dataclass
@@ -112,6 +113,17 @@ class InMemoryDataset(Dataset):
             sample = (sample - self._mean) / self._std
         return sample, int(self.labels[index])
 
+    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch ``(inputs [B, ...], labels [B])``, equal to stacking ``self[i]`` for each index."""
+        if self.augmentation is not None:  # per sample, drawing the global RNG in the same order
+            samples = [self[index] for index in indices]
+            return torch.stack([sample for sample, _ in samples]), self.labels[indices]
+        batch = self.inputs[indices]
+        batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+        if self._mean is not None:
+            batch = (batch - self._mean) / self._std
+        return batch, self.labels[indices]
+
     def subset(self, indices: torch.Tensor) -> InMemoryDataset:
         """A new dataset over ``indices`` with the same normalisation and augmentation."""
         return InMemoryDataset(
@@ -145,6 +157,35 @@ class IndexedDataset(Dataset):
             raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs")
         return item[0], item[1], index
 
+    def get_batch(self, indices: list[int]) -> tuple:
+        """A whole batch ``(inputs, labels, index)``; batched by the wrapped set when it can."""
+        if hasattr(self.dataset, "get_batch"):
+            inputs, labels = self.dataset.get_batch(indices)
+            return inputs, labels, torch.tensor(indices)
+        return default_collate([self[index] for index in indices])
+
+
+class BatchedView(Dataset):
+    """A data set with ``get_batch`` seen by a DataLoader as one that returns whole batches.
+
+    The DataLoader calls ``__getitems__`` with a batch's indices; with :func:`alambic.train.already_batched`
+    as its collate, a batch costs one tensor gather instead of a ``__getitem__`` per sample and a stack.
+    The view is made by :func:`alambic.train.make_loader`, so a user's own DataLoader over the data set
+    keeps PyTorch's per-sample behaviour.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.get_batch(indices)
+
 
 def _augment(image: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
     """Random crop of the original size from the zero-padded image, then a random flip."""
@@ -172,6 +213,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         >>> len(dataset_fingerprint(train))
         64
     """
+    while isinstance(dataset, (IndexedDataset, BatchedView)):  # the data, not how it is served
+        dataset = dataset.dataset
     digest = hashlib.sha256()
     length = len(dataset)
     digest.update(f"len={length}".encode())
@@ -201,6 +244,8 @@ def build_datasets(
     test_fraction: float = 0.2,
     seed: int = 0,
     normalize: bool = True,
+    tokenizer: str | None = None,
+    max_length: int = 128,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build the train and test datasets for a named dataset.
 
@@ -218,6 +263,8 @@ def build_datasets(
         seed: Seeds the ``digits`` split and the ``train_subset`` choice.
         normalize: Subtract the dataset's per-channel mean and divide by its std (images only);
             otherwise images are in [0, 1].
+        tokenizer: For text sets (``sst2``): a ``transformers`` tokenizer folder or hub id.
+        max_length: For text sets: sentences are cut to this many tokens.
 
     Returns:
         ``(train_dataset, test_dataset, info)``; datasets yield ``(float32 input, int label)``.
@@ -243,6 +290,12 @@ def build_datasets(
         raise ConfigError(f"factory is only used with dataset 'custom', got factory={factory!r} for {name!r}")
     if name == "digits":
         train, test, info = _build_digits(test_fraction=test_fraction, seed=seed)
+    elif name in TEXT_DATASETS:
+        train, test, class_names = build_text_datasets(
+            name, _resolve_data_dir(name, data_dir), tokenizer=tokenizer, max_length=max_length
+        )
+        shape = (train.columns["input_ids"].shape[1],)
+        info = DatasetInfo(name, len(class_names), shape, class_names, None, None)
     else:
         train, test, info = _build_images(
             name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize

@@ -1,0 +1,318 @@
+"""Offline distillation: run the teacher once over the training set, store what the terms need, replay it.
+
+A cache is a folder: ``manifest.json`` plus, for each stored field, shards of ``shard_size`` samples
+(``logits-00000.npy``, ...), memory-mapped when read and keyed by the sample's index in the training set
+(the third item of an ``IndexedDataset`` batch). The manifest records the teacher's checksum, the data
+set's fingerprint, the dtype and the top-k; :class:`CachedTeacher` refuses a cache whose teacher or data
+do not match, before step 0.
+
+With a large vocabulary (causal LMs), ``top_k`` stores each token's k largest log-probabilities, their
+token ids and the remaining tail mass; the replayed logits are those log-probabilities with the tail
+spread evenly over the other tokens, so every loss sees a full distribution of the right total mass.
+
+Random augmentation would make the stored outputs belong to other views than the student sees, so
+caching (and training from a cache) refuses an augmented training set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from alambic.batches import split_batch
+from alambic.errors import ConfigError
+from alambic.hooks import unwrap_model
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def teacher_checksum(model: nn.Module) -> str:
+    """sha256 over the teacher's state dict (names, shapes, dtypes and values), as a hex digest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unwrap_model(model).state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim buffers too
+    return digest.hexdigest()
+
+
+def _augmented(dataset: Dataset) -> bool:
+    while dataset is not None:
+        if getattr(dataset, "augmentation", None) is not None:
+            return True
+        dataset = getattr(dataset, "dataset", None)  # IndexedDataset, Subset
+    return False
+
+
+def check_not_augmented(dataset: Dataset) -> None:
+    """A cache holds one view per sample: refuse a training set with random augmentation."""
+    if _augmented(dataset):
+        raise ConfigError(
+            "the training set is randomly augmented, so cached teacher outputs would belong to other views "
+            "than the student sees; turn augmentation off (data.augment: false) or use the live teacher"
+        )
+
+
+def cache_teacher(
+    teacher: nn.Module,
+    dataset: Dataset,
+    out_dir: str | Path,
+    *,
+    features: Sequence[str] = (),
+    top_k: int | None = None,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    shard_size: int = 50_000,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Run ``teacher`` once over ``dataset`` (in index order) and write a cache folder; returns its manifest.
+
+    Args:
+        teacher: the frozen teacher model.
+        dataset: the training set, yielding ``(inputs, label)`` (not augmented).
+        out_dir: a new folder; it is written under a temporary name and renamed when complete.
+        features: teacher feature paths to store as well (``layer3``, ``hidden_states.6``, ...).
+        top_k: store only the k largest log-probabilities per row (and the tail mass), for LM vocabularies.
+        dtype: ``float32`` or ``float16`` storage.
+        batch_size: teacher batch size.
+        shard_size: samples per shard file.
+        device: where the teacher runs.
+
+    Example:
+        >>> manifest = cache_teacher(teacher, train_set, "cache/resnet56", batch_size=512)
+        >>> cached = CachedTeacher("cache/resnet56", teacher=teacher, dataset=train_set)
+    """
+    from alambic.data import dataset_fingerprint
+    from alambic.distiller import Teacher
+
+    out_dir = Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConfigError(f"cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists; remove it or pick another --out")
+    check_not_augmented(dataset)
+    live = Teacher(teacher).to(device)
+    live.feature_paths = list(features)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        writer = _ShardWriter(staging, shard_size, DTYPES[dtype])
+        shapes: dict[str, list[int]] = {}
+        vocab_size = None
+        for batch in loader:
+            inputs, _ = split_batch(batch)
+            outputs = live(_to(inputs, device))
+            rows = {}
+            for name, value in outputs.items():
+                value = value.float()
+                if name == "logits" and top_k is not None:
+                    rows.update(_top_k(value, top_k))
+                    vocab_size = value.shape[-1]
+                else:
+                    rows[name] = value
+            for name, value in rows.items():
+                shapes[name] = list(value.shape[1:])
+            writer.add(rows)
+        writer.close()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "teacher_checksum": teacher_checksum(teacher),
+            "dataset_fingerprint": dataset_fingerprint(dataset),
+            "num_samples": len(dataset),
+            "dtype": dtype,
+            "top_k": top_k,
+            "vocab_size": vocab_size,
+            "shard_size": shard_size,
+            "fields": {
+                name: {"shape": shape, "shards": writer.shards[name]} for name, shape in shapes.items()
+            },
+            "features": list(features),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _to(inputs: Any, device: str | torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
+def _top_k(logits: Tensor, k: int) -> dict[str, Tensor]:
+    """The k largest log-probabilities, their ids and the probability mass of all the other entries."""
+    log_probs = torch.log_softmax(logits, dim=-1)  # [..., V]
+    values, ids = log_probs.topk(min(k, logits.shape[-1]), dim=-1)  # [..., k]
+    tail = (1 - values.exp().sum(-1)).clamp_min(0)  # [...]
+    return {"topk_log_probs": values, "topk_ids": ids.to(torch.int32), "tail_mass": tail}
+
+
+class _ShardWriter:
+    """Collects rows per field and writes ``NAME-NNNNN.npy`` files of ``shard_size`` rows."""
+
+    def __init__(self, folder: Path, shard_size: int, dtype: Any):
+        self.folder, self.shard_size, self.dtype = folder, shard_size, dtype
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.shards: dict[str, list[str]] = {}
+
+    def add(self, rows: dict[str, Tensor]) -> None:
+        for name, value in rows.items():
+            array = value.cpu().numpy()
+            if array.dtype.kind == "f":
+                array = array.astype(self.dtype)
+            self.pending.setdefault(name, []).append(array)
+            while sum(len(part) for part in self.pending[name]) >= self.shard_size:
+                self._flush(name, self.shard_size)
+
+    def _flush(self, name: str, count: int) -> None:
+        joined = np.concatenate(self.pending[name])
+        file = f"{name}-{len(self.shards.get(name, [])):05d}.npy"
+        np.save(self.folder / file, joined[:count])
+        self.shards.setdefault(name, []).append(file)
+        self.pending[name] = [joined[count:]] if len(joined) > count else []
+
+    def close(self) -> None:
+        for name in list(self.pending):
+            if self.pending[name]:
+                self._flush(name, sum(len(part) for part in self.pending[name]))
+
+
+class CachedTeacher:
+    """Replays a cache written by :func:`cache_teacher`; called like :class:`alambic.distiller.Teacher`.
+
+    ``teacher`` and ``dataset``, when given, are checked against the manifest (checksum and
+    fingerprint); ``terms`` are checked to ask only for what the cache stores.
+
+    Example:
+        >>> cached = CachedTeacher("cache/resnet56", teacher=teacher, dataset=train_set, terms=terms)
+        >>> outputs = cached(images, index)  # {"logits": [B, C], ...}
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        teacher: nn.Module | None = None,
+        dataset: Dataset | None = None,
+        terms: Sequence[Any] = (),
+    ) -> None:
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"{self.folder} is not a teacher cache (no manifest.json); write one with cache-teacher"
+            )
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{self.folder}: cache format {self.manifest.get('format_version')} is not "
+                              f"{FORMAT_VERSION}; rebuild it with cache-teacher")  # fmt: skip
+        if teacher is not None and teacher_checksum(teacher) != self.manifest["teacher_checksum"]:
+            raise ConfigError(
+                f"{self.folder} was written by another teacher (its checksum differs from this teacher's "
+                "weights); rebuild the cache with cache-teacher"
+            )
+        if dataset is not None:
+            from alambic.data import dataset_fingerprint
+
+            check_not_augmented(dataset)
+            if dataset_fingerprint(dataset) != self.manifest["dataset_fingerprint"]:
+                raise ConfigError(
+                    f"{self.folder} was written for other training data (fingerprint differs: another "
+                    "subset, order or normalisation); rebuild the cache with cache-teacher"
+                )
+        self.feature_paths = list(self.manifest["features"])
+        self._check_terms(terms)
+        self.vocab_size = self.manifest.get("vocab_size")
+        self.arrays = {
+            name: [np.load(self.folder / file, mmap_mode="r") for file in field["shards"]]
+            for name, field in self.manifest["fields"].items()
+        }
+        self.shard_size = self.manifest["shard_size"]
+        self.device = torch.device("cpu")
+
+    def _check_terms(self, terms: Sequence[Any]) -> None:
+        from alambic.distiller import _feature_paths
+        from alambic.losses import get_loss_spec
+
+        wanted = _feature_paths([t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher")
+        missing = sorted(set(wanted) - set(self.feature_paths))
+        if missing:
+            raise ConfigError(
+                f"the terms compare teacher outputs {missing} that {self.folder} does not store "
+                f"(it has logits{', ' + ', '.join(self.feature_paths) if self.feature_paths else ''}); "
+                "rebuild it with --feature for each"
+            )
+
+    def to(self, device: torch.device | str) -> CachedTeacher:
+        self.device = torch.device(device)
+        return self
+
+    def _rows(self, name: str, index: np.ndarray) -> Tensor:
+        shards = index // self.shard_size
+        first = self.arrays[name][0]
+        out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+        for shard in np.unique(shards):
+            where = shards == shard
+            out[where] = self.arrays[name][shard][index[where] - shard * self.shard_size]
+        return torch.from_numpy(out)
+
+    def __call__(self, inputs: Any, index: Tensor | None = None) -> dict[str, Tensor]:
+        if index is None:
+            raise ConfigError(
+                "a cached teacher reads outputs by sample index; yield (inputs, labels, index) batches "
+                "(alambic.data.IndexedDataset wraps a data set so)"
+            )
+        rows = index.detach().cpu().numpy().astype(np.int64)
+        if rows.min() < 0 or rows.max() >= self.manifest["num_samples"]:
+            raise ConfigError(
+                f"sample index {int(rows.max())} is outside the cache's {self.manifest['num_samples']} samples"
+            )
+        outputs = {}
+        for name in self.arrays:
+            if name in ("topk_log_probs", "topk_ids", "tail_mass"):
+                continue
+            outputs[name] = self._rows(name, rows).to(self.device, torch.float32, non_blocking=True)
+        if "topk_log_probs" in self.arrays:
+            outputs["logits"] = self._dense(rows)
+        return outputs
+
+    def _dense(self, rows: np.ndarray) -> Tensor:
+        """Top-k log-probabilities with the tail mass spread evenly over the other tokens."""
+        values = self._rows("topk_log_probs", rows).to(self.device, torch.float32)  # [..., k]
+        ids = self._rows("topk_ids", rows).to(self.device, torch.int64)  # [..., k]
+        tail = self._rows("tail_mass", rows).to(self.device, torch.float32)  # [...]
+        others = max(self.vocab_size - values.shape[-1], 1)
+        fill = torch.log(tail.clamp_min(1e-12) / others).unsqueeze(-1)  # [..., 1]
+        dense = fill.expand(*values.shape[:-1], self.vocab_size).clone()  # [..., V]
+        return dense.scatter_(-1, ids, values)
+
+
+def cache_size_bytes(folder: str | Path) -> int:
+    """Bytes on disk of a cache folder."""
+    return sum(path.stat().st_size for path in Path(folder).iterdir())
+
+
+def epochs_to_pay_off(build_seconds: float, online_epoch: float, cached_epoch: float) -> float:
+    """How many epochs a cache takes to pay for its build time (inf when it saves nothing per epoch)."""
+    saved = online_epoch - cached_epoch
+    return build_seconds / saved if saved > 0 else math.inf

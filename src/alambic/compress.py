@@ -1,0 +1,422 @@
+"""``alambic compress``: distilled student -> prune -> recover -> quantize -> export, each stage measured.
+
+The chain reads a run directory (or runs a config first) and writes ``RUN_DIR/compress/``:
+
+```
+compress/
+  weights/                  ROW.safetensors of every float row (a structurally pruned one is rebuilt
+                            from the architecture and this file by alambic.export.load_resized)
+  onnx/                     ROW.onnx (float32) of every float row, and int8.onnx
+  export/                   the final student: model.onnx, model-int8.onnx, model.pt2, model.safetensors
+  summary.json              per stage: accuracy, size on disk, parameters, FLOPs, sparsity, latency in
+                            PyTorch and in onnxruntime at each batch size; each export's check
+  report.md, plots/compress.png   the table, and accuracy against latency and against size
+```
+
+Rows: ``teacher`` and ``baseline`` (when the run has them), ``distilled``, ``pruned``, ``recovered``
+(pruned then distilled from the unpruned student), ``int8`` (onnxruntime, from the last float stage, after
+QAT + KD when ``compress.quantize.qat``). Size on disk is the safetensors file for PyTorch rows and the
+ONNX file for the int8 row; ``onnx_size_bytes`` gives the float ONNX file of every row for a like-for-like
+comparison. Latency is the median of ``evaluate.latency_repeats`` runs with ``evaluate.latency_threads``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alambic.checkpoint import atomic_write_text, save_weights
+from alambic.config import CompressConfig, RunConfig
+from alambic.errors import AlambicError
+
+ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8")
+
+
+class _Context:
+    """What every stage shares: the config, data, folders, and the rows measured so far."""
+
+    def __init__(
+        self, config: RunConfig, run_dir: Path, out: Path | None, data_dir: str | None, progress: Any
+    ) -> None:
+        from alambic.data import build_datasets
+
+        self.config, self.run_dir, self.progress = config, run_dir, progress
+        self.settings: CompressConfig = config.compress or CompressConfig()
+        self.out = out or run_dir / "compress"
+        data = config.data
+        self.train_set, self.test_set, self.info = build_datasets(
+            data.dataset,
+            data_dir=data_dir or data.data_dir,
+            factory=data.factory,
+            factory_kwargs=data.factory_kwargs,
+            augment=data.augment,
+            train_subset=data.train_subset,
+            test_fraction=data.test_fraction,
+            seed=config.seed,
+        )
+        plain_train, _, _ = build_datasets(
+            data.dataset,
+            data_dir=data_dir or data.data_dir,
+            factory=data.factory,
+            factory_kwargs=data.factory_kwargs,
+            test_fraction=data.test_fraction,
+            seed=config.seed,
+        )
+        self.eval_set = self.test_set
+        subset = self.settings.eval_subset
+        if subset is not None and subset < len(self.test_set):
+            indices = torch.linspace(0, len(self.test_set) - 1, subset).long().tolist()
+            self.eval_set = torch.utils.data.Subset(self.test_set, indices)
+        from alambic.export import real_inputs
+
+        self.calibration = real_inputs(plain_train, self.settings.quantize.calibration_samples)  # [N, ...]
+        self.check_inputs = real_inputs(self.test_set, 64)
+        self.example = self.check_inputs[:1]
+        self.rows: dict[str, dict] = {}
+        self.exports: list[dict] = []
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    def loader(self, batch_size: int) -> Any:
+        from alambic.train import make_loader
+
+        return make_loader(self.train_set, batch_size=batch_size, shuffle=True, seed=self.config.seed)
+
+    def eval_loader(self) -> Any:
+        return torch.utils.data.DataLoader(self.eval_set, batch_size=self.config.data.eval_batch_size)
+
+
+def _load_models(context: _Context) -> dict[str, nn.Module]:
+    from alambic.export import _student_state_dict, load_resized
+    from alambic.pipeline import build_named_model
+
+    config, models = context.config, {}
+    sources = {
+        **({"teacher": (config.teacher.model, "teacher")} if config.teacher else {}),
+        "baseline": (config.student.model, "baseline"),
+        "distilled": (config.student.model, "student"),
+    }
+    for name, (model_config, folder) in sources.items():
+        weights = context.run_dir / folder / "model.safetensors"
+        if weights.is_file():
+            model = build_named_model(model_config.model_copy(update={"checkpoint": None}), context.info)
+            models[name] = load_resized(model, _student_state_dict(weights)).eval()
+        elif name == "teacher" and model_config.checkpoint:
+            models[name] = build_named_model(model_config, context.info).eval()
+    if "distilled" not in models:
+        raise AlambicError(
+            f"{context.run_dir} has no student/model.safetensors; run the distill stage first "
+            "(alambic run CONFIG.yaml) or give alambic compress the config"
+        )
+    return models
+
+
+def _measure(context: _Context, name: str, model: nn.Module, **extra: Any) -> dict:
+    """Accuracy, size, parameters, FLOPs, sparsity, latency in PyTorch and onnxruntime of a float model."""
+    from alambic.evaluate import evaluate_classifier, profile_model
+    from alambic.export import export_onnx
+    from alambic.prune import weight_sparsity
+    from alambic.quantize import onnx_profile
+
+    context.say(f"measuring {name}")
+    evaluation = context.config.evaluate
+    model = model.eval()
+    metrics = evaluate_classifier(model, context.eval_loader(), num_classes=context.info.num_classes)
+    weights = context.out / "weights" / f"{name}.safetensors"
+    save_weights(model, weights)
+    profile = profile_model(
+        model,
+        context.example,
+        batch_sizes=tuple(evaluation.batch_sizes),
+        repeats=evaluation.latency_repeats,
+        threads=evaluation.latency_threads,
+    )
+    onnx_path = export_onnx(model, context.check_inputs, context.out / "onnx" / f"{name}.onnx")
+    ort = onnx_profile(
+        onnx_path,
+        context.example,
+        batch_sizes=tuple(evaluation.batch_sizes),
+        repeats=evaluation.latency_repeats,
+        threads=evaluation.latency_threads,
+    )
+    row = {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "num_samples": metrics["num_samples"],
+        "parameters": profile["parameters"],
+        "size_bytes": weights.stat().st_size,
+        "onnx_size_bytes": ort["size_bytes"],
+        "flops": profile["flops"],
+        "sparsity": weight_sparsity(model)["sparsity"],
+        "latency_ms": profile["latency_ms"],
+        "onnxruntime_latency_ms": ort["latency_ms"],
+        "latency_threads": profile["latency_threads"],
+        **extra,
+    }
+    context.rows[name] = row
+    return row
+
+
+def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
+    import copy
+
+    from alambic.prune import prune_model, recover
+
+    settings = context.settings
+    current = distilled
+    if "prune" in settings.stages:
+        context.say(f"pruning ({settings.prune.method}, {settings.prune.amount})")
+        pruned = prune_model(distilled, method=settings.prune.method, amount=settings.prune.amount)
+        _measure(context, "pruned", pruned, method=settings.prune.method, amount=settings.prune.amount)
+        current = pruned
+        if "recover" in settings.stages:
+            context.say("recovering: distilling the unpruned student into the pruned one")
+            train = settings.recover.train
+            started = time.perf_counter()
+            recovered = recover(
+                copy.deepcopy(pruned),
+                distilled,
+                context.loader(train.batch_size),
+                terms=settings.recover.terms,
+                seed=context.config.seed,
+                **train.model_dump(exclude={"batch_size", "augment"}),
+            )
+            _measure(context, "recovered", recovered, train_seconds=round(time.perf_counter() - started, 3))
+            current = recovered
+    return current
+
+
+def _stage_quantize(context: _Context, float_model: nn.Module, models: dict[str, nn.Module]) -> Path | None:
+    from alambic.evaluate import count_flops, count_parameters
+    from alambic.export import export_onnx
+    from alambic.qat import qat_distill
+    from alambic.quantize import evaluate_onnx, max_onnx_difference, onnx_profile, quantize_onnx
+
+    settings = context.settings.quantize
+    if settings.qat:
+        teacher = models.get("teacher") if settings.qat_teacher == "teacher" else float_model
+        if teacher is None:
+            raise AlambicError(
+                "compress.quantize.qat_teacher is 'teacher' but the run has no teacher weights"
+            )
+        context.say(f"quantization-aware training with KD (T = {settings.qat_temperature})")
+        train = settings.qat_train
+        started = time.perf_counter()
+        float_model = qat_distill(
+            teacher,
+            float_model,
+            context.loader(train.batch_size),
+            temperature=settings.qat_temperature,
+            kd_weight=settings.qat_kd_weight,
+            seed=context.config.seed,
+            **train.model_dump(exclude={"batch_size", "augment"}),
+        ).eval()
+        _measure(
+            context,
+            "qat",
+            float_model,
+            temperature=settings.qat_temperature,
+            train_seconds=round(time.perf_counter() - started, 3),
+        )
+    context.say(f"quantizing to int8 ({settings.method})")
+    source = export_onnx(float_model, context.check_inputs, context.out / "onnx" / "int8-source.onnx")
+    options = {"per_channel": settings.per_channel}
+    if settings.method == "static":
+        options |= {"activation_type": settings.activation_type, "reduce_range": settings.reduce_range}
+    int8 = quantize_onnx(
+        source,
+        context.out / "onnx" / "int8.onnx",
+        method=settings.method,
+        calibration_inputs=context.calibration,
+        **options,
+    )
+    evaluation = context.config.evaluate
+    metrics = evaluate_onnx(int8, context.eval_set, num_classes=context.info.num_classes)
+    ort = onnx_profile(
+        int8,
+        context.example,
+        batch_sizes=tuple(evaluation.batch_sizes),
+        repeats=evaluation.latency_repeats,
+        threads=evaluation.latency_threads,
+    )
+    context.rows["int8"] = {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "num_samples": metrics["num_samples"],
+        "parameters": count_parameters(float_model),
+        "size_bytes": ort["size_bytes"],
+        "onnx_size_bytes": ort["size_bytes"],
+        "flops": count_flops(float_model, context.example),
+        "latency_ms": {},
+        "onnxruntime_latency_ms": ort["latency_ms"],
+        "latency_threads": ort["latency_threads"],
+        "method": settings.method + (" after QAT + KD" if settings.qat else ""),
+        "calibration_samples": len(context.calibration) if settings.method == "static" else 0,
+        "max_abs_diff_to_float": max_onnx_difference(source, int8, context.check_inputs),
+    }
+    source.unlink()
+    return int8
+
+
+def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> None:
+    import shutil
+
+    from alambic.export import SUFFIXES, export_model
+
+    folder = context.out / "export"
+    description = {
+        "arch": context.config.student.model.arch,
+        "kwargs": context.config.student.model.kwargs,
+        "input_shape": list(context.info.input_shape),
+        "num_classes": context.info.num_classes,
+    }
+    for export_format in context.settings.export_formats:
+        context.say(f"exporting {export_format}")
+        path = folder / f"model{SUFFIXES[export_format]}"
+        context.exports.append(
+            export_model(
+                final, context.check_inputs, path, export_format=export_format, description=description
+            )
+        )
+    if int8 is not None:
+        shutil.copyfile(int8, folder / "model-int8.onnx")
+
+
+def compress_run(
+    source: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    data_dir: str | None = None,
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: Any = None,
+) -> dict:
+    """Run the compression chain of a run directory (or of a config, after running it); returns the summary.
+
+    Args:
+        source: A run directory with a distilled student, or a YAML config (its stages run first).
+        overrides: ``key.path=value`` settings, e.g. ``compress.prune.amount=0.3``.
+        data_dir: Overrides ``data.data_dir``.
+        run_dir: For a config: the run directory to create (default ``output_dir/name``).
+        out: Where the compression results go (default ``RUN_DIR/compress``).
+        progress: Called with a one-line message as each step starts.
+
+    Example:
+        >>> summary = compress_run("runs/mnist-demo", overrides=["compress.quantize.method=dynamic"])
+        >>> summary["models"]["int8"]["accuracy"]
+    """
+    from alambic.config import load_config
+    from alambic.pipeline import check_run_dir, run
+
+    source = Path(source)
+    if source.is_dir():
+        run_dir = check_run_dir(source)
+        config = load_config(run_dir / "config.yaml", overrides or [])
+    else:
+        config = load_config(source, overrides or [])
+        if data_dir is not None:
+            config.data.data_dir = data_dir
+        config.stages = [stage for stage in config.stages if stage in ("teacher", "baseline", "distill")] or [
+            "distill"
+        ]
+        if "distill" not in config.stages:
+            config.stages.append("distill")
+        run_dir = run(config, run_dir=run_dir)
+    context = _Context(config, Path(run_dir), Path(out) if out else None, data_dir, progress)
+    started = datetime.now(timezone.utc)
+    models = _load_models(context)
+    for name, model in models.items():
+        _measure(context, name, model)
+    final = _stage_prune_recover(context, models["distilled"])
+    int8 = _stage_quantize(context, final, models) if "quantize" in context.settings.stages else None
+    if "export" in context.settings.stages:
+        _stage_export(context, final, int8)
+    summary = {
+        "run_name": config.name,
+        "dataset": config.data.dataset,
+        "created": started.isoformat(timespec="seconds"),
+        "evaluated_samples": len(context.eval_set),
+        "test_samples": len(context.test_set),
+        "torch_version": torch.__version__,
+        "onnxruntime_version": __import__("onnxruntime").__version__,
+        "compress": context.settings.model_dump(mode="json"),
+        "models": {name: context.rows[name] for name in ROW_ORDER if name in context.rows},
+        "exports": context.exports,
+    }
+    atomic_write_text(context.out / "summary.json", json.dumps(summary, indent=2))
+    write_compress_report(context.out)
+    return summary
+
+
+def _cell(value: Any, spec: str, scale: float = 1.0) -> str:
+    return format(value * scale, spec) if isinstance(value, int | float) else "—"
+
+
+def write_compress_report(folder: str | Path) -> Path:
+    """``report.md`` (one row per stage) and ``plots/compress.png`` from ``summary.json`` in ``folder``."""
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = summary["models"]
+    sizes = sorted({size for row in rows.values() for size in row["onnxruntime_latency_ms"]}, key=int)
+    header = ["model", "acc %", "params", "sparsity %", "MB on disk", "MFLOPs"]
+    header += [f"torch ms@{size}" for size in sizes] + [f"ORT ms@{size}" for size in sizes]
+    lines = [
+        f"# Compression of {summary['run_name']} ({summary['dataset']})",
+        "",
+        f"Accuracy on {summary['evaluated_samples']:,} of {summary['test_samples']:,} test samples. "
+        "Size: safetensors file (int8: the ONNX file). Latency: median ms per batch on CPU, "
+        f"{next(iter(rows.values()))['latency_threads']} thread(s).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, row in rows.items():
+        cells = [
+            name,
+            _cell(row["accuracy"], ".2f", 100),
+            f"{row['parameters']:,}",
+            _cell(row.get("sparsity"), ".1f", 100),
+            _cell(row["size_bytes"], ".3f", 1e-6),
+            _cell(row["flops"], ".3g", 1e-6),
+        ]
+        cells += [_cell(row["latency_ms"].get(size), ".3g") for size in sizes]
+        cells += [_cell(row["onnxruntime_latency_ms"].get(size), ".3g") for size in sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    for export in summary["exports"]:
+        lines.append(
+            f"\n- {export['format']}: `{export['path']}`, {export['size_bytes']:,} bytes, max |difference| "
+            f"to PyTorch {export['max_abs_diff']:.2e} on {export['checked_samples']} test inputs ({export['runtime']})"
+        )
+    plotted = _plot(rows, folder / "plots" / "compress.png", sizes[-1] if sizes else None)
+    if plotted:
+        lines += ["", "![accuracy against latency and size](plots/compress.png)"]
+    path = folder / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _plot(rows: dict[str, dict], path: Path, batch: str | None) -> bool:
+    """Accuracy against onnxruntime latency (largest batch) and against size on disk."""
+    from alambic.report import _model_colors, _model_points, _new_figure, _scatter
+
+    if batch is None:
+        return False
+    models = list(rows.items())
+    by_latency = _model_points(models, lambda row: row["onnxruntime_latency_ms"].get(batch))
+    by_size = _model_points(models, lambda row: row["size_bytes"] / 1e6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = _new_figure(10.0, 4.2)
+    left, right = figure.subplots(1, 2)
+    _scatter(left, by_latency, f"onnxruntime latency at batch {batch} (ms)", _model_colors(models))
+    _scatter(right, by_size, "size on disk (MB)", _model_colors(models))
+    figure.suptitle("Accuracy against latency and size, per compression stage")
+    figure.savefig(path)
+    return True

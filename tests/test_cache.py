@@ -1,0 +1,224 @@
+"""Offline distillation from a cached teacher, and the loop's fast paths: they give what the slow ways give."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from alambic import distill
+from alambic.cache import CachedTeacher, cache_teacher, epochs_to_pay_off
+from alambic.data import IndexedDataset, build_datasets
+from alambic.data.datasets import Augmentation, InMemoryDataset
+from alambic.distiller import Teacher
+from alambic.errors import ConfigError, NonFiniteLossError
+from alambic.train import FiniteGuard, make_accelerator, make_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMS = [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}}]
+
+
+def _digits(subset=300):
+    train, _, _ = build_datasets("digits", train_subset=subset, seed=0)
+    return train
+
+
+def _mlp(seed, hidden=32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def test_a_cached_teacher_replays_the_live_teachers_outputs_by_sample_index(tmp_path):
+    train, teacher = _digits(), _mlp(1, 64)
+    cache_teacher(teacher, train, tmp_path / "cache", features=["1"], batch_size=128, shard_size=70)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 300 and len(manifest["fields"]["logits"]["shards"]) == 5  # 70 each
+    cached = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=train)
+    index = torch.tensor([299, 0, 69, 70, 141, 5])  # across shard boundaries, in any order
+    images = torch.stack([train[i][0] for i in index.tolist()])
+    live = Teacher(teacher)
+    live.feature_paths = ["1"]
+    expected = live(images)
+    replayed = cached(images, index)
+    torch.testing.assert_close(replayed["logits"], expected["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(replayed["1"], expected["1"], rtol=0, atol=1e-5)
+
+
+def test_distilling_from_the_cache_trains_the_student_as_the_live_teacher_does(tmp_path):
+    train, teacher = _digits(), _mlp(1, 64)
+    cache_teacher(teacher, train, tmp_path / "cache")
+    loader = make_loader(IndexedDataset(train), batch_size=32, shuffle=True, seed=0)
+    settings = {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "seed": 0}
+    live = distill(teacher, _mlp(2), loader, terms=TERMS, **settings)
+    cached = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=train)
+    offline = distill(cached, _mlp(2), loader, terms=TERMS, **settings)
+    for (name, a), (_, b) in zip(live.state_dict().items(), offline.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    moved = _mlp(2).state_dict()["0.weight"]
+    assert not torch.allclose(offline.state_dict()["0.weight"], moved)  # it did train
+
+
+def test_a_stale_or_mismatched_cache_is_refused_before_training(tmp_path):
+    train, teacher = _digits(), _mlp(1, 64)
+    cache_teacher(teacher, train, tmp_path / "cache")
+    with pytest.raises(ConfigError, match="another teacher"):
+        CachedTeacher(tmp_path / "cache", teacher=_mlp(3, 64), dataset=train)
+    with pytest.raises(ConfigError, match="other training data"):
+        CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=_digits(299))
+    from alambic.config import Term
+
+    with pytest.raises(ConfigError, match=r"does not store.*--feature"):
+        CachedTeacher(tmp_path / "cache", terms=[Term(loss="fitnet", student="0", teacher="1")])
+    with pytest.raises(ConfigError, match="already exists"):
+        cache_teacher(teacher, train, tmp_path / "cache")
+    with pytest.raises(ConfigError, match="not a teacher cache"):
+        CachedTeacher(tmp_path)
+    with pytest.raises(ConfigError, match="sample index"):
+        CachedTeacher(tmp_path / "cache")(torch.zeros(2, 64))
+
+
+def test_an_augmented_training_set_cannot_be_cached(tmp_path):
+    images = torch.randint(0, 255, (8, 1, 8, 8), dtype=torch.uint8)
+    train = InMemoryDataset(images, torch.arange(8) % 2, augmentation=Augmentation(2, False))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(ConfigError, match="augmented"):
+        cache_teacher(model, IndexedDataset(train), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_failure_while_caching_leaves_no_folder_behind(tmp_path):
+    class Breaks(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("out of memory")
+            return x[:, :10]
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache_teacher(Breaks(), _digits(), tmp_path / "cache", batch_size=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_top_k_keeps_the_largest_log_probabilities_and_spreads_the_tail(tmp_path):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50, (6, 5))
+    data = torch.utils.data.TensorDataset(tokens, torch.zeros(6, dtype=torch.long))
+    lm = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 50))
+    for k, name in ((5, "top5"), (50, "all")):
+        cache_teacher(lm, data, tmp_path / name, top_k=k)
+    index = torch.tensor([4, 1])
+    exact = torch.log_softmax(lm(tokens[index]), dim=-1).detach()  # [2, 5, 50]
+    dense = CachedTeacher(tmp_path / "top5")(tokens[index], index)["logits"]
+    top_values, top_ids = exact.topk(5, dim=-1)
+    torch.testing.assert_close(dense.gather(-1, top_ids), top_values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(2, 5), rtol=0, atol=1e-5)  # full mass
+    others = dense.scatter(-1, top_ids, float("nan"))
+    assert torch.allclose(
+        others.nanmean(-1, keepdim=True).expand_as(others)[~others.isnan()], others[~others.isnan()]
+    )
+    torch.testing.assert_close(
+        CachedTeacher(tmp_path / "all")(tokens[index], index)["logits"], exact, atol=1e-5, rtol=0
+    )
+
+
+def test_cache_teacher_cli_then_a_run_from_the_cache_and_a_stale_cache_is_one_line(tmp_path):
+    from alambic.cli import app
+
+    runner = CliRunner()
+    from test_cli import TINY as tiny  # the CLI tests' tiny budget
+
+    digits = str(ROOT / "recipes" / "digits.yaml")
+    first = runner.invoke(app, ["run", digits, *tiny, "--out", str(tmp_path / "run")], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    weights = ["--set", f"teacher.model.checkpoint={tmp_path / 'run' / 'teacher' / 'model.safetensors'}"]
+    made = runner.invoke(app, ["cache-teacher", digits, *weights, "--out", str(tmp_path / "cache")])
+    assert made.exit_code == 0, made.output
+    assert "distill.teacher_cache=" in made.output
+    offline = [*tiny, *weights, "--set", f"distill.teacher_cache={tmp_path / 'cache'}"]
+    second = runner.invoke(app, ["run", digits, *offline, "--out", str(tmp_path / "offline")])
+    assert second.exit_code == 0, second.output
+    # same teacher weights, data and seed: the offline student is the live one (to float rounding)
+    online = json.loads((tmp_path / "run" / "summary.json").read_text())["models"]["distilled"]
+    offline_summary = json.loads((tmp_path / "offline" / "summary.json").read_text())["models"]["distilled"]
+    assert abs(offline_summary["accuracy"] - online["accuracy"]) < 0.01
+    stale = [*offline, "--set", "data.train_subset=500"]
+    third = runner.invoke(app, ["run", digits, *stale, "--out", str(tmp_path / "stale")])
+    assert third.exit_code == 2 and "other training data" in " ".join(third.output.split())
+    assert "Traceback" not in third.output
+
+
+def test_a_bfloat16_teacher_copy_leaves_the_model_and_returns_float32():
+    teacher = _mlp(1, 64)
+    x = torch.randn(4, 64)
+    half = Teacher(teacher, dtype=torch.bfloat16)
+    out = half(x)["logits"]
+    assert out.dtype == torch.float32 and next(teacher.parameters()).dtype == torch.float32
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(out, teacher(x).detach(), rtol=0.05, atol=0.05)
+
+
+def test_batched_loading_equals_per_sample_loading_with_and_without_augmentation():
+    images = torch.randint(0, 255, (10, 3, 8, 8), dtype=torch.uint8)
+    for augmentation in (None, Augmentation(2, True)):
+        data = InMemoryDataset(
+            images, torch.arange(10), mean=(0.5,) * 3, std=(0.2,) * 3, augmentation=augmentation
+        )
+        torch.manual_seed(0)
+        batch = make_loader(IndexedDataset(data), batch_size=10, shuffle=False)
+        x, y, index = next(iter(batch))
+        torch.manual_seed(0)  # PyTorch's per-sample loading and collate, drawing the same random numbers
+        reference = next(iter(torch.utils.data.DataLoader(IndexedDataset(data), batch_size=10)))[0]
+        torch.testing.assert_close(x, reference, rtol=0, atol=0)
+        assert y.tolist() == list(range(10)) and index.tolist() == list(range(10))
+
+
+def test_the_finite_guard_names_the_first_bad_step_without_syncing_every_step():
+    accelerator = make_accelerator()
+    accelerator.gradient_accumulation_steps = 2
+    guard = FiniteGuard(accelerator, "distill", steps_done=4)  # resumed after 2 optimizer steps
+    values = [1.0, 2.0, 3.0, float("nan"), 5.0, float("inf")]
+    for value in values:
+        guard.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)})
+    # micro-batch 4 of this run (the 8th overall) is in optimizer step 4
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 4 \(terms: \{'kd': nan, 'total': nan\}"):
+        guard.check(2)
+    fine = FiniteGuard(accelerator, "distill")
+    fine.watch({"total": torch.tensor(1.0)})
+    fine.check(1)
+
+
+def test_epochs_to_pay_off():
+    assert epochs_to_pay_off(10.0, 3.0, 1.0) == 5.0
+    assert math.isinf(epochs_to_pay_off(10.0, 1.0, 1.0))
+
+
+def test_the_teacher_checksum_covers_every_weight_and_buffer():
+    from alambic.cache import teacher_checksum
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    before = teacher_checksum(model)
+    assert teacher_checksum(model) == before
+    model[1].num_batches_tracked += 1  # a 0-dim integer buffer
+    assert teacher_checksum(model) != before
+    assert teacher_checksum(model.to(torch.bfloat16)) != teacher_checksum(model.float())
+
+
+def test_compiled_training_keeps_parameter_names_and_matches_eager_training():
+    train = _digits(128)
+    loader = make_loader(IndexedDataset(train), batch_size=50, shuffle=True, seed=0)  # a short last batch
+    settings = {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "seed": 0}
+    eager = distill(_mlp(1, 64), _mlp(2), loader, terms=TERMS, **settings)
+    compiled = distill(_mlp(1, 64), _mlp(2), loader, terms=TERMS, compile=True, **settings)
+    assert getattr(compiled, "_compiled_call_impl", None) is not None  # nn.Module.compile() was applied
+    assert (
+        list(compiled.state_dict())
+        == list(eager.state_dict())
+        == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    )
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,227 @@
+"""Export (ONNX, torch.export, safetensors), onnxruntime int8 quantization and `alambic compress` on digits."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from alambic.cli import app
+from alambic.config import load_config
+from alambic.errors import ConfigError
+from alambic.pipeline import run
+
+for _module in ("onnx", "onnxruntime", "onnxscript"):
+    pytest.importorskip(
+        _module, reason=f"the onnx extra ({_module}) is not installed: pip install 'alambic[onnx]'"
+    )
+
+from alambic.compress import compress_run  # noqa: E402
+from alambic.export import export_model, export_run, load_run_model, onnx_session, real_inputs, run_onnx  # noqa: E402
+from alambic.quantize import evaluate_onnx, quantize_onnx_dynamic, quantize_onnx_static  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A digits run whose distillation has a FitNets term with a connector (which must never be exported)."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    config = load_config(
+        os.path.join(ROOT, "recipes", "digits.yaml"),
+        [
+            "teacher.train.epochs=8",
+            "distill.train.epochs=8",
+            "student.model.kwargs.hidden=[128, 64]",
+            "stages=[teacher, baseline, distill]",
+            "distill.terms=[{loss: ce, weight: 0.1}, {loss: kd, weight: 0.9, params: {temperature: 4.0}},"
+            " {loss: fitnet, weight: 0.1, student: hidden.1, teacher: hidden.0, connector: linear}]",
+        ],
+    )
+    return run(config, run_dir=out)
+
+
+def test_onnx_export_matches_pytorch_with_a_dynamic_batch(run_dir, tmp_path):
+    report = export_run(run_dir, tmp_path / "student.onnx", export_format="onnx")
+    assert report["max_abs_diff"] < 1e-4 and report["checked_samples"] == 64
+    assert report["size_bytes"] == os.path.getsize(tmp_path / "student.onnx")
+    loaded = load_run_model(run_dir)
+    session = onnx_session(tmp_path / "student.onnx")
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic batch dimension
+    inputs = real_inputs(loaded.test_set, 100)
+    for batch in (1, 7, 100):
+        expected = loaded.model(inputs[:batch]).detach()
+        assert torch.allclose(run_onnx(session, inputs[:batch]), expected, atol=1e-4)
+
+
+def test_only_the_student_reaches_the_exports(run_dir, tmp_path):
+    import onnx
+
+    student_parameters = load_run_model(run_dir).model
+    expected = sum(p.numel() for p in student_parameters.parameters())
+    export_run(run_dir, tmp_path / "student.onnx")
+    graph = onnx.load(str(tmp_path / "student.onnx")).graph
+    assert sum(int(torch.tensor(list(t.dims)).prod()) for t in graph.initializer) == expected
+    assert not any("connector" in t.name or "teacher" in t.name for t in graph.initializer)
+    # a training checkpoint holds the connectors too; exporting it keeps only the student
+    checkpoints = sorted((run_dir / "student" / "checkpoints").glob("ckpt-*"))
+    assert checkpoints
+    stored = load_file(str(checkpoints[-1] / "model.safetensors"))
+    assert any(key.startswith("connectors.") for key in stored)
+    report = export_run(
+        checkpoints[-1] / "model.safetensors",
+        tmp_path / "from-checkpoint.safetensors",
+        export_format="safetensors",
+        arch="mlp",
+        dataset="digits",
+        kwargs={"hidden": [128, 64]},
+    )
+    assert report["parameters"] == expected
+    assert not any("connector" in key for key in load_file(report["path"]))
+
+
+@pytest.mark.parametrize("export_format", ["torch-export", "safetensors"])
+def test_other_exports_round_trip(run_dir, tmp_path, export_format):
+    report = export_run(run_dir, export_format=export_format)
+    assert report["max_abs_diff"] < 1e-5 and os.path.getsize(report["path"]) == report["size_bytes"]
+    if export_format == "safetensors":
+        description = json.loads(safe_open(report["path"], "pt").metadata()["alambic"])
+        assert description["arch"] == "mlp" and description["kwargs"] == {"hidden": [128, 64]}
+
+
+def test_export_detects_a_wrong_export(run_dir, tmp_path, monkeypatch):
+    import alambic.export as export
+
+    loaded = load_run_model(run_dir)
+    inputs = real_inputs(loaded.test_set, 16)
+    real = export.run_onnx
+    monkeypatch.setattr(export, "run_onnx", lambda session, x: real(session, x) + 0.5)
+    assert export_model(loaded.model, inputs, tmp_path / "m.onnx")["max_abs_diff"] == pytest.approx(
+        0.5, abs=1e-4
+    )
+
+
+def test_int8_models_stay_close_to_float_and_are_smaller(run_dir, tmp_path):
+    loaded = load_run_model(run_dir)
+    inputs = real_inputs(loaded.test_set, 64)
+    export_model(loaded.model, inputs, tmp_path / "fp32.onnx")
+    calibration = real_inputs(loaded.train_set, 256)
+    quantize_onnx_static(tmp_path / "fp32.onnx", tmp_path / "static.onnx", calibration)
+    quantize_onnx_dynamic(tmp_path / "fp32.onnx", tmp_path / "dynamic.onnx")
+    fp32 = evaluate_onnx(tmp_path / "fp32.onnx", loaded.test_set, num_classes=10)
+    reference = run_onnx(onnx_session(tmp_path / "fp32.onnx"), inputs).argmax(-1)
+    for name in ("static", "dynamic"):
+        path = tmp_path / f"{name}.onnx"
+        assert os.path.getsize(path) < 0.4 * os.path.getsize(tmp_path / "fp32.onnx")  # int8 weights
+        metrics = evaluate_onnx(path, loaded.test_set, num_classes=10)
+        assert metrics["accuracy"] > fp32["accuracy"] - 0.02, name
+        agreement = (run_onnx(onnx_session(path), inputs).argmax(-1) == reference).float().mean()
+        assert agreement > 0.9, name
+
+
+def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
+    result = runner.invoke(
+        app,
+        [
+            "compress",
+            str(run_dir),
+            "--set",
+            "evaluate.latency_repeats=2",
+            "--set",
+            "compress.eval_subset=200",
+            "--set",
+            "compress.quantize.qat=true",
+            "--set",
+            "compress.quantize.calibration_samples=128",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    folder = run_dir / "compress"
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = summary["models"]
+    assert list(rows) == ["teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8"]
+    assert summary["evaluated_samples"] == 200 and rows["int8"]["num_samples"] == 200
+    assert rows["pruned"]["parameters"] < 0.6 * rows["distilled"]["parameters"]
+    assert rows["recovered"]["accuracy"] >= rows["pruned"]["accuracy"]
+    assert rows["int8"]["size_bytes"] == os.path.getsize(folder / "onnx" / "int8.onnx")
+    assert rows["distilled"]["size_bytes"] == os.path.getsize(folder / "weights" / "distilled.safetensors")
+    for row in rows.values():
+        assert set(row["onnxruntime_latency_ms"]) == {"1", "64"} and row["flops"] > 0
+    assert {export["format"] for export in summary["exports"]} == {"onnx", "torch-export", "safetensors"}
+    assert all(export["max_abs_diff"] < 1e-4 for export in summary["exports"])
+    assert (folder / "export" / "model-int8.onnx").is_file() and (folder / "plots" / "compress.png").is_file()
+    assert "| int8 |" in (folder / "report.md").read_text()
+
+
+def test_export_and_compress_errors_are_one_line(run_dir, tmp_path):
+    for args, message in [
+        (["export", str(run_dir), "--format", "tflite"], "--format must be one of"),
+        (["export", str(run_dir / "student" / "model.safetensors")], "give --arch and --dataset"),
+        (["export", str(tmp_path / "missing")], "does not exist"),
+        (["compress", str(tmp_path)], "not an alambic run directory"),
+    ]:
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    with pytest.raises(ConfigError, match="add 'prune'"):
+        load_config(os.path.join(ROOT, "recipes", "digits.yaml"), ["compress.stages=[recover]"])
+
+
+def test_compress_runs_a_config_first(tmp_path):
+    summary = compress_run(
+        os.path.join(ROOT, "recipes", "digits.yaml"),
+        overrides=[
+            "teacher.train.epochs=2",
+            "distill.train.epochs=2",
+            "evaluate.latency_repeats=1",
+            "compress.stages=[quantize]",
+            "compress.quantize.method=dynamic",
+        ],
+        run_dir=tmp_path / "run",
+    )
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "summary.json").exists()  # the run's own evaluate / report are skipped
+    assert list(summary["models"]) == ["teacher", "baseline", "distilled", "int8"]
+    assert summary["models"]["int8"]["method"] == "dynamic" and summary["exports"] == []
+
+
+def _shared_data() -> Path:
+    if os.environ.get("ALAMBIC_SHARED_DATA"):
+        return Path(os.environ["ALAMBIC_SHARED_DATA"])
+    return Path(ROOT).parent / "shared" / "data"
+
+
+WEIGHTS = _shared_data() / "weights" / "cifar10-resnet-akamaster" / "resnet20-12fca82f.th"
+CIFAR = _shared_data() / "cifar10-jpeg"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (WEIGHTS.is_file() and CIFAR.is_dir()),
+    reason=f"{WEIGHTS} or {CIFAR} is absent (set ALAMBIC_SHARED_DATA)",
+)
+def test_pretrained_cifar_resnet_stays_accurate_in_static_int8(tmp_path):
+    from alambic.data import build_datasets
+    from alambic.models import build_model, load_weights
+    from alambic.prune import channel_prune
+
+    train_set, test_set, _ = build_datasets("cifar10-jpeg", data_dir=str(CIFAR))
+    model = build_model("resnet20", num_classes=10, input_shape=(3, 32, 32))
+    load_weights(model, WEIGHTS)
+    subset = torch.utils.data.Subset(test_set, torch.linspace(0, len(test_set) - 1, 500).long().tolist())
+    report = export_model(model, real_inputs(test_set, 32), tmp_path / "fp32.onnx")
+    assert report["max_abs_diff"] < 1e-3
+    quantize_onnx_static(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", real_inputs(train_set, 128))
+    fp32 = evaluate_onnx(tmp_path / "fp32.onnx", subset, num_classes=10)["accuracy"]
+    int8 = evaluate_onnx(tmp_path / "int8.onnx", subset, num_classes=10)["accuracy"]
+    assert fp32 > 0.75 and int8 > fp32 - 0.02
+    assert os.path.getsize(tmp_path / "int8.onnx") < 0.4 * os.path.getsize(tmp_path / "fp32.onnx")
+    # a channel-pruned ResNet exports and runs in onnxruntime too
+    small = channel_prune(model, 0.25).eval()
+    assert export_model(small, real_inputs(test_set, 16), tmp_path / "small.onnx")["max_abs_diff"] < 1e-3
