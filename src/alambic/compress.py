@@ -187,7 +187,7 @@ def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
                 context.loader(train.batch_size),
                 terms=settings.recover.terms,
                 seed=context.config.seed,
-                **train.model_dump(exclude={"batch_size", "augment"}),
+                **train.model_dump(exclude={"batch_size", "augment", "mix", "mix_alpha"}),
             )
             _measure(context, "recovered", recovered, train_seconds=round(time.perf_counter() - started, 3))
             current = recovered
@@ -217,7 +217,7 @@ def _stage_quantize(context: _Context, float_model: nn.Module, models: dict[str,
             temperature=settings.qat_temperature,
             kd_weight=settings.qat_kd_weight,
             seed=context.config.seed,
-            **train.model_dump(exclude={"batch_size", "augment"}),
+            **train.model_dump(exclude={"batch_size", "augment", "mix", "mix_alpha"}),
         ).eval()
         _measure(
             context,
