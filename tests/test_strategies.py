@@ -162,6 +162,37 @@ def test_mutual_learning_updates_every_peer_and_online_kd_keeps_terms_per_peer()
         MutualDistiller(_peers(2), [Term(loss="fitnet", student="0", teacher="0")])
 
 
+def test_alternating_mutual_learning_updates_one_peer_per_step_in_turn_and_resumes_the_turn():
+    peers = _peers(2)
+    module = MutualDistiller(peers, alternate=True)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    changed = []
+    for _step in range(4):
+        before = [[p.detach().clone() for p in peer.parameters()] for peer in peers]
+        losses = module(x, y, None)
+        assert set(losses) == {"peer0/ce", "peer0/kd", "peer1/ce", "peer1/kd", "total"}
+        losses["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        changed.append(
+            [
+                not all(torch.equal(p, q) for p, q in zip(peer.parameters(), old))
+                for peer, old in zip(peers, before)
+            ]
+        )
+    # momentum and weight decay do not move the waiting peer either
+    assert changed == [[True, False], [False, True], [True, False], [False, True]]
+    assert int(module.turn) == 4
+    resumed = MutualDistiller(_peers(2), alternate=True)
+    resumed.load_state_dict(module.state_dict())
+    assert resumed(x, y, None)["total"].item() == pytest.approx(
+        sum(v.item() for k, v in module(x, y, None).items() if k.startswith("peer0/")), rel=1e-6
+    )
+    module.eval()  # evaluation sums every peer and does not take a turn
+    assert int(module.turn) == 5 and set(module(x, y, None)) >= {"total"} and int(module.turn) == 5
+
+
 def test_self_distillation_trains_exits_that_never_reach_the_student():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))

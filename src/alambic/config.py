@@ -222,6 +222,7 @@ class MutualStrategy(_Strict):
     peers: list[ModelConfig] = Field(min_length=1)  # trained beside the student (peer 0)
     # each peer's own terms, student first (online KD: a still-training teacher on [ce]); default distill.terms
     peer_terms: list[list[Term]] | None = None
+    alternate: bool = False  # one peer updated per step, in turn (DML's Algorithm 1; "implicit" online KD)
 
 
 class BornAgainStrategy(_Strict):

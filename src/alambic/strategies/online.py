@@ -59,11 +59,15 @@ class MutualDistiller(_TeacherFreeModule):
     Deep Mutual Learning (Zhang et al. 2018, arXiv:1706.00384): peer ``k`` minimises its own terms, where a
     term that needs a teacher (``kd``, ``dkd``, ``dist``, ...) is averaged over the other peers' logits of
     the same batch, detached, i.e. ``L_k = CE(z_k, y) + 1/(K-1) sum_{j != k} KL(p_j || p_k)`` with the
-    default terms. All peers step together on one optimizer: each loss reaches only its own peer, so the
-    sum's gradient is every peer's own gradient. (Zhang et al.'s Algorithm 1 updates the peers one after
-    the other within a step, each seeing the others' newest outputs; here all see the outputs of the
-    step's forward pass.) Online KD with a still-training teacher is the two-peer case with asymmetric
-    terms: ``peer_terms`` gives peer ``k`` its own list (e.g. the teacher on ``ce`` alone).
+    default terms. By default all peers step together on one optimizer: each loss reaches only its own
+    peer, so the sum's gradient is every peer's own gradient, and all see the outputs of the step's
+    forward pass. ``alternate=True`` updates one peer per step, in turn (peer ``step mod K``), against
+    the others' current outputs, as Zhang et al.'s Algorithm 1 and "implicit" online KD alternate: only
+    that peer's losses enter ``total``, so the other peers get no gradient and the optimizer (which
+    skips parameters without one) leaves them, their momentum and weight decay untouched; every
+    peer's terms are still logged. The turn is a buffer, so a resumed run continues with the right peer.
+    Online KD with a still-training teacher is the two-peer case with asymmetric terms: ``peer_terms``
+    gives peer ``k`` its own list (e.g. the teacher on ``ce`` alone).
 
     Example:
         >>> module = MutualDistiller([student, peer])
@@ -75,8 +79,12 @@ class MutualDistiller(_TeacherFreeModule):
         peers: Sequence[nn.Module],
         terms: Sequence[Term] = DML_TERMS,
         peer_terms: Sequence[Sequence[Term] | None] | None = None,
+        alternate: bool = False,
     ) -> None:
         super().__init__()
+        self.alternate = alternate
+        self.register_buffer("turn", torch.zeros((), dtype=torch.long))  # steps taken, for alternate
+        self._turn: int | None = None  # host copy of the buffer, so choosing a peer needs no device sync
         if len(peers) < 2:
             raise ConfigError(f"mutual learning needs at least two peers, got {len(peers)}")
         if peer_terms is not None and len(peer_terms) != len(peers):
@@ -122,7 +130,19 @@ class MutualDistiller(_TeacherFreeModule):
                     for target in targets
                 ]
                 losses[f"peer{k}/{term.name}"] = term.weight * torch.stack(values).mean()
-        losses["total"] = torch.stack(list(losses.values())).sum()
+        if not (self.alternate and self.training):
+            losses["total"] = torch.stack(list(losses.values())).sum()
+            return losses
+        if self._turn is None:
+            self._turn = int(self.turn)  # once, after a resume has loaded the buffer
+        active = f"peer{self._turn % len(self.distillers)}/"
+        losses["total"] = torch.stack(
+            [value for name, value in losses.items() if name.startswith(active)]
+        ).sum()
+        losses = {name: value if name.startswith(active) or name == "total" else value.detach()
+                  for name, value in losses.items()}  # fmt: skip
+        self._turn += 1
+        self.turn.fill_(self._turn)
         return losses
 
 
@@ -266,6 +286,7 @@ def mutual_learning(
     *,
     terms: Sequence[Term | dict] | None = None,
     peer_terms: Sequence[Sequence[Term | dict] | None] | None = None,
+    alternate: bool = False,
     **train: Any,
 ) -> list[nn.Module]:
     """Train ``peers`` together, each distilled from the others' current outputs (Deep Mutual Learning).
@@ -277,6 +298,7 @@ def mutual_learning(
             the other peers' detached logits.
         peer_terms: one list per peer (None entries take ``terms``): online KD with a still-training
             teacher is ``peer_terms=[None, [{"loss": "ce"}]]`` (the teacher learns from labels only).
+        alternate: update one peer per step, in turn, instead of all together (see :class:`MutualDistiller`).
         **train: ``epochs``, ``eval_loader``, ``num_classes``, ``run_dir``, ``seed`` and the settings of
             :class:`alambic.config.TrainConfig`, as :func:`train_module` takes them.
 
@@ -291,6 +313,6 @@ def mutual_learning(
         if peer_terms is not None
         else None
     )
-    module = MutualDistiller(peers, chosen_terms, chosen_peer_terms)
+    module = MutualDistiller(peers, chosen_terms, chosen_peer_terms, alternate=alternate)
     train_module(module, train_loader, **train)
     return module.peers

@@ -184,7 +184,9 @@ def _mutual(context: RunContext, build_student, builder) -> dict[str, nn.Module]
     else:  # a stage killed after its last epoch resumes from that checkpoint and only saves
         _status(context.run_dir, context.accelerator, state="running", stage="distill")
         started = time.perf_counter()
-        module = MutualDistiller([student, *peers], config.distill.terms, strategy.peer_terms)
+        module = MutualDistiller(
+            [student, *peers], config.distill.terms, strategy.peer_terms, alternate=strategy.alternate
+        )
         _train_stage(
             context, "distill", student, config.distill.terms, config.distill.train, None, module=module
         )
