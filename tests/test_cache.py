@@ -222,3 +222,43 @@ def test_compiled_training_keeps_parameter_names_and_matches_eager_training():
     )
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_token_data_set_has_a_fingerprint_that_sees_its_tokens(tmp_path):
+    from alambic.data import dataset_fingerprint
+    from alambic.data.text import TokenizedDataset
+
+    ids = torch.randint(0, 50, (40, 6))
+    data = TokenizedDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.arange(40) % 2)
+    before = dataset_fingerprint(IndexedDataset(data))
+    ids[0, 0] = (ids[0, 0] + 1) % 50  # the first sample is among the hashed ones
+    assert dataset_fingerprint(data) != before
+    lm = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(24, 2))
+
+    class OnIds(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return lm(input_ids)
+
+    cache_teacher(OnIds(), data, tmp_path / "cache")  # dict inputs are cached by index too
+    rows = CachedTeacher(tmp_path / "cache", dataset=data)(None, torch.tensor([3, 0]))["logits"]
+    torch.testing.assert_close(rows, lm(ids[[3, 0]]).detach(), rtol=0, atol=1e-6)
+
+
+def test_configs_refuse_a_cache_with_mixing_or_strategies_and_alternation_with_accumulation():
+    from alambic.config import config_from_dict
+
+    base = {"teacher": {"model": {"arch": "mlp"}, "train": {}}, "student": {"model": {"arch": "mlp"}}}
+    with pytest.raises(ConfigError, match="train.mix"):
+        config_from_dict({**base, "distill": {"teacher_cache": "c", "train": {"mix": "mixup"}}})
+    born = {**base, "strategy": {"kind": "born_again"}, "distill": {"teacher_cache": "c"}}
+    with pytest.raises(ConfigError, match="apply to plain KD"):
+        config_from_dict(born)
+    mutual = {
+        "teacher": None,
+        "stages": ["distill", "evaluate"],
+        "student": {"model": {"arch": "mlp"}},
+        "strategy": {"kind": "mutual", "peers": [{"arch": "mlp"}], "alternate": True},
+        "distill": {"terms": [{"loss": "ce"}, {"loss": "kd"}], "train": {"grad_accum": 2}},
+    }
+    with pytest.raises(ConfigError, match="grad_accum: 1"):
+        config_from_dict(mutual)

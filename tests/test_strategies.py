@@ -407,3 +407,12 @@ def test_a_stage_with_mix_trains_on_mixed_views_and_distill_refuses_it():
     assert _stage_train_set(digits, None).dataset is digits
     with pytest.raises(ConfigError, match="mix"):
         distill(nn.Linear(64, 10), nn.Linear(64, 10), [], mix="mixup")
+
+
+def test_mixing_token_ids_is_a_one_line_config_error():
+    from alambic.data.text import TokenizedDataset
+    from alambic.strategies import MixedDataset
+
+    ids = torch.randint(0, 9, (4, 3))
+    with pytest.raises(ConfigError, match="token ids cannot be mixed"):
+        MixedDataset(TokenizedDataset({"input_ids": ids}, torch.zeros(4)), "mixup")

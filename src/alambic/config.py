@@ -405,6 +405,22 @@ class RunConfig(_Strict):
             raise ValueError(
                 "strategy.teachers without a checkpoint train in the 'teacher' stage; add it to stages"
             )
+        if kind is not None and (self.distill.teacher_cache or self.distill.teacher_dtype != "float32"):
+            raise ValueError(
+                f"distill.teacher_cache and teacher_dtype apply to plain KD; strategy {kind!r} builds its own "
+                "teachers: remove them"
+            )
+        if self.distill.teacher_cache and self.distill.train.mix != "none":
+            raise ValueError(
+                "distill.teacher_cache replays one view per sample, but train.mix makes a new one each "
+                "epoch; use the live teacher with mixing (remove teacher_cache) or set train.mix: none"
+            )
+        if kind == "mutual" and self.strategy.alternate and self.distill.train.grad_accum != 1:
+            raise ValueError(
+                "strategy.alternate takes one peer per optimizer step: set distill.train.grad_accum: 1"
+            )
+        if kind is not None and self.student.model.arch.startswith("derive:"):
+            raise ValueError("student.model.arch derive:teacher is for plain KD from a Hugging Face teacher")
         if kind == "self_distill" and any(
             get_loss_spec(term.loss).needs_teacher for term in self.distill.terms
         ):

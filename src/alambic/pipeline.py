@@ -211,9 +211,13 @@ def _stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mi
 
 
 def _load_or_train(
-    context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None
+    context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None, make_teacher=None
 ) -> nn.Module:
-    """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains."""
+    """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains.
+
+    ``make_teacher()`` builds the teacher only when the stage trains (a finished run re-evaluated
+    without its teacher cache folder still works).
+    """
     from safetensors.torch import load_file
 
     set_seed(context.config.seed)
@@ -225,6 +229,8 @@ def _load_or_train(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    if make_teacher is not None:
+        teacher = make_teacher()
     model = _train_stage(context, stage, model, terms, train, teacher)
     _add_timing(context, stage, time.perf_counter() - started)
     _add_record(context, "peak_memory.json", stage, peak_memory())
@@ -385,9 +391,13 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         models["baseline"] = _load_or_train(context, "baseline", build_student, config.baseline.terms, train)
     if "distill" in stages or (context.run_dir / "student" / "model.safetensors").is_file():
         _status(context.run_dir, context.accelerator, state="running", stage="distill")
-        teacher = distill_teacher(context, models["teacher"])
         models["distilled"] = _load_or_train(
-            context, "distill", build_student, config.distill.terms, config.distill.train, teacher
+            context,
+            "distill",
+            build_student,
+            config.distill.terms,
+            config.distill.train,
+            make_teacher=lambda: distill_teacher(context, models["teacher"]),
         )
     return models
 
@@ -504,8 +514,10 @@ def cache_teacher_outputs(
     from alambic.distiller import _feature_paths
     from alambic.losses import get_loss_spec
 
+    trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
     if config.teacher is None or not (
-        config.teacher.model.checkpoint or config.teacher.model.arch.startswith("hf:")
+        config.teacher.model.checkpoint
+        or (config.teacher.model.arch.startswith("hf:") and not trained_in_run)
     ):
         raise ConfigError(
             "cache-teacher needs a trained teacher: give teacher.model.checkpoint "

@@ -313,6 +313,9 @@ def fit(
         module.student.compile(dynamic=False)
         if isinstance(teacher, Teacher):
             teacher.model.compile(dynamic=False)
+    fused = accelerator.device.type == "cuda"
+    if fused:  # fused kernels want the parameters on the GPU when the optimizer is built (older torch)
+        module.to(accelerator.device)
     optimizer_ = make_optimizer(
         module.parameters(),
         optimizer=optimizer,
@@ -320,7 +323,7 @@ def fit(
         momentum=momentum,
         nesterov=nesterov,
         weight_decay=weight_decay,
-        fused=accelerator.device.type == "cuda",
+        fused=fused,
     )
     # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
     # must be counted on the prepared (sharded) loader, not on the one given.

@@ -26,7 +26,7 @@ from torch import nn
 from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
 from alambic.distiller import Distiller, Teacher
-from alambic.errors import ConfigError
+from alambic.errors import ConfigError, NonFiniteLossError
 from alambic.losses import get_loss_spec
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
@@ -298,17 +298,21 @@ def tune(
             return metrics
 
         settings = train.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha", "lr"})
-        fit(
-            Distiller(student, terms),
-            make_loader(fit_set, batch_size=train.batch_size, shuffle=True, seed=config.seed),
-            accelerator=accelerator,
-            teacher=Teacher(teacher_model, terms),
-            stage=f"trial_{trial.number}",
-            log=log,
-            evaluate=evaluate_and_prune,
-            lr=params["lr"],
-            **{**settings, "eval_every": 1},
-        )
+        try:
+            fit(
+                Distiller(student, terms),
+                make_loader(fit_set, batch_size=train.batch_size, shuffle=True, seed=config.seed),
+                accelerator=accelerator,
+                teacher=Teacher(teacher_model, terms),
+                stage=f"trial_{trial.number}",
+                log=log,
+                evaluate=evaluate_and_prune,
+                lr=params["lr"],
+                **{**settings, "eval_every": 1},
+            )
+        except NonFiniteLossError as error:  # a diverging setting is a bad trial, not the end of the search
+            trial.set_user_attr("diverged", str(error))
+            raise optuna.TrialPruned(f"diverged: {error}") from None
         return scores[-1]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

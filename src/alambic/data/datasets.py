@@ -227,9 +227,12 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         return digest.hexdigest()
     for index in torch.linspace(0, max(length - 1, 0), min(length, 32)).long().tolist():
         sample, label = dataset[index][:2]
-        sample = torch.as_tensor(sample)
-        digest.update(f"{tuple(sample.shape)}{sample.dtype}{int(label)}".encode())
-        digest.update(sample.detach().cpu().contiguous().numpy().tobytes())
+        parts = sorted(sample.items()) if isinstance(sample, dict) else [("", sample)]  # token dicts
+        digest.update(f"label={int(label)}".encode())
+        for key, value in parts:
+            value = torch.as_tensor(value)
+            digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -35,7 +35,14 @@ class MixedDataset(Dataset):
             raise ConfigError(f"unknown mix {kind!r}; choose {' or '.join(MIX_KINDS)}")
         if not alpha > 0:
             raise ConfigError(f"mix alpha must be > 0 (Beta(alpha, alpha)), got {alpha}")
+        sample = dataset[0][0]
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            raise ConfigError(
+                f"mix {kind!r} blends float inputs (images, feature vectors); this data set yields "
+                f"{type(sample).__name__} inputs (token ids cannot be mixed): set train.mix: none"
+            )
         self.dataset, self.kind, self.alpha = dataset, kind, float(alpha)
+        self.augmentation = kind  # a random view per epoch: a teacher cache refuses it (alambic.cache)
 
     def __len__(self) -> int:
         return len(self.dataset)

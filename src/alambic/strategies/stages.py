@@ -184,6 +184,11 @@ def _mutual(context: RunContext, build_student, builder) -> dict[str, nn.Module]
     else:  # a stage killed after its last epoch resumes from that checkpoint and only saves
         _status(context.run_dir, context.accelerator, state="running", stage="distill")
         started = time.perf_counter()
+        if strategy.alternate and context.accelerator.num_processes > 1:
+            raise ConfigError(
+                "strategy.alternate leaves the waiting peers without gradients, which DDP refuses; "
+                "run it in one process or set alternate: false"
+            )
         module = MutualDistiller(
             [student, *peers], config.distill.terms, strategy.peer_terms, alternate=strategy.alternate
         )
