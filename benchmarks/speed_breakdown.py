@@ -53,7 +53,30 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
+        accelerator = make_accelerator()
+        tiny = torch.nn.Linear(3, 3)
+        tiny_optimizer = torch.optim.SGD(tiny.parameters(), lr=0.1)
+        wrapped = torch.nn.Linear(3, 3)
+        wrapped, wrapped_optimizer = accelerator.prepare(
+            wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1)
+        )
+        x = torch.randn(2, 3)
+
+        def tiny_step(_batch):
+            tiny(x).sum().backward()
+            tiny_optimizer.step()
+            tiny_optimizer.zero_grad(set_to_none=True)
+
+        def accelerate_tiny_step(_batch):  # the wrappers fit() uses around every step
+            with accelerator.accumulate(wrapped), accelerator.autocast():
+                loss = wrapped(x).sum()
+            accelerator.backward(loss)
+            wrapped_optimizer.step()
+            wrapped_optimizer.zero_grad(set_to_none=True)
+
         pieces = {
+            "tiny step, plain": tiny_step,
+            "tiny step, in Accelerate's wrappers": accelerate_tiny_step,
             "read cached teacher rows": lambda b: cached(b[0], b[2]),
             "non-finite watch": lambda b: guard.watch(scalars),
             "student forward + ce": lambda b: F.cross_entropy(student(b[0]), b[1]),
