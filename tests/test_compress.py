@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from alambic.cli import app
 from alambic.config import load_config
-from alambic.errors import ConfigError
+from alambic.errors import AlambicError, ConfigError
 from alambic.pipeline import run
 
 for _module in ("onnx", "onnxruntime", "onnxscript"):
@@ -104,6 +104,11 @@ def test_export_detects_a_wrong_export(run_dir, tmp_path, monkeypatch):
     assert export_model(loaded.model, inputs, tmp_path / "m.onnx")["max_abs_diff"] == pytest.approx(
         0.5, abs=1e-4
     )
+    # an export whose check fails leaves no file behind
+    monkeypatch.setattr(export, "run_onnx", lambda session, x: real(session, x) * float("nan"))
+    with pytest.raises(AlambicError, match="non-finite"):
+        export_model(loaded.model, inputs, tmp_path / "bad" / "m.onnx")
+    assert list((tmp_path / "bad").iterdir()) == []
 
 
 def test_int8_models_stay_close_to_float_and_are_smaller(run_dir, tmp_path):

@@ -135,6 +135,10 @@ def _as_teacher(teacher, terms, vocab_size: int | None, dtype) -> Teacher | None
     """A module becomes a frozen :class:`Teacher`; a :class:`~alambic.cache.CachedTeacher` is used as it is."""
     from alambic.cache import CachedTeacher
 
+    if isinstance(teacher, CachedTeacher) and (vocab_size is not None or dtype is not None):
+        raise ConfigError(
+            "teacher_vocab_size and teacher_dtype apply to a live teacher; a CachedTeacher replays stored outputs"
+        )
     if teacher is None or isinstance(teacher, CachedTeacher):
         return teacher
     return Teacher(teacher, terms, vocab_size=vocab_size, dtype=dtype)

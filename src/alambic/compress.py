@@ -45,6 +45,7 @@ class _Context:
         self, config: RunConfig, run_dir: Path, out: Path | None, data_dir: str | None, progress: Any
     ) -> None:
         from alambic.data import build_datasets
+        from alambic.pipeline import run_tokenizer
 
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.settings: CompressConfig = config.compress or CompressConfig()
@@ -59,6 +60,8 @@ class _Context:
             train_subset=data.train_subset,
             test_fraction=data.test_fraction,
             seed=config.seed,
+            tokenizer=run_tokenizer(config),
+            max_length=data.max_length,
         )
         plain_train, _, _ = build_datasets(
             data.dataset,
@@ -67,6 +70,8 @@ class _Context:
             factory_kwargs=data.factory_kwargs,
             test_fraction=data.test_fraction,
             seed=config.seed,
+            tokenizer=run_tokenizer(config),
+            max_length=data.max_length,
         )
         self.eval_set = self.test_set
         subset = self.settings.eval_subset

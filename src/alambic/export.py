@@ -145,7 +145,7 @@ def load_run_model(
 
     source = Path(source)
     if source.is_dir():
-        from alambic.pipeline import check_run_dir
+        from alambic.pipeline import check_run_dir, run_tokenizer
 
         config = load_config(check_run_dir(source) / "config.yaml")
         if model not in RUN_MODELS:
@@ -163,6 +163,8 @@ def load_run_model(
             factory_kwargs=data.factory_kwargs,
             test_fraction=data.test_fraction,
             seed=config.seed,
+            tokenizer=run_tokenizer(config),
+            max_length=data.max_length,
         )
     elif source.is_file():
         if arch is None or dataset is None:
@@ -309,26 +311,36 @@ def export_model(
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}")
     model = model.eval()
     reference = _reference(model, inputs)
-    if export_format == "onnx":
-        export_onnx(model, inputs, path, opset=opset)
-        session = onnx_session(path)
-        outputs = [run_onnx(session, inputs), run_onnx(session, inputs[:1])]
-        runtime = f"onnxruntime {require('onnxruntime').__version__}"
-    elif export_format == "torch-export":
-        export_torch_program(model, inputs, path)
-        loaded = torch.export.load(str(path)).module()
-        with torch.no_grad():
-            outputs = [loaded(inputs), loaded(inputs[:1])]
-        runtime = f"torch.export.load (torch {torch.__version__})"
-    else:
-        export_safetensors(model, path, description=description)
-        fresh = copy.deepcopy(model)
-        load_resized(fresh, _student_state_dict(Path(path)))
-        outputs = [_reference(fresh, inputs), _reference(fresh, inputs[:1])]
-        runtime = "safetensors into a fresh copy of the model"
-    diff = max(_max_diff(reference, outputs[0]), _max_diff(reference[:1], outputs[1]))
-    if not math.isfinite(diff):
-        raise AlambicError(f"the {export_format} export of {path} gives non-finite outputs")
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # written under a temporary name and renamed once checked: a failed export leaves no file behind
+    path = final.with_name(f".{final.stem}.partial{final.suffix}")
+    try:
+        if export_format == "onnx":
+            export_onnx(model, inputs, path, opset=opset)
+            session = onnx_session(path)
+            outputs = [run_onnx(session, inputs), run_onnx(session, inputs[:1])]
+            runtime = f"onnxruntime {require('onnxruntime').__version__}"
+        elif export_format == "torch-export":
+            export_torch_program(model, inputs, path)
+            loaded = torch.export.load(str(path)).module()
+            with torch.no_grad():
+                outputs = [loaded(inputs), loaded(inputs[:1])]
+            runtime = f"torch.export.load (torch {torch.__version__})"
+        else:
+            export_safetensors(model, path, description=description)
+            fresh = copy.deepcopy(model)
+            load_resized(fresh, _student_state_dict(Path(path)))
+            outputs = [_reference(fresh, inputs), _reference(fresh, inputs[:1])]
+            runtime = "safetensors into a fresh copy of the model"
+        diff = max(_max_diff(reference, outputs[0]), _max_diff(reference[:1], outputs[1]))
+        if not math.isfinite(diff):
+            raise AlambicError(f"the {export_format} export of {final} gives non-finite outputs")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    os.replace(path, final)
+    path = final
     return {
         "format": export_format,
         "path": str(path),

@@ -318,9 +318,16 @@ def build_run_datasets(config: RunConfig) -> tuple[Any, Any, Any]:
         train_subset=data.train_subset,
         test_fraction=data.test_fraction,
         seed=config.seed,
-        tokenizer=data.tokenizer or (_hf_path(config.teacher.model.arch) if config.teacher else None),
+        tokenizer=run_tokenizer(config),
         max_length=data.max_length,
     )
+
+
+def run_tokenizer(config: RunConfig) -> str | None:
+    """The tokenizer of a run's text data: ``data.tokenizer``, else the ``hf:`` teacher's own."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    return _hf_path(config.teacher.model.arch) if config.teacher else None
 
 
 def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any) -> None:

@@ -216,7 +216,7 @@ def tune(
     optuna = _optuna()
     from alambic.data import build_datasets
     from alambic.evaluate import evaluate_classifier
-    from alambic.pipeline import build_named_model, check_num_classes, example_input
+    from alambic.pipeline import build_named_model, check_num_classes, example_input, run_tokenizer
 
     if config.strategy is not None or config.teacher is None:
         raise ConfigError("alambic tune searches plain teacher -> student distillation; remove strategy:")
@@ -246,6 +246,8 @@ def tune(
         train_subset=data.train_subset,
         test_fraction=data.test_fraction,
         seed=config.seed,
+        tokenizer=run_tokenizer(config),
+        max_length=data.max_length,
     )
     fit_set, val_set = _split(train_set, val_fraction, config.seed)
     example = example_input(val_set)
