@@ -19,6 +19,7 @@ never in tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -129,8 +130,10 @@ def quantize(source: Path, out: Path) -> str:
     which can stop at "Incomplete symbolic shape inference" on a dynamo-exported Transformer with
     dynamic axes; the fallback skips only that step (ONNX shape inference and graph optimisation stay).
     """
-    try:
-        quantize_onnx_dynamic(source, out)  # int8 weights (QInt8), activations quantized per batch
+    source, out = Path(source).resolve(), Path(out).resolve()
+    try:  # in a scratch folder: a failing symbolic shape inference leaves its debug files in the cwd
+        with tempfile.TemporaryDirectory(prefix="sst2-int8-") as scratch, contextlib.chdir(scratch):
+            quantize_onnx_dynamic(source, out)  # int8 weights (QInt8), activations quantized per batch
         return "alambic.quantize.quantize_onnx_dynamic (QInt8 weights)"
     except Exception as error:
         print(
