@@ -19,7 +19,6 @@ never in tests.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -124,32 +123,9 @@ def export(model: nn.Module, example: tuple, path: Path) -> str:
 
 
 def quantize(source: Path, out: Path) -> str:
-    """Dynamic int8 (QInt8 weights): alambic's quantize_onnx_dynamic, else onnxruntime's without symbolic shapes.
-
-    alambic's function first runs onnxruntime's ``quant_pre_process`` with symbolic shape inference,
-    which can stop at "Incomplete symbolic shape inference" on a dynamo-exported Transformer with
-    dynamic axes; the fallback skips only that step (ONNX shape inference and graph optimisation stay).
-    """
-    source, out = Path(source).resolve(), Path(out).resolve()
-    try:  # in a scratch folder: a failing symbolic shape inference leaves its debug files in the cwd
-        with tempfile.TemporaryDirectory(prefix="sst2-int8-") as scratch, contextlib.chdir(scratch):
-            quantize_onnx_dynamic(source, out)  # int8 weights (QInt8), activations quantized per batch
-        return "alambic.quantize.quantize_onnx_dynamic (QInt8 weights)"
-    except Exception as error:
-        print(
-            f"quantize_onnx_dynamic failed: {type(error).__name__}: {str(error).splitlines()[0]}", flush=True
-        )
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    processed = out.with_name(out.stem + "-preprocessed.onnx")
-    quant_pre_process(str(source), str(processed), skip_symbolic_shape=True)
-    quantize_dynamic(str(processed), str(out), weight_type=QuantType.QInt8)
-    processed.unlink()
-    return (
-        "onnxruntime quant_pre_process(skip_symbolic_shape=True) + quantize_dynamic(weight_type=QInt8) "
-        "(fallback: alambic's quantize_onnx_dynamic stopped in symbolic shape inference)"
-    )
+    """Dynamic int8 (QInt8 weights, activations quantized per batch) with alambic's quantize_onnx_dynamic."""
+    quantize_onnx_dynamic(Path(source).resolve(), Path(out).resolve())
+    return "alambic.quantize.quantize_onnx_dynamic (QInt8 weights)"
 
 
 def feeds(batch: dict) -> dict[str, np.ndarray]:

@@ -47,7 +47,18 @@ def _preprocess(source: Path, directory: str) -> str:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     processed = os.path.join(directory, "preprocessed.onnx")
-    quant_pre_process(str(source), processed)
+    source = os.path.abspath(source)
+    here = os.getcwd()
+    os.chdir(directory)  # its symbolic shape inference writes temporary files into the working folder
+    try:
+        try:
+            quant_pre_process(source, processed)
+        except Exception:  # noqa: BLE001 - onnxruntime raises plain Exceptions
+            # Transformers with dynamic batch and sequence axes stop its symbolic shape inference
+            # ("Incomplete symbolic shape inference"); ONNX shape inference and optimisation still run.
+            quant_pre_process(source, processed, skip_symbolic_shape=True)
+    finally:
+        os.chdir(here)
     return processed
 
 
