@@ -44,35 +44,13 @@ class _Context:
     def __init__(
         self, config: RunConfig, run_dir: Path, out: Path | None, data_dir: str | None, progress: Any
     ) -> None:
-        from alambic.data import build_datasets
-        from alambic.pipeline import run_tokenizer
+        from alambic.pipeline import build_run_datasets
 
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.settings: CompressConfig = config.compress or CompressConfig()
         self.out = out or run_dir / "compress"
-        data = config.data
-        self.train_set, self.test_set, self.info = build_datasets(
-            data.dataset,
-            data_dir=data_dir or data.data_dir,
-            factory=data.factory,
-            factory_kwargs=data.factory_kwargs,
-            augment=data.augment,
-            train_subset=data.train_subset,
-            test_fraction=data.test_fraction,
-            seed=config.seed,
-            tokenizer=run_tokenizer(config),
-            max_length=data.max_length,
-        )
-        plain_train, _, _ = build_datasets(
-            data.dataset,
-            data_dir=data_dir or data.data_dir,
-            factory=data.factory,
-            factory_kwargs=data.factory_kwargs,
-            test_fraction=data.test_fraction,
-            seed=config.seed,
-            tokenizer=run_tokenizer(config),
-            max_length=data.max_length,
-        )
+        self.train_set, self.test_set, self.info = build_run_datasets(config, data_dir=data_dir)
+        plain_train, _, _ = build_run_datasets(config, data_dir=data_dir, augment=False, subset=False)
         self.eval_set = self.test_set
         subset = self.settings.eval_subset
         if subset is not None and subset < len(self.test_set):

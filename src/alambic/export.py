@@ -145,7 +145,7 @@ def load_run_model(
 
     source = Path(source)
     if source.is_dir():
-        from alambic.pipeline import check_run_dir, run_tokenizer
+        from alambic.pipeline import build_run_datasets, check_run_dir
 
         config = load_config(check_run_dir(source) / "config.yaml")
         if model not in RUN_MODELS:
@@ -155,17 +155,7 @@ def load_run_model(
             raise AlambicError(f"{weights} does not exist; has the run's {model} stage finished?")
         model_config = config.teacher.model if model == "teacher" else config.student.model
         model_config = model_config.model_copy(update={"checkpoint": None})
-        data = config.data
-        train_set, test_set, info = build_datasets(
-            data.dataset,
-            data_dir=data_dir or data.data_dir,
-            factory=data.factory,
-            factory_kwargs=data.factory_kwargs,
-            test_fraction=data.test_fraction,
-            seed=config.seed,
-            tokenizer=run_tokenizer(config),
-            max_length=data.max_length,
-        )
+        train_set, test_set, info = build_run_datasets(config, data_dir=data_dir, augment=False, subset=False)
     elif source.is_file():
         if arch is None or dataset is None:
             raise AlambicError(

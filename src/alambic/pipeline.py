@@ -304,18 +304,24 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: 
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def build_run_datasets(config: RunConfig) -> tuple[Any, Any, Any]:
-    """The train and test sets of a run config, and their info."""
+def build_run_datasets(
+    config: RunConfig, *, data_dir: str | None = None, augment: bool | None = None, subset: bool = True
+) -> tuple[Any, Any, Any]:
+    """The train and test sets of a run config, and their info.
+
+    ``data_dir`` overrides ``data.data_dir``; ``augment`` overrides ``data.augment``; ``subset=False``
+    ignores ``data.train_subset`` (the whole training set, e.g. for calibration).
+    """
     from alambic.data import build_datasets
 
     data = config.data
     return build_datasets(
         data.dataset,
-        data_dir=data.data_dir,
+        data_dir=data_dir or data.data_dir,
         factory=data.factory,
         factory_kwargs=data.factory_kwargs,
-        augment=data.augment,
-        train_subset=data.train_subset,
+        augment=data.augment if augment is None else augment,
+        train_subset=data.train_subset if subset else None,
         test_fraction=data.test_fraction,
         seed=config.seed,
         tokenizer=run_tokenizer(config),

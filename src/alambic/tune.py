@@ -214,9 +214,8 @@ def tune(
         >>> result["best_params"]["temperature"]
     """
     optuna = _optuna()
-    from alambic.data import build_datasets
     from alambic.evaluate import evaluate_classifier
-    from alambic.pipeline import build_named_model, check_num_classes, example_input, run_tokenizer
+    from alambic.pipeline import build_named_model, build_run_datasets, check_num_classes, example_input
 
     if config.strategy is not None or config.teacher is None:
         raise ConfigError("alambic tune searches plain teacher -> student distillation; remove strategy:")
@@ -236,19 +235,7 @@ def tune(
     if budget:
         student_space(optuna.trial.FixedTrial({"depth": 1, "width": 16}), config.student.model)  # arch check
     _check_study_dir(study_dir, settings)
-    data = config.data
-    train_set, _, info = build_datasets(
-        data.dataset,
-        data_dir=data.data_dir,
-        factory=data.factory,
-        factory_kwargs=data.factory_kwargs,
-        augment=data.augment,
-        train_subset=data.train_subset,
-        test_fraction=data.test_fraction,
-        seed=config.seed,
-        tokenizer=run_tokenizer(config),
-        max_length=data.max_length,
-    )
+    train_set, _, info = build_run_datasets(config)
     fit_set, val_set = _split(train_set, val_fraction, config.seed)
     example = example_input(val_set)
 
@@ -259,7 +246,7 @@ def tune(
 
     accelerator = make_accelerator(config.precision)
     log = MetricsLog(study_dir / "metrics.jsonl")
-    val_loader = make_loader(val_set, batch_size=data.eval_batch_size, shuffle=False)
+    val_loader = make_loader(val_set, batch_size=config.data.eval_batch_size, shuffle=False)
     teacher_model = _teacher(config, study_dir, build, fit_set, val_loader, accelerator, log)
     train = config.distill.train
 
