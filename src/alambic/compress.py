@@ -77,6 +77,15 @@ class _Context:
         return torch.utils.data.DataLoader(self.eval_set, batch_size=self.config.data.eval_batch_size)
 
 
+def _timing(evaluation) -> dict[str, Any]:
+    """The latency settings of ``evaluate:`` as keyword arguments of the profilers."""
+    return {
+        "batch_sizes": tuple(evaluation.batch_sizes),
+        "repeats": evaluation.latency_repeats,
+        "threads": evaluation.latency_threads,
+    }
+
+
 def _load_models(context: _Context) -> dict[str, nn.Module]:
     from alambic.export import _student_state_dict, load_resized
     from alambic.pipeline import build_named_model
@@ -115,21 +124,10 @@ def _measure(context: _Context, name: str, model: nn.Module, **extra: Any) -> di
     metrics = evaluate_classifier(model, context.eval_loader(), num_classes=context.info.num_classes)
     weights = context.out / "weights" / f"{name}.safetensors"
     save_weights(model, weights)
-    profile = profile_model(
-        model,
-        context.example,
-        batch_sizes=tuple(evaluation.batch_sizes),
-        repeats=evaluation.latency_repeats,
-        threads=evaluation.latency_threads,
-    )
+    timing = _timing(evaluation)
+    profile = profile_model(model, context.example, **timing)
     onnx_path = export_onnx(model, context.check_inputs, context.out / "onnx" / f"{name}.onnx")
-    ort = onnx_profile(
-        onnx_path,
-        context.example,
-        batch_sizes=tuple(evaluation.batch_sizes),
-        repeats=evaluation.latency_repeats,
-        threads=evaluation.latency_threads,
-    )
+    ort = onnx_profile(onnx_path, context.example, **timing)
     row = {
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
@@ -223,13 +221,7 @@ def _stage_quantize(context: _Context, float_model: nn.Module, models: dict[str,
     )
     evaluation = context.config.evaluate
     metrics = evaluate_onnx(int8, context.eval_set, num_classes=context.info.num_classes)
-    ort = onnx_profile(
-        int8,
-        context.example,
-        batch_sizes=tuple(evaluation.batch_sizes),
-        repeats=evaluation.latency_repeats,
-        threads=evaluation.latency_threads,
-    )
+    ort = onnx_profile(int8, context.example, **_timing(evaluation))
     context.rows["int8"] = {
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],

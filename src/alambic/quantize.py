@@ -62,9 +62,18 @@ def _preprocess(source: Path, directory: str) -> str:
     return processed
 
 
-def _replace(temporary: str, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(temporary, out)
+def _quantize_into(out: str | Path, source: str | Path, quantize: Any) -> Path:
+    """Pre-process ``source`` in a scratch folder, ``quantize(preprocessed, temporary)``, then move it to ``out``.
+
+    The output appears only when quantization succeeded; nothing half-written is left at ``out``.
+    """
+    out = Path(out)
+    scratch = out.parent if out.parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="alambic-quantize-", dir=scratch) as directory:
+        temporary = os.path.join(directory, "quantized.onnx")
+        quantize(_preprocess(Path(source), directory), temporary)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temporary, out)
     return out
 
 
@@ -77,18 +86,13 @@ def quantize_onnx_dynamic(source: str | Path, out: str | Path, *, per_channel: b
     require("onnxruntime")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = Path(out)
-    with tempfile.TemporaryDirectory(
-        prefix="alambic-quantize-", dir=out.parent if out.parent.is_dir() else None
-    ) as directory:
-        temporary = os.path.join(directory, "quantized.onnx")
-        quantize_dynamic(
-            _preprocess(Path(source), directory),
-            temporary,
-            weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-        )
-        return _replace(temporary, out)
+    return _quantize_into(
+        out,
+        source,
+        lambda preprocessed, temporary: quantize_dynamic(
+            preprocessed, temporary, weight_type=QuantType.QInt8, per_channel=per_channel
+        ),
+    )
 
 
 def quantize_onnx_static(
@@ -151,13 +155,11 @@ def quantize_onnx_static(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    out = Path(out)
-    with tempfile.TemporaryDirectory(
-        prefix="alambic-quantize-", dir=out.parent if out.parent.is_dir() else None
-    ) as directory:
-        temporary = os.path.join(directory, "quantized.onnx")
-        quantize_static(
-            _preprocess(Path(source), directory),
+    return _quantize_into(
+        out,
+        source,
+        lambda preprocessed, temporary: quantize_static(
+            preprocessed,
             temporary,
             CalibrationReader(),
             quant_format=QuantFormat.QDQ,
@@ -166,8 +168,8 @@ def quantize_onnx_static(
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
             calibrate_method=methods[calibrate_method],
-        )
-        return _replace(temporary, out)
+        ),
+    )
 
 
 def quantize_onnx(
