@@ -45,6 +45,15 @@ def test_a_cached_teacher_replays_the_live_teachers_outputs_by_sample_index(tmp_
     replayed = cached(images, index)
     torch.testing.assert_close(replayed["logits"], expected["logits"], rtol=0, atol=1e-5)
     torch.testing.assert_close(replayed["1"], expected["1"], rtol=0, atol=1e-5)
+    # held in memory (indexed where training runs) or read from the memory-mapped shards: the same rows
+    resident = CachedTeacher(tmp_path / "cache", preload=True).to("cpu")
+    streamed = CachedTeacher(tmp_path / "cache", preload=False).to("cpu")
+    assert set(resident.resident) == {"logits", "1"} and not streamed.resident
+    for name in ("logits", "1"):
+        torch.testing.assert_close(resident(images, index)[name], streamed(images, index)[name], rtol=0, atol=0)
+    for source in (resident, streamed):
+        with pytest.raises(ConfigError, match="sample index 300 is outside the cache's 300 samples"):
+            source(images[:1], torch.tensor([300]))
 
 
 def test_distilling_from_the_cache_trains_the_student_as_the_live_teacher_does(tmp_path):
@@ -58,7 +67,7 @@ def test_distilling_from_the_cache_trains_the_student_as_the_live_teacher_does(t
     for (name, a), (_, b) in zip(live.state_dict().items(), offline.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
     moved = _mlp(2).state_dict()["0.weight"]
-    assert not torch.allclose(offline.state_dict()["0.weight"], moved)  # it did train
+    assert not torch.allclose(offline.state_dict()["0.weight"].cpu(), moved)  # it did train
 
 
 def test_a_stale_or_mismatched_cache_is_refused_before_training(tmp_path):
@@ -113,7 +122,9 @@ def test_top_k_keeps_the_largest_log_probabilities_and_spreads_the_tail(tmp_path
         cache_teacher(lm, data, tmp_path / name, top_k=k)
     index = torch.tensor([4, 1])
     exact = torch.log_softmax(lm(tokens[index]), dim=-1).detach()  # [2, 5, 50]
-    dense = CachedTeacher(tmp_path / "top5")(tokens[index], index)["logits"]
+    dense = CachedTeacher(tmp_path / "top5", preload=False)(tokens[index], index)["logits"]
+    resident = CachedTeacher(tmp_path / "top5", preload=True).to("cpu")(tokens[index], index)["logits"]
+    torch.testing.assert_close(resident, dense, rtol=0, atol=0)
     top_values, top_ids = exact.topk(5, dim=-1)
     torch.testing.assert_close(dense.gather(-1, top_ids), top_values, rtol=0, atol=1e-6)
     torch.testing.assert_close(dense.exp().sum(-1), torch.ones(2, 5), rtol=0, atol=1e-5)  # full mass
@@ -160,6 +171,62 @@ def test_a_bfloat16_teacher_copy_leaves_the_model_and_returns_float32():
     assert out.dtype == torch.float32 and next(teacher.parameters()).dtype == torch.float32
     assert next(half.model.parameters()).dtype == torch.bfloat16
     torch.testing.assert_close(out, teacher(x).detach(), rtol=0.05, atol=0.05)
+
+
+def test_an_int8_teacher_copy_stores_a_quarter_of_the_linear_weights_and_stays_close():
+    pytest.importorskip("torchao", reason="the int8 teacher needs torchao (alambic[quant])")
+    train = _digits(64)
+    x = torch.stack([train[i][0] for i in range(64)]).reshape(64, -1)
+    teacher = _mlp(1, 256)
+    small = Teacher(teacher, dtype=torch.int8)
+    out = small(x)["logits"]
+    reference = teacher(x).detach()
+    assert out.dtype == torch.float32 and next(teacher.parameters()).dtype == torch.float32
+    stored = [module.weight.qdata for module in small.model.modules() if isinstance(module, nn.Linear)]
+    assert all(weight.dtype == torch.int8 for weight in stored)
+    assert sum(w.numel() for w in stored) == sum(m.weight.numel() for m in teacher.modules() if isinstance(m, nn.Linear))
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.02 * reference.abs().max().item())
+    assert out.argmax(-1).eq(reference.argmax(-1)).float().mean() > 0.95
+
+
+def test_an_int8_teacher_of_a_convnet_without_linear_layers_is_refused():
+    pytest.importorskip("torchao", reason="the int8 teacher needs torchao (alambic[quant])")
+    with pytest.raises(ConfigError, match="no.*Linear|has none"):
+        Teacher(nn.Sequential(nn.Conv2d(1, 2, 3)), dtype=torch.int8)
+
+
+def test_a_deferred_teacher_output_is_read_after_the_students_forward():
+    """The distiller takes teacher outputs as a function (the CUDA side-stream path) and calls it after the student."""
+    from alambic.config import Term
+    from alambic.distiller import Distiller
+
+    order = []
+    student = _mlp(0)
+    student.register_forward_hook(lambda *_: order.append("student"))
+    teacher = Teacher(_mlp(1, 64), [Term(loss="kd")])
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    direct = Distiller(student, [Term(loss="kd")])(x, y, teacher(x))
+
+    def deferred():
+        order.append("teacher read")
+        return teacher(x)
+
+    late = Distiller(student, [Term(loss="kd")])(x, y, deferred)
+    assert order == ["student", "student", "teacher read"]
+    torch.testing.assert_close(late["total"], direct["total"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the teacher's side stream needs CUDA")
+def test_overlapping_the_teacher_on_a_cuda_stream_trains_the_same_student():
+    train = _digits()
+    students = []
+    for overlap in (False, True):
+        loader = make_loader(IndexedDataset(train), batch_size=32, shuffle=True, seed=0)
+        students.append(
+            distill(_mlp(1, 64), _mlp(0), loader, terms=TERMS, epochs=2, overlap_teacher=overlap, seed=0)
+        )
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_batched_loading_equals_per_sample_loading_with_and_without_augmentation():
@@ -250,6 +317,9 @@ def test_configs_refuse_a_cache_with_mixing_or_strategies_and_alternation_with_a
     base = {"teacher": {"model": {"arch": "mlp"}, "train": {}}, "student": {"model": {"arch": "mlp"}}}
     with pytest.raises(ConfigError, match="train.mix"):
         config_from_dict({**base, "distill": {"teacher_cache": "c", "train": {"mix": "mixup"}}})
+    for live_only in ({"teacher_dtype": "int8"}, {"train": {"overlap_teacher": True}}):
+        with pytest.raises(ConfigError, match="replays stored outputs, so teacher_dtype and train.overlap_teacher"):
+            config_from_dict({**base, "distill": {"teacher_cache": "c", **live_only}})
     born = {**base, "strategy": {"kind": "born_again"}, "distill": {"teacher_cache": "c"}}
     with pytest.raises(ConfigError, match="apply to plain KD"):
         config_from_dict(born)

@@ -155,7 +155,7 @@ def test_mutual_learning_updates_every_peer_and_online_kd_keeps_terms_per_peer()
     trained = mutual_learning(peers, loader, epochs=1, optimizer="adamw", lr=0.01, log_every=1)
     assert trained[0] is peers[0] and trained[1] is peers[1]
     for peer, old in zip(peers, before):
-        assert all(not torch.equal(p, q) for p, q in zip(peer.parameters(), old))
+        assert all(not torch.equal(p.cpu(), q) for p, q in zip(peer.parameters(), old))
     module = MutualDistiller(_peers(2), peer_terms=[None, [Term(loss="ce")]])
     assert set(module(x[:4], y[:4], None)) == {"peer0/ce", "peer0/kd", "peer1/ce", "total"}
     with pytest.raises(ConfigError, match="logits"):
@@ -177,7 +177,7 @@ def test_alternating_mutual_learning_updates_one_peer_per_step_in_turn_and_resum
         optimizer.zero_grad(set_to_none=True)
         changed.append(
             [
-                not all(torch.equal(p, q) for p, q in zip(peer.parameters(), old))
+                not all(torch.equal(p.cpu(), q) for p, q in zip(peer.parameters(), old))
                 for peer, old in zip(peers, before)
             ]
         )
@@ -259,7 +259,7 @@ def test_born_again_generations_are_separate_checkpoints_each_taught_by_the_prev
     for earlier, later in zip(weights, weights[1:]):
         assert set(earlier) == set(later) and not torch.equal(earlier["head.weight"], later["head.weight"])
     for stage, teacher_weights in zip(("generation_1", "generation_2", "distill"), weights):
-        assert all(torch.equal(taught_by[stage][key], value) for key, value in teacher_weights.items())
+        assert all(torch.equal(taught_by[stage][key].cpu(), value) for key, value in teacher_weights.items())
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -36,7 +36,8 @@ def _accuracy(model, dataset):
     model.eval()
     with torch.no_grad():
         inputs, labels = dataset.tensors
-        return (model(inputs).argmax(-1) == labels).float().mean().item()
+        device = next(model.parameters()).device  # distill returns the student where it trained
+        return (model(inputs.to(device)).argmax(-1).cpu() == labels).float().mean().item()
 
 
 def test_distill_trains_the_student_and_leaves_the_teacher_untouched():
@@ -198,7 +199,7 @@ def test_gradient_clipping_bounds_the_update():
     settings = {**PLAIN_SGD, "lr": 1.0}
     start = torch.cat([p.detach().flatten() for p in _mlp(8, 1).parameters()])
     clipped = distill(None, _mlp(8, 1), _loader(dataset, batch_size=32), grad_clip=0.01, **settings)
-    moved = torch.cat([p.detach().flatten() for p in clipped.parameters()]) - start
+    moved = torch.cat([p.detach().flatten().cpu() for p in clipped.parameters()]) - start
     assert moved.norm().item() == pytest.approx(0.01, rel=1e-3)  # one step of lr 1 on a gradient of norm 0.01
 
 

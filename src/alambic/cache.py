@@ -215,7 +215,12 @@ class CachedTeacher:
         teacher: nn.Module | None = None,
         dataset: Dataset | None = None,
         terms: Sequence[Any] = (),
+        preload: bool | None = None,
     ) -> None:
+        """``preload`` copies the whole cache into memory where the training runs (GPU memory on a GPU),
+        so a batch's outputs are one indexing operation there: no reads from disk, no copy from the host
+        and no host-device sync per step. ``None`` preloads caches up to ``PRELOAD_LIMIT`` bytes (1 GiB);
+        ``False`` always reads the memory-mapped shards."""
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.is_file():
@@ -249,6 +254,9 @@ class CachedTeacher:
         }
         self.shard_size = self.manifest["shard_size"]
         self.device = torch.device("cpu")
+        stored = sum(shard.nbytes for shards in self.arrays.values() for shard in shards)
+        self.preload = stored <= PRELOAD_LIMIT if preload is None else preload
+        self.resident: dict[str, Tensor] = {}  # name -> every sample's rows, on self.device
 
     def _check_terms(self, terms: Sequence[Any]) -> None:
         from alambic.distiller import _feature_paths
@@ -265,9 +273,17 @@ class CachedTeacher:
 
     def to(self, device: torch.device | str) -> CachedTeacher:
         self.device = torch.device(device)
+        if self.preload:
+            self.resident = {
+                name: torch.cat([torch.from_numpy(np.array(shard)) for shard in shards]).to(self.device)
+                for name, shards in self.arrays.items()
+            }
         return self
 
-    def _rows(self, name: str, index: np.ndarray) -> Tensor:
+    def _rows(self, name: str, index: np.ndarray | Tensor) -> Tensor:
+        """Rows ``index`` of field ``name``, in its stored dtype: on the device when preloaded, else on the host."""
+        if self.resident:
+            return self.resident[name][index]
         shards = index // self.shard_size
         first = self.arrays[name][0]
         out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
@@ -282,11 +298,13 @@ class CachedTeacher:
                 "a cached teacher reads outputs by sample index; yield (inputs, labels, index) batches "
                 "(alambic.data.IndexedDataset wraps a data set so)"
             )
-        rows = index.detach().cpu().numpy().astype(np.int64)
-        if rows.min() < 0 or rows.max() >= self.manifest["num_samples"]:
-            raise ConfigError(
-                f"sample index {int(rows.max())} is outside the cache's {self.manifest['num_samples']} samples"
-            )
+        if self.resident:  # indexing on the device: no copy to the host, no sync
+            rows = index.detach().to(self.device, torch.int64, non_blocking=True)
+            if self.device.type == "cpu":
+                self._check_range(int(rows.min()), int(rows.max()))
+        else:
+            rows = index.detach().cpu().numpy().astype(np.int64)
+            self._check_range(int(rows.min()), int(rows.max()))
         outputs = {}
         for name in self.arrays:
             if name in ("topk_log_probs", "topk_ids", "tail_mass"):
@@ -296,7 +314,14 @@ class CachedTeacher:
             outputs["logits"] = self._dense(rows)
         return outputs
 
-    def _dense(self, rows: np.ndarray) -> Tensor:
+    def _check_range(self, low: int, high: int) -> None:
+        if low < 0 or high >= self.manifest["num_samples"]:
+            raise ConfigError(
+                f"sample index {high if high >= 0 else low} is outside the cache's "
+                f"{self.manifest['num_samples']} samples"
+            )
+
+    def _dense(self, rows: np.ndarray | Tensor) -> Tensor:
         """Top-k log-probabilities with the tail mass spread evenly over the other tokens."""
         values = self._rows("topk_log_probs", rows).to(self.device, torch.float32)  # [..., k]
         ids = self._rows("topk_ids", rows).to(self.device, torch.int64)  # [..., k]
@@ -305,6 +330,9 @@ class CachedTeacher:
         fill = torch.log(tail.clamp_min(1e-12) / others).unsqueeze(-1)  # [..., 1]
         dense = fill.expand(*values.shape[:-1], self.vocab_size).clone()  # [..., V]
         return dense.scatter_(-1, ids, values)
+
+
+PRELOAD_LIMIT = 2**30  # caches up to this size are held where training runs (see CachedTeacher)
 
 
 def cache_size_bytes(folder: str | Path) -> int:

@@ -5,7 +5,7 @@ A training checkpoint is a directory ``ckpt-EPOCH/`` with:
 - ``model.safetensors``: the trainable module (student + connectors; never the teacher);
 - ``optimizer.safetensors`` + ``state.json``: optimizer tensors, and everything else (optimizer
   hyper-parameters, scheduler state, epoch, step, Python / NumPy RNG states) as JSON;
-- ``rng-RANK.safetensors``: each process's torch RNG state.
+- ``rng-RANK.safetensors``: each process's torch RNG state (and its GPU's, when it has one).
 
 It is written into a temporary directory, every file fsynced, then renamed into place; ``latest.json``
 is then replaced atomically to point at it, and only then are older checkpoints removed.
@@ -151,7 +151,10 @@ def save_training_state(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    save_file({"torch": torch.get_rng_state()}, staging / f"rng-{process_index}.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator, not the CPU's
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, staging / f"rng-{process_index}.safetensors")
     barrier()
     if process_index == 0:
         save_file(_state_dict_for_save(module), staging / "model.safetensors")
@@ -201,5 +204,8 @@ def load_training_state(
     rng_file = path / f"rng-{process_index}.safetensors"
     if not rng_file.is_file():
         rng_file = path / "rng-0.safetensors"  # resumed with more processes than saved it
-    torch.set_rng_state(load_file(str(rng_file))["torch"])
+    rng = load_file(str(rng_file))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state["epoch"], state["step"]

@@ -115,6 +115,8 @@ class TrainConfig(_Strict):
     mix_alpha: float = Field(1.0, gt=0)  # lam ~ Beta(mix_alpha, mix_alpha)
     compile: bool = False  # torch.compile the student's (and teacher's) forward pass
     channels_last: bool = False  # NHWC memory format for convnets (faster on GPUs, and with bf16)
+    # a live teacher's forward on a second CUDA stream, overlapping the student's (no effect on CPU)
+    overlap_teacher: bool = False
 
     @model_validator(mode="after")
     def _milestones(self) -> TrainConfig:
@@ -181,8 +183,9 @@ class DistillConfig(_Strict):
         ]
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
-    # the teacher's weights in bfloat16 / float16 take half the memory (outputs come back as float32)
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the teacher's weights in bfloat16 / float16 take half the memory (outputs come back as float32);
+    # int8 stores its Linear weights in int8, a quarter (torchao weight-only; alambic[quant])
+    teacher_dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
     # a folder written by `alambic cache-teacher`: the teacher's stored outputs replace its forward pass
     teacher_cache: str | None = None
 
@@ -409,6 +412,13 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"distill.teacher_cache and teacher_dtype apply to plain KD; strategy {kind!r} builds its own "
                 "teachers: remove them"
+            )
+        if self.distill.teacher_cache and (
+            self.distill.teacher_dtype != "float32" or self.distill.train.overlap_teacher
+        ):
+            raise ValueError(
+                "distill.teacher_cache replays stored outputs, so teacher_dtype and train.overlap_teacher "
+                "(which concern a live teacher's forward pass) do nothing: remove them"
             )
         if self.distill.teacher_cache and self.distill.train.mix != "none":
             raise ValueError(

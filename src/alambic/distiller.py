@@ -7,7 +7,7 @@ only what trains.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,11 +68,16 @@ class Teacher:
         """``vocab_size`` slices the teacher's logits to the first ``vocab_size`` entries: for a student of
         the same tokenizer whose vocabulary is not padded as the teacher's is (32000 vs 32064).
         ``dtype`` (``torch.bfloat16``) runs a copy of the teacher in that dtype, half the memory where it
-        runs (the model given is untouched); its outputs are returned as float32."""
+        runs (the model given is untouched); its outputs are returned as float32. ``torch.int8`` stores
+        the copy's Linear weights in int8 (torchao's weight-only quantization, a quarter of their memory),
+        with activations and outputs in float32."""
         self.model = unwrap_model(model).eval().requires_grad_(False)
         self.vocab_size = vocab_size
         self.dtype = dtype
-        if dtype is not None:
+        if dtype == torch.int8:
+            self.model = int8_weight_copy(self.model)
+            self.dtype = None  # inputs and activations stay float32
+        elif dtype is not None:
             self.model = copy.deepcopy(self.model).to(dtype)
         self.feature_paths = _feature_paths(
             [t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher"
@@ -95,6 +100,53 @@ class Teacher:
                 ..., : self.vocab_size
             ]  # the padding rows of a padded vocabulary
         return outputs
+
+
+    def launch(self, inputs: Any, index: Tensor | None, stream: torch.cuda.Stream) -> Callable[[], dict]:
+        """Start the forward pass on a second CUDA ``stream`` and return a function that waits for its outputs.
+
+        The caller launches the student's forward in between, so the GPU runs both at once where their
+        kernels leave it room; the outputs are read only after the current stream waits for ``stream``.
+        """
+        main = torch.cuda.current_stream()
+        stream.wait_stream(main)  # the batch was copied to the device on the main stream
+        with torch.cuda.stream(stream):
+            outputs = self(inputs, index)
+
+        def ready() -> dict[str, Tensor]:
+            main.wait_stream(stream)
+            for value in outputs.values():
+                value.record_stream(main)  # their memory is not reused by the side stream while in use
+            return outputs
+
+        return ready
+
+
+def int8_weight_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Linear weights are int8 with per-channel scales (torchao, weight-only)."""
+    import logging
+
+    # torchao logs the GPU kernels it cannot load here, and torch a deprecation of torchao's
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ConfigError(
+            "an int8 teacher needs torchao: pip install 'alambic[quant]' (or use teacher_dtype: bfloat16)"
+        ) from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    quantized = copy.deepcopy(model)
+    if not any(isinstance(module, nn.Linear) for module in quantized.modules()):
+        raise ConfigError(
+            "teacher_dtype int8 quantizes Linear weights, and this teacher has none (a convnet): use bfloat16"
+        )
+    quantize_(quantized, Int8WeightOnlyConfig())
+    return quantized
 
 
 def _cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
@@ -240,19 +292,23 @@ class Distiller(nn.Module):
         self,
         inputs: Any,
         labels: Tensor | None,
-        teacher_outputs: dict[str, Tensor] | None,
+        teacher_outputs: dict[str, Tensor] | Callable[[], dict[str, Tensor]] | None,
         epoch: float | None = None,
         sample_index: Tensor | None = None,
         token_scale: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Weighted term values and their ``total``.
 
+        ``teacher_outputs`` may be a function that waits for them (:meth:`Teacher.launch`): it is called
+        after the student's forward pass has been launched.
         ``epoch`` (1-based) reaches losses that need it (DKD's warm-up); ``sample_index`` (the batch's
         positions in the training set) reaches those that keep per-sample state (CRD's memory bank);
         ``token_scale`` multiplies token losses so that they average over the tokens of the whole
         gradient-accumulation window (the loop computes it).
         """
         student_outputs = self.student_outputs(inputs)
+        if callable(teacher_outputs):
+            teacher_outputs = teacher_outputs()
         mask = _attention_mask(inputs)
         losses = {}
         for index, term in enumerate(self.terms):

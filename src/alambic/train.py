@@ -7,6 +7,7 @@ the dict), steps, logs, evaluates, checkpoints, resumes, and stops on a non-fini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -226,7 +227,8 @@ class FiniteGuard:
         self.bad: torch.Tensor | None = None
         self.good_before = self.values = self.names = None
 
-    def watch(self, losses: dict[str, torch.Tensor]) -> None:
+    def watch(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Note whether ``losses`` are finite; returns their values stacked (the loop sums them for its log)."""
         values = torch.stack([value.detach().float().reshape(()) for value in losses.values()])  # [terms]
         finite = torch.isfinite(values[list(losses).index("total")])
         if self.bad is None:
@@ -234,11 +236,12 @@ class FiniteGuard:
             self.bad = ~finite
             self.good_before = finite.long()
             self.values = values
-            return
+            return values
         newly_bad = ~self.bad & ~finite
         self.values = torch.where(newly_bad, values, self.values)
         self.bad = self.bad | ~finite
         self.good_before = self.good_before + (~self.bad).long()
+        return values
 
     def check(self, epoch: int) -> None:
         if self.bad is None:
@@ -287,11 +290,14 @@ def fit(
     progress: Callable[[str, int, int, dict], None] | None = None,  # (stage, step, total_steps, values)
     compile: bool = False,
     channels_last: bool = False,
+    overlap_teacher: bool = False,
 ) -> nn.Module:
     """Train ``module`` (student + connectors) on its terms; resumes from ``checkpoint_dir`` when it holds one.
 
     ``grad_accum`` and ``precision`` live on the ``accelerator``. ``compile`` compiles the student's and
-    the teacher's forward passes in place (``torch.compile``); ``channels_last`` stores convnets NHWC. ``evaluate(student)`` returns a dict
+    the teacher's forward passes in place (``torch.compile``); ``channels_last`` stores convnets NHWC;
+    ``overlap_teacher`` runs a live teacher's forward on a second CUDA stream, beside the student's (no
+    effect without CUDA or with a cached teacher). ``evaluate(student)`` returns a dict
     with at least ``accuracy``; it runs every ``eval_every`` epochs and after the last.
     Returns the trained student (unwrapped).
     """
@@ -358,6 +364,23 @@ def fit(
     model, optimizer_ = accelerator.prepare(module, optimizer_)
     unwrapped = accelerator.unwrap_model(model)
     guard = FiniteGuard(accelerator, stage, steps_done=step * accelerator.gradient_accumulation_steps)
+    # One process, no accumulation, no autocast: Accelerate's per-step wrappers have nothing to do, and
+    # cost 0.2-1 ms a step (its optimizer wrapper looks for an optional package at every step), which
+    # is a tenth of a small student's step on a GPU; the plain calls do the same work.
+    plain = (
+        accelerator.gradient_accumulation_steps == 1
+        and accelerator.num_processes == 1
+        and accelerator.mixed_precision == "no"
+    )
+    step_context = contextlib.nullcontext if plain else (lambda: accelerator.accumulate(model))
+    autocast = contextlib.nullcontext if plain else accelerator.autocast
+    backward = torch.Tensor.backward if plain else accelerator.backward
+    stepper = getattr(optimizer_, "optimizer", optimizer_) if plain else optimizer_
+    side_stream = (
+        torch.cuda.Stream(accelerator.device)
+        if overlap_teacher and accelerator.device.type == "cuda" and isinstance(teacher, Teacher)
+        else None
+    )
     if latest is None:  # one-line errors before step 0, on a real batch
         first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
         unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
@@ -368,33 +391,35 @@ def fit(
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
-        sums: dict[str, torch.Tensor] = {}
+        sums: torch.Tensor | None = None  # the terms' values summed since the last log, on the device
         count = 0
         for batch, token_scale in _token_scaled(loader, accelerator, unwrapped.has_token_terms):
             inputs, labels = split_batch(batch)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    teacher_outputs = (
-                        teacher(inputs, index_of(batch))
-                        if (teacher is not None and unwrapped.needs_teacher)
-                        else None
-                    )
+            with step_context():
+                with autocast():
+                    if teacher is None or not unwrapped.needs_teacher:
+                        teacher_outputs = None
+                    elif side_stream is not None:  # waited for after the student's forward is launched
+                        teacher_outputs = teacher.launch(inputs, index_of(batch), side_stream)
+                    else:
+                        teacher_outputs = teacher(inputs, index_of(batch))
                     losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch), token_scale)
-                guard.watch(losses)  # no host-device sync here: checked when logging and at the epoch's end
-                accelerator.backward(losses["total"])
-                if accelerator.sync_gradients and grad_clip is not None:
+                # no host-device sync here: checked when logging and at the epoch's end
+                values = guard.watch(losses)
+                backward(losses["total"])
+                synced = plain or accelerator.sync_gradients
+                if synced and grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer_.step()
-                optimizer_.zero_grad(set_to_none=True)
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
+                stepper.step()
+                stepper.zero_grad(set_to_none=True)
+            sums = values if sums is None else sums + values
             count += 1
-            if accelerator.sync_gradients:
+            if synced:
                 scheduler.step()
                 step += 1
                 if step % log_every == 0:
                     guard.check(epoch + 1)
-                    means = {name: float(total) / count for name, total in sums.items()}
+                    means = dict(zip(losses, (sums / count).tolist()))
                     log.write(
                         {
                             "stage": stage,
@@ -407,7 +432,7 @@ def fit(
                     )
                     if progress:
                         progress(stage, step, epochs * steps_per_epoch, means)
-                    sums, count = {}, 0
+                    sums, count = None, 0
         guard.check(epoch + 1)  # before evaluating or checkpointing weights a non-finite step touched
         last = epoch + 1 == epochs
         if evaluate is not None and ((eval_every and (epoch + 1) % eval_every == 0) or last):

@@ -105,8 +105,9 @@ def average_weights(models: Sequence[nn.Module], weights: Sequence[float] | None
         if not value.is_floating_point():
             averaged[key] = value.clone()
             continue
-        stacked = torch.stack([state[key].float() for state in states])  # [K, ...]
-        weight = coefficients.view(-1, *([1] * value.dim()))
+        # on the first model's device: members trained on a GPU and members loaded from files can meet
+        stacked = torch.stack([state[key].float().to(value.device) for state in states])  # [K, ...]
+        weight = coefficients.to(value.device).view(-1, *([1] * value.dim()))
         averaged[key] = (weight * stacked).sum(dim=0).to(value.dtype)
     fused.load_state_dict(averaged)
     return fused
