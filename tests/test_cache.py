@@ -50,7 +50,9 @@ def test_a_cached_teacher_replays_the_live_teachers_outputs_by_sample_index(tmp_
     streamed = CachedTeacher(tmp_path / "cache", preload=False).to("cpu")
     assert set(resident.resident) == {"logits", "1"} and not streamed.resident
     for name in ("logits", "1"):
-        torch.testing.assert_close(resident(images, index)[name], streamed(images, index)[name], rtol=0, atol=0)
+        torch.testing.assert_close(
+            resident(images, index)[name], streamed(images, index)[name], rtol=0, atol=0
+        )
     for source in (resident, streamed):
         with pytest.raises(ConfigError, match="sample index 300 is outside the cache's 300 samples"):
             source(images[:1], torch.tensor([300]))
@@ -184,7 +186,9 @@ def test_an_int8_teacher_copy_stores_a_quarter_of_the_linear_weights_and_stays_c
     assert out.dtype == torch.float32 and next(teacher.parameters()).dtype == torch.float32
     stored = [module.weight.qdata for module in small.model.modules() if isinstance(module, nn.Linear)]
     assert all(weight.dtype == torch.int8 for weight in stored)
-    assert sum(w.numel() for w in stored) == sum(m.weight.numel() for m in teacher.modules() if isinstance(m, nn.Linear))
+    assert sum(w.numel() for w in stored) == sum(
+        m.weight.numel() for m in teacher.modules() if isinstance(m, nn.Linear)
+    )
     torch.testing.assert_close(out, reference, rtol=0.05, atol=0.02 * reference.abs().max().item())
     assert out.argmax(-1).eq(reference.argmax(-1)).float().mean() > 0.95
 
@@ -247,16 +251,20 @@ def test_batched_loading_equals_per_sample_loading_with_and_without_augmentation
 def test_the_finite_guard_names_the_first_bad_step_without_syncing_every_step():
     accelerator = make_accelerator()
     accelerator.gradient_accumulation_steps = 2
-    guard = FiniteGuard(accelerator, "distill", steps_done=4)  # resumed after 2 optimizer steps
-    values = [1.0, 2.0, 3.0, float("nan"), 5.0, float("inf")]
+    guard = FiniteGuard(accelerator, "distill", steps_done=4, capacity=2)  # resumed after 2 optimizer steps
+    values = [1.0, 2.0, 3.0, float("nan"), 5.0, float("inf")]  # more rows than its first buffer holds
     for value in values:
         guard.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)})
     # micro-batch 4 of this run (the 8th overall) is in optimizer step 4
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 4 \(terms: \{'kd': nan, 'total': nan\}"):
         guard.check(2)
     fine = FiniteGuard(accelerator, "distill")
-    fine.watch({"total": torch.tensor(1.0)})
-    fine.check(1)
+    for value in (1.0, 2.0, 6.0):
+        fine.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)})
+    assert fine.check(1) == pytest.approx({"kd": 30.0, "total": 3.0})  # the means the loop logs
+    fine.watch({"kd": torch.tensor(5.0), "total": torch.tensor(0.5)})
+    assert fine.check(1) == pytest.approx({"kd": 5.0, "total": 0.5})  # only rows since the last check
+    assert fine.check(1) == {}
 
 
 def test_epochs_to_pay_off():
@@ -318,7 +326,9 @@ def test_configs_refuse_a_cache_with_mixing_or_strategies_and_alternation_with_a
     with pytest.raises(ConfigError, match="train.mix"):
         config_from_dict({**base, "distill": {"teacher_cache": "c", "train": {"mix": "mixup"}}})
     for live_only in ({"teacher_dtype": "int8"}, {"train": {"overlap_teacher": True}}):
-        with pytest.raises(ConfigError, match="replays stored outputs, so teacher_dtype and train.overlap_teacher"):
+        with pytest.raises(
+            ConfigError, match="replays stored outputs, so teacher_dtype and train.overlap_teacher"
+        ):
             config_from_dict({**base, "distill": {"teacher_cache": "c", **live_only}})
     born = {**base, "strategy": {"kind": "born_again"}, "distill": {"teacher_cache": "c"}}
     with pytest.raises(ConfigError, match="apply to plain KD"):

@@ -453,6 +453,12 @@ def compress(
 
 def main() -> None:
     """Entry point of the ``alambic`` console script."""
+    import logging
+
+    # transformers imports torchao when it is installed (alambic[quant]), which logs every GPU kernel
+    # library it cannot load on a CPU build; the command's output is ours to keep readable
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     app(prog_name="alambic")
 
 

@@ -101,7 +101,6 @@ class Teacher:
             ]  # the padding rows of a padded vocabulary
         return outputs
 
-
     def launch(self, inputs: Any, index: Tensor | None, stream: torch.cuda.Stream) -> Callable[[], dict]:
         """Start the forward pass on a second CUDA ``stream`` and return a function that waits for its outputs.
 

@@ -214,46 +214,52 @@ def _token_scaled(loader, accelerator: Accelerator, token_terms: bool):
 
 
 class FiniteGuard:
-    """Notices a non-finite loss without a host-device sync per step; :meth:`check` raises for it.
+    """Records every micro-batch's losses on the device, one kernel a step; :meth:`check` reads them.
 
-    ``watch`` keeps, on the device, whether any loss so far was non-finite, how many micro-batches
-    came before the first one, and that micro-batch's terms. ``check`` (at log steps and at the end of
-    every epoch, before weights are evaluated or checkpointed) reads them once. Steps taken after the
-    bad one are wasted but never saved: the last good checkpoint stays the one to resume from.
+    ``watch`` writes the step's terms into a row of a device buffer (no host-device sync, no other
+    work per step). ``check`` (at log steps and at the end of every epoch, before weights are evaluated
+    or checkpointed) reads the rows since the last check in one transfer: it raises if a total was
+    non-finite, naming the first such micro-batch's step and terms, and otherwise returns the terms'
+    means over those rows, which the loop logs. Steps taken after a bad one are wasted but never
+    saved: the last good checkpoint stays the one to resume from.
     """
 
-    def __init__(self, accelerator: Accelerator, stage: str, steps_done: int = 0):
+    def __init__(self, accelerator: Accelerator, stage: str, steps_done: int = 0, capacity: int = 64):
         self.accelerator, self.stage, self.steps_done = accelerator, stage, steps_done
-        self.bad: torch.Tensor | None = None
-        self.good_before = self.values = self.names = None
+        self.capacity = capacity
+        self.rows: torch.Tensor | None = None  # [capacity, terms]
+        self.names: list[str] = []
+        self.count = 0  # rows written since the last check
 
-    def watch(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Note whether ``losses`` are finite; returns their values stacked (the loop sums them for its log)."""
-        values = torch.stack([value.detach().float().reshape(()) for value in losses.values()])  # [terms]
-        finite = torch.isfinite(values[list(losses).index("total")])
-        if self.bad is None:
+    def watch(self, losses: dict[str, torch.Tensor]) -> None:
+        """Record this micro-batch's weighted terms and total."""
+        if self.rows is None:
             self.names = list(losses)
-            self.bad = ~finite
-            self.good_before = finite.long()
-            self.values = values
-            return values
-        newly_bad = ~self.bad & ~finite
-        self.values = torch.where(newly_bad, values, self.values)
-        self.bad = self.bad | ~finite
-        self.good_before = self.good_before + (~self.bad).long()
-        return values
+            self.rows = torch.empty(self.capacity, len(losses), device=losses["total"].device)
+        elif self.count == len(self.rows):  # more micro-batches between checks than expected
+            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
+        torch.stack(
+            [value.detach().float().reshape(()) for value in losses.values()], out=self.rows[self.count]
+        )
+        self.count += 1
 
-    def check(self, epoch: int) -> None:
-        if self.bad is None:
-            return
-        bad = self.bad.float()
+    def check(self, epoch: int) -> dict[str, float]:
+        """Raise :class:`NonFiniteLossError` for a non-finite total; else the terms' means since the last check."""
+        if not self.count:
+            return {}
+        rows = self.rows[: self.count]
+        total = rows[:, self.names.index("total")]
+        bad_here = (~torch.isfinite(total)).any().float().reshape(1)
+        bad_anywhere = bad_here
         if self.accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
-            bad = self.accelerator.reduce(bad, reduction="max")
-        if bad.item() > 0:
-            if self.bad.item():
-                micro_batch = self.steps_done + int(self.good_before) + 1
+            bad_anywhere = self.accelerator.reduce(bad_here, reduction="max")
+        summary = torch.cat([bad_here, bad_anywhere, rows.mean(0)]).tolist()  # one transfer
+        if summary[1] > 0:
+            if summary[0] > 0:
+                first = int((~torch.isfinite(total)).nonzero()[0])
+                micro_batch = self.steps_done + first + 1
                 step = math.ceil(micro_batch / self.accelerator.gradient_accumulation_steps)
-                values = dict(zip(self.names, self.values.tolist()))
+                values = dict(zip(self.names, rows[first].tolist()))
                 where, terms = f"step {step}", f" (terms: {values})"
             else:
                 where, terms = "a step", " in another process"
@@ -261,6 +267,9 @@ class FiniteGuard:
                 f"{self.stage}: the loss became non-finite at epoch {epoch}, {where}{terms}; lower the lr, "
                 "add grad_clip, or check the inputs. The last good checkpoint is kept"
             )
+        self.steps_done += self.count
+        self.count = 0
+        return dict(zip(self.names, summary[2:]))
 
 
 def fit(
@@ -391,8 +400,6 @@ def fit(
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
-        sums: torch.Tensor | None = None  # the terms' values summed since the last log, on the device
-        count = 0
         for batch, token_scale in _token_scaled(loader, accelerator, unwrapped.has_token_terms):
             inputs, labels = split_batch(batch)
             with step_context():
@@ -404,22 +411,19 @@ def fit(
                     else:
                         teacher_outputs = teacher(inputs, index_of(batch))
                     losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch), token_scale)
-                # no host-device sync here: checked when logging and at the epoch's end
-                values = guard.watch(losses)
+                # no host-device sync here: checked (and averaged) when logging and at the epoch's end
+                guard.watch(losses)
                 backward(losses["total"])
                 synced = plain or accelerator.sync_gradients
                 if synced and grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), grad_clip)
                 stepper.step()
                 stepper.zero_grad(set_to_none=True)
-            sums = values if sums is None else sums + values
-            count += 1
             if synced:
                 scheduler.step()
                 step += 1
                 if step % log_every == 0:
-                    guard.check(epoch + 1)
-                    means = dict(zip(losses, (sums / count).tolist()))
+                    means = guard.check(epoch + 1)
                     log.write(
                         {
                             "stage": stage,
@@ -432,7 +436,6 @@ def fit(
                     )
                     if progress:
                         progress(stage, step, epochs * steps_per_epoch, means)
-                    sums, count = None, 0
         guard.check(epoch + 1)  # before evaluating or checkpointing weights a non-finite step touched
         last = epoch + 1 == epochs
         if evaluate is not None and ((eval_every and (epoch + 1) % eval_every == 0) or last):
