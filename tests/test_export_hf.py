@@ -158,3 +158,28 @@ def test_compress_a_text_run_refuses_static_int8_in_one_line(text_run):
     assert "compress.quantize.method=dynamic" in message and "Traceback" not in result.output
     result = runner.invoke(app, ["compress", str(text_run), "--set", "compress.quantize.method=dynamic"])
     assert result.exit_code == 2 and "compress.prune.method=magnitude" in " ".join(result.output.split())
+
+
+def test_a_model_without_token_type_ids_exports_only_the_inputs_it_takes(tmp_path):
+    from alambic.export import export_model
+
+    config = transformers.DistilBertConfig(
+        vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32, num_labels=2
+    )
+    torch.manual_seed(0)
+    model = transformers.DistilBertForSequenceClassification(config).eval()
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {  # what a BERT tokenizer yields; DistilBERT's forward has no token_type_ids
+        "input_ids": torch.randint(0, 40, (6, 9), generator=torch.Generator().manual_seed(0)),
+        "token_type_ids": torch.zeros(6, 9, dtype=torch.long),
+        "attention_mask": mask,
+    }
+    for export_format in ("onnx", "torch-export"):
+        path = tmp_path / f"distilbert.{export_format}"
+        report = export_model(model, inputs, path, export_format=export_format)
+        assert report["inputs"] == ["input_ids", "attention_mask"] and report["max_abs_diff"] < 1e-4
+    session = onnx_session(tmp_path / "distilbert.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    report = export_model(model, inputs, tmp_path / "folder", export_format="safetensors")
+    assert report["max_abs_diff"] < 1e-5 and (tmp_path / "folder" / "config.json").is_file()

@@ -41,7 +41,9 @@ def input_names(model: nn.Module, inputs: Mapping[str, Tensor]) -> list[str]:
     ``token_type_ids`` first, then any others alphabetically."""
     parameters = inspect.signature(model.forward).parameters
     takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
-    names = [key for key in inputs if takes_any or key in parameters]
+    # named parameters only: Transformers' forward also takes **kwargs, which would swallow (and the
+    # export would carry) inputs such as token_type_ids that the model ignores
+    names = [key for key in inputs if key in parameters] or (list(inputs) if takes_any else [])
     if not names:
         raise AlambicError(
             f"{type(model).__name__}.forward takes none of the inputs {sorted(inputs)}; cannot export it"
