@@ -188,15 +188,17 @@ def build_run_architecture(config: Any, model: str, info: Any) -> nn.Module:
     Example:
         >>> student = build_run_architecture(load_config("runs/sst2/config.yaml"), "student", info)
     """
+    from alambic.export_hf import quiet_transformers
     from alambic.pipeline import build_named_model, derive_from_teacher
 
-    if model == "teacher":
-        return build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
-    student = config.student.model.model_copy(update={"checkpoint": None})
-    if student.arch == "derive:teacher":
-        teacher = build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
-        return derive_from_teacher(teacher, student)
-    return build_named_model(student, info)
+    with quiet_transformers():
+        if model == "teacher":
+            return build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
+        student = config.student.model.model_copy(update={"checkpoint": None})
+        if student.arch == "derive:teacher":
+            teacher = build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
+            return derive_from_teacher(teacher, student)
+        return build_named_model(student, info)
 
 
 Inputs = Tensor | Mapping[str, Tensor]  # a batch of images, or of token tensors {key: [N, T]}

@@ -23,7 +23,8 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,25 @@ def shorter_sample(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     length = inputs["input_ids"].shape[1]
     mask = inputs.get("attention_mask")
     if mask is not None:
-        length = max(2, int(mask[0].sum()))  # torch.export specialises sizes 0 and 1
+        length = max(2, int(mask[0].sum()))  # its real tokens, at least 2 (as the traced example)
     return {key: value[:1, :length] for key, value in inputs.items()}
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report while an architecture is rebuilt: the run's weights replace
+    the loaded ones next, so its "classifier MISSING" lines would only mislead."""
+    try:
+        import transformers
+    except ImportError:
+        yield
+        return
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def is_hf_model(model: nn.Module) -> bool:
