@@ -164,6 +164,39 @@ def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
     assert "| int8 |" in (folder / "report.md").read_text()
 
 
+def test_qat_compress_exports_the_qat_trained_weights(run_dir, tmp_path):
+    out = tmp_path / "compress"
+    summary = compress_run(
+        run_dir,
+        overrides=[
+            "compress.stages=[quantize, export]",
+            "compress.quantize.qat=true",
+            "compress.quantize.method=dynamic",
+            "compress.export_formats=[safetensors, onnx]",
+            "compress.eval_subset=100",
+            "evaluate.latency_repeats=1",
+            "evaluate.batch_sizes=[1]",
+        ],
+        out=out,
+    )
+    exported = load_file(str(out / "export" / "model.safetensors"))
+    qat = load_file(str(out / "weights" / "qat.safetensors"))  # the QAT-trained model, fake-quant stripped
+    distilled = load_file(str(out / "weights" / "distilled.safetensors"))  # the pre-QAT student
+    assert set(exported) == set(qat) == set(distilled)
+    assert all(torch.equal(exported[key], qat[key]) for key in exported)
+    assert not all(torch.equal(exported[key], distilled[key]) for key in exported)
+    # the float ONNX next to the int8 model is the QAT-trained model too
+    loaded = load_run_model(run_dir)
+    loaded.model.load_state_dict(qat)
+    inputs = real_inputs(loaded.test_set, 16)
+    onnx_logits = run_onnx(onnx_session(out / "export" / "model.onnx"), inputs)
+    torch.testing.assert_close(onnx_logits, loaded.model(inputs).detach(), atol=1e-4, rtol=1e-4)
+    assert [export["model"] for export in summary["exports"]] == ["qat", "qat"]
+    assert summary["int8_export"]["quantized_from"] == "qat"
+    report = (out / "report.md").read_text()
+    assert "safetensors (row qat)" in report and "quantized from qat" in report
+
+
 def test_export_and_compress_errors_are_one_line(run_dir, tmp_path):
     for args, message in [
         (["export", str(run_dir), "--format", "tflite"], "--format must be one of"),

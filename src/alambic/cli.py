@@ -387,7 +387,13 @@ def export_command(
     export_format: Annotated[
         str, typer.Option("--format", help="onnx, torch-export or safetensors")
     ] = "onnx",
-    out: Annotated[Path | None, typer.Option(help="file to write (default RUN_DIR/export/MODEL.EXT)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="file to write (default RUN_DIR/export/MODEL.EXT); for a Hugging Face model's "
+            "safetensors, the save_pretrained folder (default RUN_DIR/export/MODEL-hf)"
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="for a run directory: student, baseline or teacher")] = "student",
     data_dir: Annotated[str | None, typer.Option(help="data folder (for the check on real inputs)")] = None,
     arch: Annotated[str | None, typer.Option(help="architecture of a checkpoint")] = None,

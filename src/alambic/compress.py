@@ -8,6 +8,9 @@ compress/
                             from the architecture and this file by alambic.export.load_resized)
   onnx/                     ROW.onnx (float32) of every float row, and int8.onnx
   export/                   the final student: model.onnx, model-int8.onnx, model.pt2, model.safetensors
+                            (a Hugging Face student: the folder model-hf/ from save_pretrained, with
+                            its tokenizer); the float files hold the last float stage (the QAT-trained
+                            model, fake quantization stripped, when compress.quantize.qat)
   summary.json              per stage: accuracy, size on disk, parameters, FLOPs, sparsity, latency in
                             PyTorch and in onnxruntime at each batch size; each export's check
   report.md, plots/compress.png   the table, and accuracy against latency and against size
@@ -18,6 +21,9 @@ Rows: ``teacher`` and ``baseline`` (when the run has them), ``distilled``, ``pru
 QAT + KD when ``compress.quantize.qat``). Size on disk is the safetensors file for PyTorch rows and the
 ONNX file for the int8 row; ``onnx_size_bytes`` gives the float ONNX file of every row for a like-for-like
 comparison. Latency is the median of ``evaluate.latency_repeats`` runs with ``evaluate.latency_threads``.
+
+A run on tokenized text (a Hugging Face student) goes through the same chain with dict inputs; its
+int8 stage needs ``compress.quantize.method: dynamic`` and its prune stage ``prune.method: magnitude``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import nn
 
 from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import CompressConfig, RunConfig
-from alambic.errors import AlambicError
+from alambic.errors import AlambicError, ConfigError
 
 ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8")
 
@@ -56,13 +62,17 @@ class _Context:
         if subset is not None and subset < len(self.test_set):
             indices = torch.linspace(0, len(self.test_set) - 1, subset).long().tolist()
             self.eval_set = torch.utils.data.Subset(self.test_set, indices)
-        from alambic.export import real_inputs
+        from alambic.export import real_inputs, take
+        from alambic.pipeline import run_tokenizer
 
         self.calibration = real_inputs(plain_train, self.settings.quantize.calibration_samples)  # [N, ...]
-        self.check_inputs = real_inputs(self.test_set, 64)
-        self.example = self.check_inputs[:1]
+        self.check_inputs = real_inputs(self.test_set, 64)  # [64, ...], or {key: [64, T]} for text
+        self.example = take(self.check_inputs, 1)
+        self.tokenizer = run_tokenizer(config)
         self.rows: dict[str, dict] = {}
         self.exports: list[dict] = []
+        self.final_name = "distilled"  # the row whose model the float exports hold
+        self.int8_export: dict | None = None
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -87,7 +97,7 @@ def _timing(evaluation) -> dict[str, Any]:
 
 
 def _load_models(context: _Context) -> dict[str, nn.Module]:
-    from alambic.export import _student_state_dict, load_resized
+    from alambic.export import _student_state_dict, build_run_architecture, load_resized
     from alambic.pipeline import build_named_model
 
     config, models = context.config, {}
@@ -99,7 +109,7 @@ def _load_models(context: _Context) -> dict[str, nn.Module]:
     for name, (model_config, folder) in sources.items():
         weights = context.run_dir / folder / "model.safetensors"
         if weights.is_file():
-            model = build_named_model(model_config.model_copy(update={"checkpoint": None}), context.info)
+            model = build_run_architecture(config, name, context.info)
             models[name] = load_resized(model, _student_state_dict(weights)).eval()
         elif name == "teacher" and model_config.checkpoint:
             models[name] = build_named_model(model_config, context.info).eval()
@@ -157,7 +167,7 @@ def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
         context.say(f"pruning ({settings.prune.method}, {settings.prune.amount})")
         pruned = prune_model(distilled, method=settings.prune.method, amount=settings.prune.amount)
         _measure(context, "pruned", pruned, method=settings.prune.method, amount=settings.prune.amount)
-        current = pruned
+        current, context.final_name = pruned, "pruned"
         if "recover" in settings.stages:
             context.say("recovering: distilling the unpruned student into the pruned one")
             train = settings.recover.train
@@ -171,11 +181,14 @@ def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
                 **train.model_dump(exclude={"batch_size", "augment", "mix", "mix_alpha"}),
             )
             _measure(context, "recovered", recovered, train_seconds=round(time.perf_counter() - started, 3))
-            current = recovered
+            current, context.final_name = recovered, "recovered"
     return current
 
 
-def _stage_quantize(context: _Context, float_model: nn.Module, models: dict[str, nn.Module]) -> Path | None:
+def _stage_quantize(
+    context: _Context, float_model: nn.Module, models: dict[str, nn.Module]
+) -> tuple[nn.Module, Path]:
+    """QAT + KD when asked, then int8 in onnxruntime; returns the float model it started from and the int8 file."""
     from alambic.evaluate import count_flops, count_parameters
     from alambic.export import export_onnx
     from alambic.qat import qat_distill
@@ -207,6 +220,7 @@ def _stage_quantize(context: _Context, float_model: nn.Module, models: dict[str,
             temperature=settings.qat_temperature,
             train_seconds=round(time.perf_counter() - started, 3),
         )
+        context.final_name = "qat"  # the float exports hold the QAT-trained weights
     context.say(f"quantizing to int8 ({settings.method})")
     source = export_onnx(float_model, context.check_inputs, context.out / "onnx" / "int8-source.onnx")
     options = {"per_channel": settings.per_channel}
@@ -234,17 +248,19 @@ def _stage_quantize(context: _Context, float_model: nn.Module, models: dict[str,
         "onnxruntime_latency_ms": ort["latency_ms"],
         "latency_threads": ort["latency_threads"],
         "method": settings.method + (" after QAT + KD" if settings.qat else ""),
+        "quantized_from": context.final_name,
         "calibration_samples": len(context.calibration) if settings.method == "static" else 0,
         "max_abs_diff_to_float": max_onnx_difference(source, int8, context.check_inputs),
     }
     source.unlink()
-    return int8
+    return float_model, int8
 
 
 def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> None:
+    """Export ``final`` (the row ``context.final_name``) in every format, and copy the int8 file."""
     import shutil
 
-    from alambic.export import SUFFIXES, export_model
+    from alambic.export import default_export_path, export_model
 
     folder = context.out / "export"
     description = {
@@ -255,14 +271,43 @@ def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> Non
     }
     for export_format in context.settings.export_formats:
         context.say(f"exporting {export_format}")
-        path = folder / f"model{SUFFIXES[export_format]}"
-        context.exports.append(
-            export_model(
-                final, context.check_inputs, path, export_format=export_format, description=description
-            )
+        path = default_export_path(folder, "model", export_format, final)
+        report = export_model(
+            final,
+            context.check_inputs,
+            path,
+            export_format=export_format,
+            description={**description, "row": context.final_name},
+            tokenizer=context.tokenizer,
         )
+        context.exports.append({**report, "model": context.final_name})
     if int8 is not None:
+        folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(int8, folder / "model-int8.onnx")
+        context.int8_export = {
+            "path": str(folder / "model-int8.onnx"),
+            "size_bytes": (folder / "model-int8.onnx").stat().st_size,
+            "model": "int8",
+            "quantized_from": context.final_name,
+            "max_abs_diff_to_float": context.rows["int8"]["max_abs_diff_to_float"],
+        }
+
+
+def _check_inputs_supported(context: _Context) -> None:
+    """Refuse, before any work, the stages that need one input tensor when the run's inputs are tokens."""
+    if not isinstance(context.check_inputs, dict):
+        return
+    settings = context.settings
+    if "quantize" in settings.stages and settings.quantize.method == "static":
+        raise ConfigError(
+            "static int8 calibrates one input tensor; this run's model takes tokenized text: "
+            "use dynamic int8 (--set compress.quantize.method=dynamic)"
+        )
+    if "prune" in settings.stages and settings.prune.method == "channel":
+        raise ConfigError(
+            "channel pruning knows the zoo's mlp, cnn and CIFAR ResNets, not a Transformer: use "
+            "--set compress.prune.method=magnitude, or leave pruning out (--set compress.stages=[quantize,export])"
+        )
 
 
 def compress_run(
@@ -306,12 +351,14 @@ def compress_run(
             config.stages.append("distill")
         run_dir = run(config, run_dir=run_dir)
     context = _Context(config, Path(run_dir), Path(out) if out else None, data_dir, progress)
+    _check_inputs_supported(context)
     started = datetime.now(timezone.utc)
     models = _load_models(context)
     for name, model in models.items():
         _measure(context, name, model)
-    final = _stage_prune_recover(context, models["distilled"])
-    int8 = _stage_quantize(context, final, models) if "quantize" in context.settings.stages else None
+    final, int8 = _stage_prune_recover(context, models["distilled"]), None
+    if "quantize" in context.settings.stages:
+        final, int8 = _stage_quantize(context, final, models)
     if "export" in context.settings.stages:
         _stage_export(context, final, int8)
     summary = {
@@ -324,7 +371,8 @@ def compress_run(
         "onnxruntime_version": __import__("onnxruntime").__version__,
         "compress": context.settings.model_dump(mode="json"),
         "models": {name: context.rows[name] for name in ROW_ORDER if name in context.rows},
-        "exports": context.exports,
+        "exports": context.exports,  # each names its row ("model"): the float model the file holds
+        "int8_export": context.int8_export,
     }
     atomic_write_text(context.out / "summary.json", json.dumps(summary, indent=2))
     write_compress_report(context.out)
@@ -367,8 +415,15 @@ def write_compress_report(folder: str | Path) -> Path:
         lines.append("| " + " | ".join(cells) + " |")
     for export in summary["exports"]:
         lines.append(
-            f"\n- {export['format']}: `{export['path']}`, {export['size_bytes']:,} bytes, max |difference| "
-            f"to PyTorch {export['max_abs_diff']:.2e} on {export['checked_samples']} test inputs ({export['runtime']})"
+            f"\n- {export['format']} (row {export.get('model', 'distilled')}): `{export['path']}`, "
+            f"{export['size_bytes']:,} bytes, max |difference| to PyTorch {export['max_abs_diff']:.2e} "
+            f"on {export['checked_samples']} test inputs ({export['runtime']})"
+        )
+    int8 = summary.get("int8_export")
+    if int8:
+        lines.append(
+            f"\n- int8 ONNX (row int8, quantized from {int8['quantized_from']}): `{int8['path']}`, "
+            f"{int8['size_bytes']:,} bytes, max |difference| to the float ONNX {int8['max_abs_diff_to_float']:.3g}"
         )
     plotted = _plot(rows, folder / "plots" / "compress.png", sizes[-1] if sizes else None)
     if plotted:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from alambic.errors import ConfigError
-from alambic.export import onnx_session, require, run_onnx
+from alambic.export import onnx_feed, onnx_session, require, run_onnx, stack_inputs
 
 QUANTIZE_METHODS = ("dynamic", "static")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -136,6 +136,11 @@ def quantize_onnx_static(
         raise ConfigError(
             f"calibrate_method must be one of {', '.join(CALIBRATION_METHODS)}, got {calibrate_method!r}"
         )
+    if isinstance(calibration_inputs, dict):
+        raise ConfigError(
+            "static int8 calibrates one input tensor; for a model on tokenized text (a Transformer) use "
+            "dynamic int8: --set compress.quantize.method=dynamic"
+        )
     if len(calibration_inputs) == 0:
         raise ConfigError("static quantization needs calibration inputs (a few hundred training samples)")
     methods = {
@@ -212,7 +217,7 @@ def evaluate_onnx(
     logits, labels = [], []
     for start in range(0, count, batch_size):
         samples = [dataset[index] for index in range(start, min(start + batch_size, count))]
-        inputs = torch.stack([torch.as_tensor(sample[0]) for sample in samples])  # [b, ...]
+        inputs = stack_inputs(samples)  # [b, ...], or {key: [b, T]} for tokenized text
         logits.append(run_onnx(session, inputs).float())
         labels.append(torch.tensor([int(sample[1]) for sample in samples]))
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
@@ -223,7 +228,7 @@ def evaluate_onnx(
 
 def onnx_latency(
     path: str | Path,
-    example: Tensor,
+    example: Tensor | dict[str, Tensor],
     *,
     batch_size: int,
     repeats: int = 20,
@@ -237,10 +242,10 @@ def onnx_latency(
     """
     import time
 
+    from alambic.evaluate import _repeat_batch
+
     session = onnx_session(path, threads=threads)
-    name = session.get_inputs()[0].name
-    batch = example[:1].repeat(batch_size, *([1] * (example.ndim - 1))).contiguous().numpy()
-    feed = {name: batch}
+    feed = onnx_feed(session, _repeat_batch(example, batch_size))
     for _ in range(warmup):
         session.run(None, feed)
     timings = []
@@ -258,7 +263,7 @@ def onnx_latency(
 
 def onnx_profile(
     path: str | Path,
-    example: Tensor,
+    example: Tensor | dict[str, Tensor],
     *,
     batch_sizes: tuple[int, ...] = (1, 64),
     repeats: int = 20,
@@ -276,7 +281,7 @@ def onnx_profile(
     return {"size_bytes": os.path.getsize(path), "latency_ms": latency, "latency_threads": threads}
 
 
-def max_onnx_difference(path_a: str | Path, path_b: str | Path, inputs: Tensor) -> float:
+def max_onnx_difference(path_a: str | Path, path_b: str | Path, inputs: Tensor | dict[str, Tensor]) -> float:
     """Largest absolute difference between two ONNX models' outputs on ``inputs`` (int8 vs float)."""
     first = run_onnx(onnx_session(path_a), inputs)
     second = run_onnx(onnx_session(path_b), inputs)
