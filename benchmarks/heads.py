@@ -182,7 +182,7 @@ def main() -> None:
     for note in notes:
         print(f"- {note}")
     print(
-        "\n| model | heads | parameters | dev % pruned | dev % after KD recovery | recovery s | ms @1 | ms @32 |"
+        "\n| model | heads | parameters | dev % (no recovery) | dev % after KD recovery | recovery s | ms @1 | ms @32 |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, heads, count, before, after, seconds), key in zip(rows, timed):

@@ -189,6 +189,8 @@ def test_a_pruned_model_is_rebuilt_from_its_config_and_weights_file(tmp_path, at
         fresh = transformers.BertForSequenceClassification(config).eval()
         load_resized(fresh, load_file(str(path)))
         assert [layer.heads for layer in attention_layers(fresh)] == [2, 3]
+        assert [layer.self_attention.num_attention_heads for layer in attention_layers(fresh)] == [2, 3]
+        assert [layer.self_attention.all_head_size for layer in attention_layers(fresh)] == [8, 12]
         assert sync_attention_heads(fresh) == [2, 3]
         torch.testing.assert_close(_logits(fresh, inputs), _logits(model, inputs), atol=1e-6, rtol=0)
     # load_hf_model reads a save_pretrained folder of a head-pruned model (from_pretrained alone cannot)
