@@ -7,7 +7,7 @@ from torch import nn
 from alambic.config import Term
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import ConfigError
-from alambic.hooks import capture_features, resolve_module, unwrap_model
+from alambic.hooks import capture_features, resolve_module, transform_inputs, unwrap_model
 
 
 class Net(nn.Module):
@@ -106,4 +106,16 @@ def test_a_path_ending_in_input_captures_what_the_module_receives():
     torch.testing.assert_close(features["head:input"], model.encoder(inputs))  # the head's input
     torch.testing.assert_close(features["head"], model(inputs))
     with pytest.raises(ConfigError, match="no module 'heda'"), capture_features(model, ["heda:input"]):
+        pass
+
+
+def test_transform_inputs_changes_what_a_module_receives_and_removes_its_hooks():
+    model = Net()
+    inputs = torch.randn(2, 4)
+    with transform_inputs(model, {"head": lambda hidden: hidden * 0}):
+        silenced = model(inputs)
+    torch.testing.assert_close(silenced, model.head.bias.detach().expand(2, 3))
+    assert not model.head._forward_pre_hooks
+    torch.testing.assert_close(model(inputs), model.head(model.encoder(inputs)))
+    with pytest.raises(ConfigError, match="did you mean head"), transform_inputs(model, {"haed": abs}):
         pass

@@ -116,6 +116,9 @@ def load_resized(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modul
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.load_state_dict(dict(state_dict))
+    from alambic.heads import sync_attention_heads
+
+    sync_attention_heads(model)  # a head-pruned Transformer: head counts follow the resized Linears
     return model
 
 

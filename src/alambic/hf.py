@@ -63,6 +63,17 @@ def load_hf_model(
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     auto = getattr(_transformers(), TASKS[task])
+    from alambic.heads import is_head_pruned, load_head_pruned
+
+    if is_head_pruned(name_or_path):  # per-layer head counts: rebuilt from the stored weight shapes
+        labels = num_labels if task == "sequence-classification" else None
+        return load_head_pruned(
+            name_or_path,
+            auto,
+            num_labels=labels,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+        )
     if num_labels is not None and task == "sequence-classification":
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +74,36 @@ def capture_features(
 
             handles.append(module.register_forward_hook(hook))
         yield features
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def transform_inputs(
+    model: nn.Module, transforms: Mapping[str, Callable[[Tensor], Tensor]], *, side: str = "model"
+) -> Iterator[None]:
+    """Pass the first input of named modules through a function before they run (forward pre-hooks).
+
+    Used to put a gate on a value that no module outputs on its own, such as each attention head's
+    context vector entering the attention output projection. Paths are validated before anything runs;
+    handles are removed on exit, even after an exception.
+
+    Example:
+        >>> gate = torch.ones(4, requires_grad=True)
+        >>> with transform_inputs(model, {"encoder.0": lambda x: x * gate}):
+        ...     model(inputs).sum().backward()   # gate.grad: the output's sensitivity to each input
+    """
+    handles = []
+    try:
+        modules = {path: resolve_module(model, path, side=side) for path in transforms}
+        for path, module in modules.items():
+
+            def pre_hook(_module, args, transform=transforms[path]):
+                return (transform(args[0]), *args[1:])
+
+            handles.append(module.register_forward_pre_hook(pre_hook))
+        yield
     finally:
         for handle in handles:
             handle.remove()
