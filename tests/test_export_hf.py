@@ -151,13 +151,44 @@ def test_compress_a_text_run_qat_then_dynamic_int8_and_exports(text_run, tmp_pat
     assert (out / "export" / "model-int8.onnx").is_file()
 
 
+def test_compress_a_text_run_prunes_attention_heads_recovers_and_exports(text_run, tmp_path):
+    from alambic.heads import attention_layers
+    from alambic.hf import load_hf_model
+
+    out = tmp_path / "compress"
+    summary = compress_run(
+        text_run,
+        overrides=[
+            "compress.stages=[prune, recover, quantize, export]",
+            "compress.prune.method=heads",
+            "compress.prune.amount=0.5",
+            "compress.quantize.method=dynamic",
+            "evaluate.latency_repeats=1",
+            "evaluate.batch_sizes=[1]",
+        ],
+        out=out,
+    )
+    rows = summary["models"]
+    assert list(rows) == ["teacher", "distilled", "pruned", "recovered", "int8"]
+    assert rows["pruned"]["parameters"] < rows["distilled"]["parameters"]
+    exports = {export["format"]: export for export in summary["exports"]}
+    assert all(
+        export["model"] == "recovered" and export["max_abs_diff"] < 1e-4 for export in exports.values()
+    )
+    reloaded = load_hf_model(str(out / "export" / "model-hf"), task="sequence-classification")
+    # the derived student has 2 layers of 2 heads; half of them go, one per layer at least
+    assert [layer.heads for layer in attention_layers(reloaded)] == [1, 1]
+
+
 def test_compress_a_text_run_refuses_static_int8_in_one_line(text_run):
     result = runner.invoke(app, ["compress", str(text_run)])
     assert result.exit_code == 2, result.output
     message = " ".join(result.output.split())
     assert "compress.quantize.method=dynamic" in message and "Traceback" not in result.output
     result = runner.invoke(app, ["compress", str(text_run), "--set", "compress.quantize.method=dynamic"])
-    assert result.exit_code == 2 and "compress.prune.method=magnitude" in " ".join(result.output.split())
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "compress.prune.method=heads" in message
+    assert "compress.stages=[quantize,export]" in message  # printed as written, not read as markup
 
 
 def test_a_model_without_token_type_ids_exports_only_the_inputs_it_takes(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +33,9 @@ def user_errors(command):
         except AlambicError as error:
             if debug:
                 raise
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            # escaped: messages quote settings such as `--set compress.stages=[quantize,export]`,
+            # which Rich would otherwise read as markup tags and drop
+            error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             error_console.print("interrupted; the last checkpoint is kept (continue with --resume)")

@@ -23,7 +23,8 @@ ONNX file for the int8 row; ``onnx_size_bytes`` gives the float ONNX file of eve
 comparison. Latency is the median of ``evaluate.latency_repeats`` runs with ``evaluate.latency_threads``.
 
 A run on tokenized text (a Hugging Face student) goes through the same chain with dict inputs; its
-int8 stage needs ``compress.quantize.method: dynamic`` and its prune stage ``prune.method: magnitude``.
+int8 stage needs ``compress.quantize.method: dynamic`` and its prune stage ``prune.method: heads``
+(attention heads, :mod:`alambic.heads`) or ``magnitude``.
 """
 
 from __future__ import annotations
@@ -165,7 +166,12 @@ def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
     current = distilled
     if "prune" in settings.stages:
         context.say(f"pruning ({settings.prune.method}, {settings.prune.amount})")
-        pruned = prune_model(distilled, method=settings.prune.method, amount=settings.prune.amount)
+        pruned = prune_model(
+            distilled,
+            method=settings.prune.method,
+            amount=settings.prune.amount,
+            loader=context.loader(settings.recover.train.batch_size),  # heads are scored on training batches
+        )
         _measure(context, "pruned", pruned, method=settings.prune.method, amount=settings.prune.amount)
         current, context.final_name = pruned, "pruned"
         if "recover" in settings.stages:
@@ -295,9 +301,14 @@ def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> Non
 
 def _check_inputs_supported(context: _Context) -> None:
     """Refuse, before any work, the stages that need one input tensor when the run's inputs are tokens."""
-    if not isinstance(context.check_inputs, dict):
-        return
     settings = context.settings
+    if not isinstance(context.check_inputs, dict):
+        if "prune" in settings.stages and settings.prune.method == "heads":
+            raise ConfigError(
+                "head pruning is for Transformer students (BERT family) on tokenized text; this run's "
+                "model takes one tensor: use --set compress.prune.method=channel or magnitude"
+            )
+        return
     if "quantize" in settings.stages and settings.quantize.method == "static":
         raise ConfigError(
             "static int8 calibrates one input tensor; this run's model takes tokenized text: "
@@ -306,7 +317,8 @@ def _check_inputs_supported(context: _Context) -> None:
     if "prune" in settings.stages and settings.prune.method == "channel":
         raise ConfigError(
             "channel pruning knows the zoo's mlp, cnn and CIFAR ResNets, not a Transformer: use "
-            "--set compress.prune.method=magnitude, or leave pruning out (--set compress.stages=[quantize,export])"
+            "--set compress.prune.method=heads (attention heads) or magnitude, or leave pruning out "
+            "(--set compress.stages=[quantize,export])"
         )
 
 

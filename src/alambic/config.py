@@ -260,10 +260,12 @@ TEACHER_FREE_STRATEGIES = ("mutual", "self_distill")
 
 
 class PruneConfig(_Strict):
-    """``compress.prune``: ``magnitude`` zeroes weights (amount = sparsity); ``channel`` removes units."""
+    """``compress.prune``: ``magnitude`` zeroes weights (amount = sparsity); ``channel`` removes units;
+    ``heads`` removes the least important attention heads of a BERT-family student."""
 
-    method: Literal["magnitude", "channel"] = "channel"
-    amount: float = Field(0.5, ge=0, lt=1)  # magnitude: fraction of weights zeroed; channel: of units removed
+    method: Literal["magnitude", "channel", "heads"] = "channel"
+    # magnitude: fraction of weights zeroed; channel: of units removed; heads: of attention heads removed
+    amount: float = Field(0.5, ge=0, lt=1)
 
 
 def _train_over(defaults: dict):

@@ -162,7 +162,14 @@ def replace_folder(staging: Path, folder: Path) -> Path:
 
 
 def load_hf_folder(folder: str | Path, like: nn.Module) -> nn.Module:
-    """Load an exported folder with the class of ``like`` (``from_pretrained``), in eval mode."""
+    """Load an exported folder with the class of ``like`` (``from_pretrained``), in eval mode.
+
+    A head-pruned model (per-layer head counts, which its config cannot state) is rebuilt from its
+    config and the stored weight shapes (:func:`alambic.heads.load_head_pruned`)."""
+    from alambic.heads import is_head_pruned, load_head_pruned
+
+    if is_head_pruned(folder):
+        return load_head_pruned(folder, type(like))
     return type(like).from_pretrained(str(folder)).eval()
 
 

@@ -335,7 +335,9 @@ def load_head_pruned(
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{weights} does not exist; save the pruned model with save_pretrained")
-    model = auto.from_config(config, **{k: v for k, v in kwargs.items() if k == "attn_implementation"})
+    options = {k: v for k, v in kwargs.items() if k == "attn_implementation"}
+    # an Auto class builds from a config with from_config; a model class (BertForSequenceClassification) is called
+    model = auto.from_config(config, **options) if hasattr(auto, "from_config") else auto(config)
     state = load_file(str(weights))
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:

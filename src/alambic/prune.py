@@ -34,7 +34,7 @@ from torch.nn.utils import prune
 
 from alambic.errors import ConfigError
 
-PRUNE_METHODS = ("magnitude", "channel")
+PRUNE_METHODS = ("magnitude", "channel", "heads")
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -186,12 +186,22 @@ def channel_prune(model: nn.Module, ratio: float) -> nn.Module:
     return pruned
 
 
-def prune_model(model: nn.Module, *, method: str, amount: float) -> nn.Module:
-    """A pruned copy: ``magnitude`` (``amount`` = sparsity) or ``channel`` (``amount`` = ratio removed)."""
+def prune_model(
+    model: nn.Module, *, method: str, amount: float, loader: Any = None, max_batches: int = 16
+) -> nn.Module:
+    """A pruned copy: ``magnitude`` (``amount`` = sparsity), ``channel`` (``amount`` = ratio of units
+    removed) or ``heads`` (attention heads of a BERT-family model, ranked by importance on up to
+    ``max_batches`` labelled batches of ``loader``; :mod:`alambic.heads`)."""
     if method == "magnitude":
         return magnitude_prune(copy.deepcopy(model), amount)
     if method == "channel":
         return channel_prune(model, amount)
+    if method == "heads":
+        from alambic.heads import prune_heads_by_importance
+
+        if loader is None:
+            raise ConfigError("head pruning scores the heads on labelled batches: pass loader=")
+        return prune_heads_by_importance(copy.deepcopy(model), loader, amount, max_batches=max_batches)
     raise ConfigError(f"prune method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
 
 
