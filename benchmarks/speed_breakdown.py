@@ -78,7 +78,7 @@ def main() -> None:
             "tiny step, plain": tiny_step,
             "tiny step, in Accelerate's wrappers": accelerate_tiny_step,
             "read cached teacher rows": lambda b: cached(b[0], b[2]),
-            "non-finite watch": lambda b: guard.watch(scalars),
+            "non-finite watch": lambda b: guard.watch(scalars, 1),
             "student forward + ce": lambda b: F.cross_entropy(student(b[0]), b[1]),
             "Distiller forward (ce + kd)": lambda b: module(b[0], b[1], cached(b[0], b[2]), 1, b[2], None),
             "plain step (forward, ce, backward, SGD)": plain_step,

@@ -251,18 +251,19 @@ def test_batched_loading_equals_per_sample_loading_with_and_without_augmentation
 def test_the_finite_guard_names_the_first_bad_step_without_syncing_every_step():
     accelerator = make_accelerator()
     accelerator.gradient_accumulation_steps = 2
-    guard = FiniteGuard(accelerator, "distill", steps_done=4, capacity=2)  # resumed after 2 optimizer steps
+    guard = FiniteGuard(accelerator, "distill", capacity=2)
     values = [1.0, 2.0, 3.0, float("nan"), 5.0, float("inf")]  # more rows than its first buffer holds
-    for value in values:
-        guard.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)})
-    # micro-batch 4 of this run (the 8th overall) is in optimizer step 4
+    steps = [3, 3, 4, 4, 5, 5]  # resumed after 2 optimizer steps, 2 micro-batches a step
+    for value, step in zip(values, steps):
+        guard.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)}, step)
+    # the first bad micro-batch (the 4th of this run) belongs to optimizer step 4
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 4 \(terms: \{'kd': nan, 'total': nan\}"):
         guard.check(2)
     fine = FiniteGuard(accelerator, "distill")
     for value in (1.0, 2.0, 6.0):
-        fine.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)})
+        fine.watch({"kd": torch.tensor(value * 10), "total": torch.tensor(value)}, 1)
     assert fine.check(1) == pytest.approx({"kd": 30.0, "total": 3.0})  # the means the loop logs
-    fine.watch({"kd": torch.tensor(5.0), "total": torch.tensor(0.5)})
+    fine.watch({"kd": torch.tensor(5.0), "total": torch.tensor(0.5)}, 2)
     assert fine.check(1) == pytest.approx({"kd": 5.0, "total": 0.5})  # only rows since the last check
     assert fine.check(1) == {}
 

@@ -263,3 +263,15 @@ def test_pretrained_cifar_resnet_stays_accurate_in_static_int8(tmp_path):
     # a channel-pruned ResNet exports and runs in onnxruntime too
     small = channel_prune(model, 0.25).eval()
     assert export_model(small, real_inputs(test_set, 16), tmp_path / "small.onnx")["max_abs_diff"] < 1e-3
+
+
+def test_compress_from_a_config_refuses_head_pruning_of_a_one_tensor_model_before_training(tmp_path):
+    from alambic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="head pruning is for Transformer students"):
+        compress_run(
+            os.path.join(ROOT, "recipes", "digits.yaml"),
+            overrides=["compress.prune.method=heads", f"output_dir={tmp_path}"],
+            run_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "run").exists()  # refused before the run trained anything

@@ -302,6 +302,9 @@ class CachedTeacher:
             rows = index.detach().to(self.device, torch.int64, non_blocking=True)
             if self.device.type == "cpu":
                 self._check_range(int(rows.min()), int(rows.max()))
+            else:  # checked on the device, without a sync (a negative index would wrap to wrong rows)
+                inside = ((rows >= 0) & (rows < self.manifest["num_samples"])).all()
+                torch._assert_async(inside, "sample index outside the teacher cache")
         else:
             rows = index.detach().cpu().numpy().astype(np.int64)
             self._check_range(int(rows.min()), int(rows.max()))

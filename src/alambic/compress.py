@@ -299,10 +299,10 @@ def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> Non
         }
 
 
-def _check_inputs_supported(context: _Context) -> None:
-    """Refuse, before any work, the stages that need one input tensor when the run's inputs are tokens."""
-    settings = context.settings
-    if not isinstance(context.check_inputs, dict):
+def _check_inputs_supported(settings: Any, text: bool) -> None:
+    """Refuse, before any work, the stages that need one input tensor when the run's inputs are tokens
+    (``text``), and head pruning when they are not."""
+    if not text:
         if "prune" in settings.stages and settings.prune.method == "heads":
             raise ConfigError(
                 "head pruning is for Transformer students (BERT family) on tokenized text; this run's "
@@ -361,9 +361,16 @@ def compress_run(
         ]
         if "distill" not in config.stages:
             config.stages.append("distill")
+        from alambic.export import real_inputs
+        from alambic.pipeline import build_run_datasets
+
+        test_set = build_run_datasets(config, augment=False)[1]  # refused settings fail before training
+        _check_inputs_supported(
+            config.compress or CompressConfig(), isinstance(real_inputs(test_set, 1), dict)
+        )
         run_dir = run(config, run_dir=run_dir)
     context = _Context(config, Path(run_dir), Path(out) if out else None, data_dir, progress)
-    _check_inputs_supported(context)
+    _check_inputs_supported(context.settings, isinstance(context.check_inputs, dict))
     started = datetime.now(timezone.utc)
     models = _load_models(context)
     for name, model in models.items():
