@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sst2_minilm import minilm_and_sst2, tokenized_loader  # noqa: E402
+from sst2_minilm import cpu_name, minilm_and_sst2, tokenized_loader  # noqa: E402
 
 from alambic import distill  # noqa: E402
 from alambic.checkpoint import save_weights  # noqa: E402
@@ -181,11 +180,7 @@ def main() -> None:
         )
         for size in (1, 32)
     }
-    with open("/proc/cpuinfo") as handle:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
-            platform.processor(),
-        )
+    cpu = cpu_name()
     import transformers
 
     print(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sst2_minilm import minilm_and_sst2, tokenized_loader  # noqa: E402
+from sst2_minilm import cpu_name, minilm_and_sst2, tokenized_loader  # noqa: E402
 
 from alambic import distill  # noqa: E402
 from alambic.evaluate import evaluate_classifier  # noqa: E402
@@ -234,11 +233,7 @@ def main() -> None:
     accuracy = {
         name: 100 * float((value.argmax(1) == labels).float().mean()) for name, value in logits.items()
     }
-    with open("/proc/cpuinfo") as handle:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
-            platform.processor(),
-        )
+    cpu = cpu_name()
     import onnxruntime
 
     print(

