@@ -4,7 +4,7 @@ import torch
 
 from alambic.data import build_datasets
 from alambic.data.datasets import Augmentation, IndexedDataset, InMemoryDataset
-from alambic.pipeline import _stage_train_set
+from alambic.pipeline import stage_train_set
 
 
 def test_a_stage_can_turn_augmentation_off_without_touching_the_shared_set():
@@ -14,7 +14,7 @@ def test_a_stage_can_turn_augmentation_off_without_touching_the_shared_set():
     train_set = InMemoryDataset(
         images, torch.zeros(8), augmentation=Augmentation(crop_padding=2, horizontal_flip=False)
     )
-    plain = _stage_train_set(train_set, False)
+    plain = stage_train_set(train_set, False)
     assert isinstance(plain, IndexedDataset)  # every stage's batches carry sample indices
     assert plain.dataset.augmentation is None and train_set.augmentation is not None
     image, label, index = plain[3]
@@ -22,10 +22,10 @@ def test_a_stage_can_turn_augmentation_off_without_touching_the_shared_set():
     torch.manual_seed(0)
     jittered = [train_set[3][0] for _ in range(5)]
     assert any(not torch.equal(x, images[3].float() / 255) for x in jittered)
-    assert _stage_train_set(train_set, None).dataset is train_set
-    assert _stage_train_set(train_set, True).dataset is train_set
+    assert stage_train_set(train_set, None).dataset is train_set
+    assert stage_train_set(train_set, True).dataset is train_set
     digits, _, _ = build_datasets("digits")
-    assert _stage_train_set(digits, False).dataset is digits  # nothing to turn off
+    assert stage_train_set(digits, False).dataset is digits  # nothing to turn off
 
 
 def test_a_model_factory_gets_exactly_its_kwargs_including_num_classes(tmp_path, monkeypatch):

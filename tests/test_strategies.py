@@ -399,12 +399,12 @@ def test_a_stopped_chain_resumes_without_training_its_finished_generations_again
 def test_a_stage_with_mix_trains_on_mixed_views_and_distill_refuses_it():
     from alambic import distill
     from alambic.data import build_datasets
-    from alambic.pipeline import _stage_train_set
+    from alambic.pipeline import stage_train_set
 
     digits, _, _ = build_datasets("digits")
-    view = _stage_train_set(digits, None, "mixup", 0.4)
+    view = stage_train_set(digits, None, "mixup", 0.4)
     assert isinstance(view.dataset, MixedDataset) and view.dataset.alpha == 0.4
-    assert _stage_train_set(digits, None).dataset is digits
+    assert stage_train_set(digits, None).dataset is digits
     with pytest.raises(ConfigError, match="mix"):
         distill(nn.Linear(64, 10), nn.Linear(64, 10), [], mix="mixup")
 

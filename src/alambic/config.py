@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,16 @@ STAGES = ("teacher", "baseline", "distill", "evaluate", "report")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and NaN are never a setting (lr: .inf, weight: .nan): refused with the key's path
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """The path of the first inf / NaN number inside a hyper-parameter value (lists and mappings too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for key, item in items if (found := _non_finite(item, f"{path}.{key}"))), None)
 
 
 class Term(_Strict):
@@ -50,9 +60,16 @@ class Term(_Strict):
             check_hyper_parameters(self.loss, self.params)
         except ConfigError as error:
             raise ValueError(str(error)) from None
+        bad = _non_finite(self.params, "params")
+        if bad is not None:
+            raise ValueError(f"{bad} must be a finite number")
         temperature = self.params.get("temperature")
-        if temperature is not None and not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature} (Hinton et al. use 1 to 20; try 4)")
+        if temperature is not None and (
+            isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+        ):
+            raise ValueError(
+                f"temperature must be > 0 (a number), got {temperature!r} (Hinton et al. use 1 to 20; try 4)"
+            )
         if not spec.needs_teacher and self.teacher != "logits":
             raise ValueError(f"loss {self.loss!r} does not use the teacher; remove 'teacher: {self.teacher}'")
         lists = isinstance(self.student, list), isinstance(self.teacher, list)
@@ -192,7 +209,7 @@ class DistillConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     latency_repeats: int = Field(20, ge=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     # CPU threads while timing: 1 by default, as on a phone or an edge core, and because on a shared
     # machine several threads make small models' timings swing by 100x. null keeps torch's default.
     latency_threads: int | None = Field(1, ge=1)
@@ -338,7 +355,7 @@ class RunConfig(_Strict):
 
     name: str = "run"
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # NumPy's seeds are 32-bit
     precision: Literal["no", "bf16", "fp16"] = "no"
     tensorboard: bool = False
     stages: list[Literal["teacher", "baseline", "distill", "evaluate", "report"]] = Field(
@@ -520,7 +537,11 @@ def _read_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (see recipes/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

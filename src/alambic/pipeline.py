@@ -21,11 +21,20 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from alambic.building import (
+    build_named_model,
+    check_num_classes,
+    derive_from_teacher,
+    example_input,
+    hf_path,
+)
 from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import RunConfig, TrainConfig, dump_config
 from alambic.data import IndexedDataset
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError
+from alambic.preflight import preflight
+from alambic.resume import check_resumable
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
@@ -46,104 +55,70 @@ class RunContext:
     architectures: dict[str, str] = field(default_factory=dict)  # summary names beyond the three (strategies)
 
 
-def build_named_model(model_config, info) -> nn.Module:
-    """Build a model from its config and load its checkpoint when one is given."""
-    from alambic.models import build_factory_model, build_model, load_weights
-
-    if model_config.arch.startswith("hf:"):  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
-        from alambic.hf import load_hf_model
-
-        kwargs = dict(model_config.kwargs)
-        if kwargs.get("task", "sequence-classification") == "sequence-classification":
-            kwargs.setdefault("num_labels", info.num_classes)
-        model = load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
-    elif ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
-        model = build_factory_model(model_config.arch, dict(model_config.kwargs))
-    else:
-        kwargs = {
-            "num_classes": info.num_classes,
-            **model_config.kwargs,
-        }  # kwargs may override the class count
-        model = build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
-    if model_config.checkpoint:
-        load_weights(model, model_config.checkpoint)
-    return model
-
-
-def _hf_path(arch: str) -> str | None:
-    return arch.removeprefix("hf:") if arch.startswith("hf:") else None
-
-
-def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
-    """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them."""
-    from alambic.hf import derive_student
-
-    student, _report = derive_student(teacher, **model_config.kwargs)
-    if model_config.checkpoint:
-        from alambic.models import load_weights
-
-        load_weights(student, model_config.checkpoint)
-    return student
-
-
-def example_input(dataset: Any) -> Any:
-    """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
-    inputs = dataset[0]
-    inputs = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, dict) else inputs[0]
-    if isinstance(inputs, dict):
-        return {key: torch.as_tensor(value).unsqueeze(0) for key, value in inputs.items()}
-    return torch.as_tensor(inputs).unsqueeze(0)
-
-
-@torch.no_grad()
-def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
-    """Fail before training when a model's output size is not the data set's number of classes."""
-    from alambic.batches import call_model, logits_of
-
-    was_training = model.training
-    model.eval()
-    predicted = logits_of(call_model(model, example)).shape[-1]
-    model.train(was_training)
-    if predicted != num_classes:
-        raise ConfigError(
-            f"the {side} predicts {predicted} classes but the data set has {num_classes}; "
-            f"set {side}.model.kwargs.num_classes={num_classes} or remove the override"
-        )
-
-
 def _status(run_dir: Path, accelerator: Accelerator, **fields: Any) -> None:
     if accelerator.is_main_process:
         record = {"updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
         atomic_write_text(run_dir / "status.json", json.dumps(record, indent=2))
 
 
-def prepare_run_dir(
-    config: RunConfig, run_dir: Path, *, resume: bool, is_main: bool, barrier: Any = None
-) -> None:
-    """Create the run directory, or check that a resumed one was started with the same config."""
-    resolved = dump_config(config)
+def check_run_dir_state(config: RunConfig, run_dir: Path, *, resume: bool) -> list[str]:
+    """Before anything is written: a new run needs a free directory; a resumed one, a run directory whose
+    started stages keep their settings under ``config`` (see :mod:`alambic.resume`). Returns the changes a
+    resume makes to the stored config (empty for a new run or the same config)."""
     stored = run_dir / "config.yaml"
     if resume:
         if not stored.is_file():
             raise ConfigError(
                 f"--resume {run_dir}: no config.yaml there; is it a run directory written by alambic?"
             )
-        if stored.read_text() != resolved:
-            raise ConfigError(
-                f"--resume {run_dir}: the config differs from the one the run started with "
-                f"(compare with {stored}); resume with the same config and --set options"
-            )
-        return
+        if stored.read_text() == dump_config(config):
+            return []
+        previous = read_stored_config(stored)
+        return check_resumable(run_dir, previous, config.model_dump(mode="json"))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; pick another name (--set name=...) or --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
             "or pick another name (--set name=...) or --out"
         )
+    return []
+
+
+def read_stored_config(path: Path) -> dict:
+    """A run directory's ``config.yaml`` as a resolved dict (validated, so older files gain new defaults)."""
+    from alambic.config import load_config
+
+    try:
+        return load_config(path).model_dump(mode="json")
+    except ConfigError as error:
+        raise ConfigError(
+            f"{path} cannot be read back ({error}); it was not written by this version"
+        ) from None
+
+
+def prepare_run_dir(
+    config: RunConfig, run_dir: Path, *, resume: bool, is_main: bool, barrier: Any = None
+) -> None:
+    """Create the run directory, or check that a resumed one can continue under ``config``.
+
+    A resume with a corrected config (see :mod:`alambic.resume`) keeps the previous one beside it as
+    ``config.before-<UTC time>.yaml`` and stores the new one as ``config.yaml``.
+    """
+    changes = check_run_dir_state(config, run_dir, resume=resume)
     if barrier is not None:
-        barrier()  # every process has checked before the main one creates it
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stored, resolved)
+        barrier()  # every process has checked before the main one writes
+    if not is_main:
+        return
+    stored = run_dir / "config.yaml"
+    if resume:
+        if changes:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            atomic_write_text(run_dir / f"config.before-{stamp}.yaml", stored.read_text())
+            atomic_write_text(stored, dump_config(config))
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stored, dump_config(config))
 
 
 def _train_stage(
@@ -165,7 +140,7 @@ def _train_stage(
     folder = context.run_dir / MODEL_DIRS.get(stage, stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     loader = make_loader(
-        _stage_train_set(context.train_set, train.augment, train.mix, train.mix_alpha),
+        stage_train_set(context.train_set, train.augment, train.mix, train.mix_alpha),
         batch_size=train.batch_size,
         shuffle=True,
         seed=context.config.seed,
@@ -195,7 +170,7 @@ def _train_stage(
     return student
 
 
-def _stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix_alpha: float = 1.0) -> Any:
+def stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix_alpha: float = 1.0) -> Any:
     """The training set as this stage wants it, yielding sample indices (CRD's memory bank reads them).
 
     ``augment: false`` gives a view without augmentation; ``mix`` mixes each sample with a partner.
@@ -270,8 +245,17 @@ def run(
         >>> from alambic.config import load_config
         >>> run_dir = run(load_config("recipes/digits.yaml"))
     """
-    accelerator = make_accelerator(config.precision)
     run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
+    check_run_dir_state(config, run_dir, resume=resume)  # cheap checks first
+    accelerator = make_accelerator(config.precision)
+    datasets = build_run_datasets(config)
+    # every model built, every term tried on real data: nothing is written before this passes
+    preflight(
+        config,
+        *datasets,
+        stage_train_set,
+        teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file(),
+    )
     prepare_run_dir(
         config,
         run_dir,
@@ -280,7 +264,7 @@ def run(
         barrier=accelerator.wait_for_everyone,
     )
     accelerator.wait_for_everyone()
-    _execute(config, run_dir, accelerator, progress)
+    _execute(config, run_dir, accelerator, progress, datasets)
     return run_dir
 
 
@@ -333,13 +317,15 @@ def run_tokenizer(config: RunConfig) -> str | None:
     """The tokenizer of a run's text data: ``data.tokenizer``, else the ``hf:`` teacher's own."""
     if config.data.tokenizer:
         return config.data.tokenizer
-    return _hf_path(config.teacher.model.arch) if config.teacher else None
+    return hf_path(config.teacher.model.arch) if config.teacher else None
 
 
-def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any) -> None:
+def _execute(
+    config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any, datasets: tuple | None = None
+) -> None:
     _status(run_dir, accelerator, state="running", stage="data")
     try:
-        train_set, test_set, info = build_run_datasets(config)
+        train_set, test_set, info = datasets or build_run_datasets(config)
         log = MetricsLog(
             run_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
@@ -371,7 +357,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
     example = example_input(context.test_set)
 
     def build_teacher() -> nn.Module:
-        model = build_named_model(config.teacher.model, info)
+        model = build_named_model(config.teacher.model, info, "teacher")
         check_num_classes(model, example, info.num_classes, "teacher")
         return model
 
@@ -379,7 +365,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
             model = derive_from_teacher(models["teacher"], config.student.model)
         else:
-            model = build_named_model(config.student.model, info)
+            model = build_named_model(config.student.model, info, "student")
         check_num_classes(model, example, info.num_classes, "student")
         return model
 
@@ -424,7 +410,7 @@ def distill_teacher(context: RunContext, model: nn.Module):
         return CachedTeacher(
             distill.teacher_cache,
             teacher=model,
-            dataset=_stage_train_set(context.train_set, distill.train.augment),
+            dataset=stage_train_set(context.train_set, distill.train.augment),
             terms=distill.terms,
         )
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
@@ -542,7 +528,7 @@ def cache_teacher_outputs(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return cache_teacher(
         teacher,
-        _stage_train_set(train_set, config.distill.train.augment),
+        stage_train_set(train_set, config.distill.train.augment),
         out_dir,
         features=list(dict.fromkeys(_feature_paths(terms, "teacher"))),
         top_k=top_k,

@@ -45,7 +45,7 @@ def run_strategy_stages(context: RunContext) -> dict[str, nn.Module]:
 
     def builder(model_config: ModelConfig, side: str) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
-            model = build_named_model(model_config, info)
+            model = build_named_model(model_config, info, side)
             check_num_classes(model, example, info.num_classes, side)
             return model
 

@@ -1,0 +1,97 @@
+"""Build a run's models from their configs: zoo names, user factories, ``hf:`` models, derived students.
+
+Shared by the pipeline's stages, the pre-flight checks that run before a run directory exists, the
+strategies, tuning, export and compression.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from alambic.batches import call_model, logits_of
+from alambic.errors import AlambicError, ConfigError
+from alambic.models import build_factory_model, build_model, load_weights
+
+
+def build_named_model(model_config, info, side: str = "model") -> nn.Module:
+    """Build a model from its config and load its checkpoint when one is given.
+
+    A constructor that rejects its kwargs (``dropout: 2``, a wrong type) becomes a one-line
+    :class:`ConfigError` naming ``side`` (``teacher``, ``student``, ...), the architecture and the kwargs.
+    """
+    try:
+        model = _construct(model_config, info)
+    except AlambicError:
+        raise
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"{side}.model: {model_config.arch} cannot be built with kwargs {dict(model_config.kwargs)}: "
+            f"{message}; fix {side}.model.kwargs"
+        ) from error
+    if model_config.checkpoint:
+        load_weights(model, model_config.checkpoint)
+    return model
+
+
+def _construct(model_config, info) -> nn.Module:
+    if model_config.arch.startswith("hf:"):  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
+        from alambic.hf import load_hf_model
+
+        kwargs = dict(model_config.kwargs)
+        if kwargs.get("task", "sequence-classification") == "sequence-classification":
+            kwargs.setdefault("num_labels", info.num_classes)
+        return load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
+    if ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
+        return build_factory_model(model_config.arch, dict(model_config.kwargs))
+    kwargs = {"num_classes": info.num_classes, **model_config.kwargs}  # kwargs may override the class count
+    return build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
+
+
+def hf_path(arch: str) -> str | None:
+    """The folder or hub id of an ``hf:`` architecture, else None."""
+    return arch.removeprefix("hf:") if arch.startswith("hf:") else None
+
+
+def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
+    """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them."""
+    from alambic.hf import derive_student
+
+    student, _report = derive_student(teacher, **model_config.kwargs)
+    if model_config.checkpoint:
+        load_weights(student, model_config.checkpoint)
+    return student
+
+
+def example_input(dataset: Any) -> Any:
+    """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
+    inputs = dataset[0]
+    inputs = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, dict) else inputs[0]
+    if isinstance(inputs, dict):
+        return {key: torch.as_tensor(value).unsqueeze(0) for key, value in inputs.items()}
+    return torch.as_tensor(inputs).unsqueeze(0)
+
+
+@torch.no_grad()
+def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
+    """Fail before training when a model's output size is not the data set's number of classes."""
+    was_training = model.training
+    model.eval()
+    try:
+        predicted = logits_of(call_model(model, example)).shape[-1]
+    except (ValueError, RuntimeError, TypeError, IndexError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"the {side} cannot run on the data set's inputs (shape {tuple(getattr(example, 'shape', ()))}): "
+            f"{message}; check {side}.model against data.dataset"
+        ) from error
+    finally:
+        model.train(was_training)
+    if predicted != num_classes:
+        raise ConfigError(
+            f"the {side} predicts {predicted} classes but the data set has {num_classes}; "
+            f"set {side}.model.kwargs.num_classes={num_classes} or remove the override"
+        )

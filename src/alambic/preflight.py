@@ -1,0 +1,143 @@
+"""Pre-flight: everything a run config names is built and tried on real data before anything trains.
+
+``alambic run`` calls :func:`preflight` after the data sets are read and before the run directory is
+created (or, with ``--resume``, before it is written to). Every model the stages will build is built
+(kwargs, checkpoints, Hugging Face folders, derived students, a strategy's teachers, peers and
+assistants), its number of outputs is checked against the data set, and every stage's terms run once
+on the first batch of the real training data with the module paths, connectors and learned losses they
+name, and with the teacher cache when one is configured. The models are then dropped: each stage
+builds its own from the run's seed, so a checked run trains exactly as an unchecked one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from alambic.batches import index_of, split_batch
+from alambic.building import build_named_model, check_num_classes, derive_from_teacher, example_input
+from alambic.config import RunConfig, Term, TrainConfig
+from alambic.distiller import Distiller, Teacher
+from alambic.errors import ConfigError
+from alambic.train import make_loader
+
+PROBE_BATCH = 64  # rows of the first batch the terms are tried on (the stage's batch size when smaller)
+
+
+def preflight(
+    config: RunConfig,
+    train_set: Any,
+    test_set: Any,
+    info: Any,
+    stage_train_set,
+    *,
+    teacher_trained: bool = False,
+) -> None:
+    """Build every model of ``config`` and run every stage's terms on one real batch; raise a one-line
+    :class:`~alambic.errors.ConfigError` for the first thing that would fail once training has begun.
+
+    ``stage_train_set(train_set, augment, mix, mix_alpha)`` gives the training set as a stage sees it;
+    ``teacher_trained``: a resumed run directory holds the teacher its teacher stage trained.
+    """
+    _check_teacher_source(config, teacher_trained)
+    set_seed(config.seed)
+    example = example_input(test_set)
+    stages = config.stages
+
+    def build(model_config, side: str) -> nn.Module:
+        model = build_named_model(model_config, info, side)
+        check_num_classes(model, example, info.num_classes, side)
+        return model
+
+    def probe(module: nn.Module, terms_train: TrainConfig, teacher: Any) -> None:
+        dataset = stage_train_set(train_set, terms_train.augment, terms_train.mix, terms_train.mix_alpha)
+        loader = make_loader(dataset, batch_size=min(terms_train.batch_size, PROBE_BATCH), shuffle=False)
+        batch = next(iter(loader))
+        inputs, labels = split_batch(batch)
+        if teacher is not None and module.needs_probe:
+            module.build_modules(inputs, teacher, num_samples=len(dataset), sample_index=index_of(batch))
+        module.check(inputs, labels, teacher, index_of(batch))
+
+    teacher = build(config.teacher.model, "teacher") if config.teacher is not None else None
+    if config.teacher is not None and config.teacher.train is not None and "teacher" in stages:
+        probe(Distiller(teacher, config.teacher.terms), config.teacher.train, None)
+    if config.student.model.arch == "derive:teacher":
+        student = derive_from_teacher(teacher, config.student.model)
+        check_num_classes(student, example, info.num_classes, "student")
+    else:
+        student = build(config.student.model, "student")
+    if "baseline" in stages:
+        probe(Distiller(student, config.baseline.terms), config.baseline.train or config.distill.train, None)
+    if config.strategy is not None:
+        _strategy_preflight(config, student, teacher, build, probe, example)
+    elif "distill" in stages and teacher is not None:
+        train = config.distill.train
+        cached_on = stage_train_set(train_set, train.augment, train.mix, train.mix_alpha)
+        probe(Distiller(student, config.distill.terms), train, _distill_teacher(config, teacher, cached_on))
+
+
+def _check_teacher_source(config: RunConfig, teacher_trained: bool) -> None:
+    """A stage that needs the single teacher gets it from a checkpoint, the teacher stage, or the run."""
+    kind = config.strategy.kind if config.strategy is not None else None
+    if config.teacher is None or kind in ("ensemble", "mutual", "self_distill"):
+        return
+    wanted = {"distill", "evaluate"} & set(config.stages) or config.student.model.arch == "derive:teacher"
+    if wanted and not (config.teacher.model.checkpoint or "teacher" in config.stages or teacher_trained):
+        raise ConfigError(
+            "distill and evaluate need a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
+        )
+
+
+def _distill_teacher(config: RunConfig, model: nn.Module, dataset: Any) -> Any:
+    """The distill stage's teacher as the stage will make it: replayed from its cache (checked against
+    the training data it was written for), or live."""
+    distill = config.distill
+    if distill.teacher_cache:
+        from alambic.cache import CachedTeacher
+
+        return CachedTeacher(distill.teacher_cache, dataset=dataset, terms=distill.terms, preload=False)
+    dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
+    return Teacher(model, distill.terms, dtype=dtype)
+
+
+def _strategy_preflight(config: RunConfig, student, teacher, build, probe, example) -> None:
+    """A strategy's own models (ensemble members, assistants, peers, exits) built and probed."""
+    from alambic.strategies.ensemble import EnsembleModel
+    from alambic.strategies.online import MutualDistiller, SelfDistiller
+
+    strategy, terms, train = config.strategy, config.distill.terms, config.distill.train
+    if strategy.kind == "ensemble":
+        members = [build(model, f"teacher_{k}") for k, model in enumerate(strategy.teachers, 1)]
+        if strategy.train is not None and "teacher" in config.stages:
+            probe(Distiller(members[0], [Term(loss="ce")]), strategy.train, None)
+        teacher = EnsembleModel(
+            members,
+            temperature=strategy.temperature or 1.0,
+            weighting=strategy.weighting,
+            weights=strategy.weights,
+        )
+    if "distill" not in config.stages:
+        return
+    if strategy.kind in ("ensemble", "born_again", "assistants") and teacher is not None:
+        for k, model_config in enumerate(getattr(strategy, "assistants", []), 1):
+            assistant = build(model_config, f"assistant_{k}")
+            probe(Distiller(assistant, terms), strategy.train or train, Teacher(teacher, terms))
+            teacher = assistant
+        probe(Distiller(student, terms), train, Teacher(teacher, terms))
+    elif strategy.kind == "mutual":
+        peers = [build(model, f"peer_{k}") for k, model in enumerate(strategy.peers, 1)]
+        module = MutualDistiller([student, *peers], terms, strategy.peer_terms, alternate=strategy.alternate)
+        probe(module, train, None)
+    elif strategy.kind == "self_distill":
+        module = SelfDistiller(
+            student,
+            strategy.exits,
+            example_input=example,
+            terms=terms,
+            temperature=strategy.temperature,
+            kd_weight=strategy.kd_weight,
+        )
+        probe(module, train, None)

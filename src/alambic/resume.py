@@ -1,0 +1,99 @@
+"""Which config changes a resumed run accepts: a corrected config continues a run without retraining.
+
+Each training stage's result depends on a part of the config (its *settings*, :func:`stage_settings`).
+``--resume`` with a config that differs from the stored one is accepted when every stage that has
+started (a ``model.safetensors`` or checkpoints in its folder) keeps its settings: finished stages are
+then loaded, not retrained, and the stages that had not started run with the new config. Settings that
+never change what trains (``name``, ``output_dir``, ``stages``, ``tensorboard``, ``evaluate``,
+``compress``, ``data.data_dir``, ``data.num_workers``, ``data.eval_batch_size``) may always change.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from alambic.errors import ConfigError
+
+# where the data lies and how it is read, not what it is: a moved data folder still continues a run
+DATA_ACCESS = ("data_dir", "num_workers", "eval_batch_size")
+# the folders of a run directory that hold a trained (or training) model, by the stage that writes them
+_STAGE_FOLDERS = (
+    (re.compile(r"teacher(_\d+)?"), "teacher"),
+    (re.compile(r"baseline"), "baseline"),
+    (re.compile(r"student|generation_\d+|assistant_\d+|peer_\d+"), "distill"),
+)
+
+
+def stage_settings(config: dict, stage: str) -> dict:
+    """The part of a resolved config (``RunConfig.model_dump(mode="json")``) that ``stage`` trains from.
+
+    ``stage`` is ``teacher``, ``baseline`` or ``distill`` (which covers a strategy's own folders).
+    """
+    data = {key: value for key, value in config["data"].items() if key not in DATA_ACCESS}
+    common = {"seed": config["seed"], "precision": config["precision"], "data": data}
+    strategy = config.get("strategy")
+    teacher = {**common, "teacher": config.get("teacher")}
+    if strategy is not None and strategy["kind"] == "ensemble":
+        teacher["strategy"] = strategy  # its members train in the teacher stage
+    if stage == "teacher":
+        return teacher
+    student = {**common, "student": config["student"]}
+    if config["student"]["model"]["arch"] == "derive:teacher":
+        student["teacher_stage"] = teacher  # the student is a copy of the trained teacher's layers
+    if stage == "baseline":
+        baseline = config["baseline"]
+        return {
+            **student,
+            "terms": baseline["terms"],
+            "train": baseline["train"] or config["distill"]["train"],
+        }
+    return {**student, "teacher_stage": teacher, "distill": config["distill"], "strategy": strategy}
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``key.path: old -> new`` for every leaf that differs between two nested configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in dict.fromkeys([*old, *new]):
+            found += differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return found
+    return [] if old == new else [f"{path or '(config)'}: {old!r} -> {new!r}"]
+
+
+def started_stages(run_dir: Path) -> dict[str, list[Path]]:
+    """The stages that have begun in ``run_dir`` (a saved model or checkpoints), with their folders."""
+    started: dict[str, list[Path]] = {}
+    for folder in sorted(path for path in run_dir.iterdir() if path.is_dir()):
+        stage = next((stage for pattern, stage in _STAGE_FOLDERS if pattern.fullmatch(folder.name)), None)
+        checkpoints = folder / "checkpoints"
+        begun = (folder / "model.safetensors").is_file() or (
+            checkpoints.is_dir() and any(checkpoints.iterdir())
+        )
+        if stage is not None and begun:
+            started.setdefault(stage, []).append(folder)
+    return started
+
+
+def check_resumable(run_dir: Path, stored: dict, wanted: dict) -> list[str]:
+    """Refuse a resume whose config changes the settings of a stage that has begun; returns the changes.
+
+    Raises:
+        ConfigError: naming the first such stage, what changed, and the two ways out.
+    """
+    started = started_stages(run_dir)
+    for stage in ("teacher", "baseline", "distill"):  # the order they train in
+        folders = started.get(stage)
+        if not folders:
+            continue
+        changed = differences(stage_settings(stored, stage), stage_settings(wanted, stage))
+        changed = list(dict.fromkeys(change.removeprefix("teacher_stage.") for change in changed))
+        if changed:
+            shown = "; ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
+            names = ", ".join(str(folder) for folder in folders)
+            raise ConfigError(
+                f"--resume {run_dir}: the {stage} stage has started ({names}) with other settings "
+                f"({shown}); resume with its settings, or delete {names} to train it again with the new ones"
+            )
+    return differences(stored, wanted)
