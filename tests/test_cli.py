@@ -162,7 +162,9 @@ def test_resume_via_cli_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     keys = [(r["stage"], r["kind"], r["step"]) for r in records]
     assert len(keys) == len(set(keys))
     # a resume that changes the settings of a stage that has trained is refused
-    _one_line_error(_run(*args, "--set", "seed=1", "--resume", tmp_path / "b"), "with other settings (seed: 0 -> 1)")
+    _one_line_error(
+        _run(*args, "--set", "seed=1", "--resume", tmp_path / "b"), "with other settings (seed: 0 -> 1)"
+    )
 
 
 @pytest.mark.slow
