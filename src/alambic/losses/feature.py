@@ -53,7 +53,9 @@ def fitnet_loss(student: Tensor, teacher: Tensor, *, labels: Tensor | None = Non
 
 
 def _attention_map(features: Tensor, power: float) -> Tensor:
-    return F.normalize(features.float().pow(power).mean(1).flatten(1), dim=1)  # [B, H*W]
+    # |f|^p, as in the paper: a bare f^p flips the sign of negative activations for odd p and is NaN
+    # for fractional p (the reference code's f.pow(p) only agrees with it for even p)
+    return F.normalize(features.float().abs().pow(power).mean(1).flatten(1), dim=1)  # [B, H*W]
 
 
 @register_loss(
@@ -64,15 +66,18 @@ def attention_transfer_loss(
 ) -> Tensor:
     """Attention transfer: match L2-normalised spatial attention maps ``mean_c |f|^p``.
 
-    ``a(f) = normalize(flatten(mean_c f^p))``; ``loss = mean((a(f_s) - a(f_t))^2)`` over batch and
-    positions. Channel counts may differ. The paper's weight is large (about 1000 with this mean).
+    ``a(f) = normalize(flatten(mean_c |f|^p))`` (``[B, H*W]``); ``loss = mean((a(f_s) - a(f_t))^2)``
+    over batch and positions (the authors' code; the paper writes the norm of the difference). Channel
+    counts may differ. The paper's weight is large (about 1000 with this mean).
 
     Args:
         student: student feature map ``[B, C_s, H, W]``.
         teacher: teacher feature map ``[B, C_t, H', W']`` (pooled to the smaller size).
         labels: unused.
-        power: p (paper: 2).
+        power: p >= 1 (paper: 2); below 1 the gradient of ``|f|^p`` is infinite at 0 (after a ReLU).
     """
+    if not power >= 1:
+        raise ValueError(f"at power must be >= 1, got {power}; the paper uses 2")
     student, teacher = _same_spatial(student, teacher.detach())
     return (_attention_map(student, power) - _attention_map(teacher, power)).pow(2).mean()
 
@@ -150,8 +155,10 @@ def flow_of_solution_loss(
     """Flow of solution procedure: match the Gram matrices between consecutive layers' feature maps.
 
     For features ``f_1 .. f_n`` on each side, ``G_i = f_i^T f_{i+1} / (H W)`` (``[B, C_i, C_{i+1}]``,
-    the larger map average-pooled to the smaller); ``loss = sum_i mean((G_i^s - G_i^t)^2)``. Channel
-    counts must match pair by pair (as in the paper, whose student and teacher share stage widths).
+    the larger map average-pooled to the smaller); ``loss = sum_i mean((G_i^s - G_i^t)^2)`` (the paper
+    sums over the matrix entries and weights the pairs equally: this is its loss divided by
+    ``C_i C_{i+1}``, per sample). Channel counts must match pair by pair (as in the paper, whose
+    student and teacher share stage widths).
 
     Args:
         student: ``n >= 2`` student feature maps, shallow to deep.

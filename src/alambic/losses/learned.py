@@ -247,7 +247,11 @@ class _AttentionFusion(nn.Module):
 
 
 def hierarchical_context_loss(student: list[Tensor], teacher: list[Tensor], levels=(4, 2, 1)) -> Tensor:
-    """ReviewKD's HCL: per stage, MSE at full resolution plus pooled to 4x4, 2x2, 1x1 (weights 1/2, 1/4, ...)."""
+    """ReviewKD's HCL: per stage, MSE at full resolution plus pooled to 4x4, 2x2, 1x1 (weights 1/2, 1/4, ...).
+
+    Levels not smaller than the map are skipped; each stage's sum is divided by its weights' sum
+    (as in the authors' code), and the stages are added.
+    """
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher):
         loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0

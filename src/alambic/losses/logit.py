@@ -177,7 +177,9 @@ def teacher_free_kd_loss(
 
     The virtual teacher puts ``a = correct_probability`` on the true class and ``(1 - a) / (C - 1)`` on
     every other class; it is softened as ``q_T = softmax(log q / T)`` and
-    ``loss = T^2 * KL(q_T || softmax(student / T))``, averaged per sample.
+    ``loss = T^2 * KL(q_T || softmax(student / T))``, averaged per sample. (The paper does not say how
+    ``q`` is softened; the authors' code takes ``softmax(q / T)`` of the probabilities themselves and
+    leaves the student unsoftened, and so transfers a near-uniform target at T = 20.)
 
     Args:
         student: student logits ``[B, C]``.

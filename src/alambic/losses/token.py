@@ -117,6 +117,8 @@ def reverse_kl_loss(
 ) -> Tensor:
     """Reverse KL per token, ``KL(p_student || p_teacher)``: mode-seeking, the student commits to the teacher's main modes.
 
+    ``loss = mean_tokens sum_v p_s(v) (log p_s(v) - log p_t(v)) * T^2``.
+
     Args: as ``forward_kl``.
     """
     return temperature**2 * _chunked_mean(
@@ -150,10 +152,12 @@ def generalized_jsd_loss(
 ) -> Tensor:
     """Generalized Jensen-Shannon divergence per token (GKD): interpolates forward and reverse KL.
 
-    With ``M = beta p_t + (1 - beta) p_s``: ``JSD(beta) = beta KL(p_t || M) + (1 - beta) KL(p_s || M)``.
-    As in GKD's reference implementation the end points are the KLs themselves: beta = 0 is forward
-    KL, beta = 1 reverse KL (``JSD(beta) / beta`` tends to forward KL as beta -> 0, so the family is
-    continuous up to scale).
+    With ``p = softmax(z / T)`` and ``M = beta p_t + (1 - beta) p_s``:
+    ``JSD(beta) = beta KL(p_t || M) + (1 - beta) KL(p_s || M)``; ``loss = mean_tokens JSD(beta) * T^2``
+    (the ``T^2`` of every temperature-scaled KL here, after Hinton et al.; TRL's GKD trainer has none,
+    which only matters at T != 1). As in GKD's reference implementation the end points are the KLs
+    themselves: beta = 0 is forward KL, beta = 1 reverse KL (``JSD(beta) / beta`` tends to forward KL
+    as beta -> 0, so the family is continuous up to scale).
 
     Args: as ``forward_kl``, plus beta in [0, 1] (GKD: 0.1 to 0.9; 0.5 is the symmetric JSD).
     """
@@ -176,6 +180,9 @@ def total_variation_loss(
     chunk_size: int = 4096,
 ) -> Tensor:
     """Total variation distance per token, ``0.5 sum_v |p_t(v) - p_s(v)|`` (bounded in [0, 1]).
+
+    ``loss = mean_tokens 0.5 sum_v |p_t(v) - p_s(v)|`` with ``p = softmax(z / T)``; not a KL, so no
+    ``T^2`` scale.
 
     Args: as ``forward_kl``.
     """
@@ -206,6 +213,8 @@ def skew_forward_kl_loss(
 ) -> Tensor:
     """Skew forward KL per token (DistiLLM): ``KL(p_t || alpha p_t + (1 - alpha) p_s)``; alpha = 0 is forward KL.
 
+    ``loss = mean_tokens KL(p_t || alpha p_t + (1 - alpha) p_s) * T^2``.
+
     Mixing a little of the teacher into the student's distribution bounds the loss and its gradient
     where the student gives a teacher token almost no mass.
 
@@ -231,6 +240,8 @@ def skew_reverse_kl_loss(
     chunk_size: int = 4096,
 ) -> Tensor:
     """Skew reverse KL per token (DistiLLM): ``KL(p_s || alpha p_s + (1 - alpha) p_t)``; alpha = 0 is reverse KL.
+
+    ``loss = mean_tokens KL(p_s || alpha p_s + (1 - alpha) p_t) * T^2``.
 
     Args: as ``forward_kl``, plus alpha in [0, 1) (paper: 0.1).
     """
