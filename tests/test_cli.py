@@ -204,7 +204,11 @@ def test_two_processes_train_and_gather_metrics(tmp_path):
     single = evaluate_run(run_dir)
     for name in ("teacher", "distilled"):
         assert summary["models"][name]["num_samples"] == 360
-        assert summary["models"][name]["accuracy"] == pytest.approx(single["models"][name]["accuracy"])
+        # each process ran half of each batch: another BLAS batch shape, whose last-bit differences can flip
+        # a near-tie prediction, so one sample of 360 may differ (lost or doubled samples fail the count above)
+        assert summary["models"][name]["accuracy"] == pytest.approx(
+            single["models"][name]["accuracy"], abs=1.01 / 360
+        )
     assert summary["models"]["distilled"]["accuracy"] > 0.5  # it trained
     # only the main process wrote: one record per step, not two
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

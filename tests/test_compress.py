@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tolerance import close
 from typer.testing import CliRunner
 
 from alambic.cli import app
@@ -48,6 +49,8 @@ def run_dir(tmp_path_factory):
 
 def test_onnx_export_matches_pytorch_with_a_dynamic_batch(run_dir, tmp_path):
     report = export_run(run_dir, tmp_path / "student.onnx", export_format="onnx")
+    # ONNX Runtime's kernels sum in another order than torch's: 3.8e-6 here on logits of size 12.6 (3 float32
+    # units); 1e-4 is 66 units of that size
     assert report["max_abs_diff"] < 1e-4 and report["checked_samples"] == 64
     assert report["size_bytes"] == os.path.getsize(tmp_path / "student.onnx")
     loaded = load_run_model(run_dir)
@@ -56,7 +59,7 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(run_dir, tmp_path):
     inputs = real_inputs(loaded.test_set, 100)
     for batch in (1, 7, 100):
         expected = loaded.model(inputs[:batch]).detach()
-        assert torch.allclose(run_onnx(session, inputs[:batch]), expected, atol=1e-4)
+        torch.testing.assert_close(run_onnx(session, inputs[:batch]), expected, **close(expected))
 
 
 def test_only_the_student_reaches_the_exports(run_dir, tmp_path):
@@ -124,7 +127,9 @@ def test_int8_models_stay_close_to_float_and_are_smaller(run_dir, tmp_path):
         path = tmp_path / f"{name}.onnx"
         assert os.path.getsize(path) < 0.4 * os.path.getsize(tmp_path / "fp32.onnx")  # int8 weights
         metrics = evaluate_onnx(path, loaded.test_set, num_classes=10)
-        assert metrics["accuracy"] > fp32["accuracy"] - 0.02, name
+        # int8 kernels differ by CPU (VNNI or not): 0.942 float and 0.933 dynamic int8 here (360 samples);
+        # 0.03 (11 samples) leaves room for another CPU's rounding, a broken quantization loses far more
+        assert metrics["accuracy"] > fp32["accuracy"] - 0.03, name
         agreement = (run_onnx(onnx_session(path), inputs).argmax(-1) == reference).float().mean()
         assert agreement > 0.9, name
 
@@ -153,7 +158,9 @@ def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
     assert list(rows) == ["teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8"]
     assert summary["evaluated_samples"] == 200 and rows["int8"]["num_samples"] == 200
     assert rows["pruned"]["parameters"] < 0.6 * rows["distilled"]["parameters"]
-    assert rows["recovered"]["accuracy"] >= rows["pruned"]["accuracy"]
+    # both 0.945 on 200 samples here: recovery must not lose accuracy beyond a few samples that another
+    # CPU's rounding during training can flip (a broken recovery loses tens of points)
+    assert rows["recovered"]["accuracy"] >= rows["pruned"]["accuracy"] - 0.02
     assert rows["int8"]["size_bytes"] == os.path.getsize(folder / "onnx" / "int8.onnx")
     assert rows["distilled"]["size_bytes"] == os.path.getsize(folder / "weights" / "distilled.safetensors")
     for row in rows.values():

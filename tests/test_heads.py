@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerance import close
 from torch.utils.data import DataLoader
 
 from alambic.checkpoint import save_weights
@@ -111,8 +112,11 @@ def test_removing_heads_that_contribute_nothing_leaves_the_outputs_unchanged_wit
     inputs = _inputs()
     reference, hidden = _logits(model, inputs), _hidden(model, inputs)
     prune_heads(model, {0: [1, 2], 1: [3]})
-    torch.testing.assert_close(_logits(model, inputs), reference, atol=1e-6, rtol=0)
-    torch.testing.assert_close(_hidden(model, inputs), hidden, atol=1e-6, rtol=0)
+    # narrower matrices sum in another order: equal to a few float32 units of the values' size (3 units, 9.5e-7
+    # on hidden states of size 2.6, here; 1.01e-6 broke a fixed atol=1e-6 on an AVX-512 CPU). Allowed: 64
+    # units (2e-5 here); the contributing head removed below moves the logits by 0.64, 6e6 units.
+    torch.testing.assert_close(_logits(model, inputs), reference, **close(reference))
+    torch.testing.assert_close(_hidden(model, inputs), hidden, **close(hidden))
     # a contributing head is not removable for free: the comparison can fail
     prune_heads(model, {1: [0]})
     assert (_logits(model, inputs) - reference).abs().max() > 1e-2
@@ -192,13 +196,14 @@ def test_a_pruned_model_is_rebuilt_from_its_config_and_weights_file(tmp_path, at
         assert [layer.self_attention.num_attention_heads for layer in attention_layers(fresh)] == [2, 3]
         assert [layer.self_attention.all_head_size for layer in attention_layers(fresh)] == [8, 12]
         assert sync_attention_heads(fresh) == [2, 3]
-        torch.testing.assert_close(_logits(fresh, inputs), _logits(model, inputs), atol=1e-6, rtol=0)
+        expected = _logits(model, inputs)  # the rebuilt model's own (contiguous) copies of the sliced weights
+        torch.testing.assert_close(_logits(fresh, inputs), expected, **close(expected))
     # load_hf_model reads a save_pretrained folder of a head-pruned model (from_pretrained alone cannot)
     from alambic.hf import load_hf_model
 
     loaded = load_hf_model(str(tmp_path / "folder"), num_labels=2, attn_implementation=attn)
     assert [layer.heads for layer in attention_layers(loaded)] == [2, 3]
-    torch.testing.assert_close(_logits(loaded, inputs), _logits(model, inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(loaded, inputs), expected, **close(expected))
     with pytest.raises(ConfigError, match="2 labels, not 3"):
         load_hf_model(str(tmp_path / "folder"), num_labels=3)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tolerance import close
 from torch import nn
 
 from alambic.errors import ConfigError
@@ -128,7 +129,10 @@ def test_cifar_resnet_matches_reference_forward():
     model.eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference_cifar_resnet_forward(model, x))
+        expected = reference_cifar_resnet_forward(model, x)
+        # the same ops, so equal here; logits of size 334 (these BN statistics) need an atol of their size
+        # where a kernel sums in another order, not the default 1e-5
+        torch.testing.assert_close(model(x), expected, **close(expected))
 
 
 def test_mlp_options_and_errors():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerance import close
 from torch.utils.data import DataLoader
 
 from alambic.checkpoint import save_weights
@@ -69,8 +70,9 @@ def test_magnitude_pruning_reaches_the_sparsity_the_file_shows(digits, tmp_path)
     original = torch.cat([model.state_dict()[key].flatten() for key in stored if key.endswith("weight")])
     kept = torch.cat([w.flatten() for w in weights]) != 0
     assert original.abs()[kept].min() >= original.abs()[~kept].max()
-    # a moderately pruned model stays close to its float original on real inputs
-    assert _accuracy(pruned, test_set) > _accuracy(model, test_set) - 0.03
+    # a moderately pruned model stays close to its float original on real inputs: 0.972 -> 0.950 here (360
+    # samples); the model trained on this CPU's BLAS, so allow 0.05 (pruning the largest weights: ~0.1)
+    assert _accuracy(pruned, test_set) > _accuracy(model, test_set) - 0.05
 
 
 @pytest.mark.parametrize("name, shape, kwargs", ZOO)
@@ -79,7 +81,8 @@ def test_channel_pruning_really_shrinks_and_reloads(name, shape, kwargs, tmp_pat
     model = build_model(name, num_classes=10, input_shape=shape, **kwargs).eval()
     inputs = torch.randn(4, *shape)
     untouched = channel_prune(model, 0.0).eval()
-    assert torch.allclose(untouched(inputs), model(inputs), atol=1e-6)
+    expected = model(inputs)  # outputs up to size 27 (resnet20): float rounding scales with them
+    torch.testing.assert_close(untouched(inputs), expected, **close(expected))
     small = channel_prune(model, 0.5).eval()
     assert count_parameters(small) < 0.6 * count_parameters(model)
     assert count_flops(small, inputs) < 0.6 * count_flops(model, inputs)
@@ -88,7 +91,8 @@ def test_channel_pruning_really_shrinks_and_reloads(name, shape, kwargs, tmp_pat
     rebuilt = build_model(name, num_classes=10, input_shape=shape, **kwargs)
     load_resized(rebuilt, load_file(str(tmp_path / "small.safetensors")))
     assert count_parameters(rebuilt) == count_parameters(small)
-    assert torch.allclose(rebuilt.eval()(inputs), small(inputs), atol=1e-6)
+    expected = small(inputs)
+    torch.testing.assert_close(rebuilt.eval()(inputs), expected, **close(expected))
 
 
 def test_channel_pruning_keeps_the_strongest_units():

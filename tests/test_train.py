@@ -212,7 +212,9 @@ def test_bf16_autocast_trains_on_cpu():
         teacher, _mlp(8, 2), _loader(dataset), epochs=10, optimizer="adamw", lr=1e-2, precision="bf16"
     )
     assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast, not a cast of the weights
-    assert _accuracy(student, dataset) > 0.8
+    # 0.84 here (256 samples; 0.66 to 0.84 over other initial weights), untrained 0.36: bf16 kernels round
+    # differently on CPUs with and without native bf16, so the bar sits well below the usual result
+    assert _accuracy(student, dataset) > 0.7
     seen = []
 
     class Recording(nn.Module):

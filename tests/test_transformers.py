@@ -223,9 +223,10 @@ def test_a_causal_lm_distils_with_token_divergences_on_masked_batches(tmp_path):
     trained = distill(
         teacher, student, batches, terms=terms, epochs=6, lr=0.05, optimizer="adamw", run_dir=tmp_path
     )
-    assert (
-        divergence(trained) < 0.9 * before
-    )  # the student moved towards the teacher's next-token distributions
+    # the student moved towards the teacher's next-token distributions: 0.86 of before here, 0.83 to 0.89 with
+    # the learning rate 20% off, so another CPU's rounding may move it too; a student that does not learn
+    # stays at 1 or above
+    assert divergence(trained) < 0.95 * before
 
 
 def test_a_vocabulary_mismatch_is_a_one_line_error_naming_both_sizes(tmp_path):
