@@ -8,6 +8,7 @@ and ``report.md`` with ``plots/``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -21,11 +22,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from alambic.checkpoint import atomic_write_text, save_weights
+from alambic.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.config import RunConfig, TrainConfig, dump_config
 from alambic.data import IndexedDataset
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError
+from alambic.files import dumps_json, finite_json, writing
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
@@ -114,7 +116,7 @@ def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int,
 def _status(run_dir: Path, accelerator: Accelerator, **fields: Any) -> None:
     if accelerator.is_main_process:
         record = {"updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
-        atomic_write_text(run_dir / "status.json", json.dumps(record, indent=2))
+        atomic_write_text(run_dir / "status.json", dumps_json(record, indent=2))
 
 
 def prepare_run_dir(
@@ -134,6 +136,8 @@ def prepare_run_dir(
                 f"(compare with {stored}); resume with the same config and --set options"
             )
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a folder; give --out a new folder's path")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
@@ -142,7 +146,8 @@ def prepare_run_dir(
     if barrier is not None:
         barrier()  # every process has checked before the main one creates it
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stored, resolved)
 
 
@@ -218,13 +223,13 @@ def _load_or_train(
     ``make_teacher()`` builds the teacher only when the stage trains (a finished run re-evaluated
     without its teacher cache folder still works).
     """
-    from safetensors.torch import load_file
-
     set_seed(context.config.seed)
     model = build()
     weights = context.run_dir / MODEL_DIRS.get(stage, stage) / "model.safetensors"
     if weights.is_file():
-        model.load_state_dict(load_file(str(weights)))
+        load_weights_file(
+            model, weights, fix=f"delete {weights} to train the {stage} stage again with --resume"
+        )
         return model
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -258,7 +263,7 @@ def _add_record(context: RunContext, file: str, stage: str, value: Any) -> None:
         path = context.run_dir / file
         records = json.loads(path.read_text()) if path.is_file() else {}
         records[stage] = value
-        atomic_write_text(path, json.dumps(records, indent=2))
+        atomic_write_text(path, dumps_json(records, indent=2))
 
 
 def run(
@@ -356,7 +361,10 @@ def _execute(config: RunConfig, run_dir: Path, accelerator: Accelerator, progres
             write_report(run_dir)
     except BaseException as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        _status(run_dir, accelerator, state="failed", error=message, error_type=type(error).__name__)
+        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"  # SIGTERM too (CLI)
+        # the disk that failed the run may refuse this write too; the error raised says why
+        with contextlib.suppress(AlambicError):
+            _status(run_dir, accelerator, state=state, error=message, error_type=type(error).__name__)
         raise
     _status(run_dir, accelerator, state="completed")
 
@@ -480,7 +488,9 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
             "terms": [term.model_dump() for term in config.distill.terms],
         }
-        atomic_write_text(context.run_dir / "summary.json", json.dumps(summary, indent=2))
+        # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
+        summary["non_finite"] = finite_json(summary["models"], "models")[1]
+        atomic_write_text(context.run_dir / "summary.json", dumps_json(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
 

@@ -14,7 +14,6 @@ command, and the teacher, trained once on the training split, is kept in ``DIR/t
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import ConfigError, NonFiniteLossError
+from alambic.files import dumps_json
 from alambic.losses import get_loss_spec
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
@@ -111,7 +111,7 @@ def _split(train_set: Any, val_fraction: float, seed: int) -> tuple[Any, Any]:
 def _check_study_dir(study_dir: Path, settings: dict) -> None:
     """A new study writes its settings; a resumed one must have been started with the same."""
     path = study_dir / "search.json"
-    text = json.dumps(settings, indent=2, sort_keys=True)
+    text = dumps_json(settings, indent=2, sort_keys=True)
     if path.is_file():
         if path.read_text() != text:
             raise ConfigError(
@@ -334,7 +334,7 @@ def _summary(study: Any, config: RunConfig, study_dir: Path, states: Any) -> dic
         }
         for trial in study.get_trials(deepcopy=False)
     ]
-    atomic_write_text(study_dir / "trials.json", json.dumps(records, indent=2))
+    atomic_write_text(study_dir / "trials.json", dumps_json(records, indent=2))
     result = {
         "best_value": None,
         "best_params": None,
