@@ -188,23 +188,23 @@ def save_training_state(
     final = directory / f"ckpt-{epoch:04d}"
     staging = directory / f".ckpt-{epoch:04d}.tmp"
     barrier = barrier or (lambda: None)
-    if process_index == 0:
+    try:
+        if process_index == 0:
+            with writing(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+        barrier()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator, not the CPU's
+            rng["cuda"] = torch.cuda.get_rng_state()
         with writing(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-    barrier()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator, not the CPU's
-        rng["cuda"] = torch.cuda.get_rng_state()
-    with writing(staging):
-        save_file(rng, staging / f"rng-{process_index}.safetensors")
-    barrier()
-    if process_index == 0:
-        try:
+            save_file(rng, staging / f"rng-{process_index}.safetensors")
+        barrier()
+        if process_index == 0:
             _write_staged(directory, staging, final, module, optimizer, scheduler, epoch, step)
-        except BaseException:  # the previous checkpoint stays as it was; no half-written one is left
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    except BaseException:  # a full disk, SIGTERM: the previous checkpoint stays, no half-written one is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     barrier()
     return final
 
