@@ -1,6 +1,6 @@
 """Run a whole configured job: train or load a teacher, train a baseline, distill, evaluate, report.
 
-The run directory holds ``config.yaml`` (resolved), ``status.json`` (running / completed / failed),
+The run directory holds ``config.yaml`` (resolved), ``status.json`` (running / completed / failed / interrupted),
 ``metrics.jsonl``, one folder per model (``teacher/``, ``baseline/``, ``student/``, each with
 ``model.safetensors`` once its stage is done and ``checkpoints/`` while it trains), ``summary.json``
 and ``report.md`` with ``plots/``.
@@ -227,9 +227,7 @@ def _load_or_train(
     model = build()
     weights = context.run_dir / MODEL_DIRS.get(stage, stage) / "model.safetensors"
     if weights.is_file():
-        load_weights_file(
-            model, weights, fix=f"delete {weights} to train the {stage} stage again with --resume"
-        )
+        load_finished_stage(model, weights, stage)
         return model
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -240,6 +238,11 @@ def _load_or_train(
     _add_timing(context, stage, time.perf_counter() - started)
     _add_record(context, "peak_memory.json", stage, peak_memory())
     return model
+
+
+def load_finished_stage(model: nn.Module, weights: Path, stage: str) -> None:
+    """Load a finished stage's ``model.safetensors``; a damaged file is one line saying how to retrain it."""
+    load_weights_file(model, weights, fix=f"delete {weights} to train the {stage} stage again with --resume")
 
 
 def peak_memory() -> dict[str, Any]:

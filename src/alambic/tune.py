@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from alambic.checkpoint import atomic_write_text, save_weights
+from alambic.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import ConfigError, NonFiniteLossError
@@ -127,15 +127,13 @@ def _teacher(
     config: RunConfig, study_dir: Path, build: Callable, fit_set: Any, val_loader: Any, accelerator, log
 ):
     """The study's teacher: from its checkpoint, from ``teacher.safetensors``, or trained once on the training split."""
-    from safetensors.torch import load_file
-
     from alambic.evaluate import evaluate_classifier
 
     set_seed(config.seed)
     model = build(config.teacher.model)
     path = study_dir / "teacher.safetensors"
     if path.is_file():
-        model.load_state_dict(load_file(str(path)))
+        load_weights_file(model, path, fix=f"delete {path} to train the study's teacher again")
     elif config.teacher.model.checkpoint is None:
         if config.teacher.train is None:
             raise ConfigError("teacher: give model.checkpoint (a trained teacher) or train (to train one)")
