@@ -151,7 +151,7 @@ def test_resume_via_cli_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert result.exit_code == 130
     monkeypatch.setattr(train_module, "save_training_state", original)
-    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "failed"
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "interrupted"
     result = _run(*args, "--resume", tmp_path / "b")
     assert result.exit_code == 0, result.output
     a = load_file(str(tmp_path / "a" / "student" / "model.safetensors"))

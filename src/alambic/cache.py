@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from alambic.batches import split_batch
 from alambic.errors import ConfigError
+from alambic.files import dumps_json
 from alambic.hooks import unwrap_model
 
 FORMAT_VERSION = 1
@@ -145,7 +147,7 @@ def cache_teacher(
             },
             "features": list(features),
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (staging / "manifest.json").write_text(dumps_json(manifest, indent=2))
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -197,6 +199,80 @@ class _ShardWriter:
                 self._flush(name, sum(len(part) for part in self.pending[name]))
 
 
+_REBUILD = "remove the folder and rebuild it with cache-teacher"
+
+
+class _FieldEntry(BaseModel):
+    model_config = ConfigDict(strict=True)
+    shape: list[int]
+    shards: list[str] = Field(min_length=1)
+
+
+class _Manifest(BaseModel):
+    """What :class:`CachedTeacher` reads from ``manifest.json``, with its types (other keys are kept)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    format_version: int
+    teacher_checksum: str
+    dataset_fingerprint: str
+    num_samples: int = Field(ge=1)
+    shard_size: int = Field(ge=1)
+    fields: dict[str, _FieldEntry] = Field(min_length=1)
+    features: list[str]
+    vocab_size: int | None = None
+
+
+def read_manifest(path: Path) -> dict:
+    """A cache's ``manifest.json``, checked: valid JSON, the keys and types alambic wrote, safe shard names."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path} is not valid JSON ({error}); {_REBUILD}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{path}: cache format {version} is not {FORMAT_VERSION}; {_REBUILD}")
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}; {_REBUILD}") from None
+    for field in manifest["fields"].values():
+        for file in field["shards"]:
+            # shards live in the cache folder itself: a path elsewhere (absolute, ../) is refused
+            if Path(file).name != file or file in (".", ".."):
+                raise ConfigError(f"{path} names shard {file!r} outside the cache folder; {_REBUILD}")
+    return manifest
+
+
+def _open_shards(folder: Path, name: str, field: dict, num_samples: int, shard_size: int) -> list:
+    """The field's shards, memory-mapped, each checked to hold the rows and row shape the manifest says."""
+    expected_count = math.ceil(num_samples / shard_size)
+    if len(field["shards"]) != expected_count:
+        raise ConfigError(
+            f"{folder}/manifest.json lists {len(field['shards'])} {name} shards for {num_samples} samples "
+            f"of {shard_size} per shard (expected {expected_count}); {_REBUILD}"
+        )
+    shards = []
+    for number, file in enumerate(field["shards"]):
+        path = folder / file
+        if not path.is_file():
+            raise ConfigError(f"teacher cache shard {path} is missing; {_REBUILD}")
+        try:
+            shard = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as error:  # a truncated file fails to map
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"cannot read teacher cache shard {path} ({reason}); {_REBUILD}") from None
+        rows = min(shard_size, num_samples - number * shard_size)
+        if shard.shape != (rows, *field["shape"]):
+            raise ConfigError(
+                f"teacher cache shard {path} holds shape {shard.shape}, expected {(rows, *field['shape'])} "
+                f"(cut short or edited); {_REBUILD}"
+            )
+        shards.append(shard)
+    return shards
+
+
 class CachedTeacher:
     """Replays a cache written by :func:`cache_teacher`; called like :class:`alambic.distiller.Teacher`.
 
@@ -227,10 +303,7 @@ class CachedTeacher:
             raise ConfigError(
                 f"{self.folder} is not a teacher cache (no manifest.json); write one with cache-teacher"
             )
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{self.folder}: cache format {self.manifest.get('format_version')} is not "
-                              f"{FORMAT_VERSION}; rebuild it with cache-teacher")  # fmt: skip
+        self.manifest = read_manifest(path)
         if teacher is not None and teacher_checksum(teacher) != self.manifest["teacher_checksum"]:
             raise ConfigError(
                 f"{self.folder} was written by another teacher (its checksum differs from this teacher's "
@@ -248,11 +321,11 @@ class CachedTeacher:
         self.feature_paths = list(self.manifest["features"])
         self._check_terms(terms)
         self.vocab_size = self.manifest.get("vocab_size")
+        self.shard_size = self.manifest["shard_size"]
         self.arrays = {
-            name: [np.load(self.folder / file, mmap_mode="r") for file in field["shards"]]
+            name: _open_shards(self.folder, name, field, self.manifest["num_samples"], self.shard_size)
             for name, field in self.manifest["fields"].items()
         }
-        self.shard_size = self.manifest["shard_size"]
         self.device = torch.device("cpu")
         stored = sum(shard.nbytes for shards in self.arrays.values() for shard in shards)
         self.preload = stored <= PRELOAD_LIMIT if preload is None else preload

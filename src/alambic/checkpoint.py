@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alambic.errors import AlambicError
+from alambic.errors import AlambicError, ConfigError
+from alambic.files import dumps_json, writing
 
 LATEST = "latest.json"
 
@@ -42,13 +43,19 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename: all or nothing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
-    _fsync_dir(path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+            try:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except BaseException:  # no half-written temporary file left behind; the old file stays
+                handle.close()
+                os.unlink(handle.name)
+                raise
+        os.replace(handle.name, path)
+        _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -63,18 +70,43 @@ def _state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save a module's weights as safetensors, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    save_file(_state_dict_for_save(module), temporary, metadata=metadata)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(_state_dict_for_save(module), temporary, metadata=metadata)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:  # the previous file stays intact, no half-written one is left
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
 
 
-def load_weights_file(module: nn.Module, path: str | Path) -> None:
-    """Load safetensors weights saved by :func:`save_weights` (strict)."""
-    module.load_state_dict(load_file(str(path)))
+def load_weights_file(module: nn.Module, path: str | Path, *, fix: str) -> None:
+    """Load safetensors weights saved by :func:`save_weights` (strict).
+
+    A damaged file, or one whose tensors do not fit ``module`` (the first mismatching tensor is named),
+    raises one line ending with ``fix``, what the user should do.
+    """
+    from alambic.models import load_weights
+
+    try:
+        report = load_weights(module, path, strict=False)
+    except ConfigError as error:
+        raise AlambicError(f"{error}; {fix}") from None
+    problems = [
+        *report["mismatched"],
+        *(f"{key} is missing from the file" for key in report["missing"]),
+        *(f"{key} is not in the model" for key in report["unexpected"]),
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AlambicError(
+            f"{path} does not fit the {type(module).__name__}: {problems[0]}{more}; "
+            f"it was written for another model config; {fix}"
+        )
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -119,7 +151,16 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     pointer = Path(directory) / LATEST
     if not pointer.is_file():
         return None
-    path = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ValueError(name)
+    except (ValueError, KeyError, TypeError):  # json.JSONDecodeError is a ValueError
+        raise AlambicError(
+            f"{pointer} is damaged (not the JSON alambic writes); delete {directory} to train this "
+            "stage again from its start with --resume"
+        ) from None
+    path = Path(directory) / name
     if not path.is_dir():
         raise AlambicError(
             f"{pointer} points to {path.name}, which is missing; the run directory was edited by hand"
@@ -147,16 +188,31 @@ def save_training_state(
     final = directory / f"ckpt-{epoch:04d}"
     staging = directory / f".ckpt-{epoch:04d}.tmp"
     barrier = barrier or (lambda: None)
-    if process_index == 0:
+    try:
+        if process_index == 0:
+            with writing(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+        barrier()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator, not the CPU's
+            rng["cuda"] = torch.cuda.get_rng_state()
+        with writing(staging):
+            save_file(rng, staging / f"rng-{process_index}.safetensors")
+        barrier()
+        if process_index == 0:
+            _write_staged(directory, staging, final, module, optimizer, scheduler, epoch, step)
+    except BaseException:  # a full disk, SIGTERM: the previous checkpoint stays, no half-written one is left
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        raise
     barrier()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator, not the CPU's
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, staging / f"rng-{process_index}.safetensors")
-    barrier()
-    if process_index == 0:
+    return final
+
+
+def _write_staged(
+    directory: Path, staging: Path, final: Path, module, optimizer, scheduler, epoch: int, step: int
+) -> None:
+    with writing(staging):
         save_file(_state_dict_for_save(module), staging / "model.safetensors")
         optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer.state_dict())
         save_file(optimizer_tensors, staging / "optimizer.safetensors")
@@ -167,7 +223,7 @@ def save_training_state(
             "scheduler": scheduler.state_dict(),
             "rng": _python_rng_state(),
         }
-        (staging / "state.json").write_text(json.dumps(state))
+        (staging / "state.json").write_text(dumps_json(state))
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -175,13 +231,11 @@ def save_training_state(
         os.replace(staging, final)
         _fsync_dir(directory)
         atomic_write_text(
-            directory / LATEST, json.dumps({"checkpoint": final.name, "epoch": epoch, "step": step})
+            directory / LATEST, dumps_json({"checkpoint": final.name, "epoch": epoch, "step": step})
         )
-        for old in directory.glob("ckpt-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+    for old in directory.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_training_state(
@@ -192,20 +246,48 @@ def load_training_state(
     scheduler: Any,
     process_index: int = 0,
 ) -> tuple[int, int]:
-    """Restore what :func:`save_training_state` wrote; returns ``(epoch, step)`` of the checkpoint."""
+    """Restore what :func:`save_training_state` wrote; returns ``(epoch, step)`` of the checkpoint.
+
+    A damaged or incomplete checkpoint, or one that does not fit ``module``, raises one line naming the
+    file (the run directory is left as it is).
+    """
     path = Path(path)
-    module.load_state_dict(load_file(str(path / "model.safetensors")))
-    state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    )
-    scheduler.load_state_dict(state["scheduler"])
-    _restore_python_rng(state["rng"])
+    fix = f"delete {path.parent} to train this stage again from its start with --resume"
+    load_weights_file(module, path / "model.safetensors", fix=fix)
+    try:
+        state = json.loads(_checkpoint_file(path, "state.json", fix).read_text())
+        epoch, step = int(state["epoch"]), int(state["step"])
+        optimizer_tensors = _read_tensors(_checkpoint_file(path, "optimizer.safetensors", fix), fix)
+        optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_python_rng(state["rng"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AlambicError(
+            f"{path}/state.json or optimizer.safetensors is damaged ({reason}); {fix}"
+        ) from None
     rng_file = path / f"rng-{process_index}.safetensors"
     if not rng_file.is_file():
         rng_file = path / "rng-0.safetensors"  # resumed with more processes than saved it
-    rng = load_file(str(rng_file))
+    rng = _read_tensors(_checkpoint_file(path, rng_file.name, fix), fix)
+    if "torch" not in rng:
+        raise AlambicError(f"{rng_file} holds no torch RNG state; {fix}")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state["epoch"], state["step"]
+    return epoch, step
+
+
+def _checkpoint_file(path: Path, name: str, fix: str) -> Path:
+    if not (path / name).is_file():
+        raise AlambicError(f"checkpoint {path} has no {name}: it is incomplete; {fix}")
+    return path / name
+
+
+def _read_tensors(file: Path, fix: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise AlambicError(f"cannot read {file} ({error}): the checkpoint is damaged; {fix}") from None

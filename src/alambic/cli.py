@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -107,14 +111,54 @@ def demo_config_path(dataset: str) -> Path:
     return Path(str(resources.files("alambic") / "recipes" / name))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what job schedulers send before killing a job), raised in the main thread as a clean stop."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated`: the run is marked interrupted, not left running."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_and_report(config, run_dir: Path | None, resume: bool) -> Path:
     from alambic.pipeline import run
 
-    with ProgressBar() as bar:
-        run_dir = run(config, run_dir=run_dir, resume=resume, progress=bar)
+    target = run_dir or Path(config.output_dir) / config.name
+    try:
+        with stop_on_sigterm(), ProgressBar() as bar:
+            run_dir = run(config, run_dir=run_dir, resume=resume, progress=bar)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM from a job scheduler
+        how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+        error_console.print(
+            f"{how}: {target} keeps its last checkpoint; continue with "
+            f"alambic run {target / 'config.yaml'} --resume {target}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        print_summary(json.loads(summary_path.read_text()))
+        summary = json.loads(summary_path.read_text())
+        print_summary(summary)
+        if summary.get("non_finite"):
+            error_console.print(
+                f"warning: not finite (written as null in summary.json): {', '.join(summary['non_finite'])}; "
+                "look for NaN or infinite values in the test inputs",
+                highlight=False,
+                soft_wrap=True,
+            )
     console.print(
         f"run directory: {run_dir}" + ("  (report.md inside)" if (run_dir / "report.md").is_file() else "")
     )

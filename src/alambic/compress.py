@@ -41,6 +41,7 @@ from torch import nn
 from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import CompressConfig, RunConfig
 from alambic.errors import AlambicError, ConfigError
+from alambic.files import dumps_json
 
 ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8")
 
@@ -393,7 +394,7 @@ def compress_run(
         "exports": context.exports,  # each names its row ("model"): the float model the file holds
         "int8_export": context.int8_export,
     }
-    atomic_write_text(context.out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(context.out / "summary.json", dumps_json(summary, indent=2))
     write_compress_report(context.out)
     return summary
 

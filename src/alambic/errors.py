@@ -22,3 +22,7 @@ class DataError(AlambicError):
 
 class NonFiniteLossError(AlambicError):
     """A loss became NaN or infinite during training."""
+
+
+class OutputError(AlambicError):
+    """The operating system refused a write: a full disk, a read-only folder, a path through a file."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import os
 import warnings
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from alambic.errors import AlambicError, ConfigError
+from alambic.files import dumps_json
 
 FORMATS = ("onnx", "torch-export", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
@@ -346,7 +346,7 @@ def export_safetensors(model: nn.Module, path: str | Path, *, description: dict 
     """Save the model's weights (and a JSON description in the header metadata) as safetensors."""
     from alambic.checkpoint import save_weights
 
-    metadata = {"alambic": json.dumps(description or {}, sort_keys=True)}
+    metadata = {"alambic": dumps_json(description or {}, sort_keys=True)}
     save_weights(model, path, metadata=metadata)
     return Path(path)
 

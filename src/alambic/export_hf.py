@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from alambic.batches import logits_of
 from alambic.errors import AlambicError
+from alambic.files import dumps_json
 
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -140,7 +140,7 @@ def save_hf_folder(
 
                 tokenizer = load_tokenizer(str(tokenizer))
             tokenizer.save_pretrained(staging)
-        (staging / "alambic.json").write_text(json.dumps(description or {}, indent=2, sort_keys=True))
+        (staging / "alambic.json").write_text(dumps_json(description or {}, indent=2, sort_keys=True))
         if not (staging / "model.safetensors").is_file():
             raise AlambicError(f"save_pretrained wrote no model.safetensors into {staging}")
     except BaseException:

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from alambic.errors import ConfigError
+from alambic.files import dumps_json
 
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -210,7 +210,7 @@ def derive_to_folder(
             report["tokenizer"] = "copied"
         except (OSError, ValueError):
             report["tokenizer"] = "none found next to the teacher"
-        (Path(staging) / "derive.json").write_text(json.dumps(report, indent=2))
+        (Path(staging) / "derive.json").write_text(dumps_json(report, indent=2))
         os.replace(staging, out)
     return report
 

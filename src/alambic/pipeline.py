@@ -1,6 +1,6 @@
 """Run a whole configured job: train or load a teacher, train a baseline, distill, evaluate, report.
 
-The run directory holds ``config.yaml`` (resolved), ``status.json`` (running / completed / failed),
+The run directory holds ``config.yaml`` (resolved), ``status.json`` (running / completed / failed / interrupted),
 ``metrics.jsonl``, one folder per model (``teacher/``, ``baseline/``, ``student/``, each with
 ``model.safetensors`` once its stage is done and ``checkpoints/`` while it trains), ``summary.json``
 and ``report.md`` with ``plots/``.
@@ -8,6 +8,7 @@ and ``report.md`` with ``plots/``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -28,11 +29,12 @@ from alambic.building import (
     example_input,
     hf_path,
 )
-from alambic.checkpoint import atomic_write_text, save_weights
+from alambic.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.config import RunConfig, TrainConfig, dump_config
 from alambic.data import IndexedDataset
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError
+from alambic.files import dumps_json, finite_json, writing
 from alambic.preflight import preflight
 from alambic.resume import check_resumable
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
@@ -58,7 +60,7 @@ class RunContext:
 def _status(run_dir: Path, accelerator: Accelerator, **fields: Any) -> None:
     if accelerator.is_main_process:
         record = {"updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
-        atomic_write_text(run_dir / "status.json", json.dumps(record, indent=2))
+        atomic_write_text(run_dir / "status.json", dumps_json(record, indent=2))
 
 
 def check_run_dir_state(config: RunConfig, run_dir: Path, *, resume: bool) -> list[str]:
@@ -76,7 +78,7 @@ def check_run_dir_state(config: RunConfig, run_dir: Path, *, resume: bool) -> li
         previous = read_stored_config(stored)
         return check_resumable(run_dir, previous, config.model_dump(mode="json"))
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} is a file; pick another name (--set name=...) or --out")
+        raise ConfigError(f"{run_dir} is a file, not a folder; give --out a new folder's path")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
@@ -117,7 +119,8 @@ def prepare_run_dir(
             atomic_write_text(run_dir / f"config.before-{stamp}.yaml", stored.read_text())
             atomic_write_text(stored, dump_config(config))
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stored, dump_config(config))
 
 
@@ -193,13 +196,11 @@ def _load_or_train(
     ``make_teacher()`` builds the teacher only when the stage trains (a finished run re-evaluated
     without its teacher cache folder still works).
     """
-    from safetensors.torch import load_file
-
     set_seed(context.config.seed)
     model = build()
     weights = context.run_dir / MODEL_DIRS.get(stage, stage) / "model.safetensors"
     if weights.is_file():
-        model.load_state_dict(load_file(str(weights)))
+        load_finished_stage(model, weights, stage)
         return model
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -210,6 +211,11 @@ def _load_or_train(
     _add_timing(context, stage, time.perf_counter() - started)
     _add_record(context, "peak_memory.json", stage, peak_memory())
     return model
+
+
+def load_finished_stage(model: nn.Module, weights: Path, stage: str) -> None:
+    """Load a finished stage's ``model.safetensors``; a damaged file is one line saying how to retrain it."""
+    load_weights_file(model, weights, fix=f"delete {weights} to train the {stage} stage again with --resume")
 
 
 def peak_memory() -> dict[str, Any]:
@@ -233,7 +239,7 @@ def _add_record(context: RunContext, file: str, stage: str, value: Any) -> None:
         path = context.run_dir / file
         records = json.loads(path.read_text()) if path.is_file() else {}
         records[stage] = value
-        atomic_write_text(path, json.dumps(records, indent=2))
+        atomic_write_text(path, dumps_json(records, indent=2))
 
 
 def run(
@@ -342,7 +348,10 @@ def _execute(
             write_report(run_dir)
     except BaseException as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        _status(run_dir, accelerator, state="failed", error=message, error_type=type(error).__name__)
+        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"  # SIGTERM too (CLI)
+        # the disk that failed the run may refuse this write too; the error raised says why
+        with contextlib.suppress(AlambicError):
+            _status(run_dir, accelerator, state=state, error=message, error_type=type(error).__name__)
         raise
     _status(run_dir, accelerator, state="completed")
 
@@ -466,7 +475,9 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
             "terms": [term.model_dump() for term in config.distill.terms],
         }
-        atomic_write_text(context.run_dir / "summary.json", json.dumps(summary, indent=2))
+        # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
+        summary["non_finite"] = finite_json(summary["models"], "models")[1]
+        atomic_write_text(context.run_dir / "summary.json", dumps_json(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alambic.errors import AlambicError
+from alambic.files import writing
 
 # The command that writes summary.json, named in the error raised when it is missing.
 SUMMARY_COMMAND = "alambic run CONFIG.yaml"
@@ -292,7 +293,8 @@ def _plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
         axis.grid(True, which="both", alpha=0.3)
         if terms or test:
             axis.legend(fontsize="small")
-    figure.savefig(path)
+    with writing(path):
+        figure.savefig(path)
     return True
 
 
@@ -322,7 +324,8 @@ def _plot_accuracy_curves(records: list[dict[str, Any]], path: Path) -> bool:
     axis.set_title("Test accuracy per epoch")
     axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.savefig(path)
+    with writing(path):
+        figure.savefig(path)
     return True
 
 
@@ -378,7 +381,8 @@ def _plot_accuracy_vs_size(models: list[tuple[str, dict[str, Any]]], path: Path)
     _scatter(left, by_parameters, "parameters", _model_colors(models))
     _scatter(right, by_size, "size on disk (MB)", _model_colors(models))
     figure.suptitle("Accuracy against model size")
-    figure.savefig(path)
+    with writing(path):
+        figure.savefig(path)
     return True
 
 
@@ -391,7 +395,8 @@ def _plot_accuracy_vs_latency(models: list[tuple[str, dict[str, Any]]], path: Pa
     axis = figure.subplots()
     _scatter(axis, points, "latency at batch size 1 (ms)", _model_colors(models))
     axis.set_title("Accuracy against latency (batch 1)")
-    figure.savefig(path)
+    with writing(path):
+        figure.savefig(path)
     return True
 
 
@@ -429,7 +434,8 @@ def write_report(run_dir: str | Path) -> Path:
     records, skipped = _load_metrics(run_dir)
     models = _ordered_models(summary.get("models") or {})
     plots_dir = run_dir / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
+    with writing(plots_dir):
+        plots_dir.mkdir(parents=True, exist_ok=True)
 
     lines = [f"# alambic report: {summary.get('run_name', run_dir.name)}", ""]
     lines += [
@@ -498,5 +504,6 @@ def write_report(run_dir: str | Path) -> Path:
     text = "\n".join(lines).rstrip() + "\n"
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
-    report_path.write_text(text, encoding="utf-8")
+    with writing(report_path):
+        report_path.write_text(text, encoding="utf-8")
     return report_path

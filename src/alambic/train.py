@@ -25,6 +25,7 @@ from alambic.batches import index_of, split_batch
 from alambic.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import NonFiniteLossError
+from alambic.files import dumps_json, writing
 
 
 def make_accelerator(precision: str = "no") -> Accelerator:
@@ -160,8 +161,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with writing(self.path), open(self.path, "a") as handle:
+                handle.write(dumps_json(record) + "\n")
         if self.writer is not None:
             scalars = record.get("losses", {}) | {
                 k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1")

@@ -14,7 +14,6 @@ command, and the teacher, trained once on the training split, is kept in ``DIR/t
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,11 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from alambic.checkpoint import atomic_write_text, save_weights
+from alambic.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import ConfigError, NonFiniteLossError
+from alambic.files import dumps_json
 from alambic.losses import get_loss_spec
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
@@ -111,7 +111,7 @@ def _split(train_set: Any, val_fraction: float, seed: int) -> tuple[Any, Any]:
 def _check_study_dir(study_dir: Path, settings: dict) -> None:
     """A new study writes its settings; a resumed one must have been started with the same."""
     path = study_dir / "search.json"
-    text = json.dumps(settings, indent=2, sort_keys=True)
+    text = dumps_json(settings, indent=2, sort_keys=True)
     if path.is_file():
         if path.read_text() != text:
             raise ConfigError(
@@ -127,15 +127,13 @@ def _teacher(
     config: RunConfig, study_dir: Path, build: Callable, fit_set: Any, val_loader: Any, accelerator, log
 ):
     """The study's teacher: from its checkpoint, from ``teacher.safetensors``, or trained once on the training split."""
-    from safetensors.torch import load_file
-
     from alambic.evaluate import evaluate_classifier
 
     set_seed(config.seed)
     model = build(config.teacher.model)
     path = study_dir / "teacher.safetensors"
     if path.is_file():
-        model.load_state_dict(load_file(str(path)))
+        load_weights_file(model, path, fix=f"delete {path} to train the study's teacher again")
     elif config.teacher.model.checkpoint is None:
         if config.teacher.train is None:
             raise ConfigError("teacher: give model.checkpoint (a trained teacher) or train (to train one)")
@@ -334,7 +332,7 @@ def _summary(study: Any, config: RunConfig, study_dir: Path, states: Any) -> dic
         }
         for trial in study.get_trials(deepcopy=False)
     ]
-    atomic_write_text(study_dir / "trials.json", json.dumps(records, indent=2))
+    atomic_write_text(study_dir / "trials.json", dumps_json(records, indent=2))
     result = {
         "best_value": None,
         "best_params": None,

@@ -400,7 +400,15 @@ def _build_custom(
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     if factory is None:
         raise ConfigError('dataset "custom" needs factory="package.module:function"')
-    result = import_callable(factory, what="dataset factory")(**factory_kwargs)
+    function = import_callable(factory, what="dataset factory")
+    try:
+        result = function(**factory_kwargs)
+    except Exception as error:  # the user's code: name it and its error in one line (--debug: traceback)
+        reason = str(error).splitlines()[0] if str(error).strip() else ""
+        raise DataError(
+            f"dataset factory {factory!r} raised {type(error).__name__}: {reason} "
+            "(fix the factory or data.factory_kwargs; --debug shows the traceback)"
+        ) from error
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise ConfigError(
             f"dataset factory {factory!r} returned {type(result).__name__}; "
@@ -418,6 +426,8 @@ def _build_custom(
         raise ConfigError(
             f"dataset factory {factory!r} returned num_classes={num_classes!r}; expected a positive int"
         )
+    for role, dataset in (("train", train), ("test", test)):
+        _check_label_range(dataset, num_classes, f"dataset factory {factory!r}: the {role} set")
     classes = getattr(train, "classes", None)
     class_names = (
         [str(item) for item in classes]
@@ -435,17 +445,46 @@ def _infer_num_classes(dataset: Dataset, factory: str) -> int:
         value = getattr(dataset, attribute, None)
         if value is not None:
             return value if isinstance(value, int) else len(value)
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = getattr(dataset, "targets", None)
-    if labels is None:
-        labels = [dataset[index][1] for index in range(len(dataset))]  # one pass over the data
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.dtype.is_floating_point:
+    labels = _labels_of(dataset)
+    if labels is None or labels.dim() != 1 or labels.dtype.is_floating_point:
         raise ConfigError(
             f"dataset factory {factory!r}: cannot infer num_classes from labels; return it as a third value"
         )
     return int(labels.max()) + 1
+
+
+def _labels_of(dataset: Dataset) -> torch.Tensor | None:
+    """Every label: the ``labels`` / ``targets`` attribute when there is one, else one pass over the data.
+
+    None when the samples are not ``(input, label)`` pairs (e.g. dicts of token ids)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = _labels_of(dataset.dataset)
+        return None if labels is None else labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        if not isinstance(dataset[0], (tuple, list)):
+            return None
+        labels = [dataset[index][1] for index in range(len(dataset))]  # one pass over the data
+    try:
+        return torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _check_label_range(dataset: Dataset, num_classes: int, what: str) -> None:
+    """Labels outside ``0 .. num_classes - 1`` fail here, before training, not as an index error in a loss."""
+    labels = _labels_of(dataset)
+    if labels is None or labels.dim() != 1 or labels.dtype.is_floating_point or len(labels) == 0:
+        return  # not class labels (e.g. token sequences); the losses check their own inputs
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise DataError(
+            f"{what} has label {bad}, outside 0..{num_classes - 1} for num_classes={num_classes}; "
+            "fix the labels or return the right num_classes as the factory's third value"
+        )
 
 
 def _subset_custom(dataset: Dataset, size: int, *, seed: int, factory: str) -> Dataset:

@@ -22,6 +22,7 @@ import pickle
 import tarfile
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"idx file not found: {path}") from None
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read idx file {path}: {error} (the file is corrupt or truncated)") from None
     return parse_idx(raw, source=str(path))
 

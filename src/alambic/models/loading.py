@@ -63,8 +63,8 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     unexpected = [key for key in state_dict if key not in expected]
     mismatched = [
         f"{key}: expected {tuple(expected[key].shape)}, got {tuple(state_dict[key].shape)}"
-        for key in state_dict
-        if key in expected and expected[key].shape != state_dict[key].shape
+        for key in expected  # in the model's order, so the first one named is the first that differs
+        if key in state_dict and expected[key].shape != state_dict[key].shape
     ]
     if strict and (missing or unexpected or mismatched):
         problems = []
@@ -113,7 +113,7 @@ def _read_checkpoint(path: Path) -> tuple[Any, dict[str, str]]:
             f"{path} cannot be loaded with weights_only=True ({first_line}); it is not a plain checkpoint, "
             "re-save it with torch.save(model.state_dict(), path) or as .safetensors"
         ) from None
-    except (RuntimeError, OSError, EOFError) as error:
+    except Exception as error:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, ...)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
             f"cannot read weights file {path}: {first_line} (corrupt or not a torch checkpoint)"

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch import nn
 
 from alambic.checkpoint import save_weights
@@ -32,6 +31,7 @@ from alambic.pipeline import (
     build_named_model,
     check_num_classes,
     example_input,
+    load_finished_stage,
 )
 from alambic.strategies.ensemble import EnsembleModel, average_weights
 from alambic.strategies.online import MutualDistiller, SelfDistiller
@@ -141,7 +141,7 @@ def _ensemble_teacher(context: RunContext, models: dict, builder) -> None:
         set_seed(config.seed)
         model = builder(model_config, name)()
         if _done(context, name):
-            model.load_state_dict(load_file(str(context.run_dir / name / "model.safetensors")))
+            load_finished_stage(model, context.run_dir / name / "model.safetensors", name)
         elif model_config.checkpoint is None:
             if "teacher" not in config.stages:
                 raise ConfigError(f"{name} has no checkpoint: add the 'teacher' stage to train it")
@@ -180,7 +180,7 @@ def _mutual(context: RunContext, build_student, builder) -> dict[str, nn.Module]
     names = [f"peer_{k}" for k in range(1, len(peers) + 1)]
     if _done(context, "student") and all(_done(context, name) for name in names):
         for model, folder in zip([student, *peers], ["student", *names]):
-            model.load_state_dict(load_file(str(context.run_dir / folder / "model.safetensors")))
+            load_finished_stage(model, context.run_dir / folder / "model.safetensors", folder)
     else:  # a stage killed after its last epoch resumes from that checkpoint and only saves
         _status(context.run_dir, context.accelerator, state="running", stage="distill")
         started = time.perf_counter()
@@ -209,7 +209,7 @@ def _self_distill(context: RunContext, build_student, example) -> nn.Module:
     set_seed(config.seed)
     student = build_student()
     if _done(context, "student"):
-        student.load_state_dict(load_file(str(context.run_dir / "student" / "model.safetensors")))
+        load_finished_stage(student, context.run_dir / "student" / "model.safetensors", "distill")
         return student
     _status(context.run_dir, context.accelerator, state="running", stage="distill")
     module = SelfDistiller(
