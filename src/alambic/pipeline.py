@@ -26,6 +26,7 @@ from alambic.config import RunConfig, TrainConfig, dump_config
 from alambic.data import IndexedDataset
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError
+from alambic.runlock import is_lock_file, run_lock
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
@@ -134,7 +135,7 @@ def prepare_run_dir(
                 f"(compare with {stored}); resume with the same config and --set options"
             )
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not is_lock_file(path) for path in run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
             "or pick another name (--set name=...) or --out"
@@ -271,17 +272,23 @@ def run(
         >>> run_dir = run(load_config("recipes/digits.yaml"))
     """
     accelerator = make_accelerator(config.precision)
-    run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
-    prepare_run_dir(
-        config,
-        run_dir,
-        resume=resume,
-        is_main=accelerator.is_main_process,
-        barrier=accelerator.wait_for_everyone,
-    )
-    accelerator.wait_for_everyone()
-    _execute(config, run_dir, accelerator, progress)
+    run_dir = run_directory(config, run_dir)
+    with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
+        prepare_run_dir(
+            config,
+            run_dir,
+            resume=resume,
+            is_main=accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
+        accelerator.wait_for_everyone()
+        _execute(config, run_dir, accelerator, progress)
     return run_dir
+
+
+def run_directory(config: RunConfig, run_dir: str | Path | None = None) -> Path:
+    """The run directory: ``run_dir`` when given, else ``output_dir/name``."""
+    return Path(run_dir) if run_dir else Path(config.output_dir) / config.name
 
 
 def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: Any = None) -> dict:
@@ -295,12 +302,13 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: 
         config.data.data_dir = data_dir
     accelerator = make_accelerator(config.precision)
     status_path = run_dir / "status.json"
-    status = status_path.read_text() if status_path.is_file() else None
-    try:
-        _execute(config, run_dir, accelerator, progress)
-    finally:  # re-evaluating does not change how the run itself ended
-        if status is not None and accelerator.is_main_process:
-            atomic_write_text(status_path, status)
+    with run_lock(run_dir, accelerator):
+        status = status_path.read_text() if status_path.is_file() else None
+        try:
+            _execute(config, run_dir, accelerator, progress)
+        finally:  # re-evaluating does not change how the run itself ended
+            if status is not None and accelerator.is_main_process:
+                atomic_write_text(status_path, status)
     return json.loads((run_dir / "summary.json").read_text())
 
 
