@@ -131,6 +131,8 @@ def attempt(name, work):
         print(name, "ran", flush=True)
     except RunLockedError as error:
         print(name, "refused", str(error).count(chr(10)), flush=True)
+    except Exception as error:  # any other failure is reported, and the other process is not left waiting
+        print(name, "failed", type(error).__name__, flush=True)
 
 for round in range(3):
     data = SlowSet(torch.randn(16, 4), torch.randint(0, 3, (16,)))
@@ -155,7 +157,11 @@ def test_two_simultaneous_writers_never_both_run(tmp_path):
         )
         for index in range(2)
     ]
-    outputs = [racer.communicate(timeout=300) for racer in racers]
+    try:
+        outputs = [racer.communicate(timeout=300) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
     for racer, (_, err) in zip(racers, outputs):
         assert racer.returncode == 0, err[-3000:]
     outcomes: dict[str, list[str]] = {}
