@@ -49,7 +49,7 @@ def run_lock(run_dir: str | Path, accelerator: Any = None) -> Iterator[None]:
         return
     created = not path.parent.exists()
     try:
-        handle = _acquire(path)
+        handle = _acquire(path, shown=Path(run_dir))
     except RunLockedError as error:
         _follow_main(accelerator, str(error))
         raise
@@ -68,7 +68,7 @@ def run_lock(run_dir: str | Path, accelerator: Any = None) -> Iterator[None]:
                 path.parent.rmdir()  # only if nothing was written (a run refused before it started)
 
 
-def _acquire(path: Path):
+def _acquire(path: Path, shown: Path):
     """Open and flock ``path``; retry when the file was replaced between the open and the lock."""
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,8 @@ def _acquire(path: Path):
             holder = handle.read().strip() or "another process"
             handle.close()
             raise RunLockedError(
-                f"run directory {path.parent} is in use by {holder}; wait for it to finish, or stop "
-                "it (its last checkpoint is kept and --resume continues it)"
+                f"run directory {shown} is in use by {holder}; wait for it to finish, or stop it "
+                "(a stopped run continues with --resume)"
             ) from None
         try:
             current = os.stat(path).st_ino
