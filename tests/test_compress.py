@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,25 @@ def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
     assert all(export["max_abs_diff"] < 1e-4 for export in summary["exports"])
     assert (folder / "export" / "model-int8.onnx").is_file() and (folder / "plots" / "compress.png").is_file()
     assert "| int8 |" in (folder / "report.md").read_text()
+
+
+def test_compress_of_a_relative_run_dir(run_dir, tmp_path, monkeypatch):
+    # `alambic compress runs/NAME` as the README writes it: the int8 stage changes the working folder
+    shutil.copytree(
+        run_dir, tmp_path / "runs" / "copy", ignore=shutil.ignore_patterns("checkpoints", "compress")
+    )
+    monkeypatch.chdir(tmp_path)
+    overrides = [
+        "compress.stages=[quantize]",
+        "compress.quantize.method=dynamic",
+        "compress.eval_subset=50",
+        "evaluate.latency_repeats=1",
+        "evaluate.batch_sizes=[1]",
+    ]
+    arguments = [item for override in overrides for item in ("--set", override)]
+    result = runner.invoke(app, ["compress", "runs/copy", *arguments], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "copy" / "compress" / "onnx" / "int8.onnx").is_file()
 
 
 def test_qat_compress_exports_the_qat_trained_weights(run_dir, tmp_path):

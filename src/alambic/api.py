@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from alambic.config import Term, TrainConfig
 from alambic.distiller import Distiller, Teacher
 from alambic.errors import ConfigError
+from alambic.runlock import run_lock
 from alambic.train import MetricsLog, fit, make_accelerator
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
@@ -65,7 +67,9 @@ def distill(
         terms: the distillation terms; default Hinton KD: ``ce * 0.1 + kd(temperature=4) * 0.9``.
         epochs: passes over ``train_loader``.
         eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.
-        run_dir: where ``metrics.jsonl`` and resumable checkpoints go; None keeps nothing on disk.
+        run_dir: where ``metrics.jsonl`` and resumable checkpoints go (created when missing); None keeps
+            nothing on disk. One writer at a time: another process's ``distill`` or run there raises
+            :class:`~alambic.runlock.RunLockedError`.
         precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast.
         grad_accum: micro-batches per optimizer step.
         seed: seeds Python, NumPy and torch before training (None leaves them alone).
@@ -118,17 +122,19 @@ def distill(
             model, prepared_eval, num_classes=num_classes, accelerator=accelerator
         )
     run_dir = Path(run_dir) if run_dir else None
-    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, enabled=accelerator.is_main_process)
-    return fit(
-        Distiller(student, terms),
-        train_loader,
-        accelerator=accelerator,
-        teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
-        evaluate=evaluate,
-        log=log,
-        checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
-        **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
-    )
+    # one writer per run directory (created here); a second distill() of the same one is refused
+    with run_lock(run_dir, accelerator) if run_dir else contextlib.nullcontext():
+        log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, enabled=accelerator.is_main_process)
+        return fit(
+            Distiller(student, terms),
+            train_loader,
+            accelerator=accelerator,
+            teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
+            evaluate=evaluate,
+            log=log,
+            checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
+            **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
+        )
 
 
 def _as_teacher(teacher, terms, vocab_size: int | None, dtype) -> Teacher | None:

@@ -42,6 +42,7 @@ from alambic.checkpoint import atomic_write_text, save_weights
 from alambic.config import CompressConfig, RunConfig
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json
+from alambic.runlock import run_lock
 
 ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8")
 
@@ -347,10 +348,11 @@ def compress_run(
         >>> summary["models"]["int8"]["accuracy"]
     """
     from alambic.config import load_config
-    from alambic.pipeline import check_run_dir, run
+    from alambic.pipeline import check_run_dir, run, run_directory
 
     source = Path(source)
-    if source.is_dir():
+    train_first = not source.is_dir()
+    if not train_first:
         run_dir = check_run_dir(source)
         config = load_config(run_dir / "config.yaml", overrides or [])
     else:
@@ -369,7 +371,14 @@ def compress_run(
         _check_inputs_supported(
             config.compress or CompressConfig(), isinstance(real_inputs(test_set, 1), dict)
         )
-        run_dir = run(config, run_dir=run_dir)
+        run_dir = run_directory(config, run_dir)
+    with run_lock(run_dir):  # one writer per run directory, from its training to the compressed files
+        if train_first:
+            run(config, run_dir=run_dir)
+        return _compress_chain(config, run_dir, out, data_dir, progress)
+
+
+def _compress_chain(config: RunConfig, run_dir: Path, out, data_dir: str | None, progress: Any) -> dict:
     context = _Context(config, Path(run_dir), Path(out) if out else None, data_dir, progress)
     _check_inputs_supported(context.settings, isinstance(context.check_inputs, dict))
     started = datetime.now(timezone.utc)

@@ -37,6 +37,7 @@ from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, finite_json, writing
 from alambic.preflight import preflight
 from alambic.resume import check_resumable
+from alambic.runlock import is_lock_file, run_lock
 from alambic.train import MetricsLog, fit, make_accelerator, make_loader
 
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
@@ -79,7 +80,7 @@ def check_run_dir_state(config: RunConfig, run_dir: Path, *, resume: bool) -> li
         return check_resumable(run_dir, previous, config.model_dump(mode="json"))
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a folder; give --out a new folder's path")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not is_lock_file(path) for path in run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir}, "
             "or pick another name (--set name=...) or --out"
@@ -251,7 +252,7 @@ def run(
         >>> from alambic.config import load_config
         >>> run_dir = run(load_config("recipes/digits.yaml"))
     """
-    run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
+    run_dir = run_directory(config, run_dir)
     check_run_dir_state(config, run_dir, resume=resume)  # cheap checks first
     accelerator = make_accelerator(config.precision)
     datasets = build_run_datasets(config)
@@ -262,16 +263,22 @@ def run(
         stage_train_set,
         teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file(),
     )
-    prepare_run_dir(
-        config,
-        run_dir,
-        resume=resume,
-        is_main=accelerator.is_main_process,
-        barrier=accelerator.wait_for_everyone,
-    )
-    accelerator.wait_for_everyone()
-    _execute(config, run_dir, accelerator, progress, datasets)
+    with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
+        prepare_run_dir(
+            config,
+            run_dir,
+            resume=resume,
+            is_main=accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
+        accelerator.wait_for_everyone()
+        _execute(config, run_dir, accelerator, progress, datasets)
     return run_dir
+
+
+def run_directory(config: RunConfig, run_dir: str | Path | None = None) -> Path:
+    """The run directory: ``run_dir`` when given, else ``output_dir/name``."""
+    return Path(run_dir) if run_dir else Path(config.output_dir) / config.name
 
 
 def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: Any = None) -> dict:
@@ -285,12 +292,13 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: 
         config.data.data_dir = data_dir
     accelerator = make_accelerator(config.precision)
     status_path = run_dir / "status.json"
-    status = status_path.read_text() if status_path.is_file() else None
-    try:
-        _execute(config, run_dir, accelerator, progress)
-    finally:  # re-evaluating does not change how the run itself ended
-        if status is not None and accelerator.is_main_process:
-            atomic_write_text(status_path, status)
+    with run_lock(run_dir, accelerator):
+        status = status_path.read_text() if status_path.is_file() else None
+        try:
+            _execute(config, run_dir, accelerator, progress)
+        finally:  # re-evaluating does not change how the run itself ended
+            if status is not None and accelerator.is_main_process:
+                atomic_write_text(status_path, status)
     return json.loads((run_dir / "summary.json").read_text())
 
 

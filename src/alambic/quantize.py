@@ -46,8 +46,9 @@ def _preprocess(source: Path, directory: str) -> str:
     """Shape inference and graph optimisation before quantizing, as onnxruntime recommends."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # absolute before the chdir below: relative paths (``runs/NAME/...``) would point elsewhere after it
+    directory, source = os.path.abspath(directory), os.path.abspath(source)
     processed = os.path.join(directory, "preprocessed.onnx")
-    source = os.path.abspath(source)
     here = os.getcwd()
     os.chdir(directory)  # its symbolic shape inference writes temporary files into the working folder
     try:

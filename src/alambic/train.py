@@ -137,6 +137,8 @@ class MetricsLog:
         self, path: str | Path | None, *, enabled: bool = True, tensorboard_dir: str | Path | None = None
     ):
         self.path = Path(path) if path and enabled else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # distill(run_dir="runs/new") creates it
         self.writer = None
         if tensorboard_dir and enabled:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency: alambic[tensorboard]

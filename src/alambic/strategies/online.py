@@ -8,6 +8,7 @@ the loop: the targets come from inside the module, detached.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from alambic.distiller import Distiller
 from alambic.errors import ConfigError
 from alambic.hooks import capture_features
 from alambic.losses import get_loss, get_loss_spec
+from alambic.runlock import run_lock
 
 DML_TERMS = (Term(loss="ce", weight=1.0), Term(loss="kd", weight=1.0, params={"temperature": 1.0}))
 
@@ -269,15 +271,16 @@ def train_module(
             raise ConfigError("eval_loader needs num_classes (the number of classes the models predict)")
         evaluate = lambda model: evaluate_classifier(model, eval_loader, num_classes=num_classes)  # noqa: E731
     run_dir = Path(run_dir) if run_dir else None
-    return fit(
-        module,
-        train_loader,
-        accelerator=accelerator,
-        evaluate=evaluate,
-        log=MetricsLog(run_dir / "metrics.jsonl" if run_dir else None),
-        checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
-        **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
-    )
+    with run_lock(run_dir, accelerator) if run_dir else contextlib.nullcontext():  # one writer per run dir
+        return fit(
+            module,
+            train_loader,
+            accelerator=accelerator,
+            evaluate=evaluate,
+            log=MetricsLog(run_dir / "metrics.jsonl" if run_dir else None),
+            checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
+            **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
+        )
 
 
 def mutual_learning(
