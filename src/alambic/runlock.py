@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alambic.errors import AlambicError
+from alambic.files import writing
 
 LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # lock path -> pid of the process holding it here (a forked child holds nothing)
@@ -71,11 +72,12 @@ def run_lock(run_dir: str | Path, accelerator: Any = None) -> Iterator[None]:
 def _acquire(path: Path, shown: Path):
     """Open and flock ``path``; retry when the file was replaced between the open and the lock."""
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-        except FileNotFoundError:  # the directory was removed by a holder leaving it empty
-            continue
+        with writing(shown):  # a full disk, a read-only folder, a path under a file: one line
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+            except FileNotFoundError:  # the directory was removed by a holder leaving it empty
+                continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
