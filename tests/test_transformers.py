@@ -346,6 +346,46 @@ def test_greedy_sampling_follows_the_argmax_and_keeps_the_prompt():
     assert torch.equal(out[:, 4], first)
 
 
+class _WithoutCache(torch.nn.Module):
+    """A Hugging Face causal LM behind a forward that takes only ``input_ids``: the full-prefix path."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
+def test_cached_generation_gives_the_full_prefix_tokens_one_token_per_step(make):
+    from alambic.llm import cache_argument, sample_tokens
+
+    model, prompt = make(), _prompted()[0][:3, :4]
+    assert (
+        cache_argument(model) in ("cache", "past_key_values") and cache_argument(_WithoutCache(model)) is None
+    )
+    lengths = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)  # fmt: skip
+    greedy = sample_tokens(model, prompt, 6, top_k=1)
+    handle.remove()
+    assert lengths == [4, 1, 1, 1, 1, 1]  # the prompt once, then one token per step through the cache
+    assert torch.equal(greedy, sample_tokens(_WithoutCache(model), prompt, 6, top_k=1))
+    assert torch.equal(greedy, sample_tokens(model, prompt, 6, top_k=1, max_context=8))  # cropped: no cache
+
+    def sampled(module, seed):
+        return sample_tokens(
+            module, prompt, 6, temperature=1.5, generator=torch.Generator().manual_seed(seed)
+        )
+
+    assert torch.equal(sampled(model, 3), sampled(model, 3)) and not torch.equal(
+        sampled(model, 3), sampled(model, 4)
+    )
+    # the same draws from the same probabilities (a token could flip only if a draw fell within float
+    # rounding of a cumulative probability)
+    assert torch.equal(sampled(model, 3), sampled(_WithoutCache(model), 3))
+
+
 def test_on_policy_batches_replace_completions_with_student_samples_at_rate_mix():
     from alambic.llm import OnPolicyBatches
 

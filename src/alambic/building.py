@@ -45,6 +45,14 @@ def _construct(model_config, info) -> nn.Module:
         if kwargs.get("task", "sequence-classification") == "sequence-classification":
             kwargs.setdefault("num_labels", info.num_classes)
         return load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
+    if model_config.arch.startswith("llama2c:"):  # a llama2.c checkpoint, as a Hugging Face Llama
+        from alambic.models.llama2c import load_llama2c
+
+        if model_config.kwargs:
+            raise ConfigError(
+                f"llama2c: takes no kwargs, got {dict(model_config.kwargs)}; remove model.kwargs"
+            )
+        return load_llama2c(model_config.arch.removeprefix("llama2c:"))
     if ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
         return build_factory_model(model_config.arch, dict(model_config.kwargs))
     kwargs = {"num_classes": info.num_classes, **model_config.kwargs}  # kwargs may override the class count

@@ -96,7 +96,8 @@ class Term(_Strict):
 
 class ModelConfig(_Strict):
     """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, a
-    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...), or,
+    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...), a
+    llama2.c checkpoint ``llama2c:PATH`` (a ``.bin`` loaded as a Hugging Face Llama; no kwargs), or,
     for the student, ``derive:teacher``: fewer of the trained teacher's layers, initialised from them
     (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.hf.derive_student`)."""
 

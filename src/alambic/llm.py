@@ -13,6 +13,7 @@ inputs, ``-100`` on prompt and padding tokens). The prompt of a row is its leadi
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -39,28 +40,76 @@ def sample_tokens(
 ) -> Tensor:
     """Continue ``prompt_ids [B, P]`` by ``new_tokens`` sampled tokens -> ``[B, P + new_tokens]``.
 
-    The model runs in eval mode (its mode is restored); ``top_k=1`` is greedy decoding.
+    The model runs in eval mode (its mode is restored); ``top_k=1`` is greedy decoding. A model whose
+    forward takes a key/value cache (every Hugging Face causal LM, see :func:`cache_argument`) reads the
+    prompt once, then one token per step through its cache; other models, and sequences longer than
+    ``max_context``, recompute the whole (cropped) prefix for every token. Both paths sample with the
+    same code from ``generator``, so greedy tokens are the same, and a seed gives the same samples up to
+    float rounding. Not Hugging Face's ``generate``: it stops at the end-of-sequence token (rows here have
+    exactly ``new_tokens``), draws from the global RNG, and applies the checkpoint's own
+    ``generation_config`` (top_p, repetition penalty), which would change the distribution sampled.
+
+    Example:
+        >>> ids = sample_tokens(model, torch.tensor([[1]]), 32, top_k=1)  # doctest: +SKIP
     """
     if temperature <= 0:
         raise ConfigError(f"sampling temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
     was_training = model.training
     model.eval()
     try:
-        ids = prompt_ids
+        fits = max_context is None or prompt_ids.shape[1] + new_tokens <= max_context
+        argument = cache_argument(model) if fits else None
+        ids, cache = prompt_ids, None
         for _ in range(new_tokens):
-            context = ids if max_context is None else ids[:, -max_context:]
-            logits = (
-                logits_of(call_model(model, {"input_ids": context}))[:, -1].float() / temperature
-            )  # [B, V]
-            if top_k is not None:
-                threshold = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < threshold, float("-inf"))
-            probabilities = torch.softmax(logits, dim=-1)
-            next_ids = torch.multinomial(probabilities.cpu(), 1, generator=generator).to(ids.device)
-            ids = torch.cat([ids, next_ids], dim=1)
+            if argument is not None:  # the prompt at the first step, then only the last token
+                step = ids if cache is None else ids[:, -1:]
+                output = model(input_ids=step, **{argument: cache}, use_cache=True)
+                cache = _cache_of(output)
+                if cache is None:  # it returned no cache after all: recompute the prefix from the next step
+                    argument = None
+            else:
+                context = ids if max_context is None else ids[:, -max_context:]
+                output = call_model(model, {"input_ids": context})
+            next_ids = _choose(logits_of(output)[:, -1], temperature, top_k, generator)  # [B, 1]
+            ids = torch.cat([ids, next_ids.to(ids.device)], dim=1)
         return ids
     finally:
         model.train(was_training)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 renames past_key_values to cache
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The key/value cache argument of ``model``'s forward (``cache`` or ``past_key_values``, taken with
+    ``use_cache``), or None when it has none."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "use_cache" not in parameters:
+        return None
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def _cache_of(output: Any) -> Any:
+    for name in CACHE_ARGUMENTS:
+        cache = output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def _choose(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """One token per row from ``logits [B, V]`` at ``temperature``, among the ``top_k`` best -> ``[B, 1]``."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probabilities.cpu(), 1, generator=generator)
 
 
 def prompt_length(labels: Tensor) -> int:
