@@ -1,6 +1,6 @@
 """Record the compression benchmarks of BENCHMARKS.md: int8 against float32 students and the teacher.
 
-Runs ``alambic compress`` (:func:`alambic.compress.compress_run`) on a run directory in several variants
+Runs ``alambic compress`` (:func:`alambic.run.compress.compress_run`) on a run directory in several variants
 and prints one markdown table per variant plus the int8 / float32 ratios. Speed numbers belong here,
 never in tests.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from alambic.compress import compress_run
+from alambic.run.compress import compress_run
 
 # variant -> overrides of the compress section (on top of --set)
 VARIANTS = {
@@ -37,8 +37,8 @@ VARIANTS = {
 
 def cifar_run_dir(out: Path, data_dir: str, weights: Path) -> Path:
     """A run directory whose student is akamaster's pretrained ResNet-20 and teacher the ResNet-56."""
-    from alambic.checkpoint import atomic_write_text, save_weights
     from alambic.config import dump_config, load_config
+    from alambic.core.checkpoint import atomic_write_text, save_weights
     from alambic.models import build_model, load_weights
 
     run_dir = out / "cifar10-resnet20-pretrained"
@@ -92,7 +92,8 @@ def interleaved_latency(
     import statistics
     import time
 
-    from alambic.export import load_run_model, onnx_session
+    from alambic.compress.export import onnx_session
+    from alambic.run.artifacts import load_run_model
 
     student = load_run_model(run_dir, data_dir=data_dir)
     example = student.test_set[0][0].unsqueeze(0)

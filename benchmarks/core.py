@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from alambic.config import load_config
-from alambic.pipeline import run
+from alambic.run.pipeline import run
 
 RECIPES = {
     "mnist-hinton": "recipes/mnist-hinton.yaml",

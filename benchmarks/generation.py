@@ -1,7 +1,7 @@
 """Generation speed at batch 1: ``sample_tokens`` through the key/value cache vs recomputing the prefix.
 
 Loads llama2.c's stories260K (``llama2c:PATH``, a 260K-parameter Llama) and generates greedily from the
-BOS token with ``alambic.llm.sample_tokens``: once through the model's cache (one token per step), once
+BOS token with ``alambic.core.llm.sample_tokens``: once through the model's cache (one token per step), once
 through a wrapper whose forward takes only ``input_ids`` (the whole prefix every step), and, for
 reference, with Hugging Face ``generate`` (greedy, ``min_new_tokens`` so it does not stop at ``</s>``).
 Round-robin, median of ``--repeats`` runs, one thread; checks that the paths give the same tokens.
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sst2_minilm import cpu_name  # noqa: E402
 
-from alambic.llm import sample_tokens  # noqa: E402
+from alambic.core.llm import sample_tokens  # noqa: E402
 from alambic.models.llama2c import load_llama2c  # noqa: E402
 
 DEFAULT_CHECKPOINT = (

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from alambic.config import load_config
-from alambic.pipeline import run
+from alambic.run.pipeline import run
 
 RECIPES = Path(__file__).resolve().parents[1] / "src" / "alambic" / "recipes"
 

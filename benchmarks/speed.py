@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from alambic.config import Term
+from alambic.core.distiller import Distiller, Teacher
+from alambic.core.loop import fit, make_accelerator, make_loader
 from alambic.data import IndexedDataset, build_datasets
-from alambic.distiller import Distiller, Teacher
 from alambic.models import build_model
-from alambic.train import fit, make_accelerator, make_loader
 
 PAIRS = {
     # Hinton et al.'s MNIST pair: 1200-1200 teacher, 800-800 student
@@ -141,7 +141,7 @@ def plain_loops(variant: str, loader, teacher, student, epochs: int) -> list[flo
 
 def alambic_fit(variant: str, train, loader, teacher, student, epochs: int, cache: Path) -> list[float]:
     """(d), (e), (f): alambic's loop; epoch boundaries are read from its per-epoch evaluate callback."""
-    from alambic.cache import CachedTeacher
+    from alambic.core.cache import CachedTeacher
 
     terms = [
         Term(loss="ce", weight=1 - KD_WEIGHT),
@@ -196,7 +196,7 @@ def one_variant(args) -> None:
 
 
 def build_cache(args, folder: Path) -> float:
-    from alambic.cache import cache_teacher
+    from alambic.core.cache import cache_teacher
 
     train, _, teacher, _ = setting(args)
     started = time.perf_counter()
@@ -269,7 +269,7 @@ def main() -> None:
     if {"d", "d-overlap"} <= set(median):
         print(f"d-overlap / d: {median['d-overlap'] / median['d']:.3f}")
     if {"d", "e"} <= set(median):
-        from alambic.cache import epochs_to_pay_off
+        from alambic.core.cache import epochs_to_pay_off
 
         print(
             f"cache build: {build_seconds:.2f} s; pays for itself after "

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import speed  # noqa: E402
 
-from alambic.cache import CachedTeacher  # noqa: E402
 from alambic.config import Term  # noqa: E402
-from alambic.distiller import Distiller  # noqa: E402
-from alambic.train import FiniteGuard, make_accelerator  # noqa: E402
+from alambic.core.cache import CachedTeacher  # noqa: E402
+from alambic.core.distiller import Distiller  # noqa: E402
+from alambic.core.loop import FiniteGuard, make_accelerator  # noqa: E402
 
 
 def main() -> None:

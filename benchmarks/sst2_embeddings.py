@@ -21,9 +21,9 @@ import torch
 from sst2_minilm import minilm_and_sst2, tokenized_loader
 
 from alambic import distill
-from alambic.batches import mean_pooled
-from alambic.evaluate import measure_latency
-from alambic.hf import derive_student, load_hf_model
+from alambic.core.batches import mean_pooled
+from alambic.core.evaluate import measure_latency
+from alambic.models.hf import derive_student, load_hf_model
 
 
 @torch.no_grad()

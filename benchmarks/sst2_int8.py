@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sst2_minilm import cpu_name, minilm_and_sst2, tokenized_loader  # noqa: E402
 
 from alambic import distill  # noqa: E402
-from alambic.evaluate import evaluate_classifier  # noqa: E402
-from alambic.export import onnx_session  # noqa: E402
-from alambic.hf import derive_student, load_hf_model  # noqa: E402
-from alambic.quantize import quantize_onnx_dynamic  # noqa: E402
+from alambic.compress.export import onnx_session  # noqa: E402
+from alambic.compress.quantize import quantize_onnx_dynamic  # noqa: E402
+from alambic.core.evaluate import evaluate_classifier  # noqa: E402
+from alambic.models.hf import derive_student, load_hf_model  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -124,7 +124,7 @@ def export(model: nn.Module, example: tuple, path: Path) -> str:
 def quantize(source: Path, out: Path) -> str:
     """Dynamic int8 (QInt8 weights, activations quantized per batch) with alambic's quantize_onnx_dynamic."""
     quantize_onnx_dynamic(Path(source).resolve(), Path(out).resolve())
-    return "alambic.quantize.quantize_onnx_dynamic (QInt8 weights)"
+    return "alambic.compress.quantize.quantize_onnx_dynamic (QInt8 weights)"
 
 
 def feeds(batch: dict) -> dict[str, np.ndarray]:

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alambic import distill
-from alambic.evaluate import evaluate_classifier, measure_latency
-from alambic.hf import derive_student, load_hf_model
+from alambic.core.evaluate import evaluate_classifier, measure_latency
+from alambic.models.hf import derive_student, load_hf_model
 
 
 def read_sst2(path: Path) -> tuple[list[str], list[int]]:

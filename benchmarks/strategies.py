@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 from alambic.config import config_from_dict, read_config_file
-from alambic.pipeline import run
+from alambic.run.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -127,7 +127,7 @@ def main() -> None:
 def _tuned(config, study_dir: Path, args, *, budget: bool):
     """The best config of an ``alambic tune`` study over ``config`` (its stages, seed and data kept)."""
     from alambic.config import load_config
-    from alambic.tune import tune
+    from alambic.run.tune import tune
 
     result = tune(
         config, trials=args.tune, study_dir=study_dir, max_size_mb=args.max_size_mb if budget else None

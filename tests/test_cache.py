@@ -11,12 +11,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from alambic import distill
-from alambic.cache import CachedTeacher, cache_teacher, epochs_to_pay_off
+from alambic.core.cache import CachedTeacher, cache_teacher, epochs_to_pay_off
+from alambic.core.distiller import Teacher
+from alambic.core.loop import FiniteGuard, make_accelerator, make_loader
 from alambic.data import IndexedDataset, build_datasets
 from alambic.data.datasets import Augmentation, InMemoryDataset
-from alambic.distiller import Teacher
 from alambic.errors import ConfigError, NonFiniteLossError
-from alambic.train import FiniteGuard, make_accelerator, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}}]
@@ -209,7 +209,7 @@ def test_an_int8_teacher_of_a_convnet_without_linear_layers_is_refused():
 def test_a_deferred_teacher_output_is_read_after_the_students_forward():
     """The distiller takes teacher outputs as a function (the CUDA side-stream path) and calls it after the student."""
     from alambic.config import Term
-    from alambic.distiller import Distiller
+    from alambic.core.distiller import Distiller
 
     order = []
     student = _mlp(0)
@@ -281,7 +281,7 @@ def test_epochs_to_pay_off():
 
 
 def test_the_teacher_checksum_covers_every_weight_and_buffer():
-    from alambic.cache import teacher_checksum
+    from alambic.core.cache import teacher_checksum
 
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     before = teacher_checksum(model)

@@ -136,7 +136,7 @@ def test_resume_via_cli_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     ]
     assert _run(*args, "--out", tmp_path / "a").exit_code == 0
 
-    import alambic.train as train_module
+    import alambic.core.loop as train_module
 
     original, calls = train_module.save_training_state, {"n": 0}
 
@@ -199,7 +199,7 @@ def test_two_processes_train_and_gather_metrics(tmp_path):
     assert summary["num_processes"] == 2
     # metrics gathered across processes: every test sample counted once, and the same accuracy as a
     # single-process evaluation of the saved weights
-    from alambic.pipeline import evaluate_run
+    from alambic.run.pipeline import evaluate_run
 
     single = evaluate_run(run_dir)
     for name in ("teacher", "distilled"):

@@ -15,16 +15,17 @@ from typer.testing import CliRunner
 from alambic.cli import app
 from alambic.config import load_config
 from alambic.errors import AlambicError, ConfigError
-from alambic.pipeline import run
+from alambic.run.pipeline import run
 
 for _module in ("onnx", "onnxruntime", "onnxscript"):
     pytest.importorskip(
         _module, reason=f"the onnx extra ({_module}) is not installed: pip install 'alambic[onnx]'"
     )
 
-from alambic.compress import compress_run  # noqa: E402
-from alambic.export import export_model, export_run, load_run_model, onnx_session, real_inputs, run_onnx  # noqa: E402
-from alambic.quantize import evaluate_onnx, quantize_onnx_dynamic, quantize_onnx_static  # noqa: E402
+from alambic.compress.export import export_model, onnx_session, real_inputs, run_onnx  # noqa: E402
+from alambic.compress.quantize import evaluate_onnx, quantize_onnx_dynamic, quantize_onnx_static  # noqa: E402
+from alambic.run.artifacts import export_run, load_run_model  # noqa: E402
+from alambic.run.compress import compress_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 runner = CliRunner()
@@ -99,7 +100,7 @@ def test_other_exports_round_trip(run_dir, tmp_path, export_format):
 
 
 def test_export_detects_a_wrong_export(run_dir, tmp_path, monkeypatch):
-    import alambic.export as export
+    import alambic.compress.export as export
 
     loaded = load_run_model(run_dir)
     inputs = real_inputs(loaded.test_set, 16)
@@ -272,9 +273,9 @@ CIFAR = _shared_data() / "cifar10-jpeg"
     reason=f"{WEIGHTS} or {CIFAR} is absent (set ALAMBIC_SHARED_DATA)",
 )
 def test_pretrained_cifar_resnet_stays_accurate_in_static_int8(tmp_path):
+    from alambic.compress.prune import channel_prune
     from alambic.data import build_datasets
     from alambic.models import build_model, load_weights
-    from alambic.prune import channel_prune
 
     train_set, test_set, _ = build_datasets("cifar10-jpeg", data_dir=str(CIFAR))
     model = build_model("resnet20", num_classes=10, input_shape=(3, 32, 32))

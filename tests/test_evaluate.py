@@ -1,4 +1,4 @@
-"""Tests for alambic.evaluate: metrics against sklearn and hand values, profiling, evaluation loop."""
+"""Tests for alambic.core.evaluate: metrics against sklearn and hand values, profiling, evaluation loop."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alambic.errors import AlambicError
-from alambic.evaluate import (
+from alambic.core.evaluate import (
     classification_metrics,
     count_flops,
     count_parameters,
@@ -23,6 +22,7 @@ from alambic.evaluate import (
     profile_model,
     size_on_disk,
 )
+from alambic.errors import AlambicError
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -227,7 +227,7 @@ def test_evaluate_classifier_with_real_accelerator(fresh_accelerate_state) -> No
 TWO_PROCESS_SCRIPT = """
 import accelerate, torch
 from torch import nn
-from alambic.evaluate import evaluate_classifier
+from alambic.core.evaluate import evaluate_classifier
 
 def run():
     accelerator = accelerate.Accelerator(cpu=True)

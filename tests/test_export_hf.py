@@ -17,8 +17,9 @@ for _module in ("onnx", "onnxruntime", "onnxscript"):
 from test_transformers import _tiny_sst2  # noqa: E402
 
 from alambic.cli import app  # noqa: E402
-from alambic.compress import compress_run  # noqa: E402
-from alambic.export import export_run, load_run_model, onnx_session, real_inputs, run_onnx  # noqa: E402
+from alambic.compress.export import onnx_session, real_inputs, run_onnx  # noqa: E402
+from alambic.run.artifacts import export_run, load_run_model  # noqa: E402
+from alambic.run.compress import compress_run  # noqa: E402
 
 runner = CliRunner()
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -29,7 +30,7 @@ def text_run(tmp_path_factory):
     """A run: 4-layer BERT teacher fine-tuned, a 2-layer student derived from it and distilled with a
     hidden-state term through a linear connector (which must never reach an export)."""
     from alambic.config import config_from_dict
-    from alambic.pipeline import run
+    from alambic.run.pipeline import run
 
     tmp = tmp_path_factory.mktemp("sst2")
     folder, data = _tiny_sst2(tmp)
@@ -96,7 +97,7 @@ def test_safetensors_export_of_a_text_student_is_a_transformers_folder(text_run)
     sentences = ["the film was good", "the plot was awful acting"]
     tokens = tokenizer(sentences, padding=True, return_tensors="pt")
     from alambic.config import load_config
-    from alambic.pipeline import run_tokenizer
+    from alambic.run.building import run_tokenizer
 
     run_tokens = transformers.AutoTokenizer.from_pretrained(
         run_tokenizer(load_config(text_run / "config.yaml"))
@@ -152,8 +153,8 @@ def test_compress_a_text_run_qat_then_dynamic_int8_and_exports(text_run, tmp_pat
 
 
 def test_compress_a_text_run_prunes_attention_heads_recovers_and_exports(text_run, tmp_path):
-    from alambic.heads import attention_layers
-    from alambic.hf import load_hf_model
+    from alambic.models.hf import load_hf_model
+    from alambic.models.surgery import attention_layers
 
     out = tmp_path / "compress"
     summary = compress_run(
@@ -192,7 +193,7 @@ def test_compress_a_text_run_refuses_static_int8_in_one_line(text_run):
 
 
 def test_a_model_without_token_type_ids_exports_only_the_inputs_it_takes(tmp_path):
-    from alambic.export import export_model
+    from alambic.compress.export import export_model
 
     config = transformers.DistilBertConfig(
         vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32, num_labels=2

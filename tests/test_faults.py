@@ -20,15 +20,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import alambic.checkpoint as checkpoint_module
-from alambic.cache import CachedTeacher, cache_teacher
-from alambic.checkpoint import atomic_write_text, latest_checkpoint, load_training_state, save_training_state
+import alambic.core.checkpoint as checkpoint_module
 from alambic.cli import app
 from alambic.config import load_config
+from alambic.core.cache import CachedTeacher, cache_teacher
+from alambic.core.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
 from alambic.data import build_datasets
 from alambic.data.readers import read_idx
 from alambic.errors import AlambicError, DataError, OutputError
-from alambic.pipeline import prepare_run_dir
+from alambic.run.rundir import prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

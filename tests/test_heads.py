@@ -9,20 +9,14 @@ from safetensors.torch import load_file
 from tolerance import close
 from torch.utils.data import DataLoader
 
-from alambic.checkpoint import save_weights
+from alambic.core.checkpoint import save_weights
 from alambic.errors import ConfigError
-from alambic.export import load_resized
+from alambic.models.surgery import load_resized
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
-from alambic.heads import (  # noqa: E402
-    attention_layers,
-    head_importance,
-    prune_heads,
-    prune_heads_by_importance,
-    select_heads,
-    sync_attention_heads,
-)
+from alambic.compress.heads import head_importance, prune_heads_by_importance, select_heads  # noqa: E402
+from alambic.models.surgery import attention_layers, prune_heads, sync_attention_heads  # noqa: E402
 
 HIDDEN, HEADS, HEAD_SIZE = 16, 4, 4
 
@@ -199,7 +193,7 @@ def test_a_pruned_model_is_rebuilt_from_its_config_and_weights_file(tmp_path, at
         expected = _logits(model, inputs)  # the rebuilt model's own (contiguous) copies of the sliced weights
         torch.testing.assert_close(_logits(fresh, inputs), expected, **close(expected))
     # load_hf_model reads a save_pretrained folder of a head-pruned model (from_pretrained alone cannot)
-    from alambic.hf import load_hf_model
+    from alambic.models.hf import load_hf_model
 
     loaded = load_hf_model(str(tmp_path / "folder"), num_labels=2, attn_implementation=attn)
     assert [layer.heads for layer in attention_layers(loaded)] == [2, 3]
@@ -222,7 +216,7 @@ def _toy_task(n, seed):
 
 def test_distillation_from_the_unpruned_model_recovers_a_head_pruned_one():
     from alambic import distill
-    from alambic.prune import recover
+    from alambic.compress.prune import recover
 
     train = DataLoader(
         _Rows(_toy_task(512, 0)), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from alambic.config import Term
-from alambic.distiller import Distiller, Teacher
+from alambic.core.distiller import Distiller, Teacher
+from alambic.core.hooks import capture_features, resolve_module, transform_inputs, unwrap_model
 from alambic.errors import ConfigError
-from alambic.hooks import capture_features, resolve_module, transform_inputs, unwrap_model
 
 
 class Net(nn.Module):
@@ -66,7 +66,7 @@ def test_fitnet_gets_an_automatic_connector_that_trains_and_stays_out_of_the_stu
     from torch.utils.data import DataLoader, TensorDataset
 
     from alambic import distill
-    from alambic.checkpoint import latest_checkpoint
+    from alambic.core.checkpoint import latest_checkpoint
 
     inputs = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     labels = (inputs.sum(1) > 0).long()
@@ -80,7 +80,7 @@ def test_fitnet_gets_an_automatic_connector_that_trains_and_stays_out_of_the_stu
 
 
 def test_connectors_by_shape():
-    from alambic.connectors import make_connector
+    from alambic.core.connectors import make_connector
 
     conv = make_connector((2, 16, 8, 8), (2, 64, 4, 4))
     assert conv(torch.randn(2, 16, 8, 8)).shape == (2, 64, 4, 4)

@@ -154,8 +154,8 @@ def test_damaged_llama2c_files_are_one_line_config_errors(tmp_path):
 def test_llama2c_arch_builds_through_model_configs(tmp_path):
     from types import SimpleNamespace
 
-    from alambic.building import build_named_model
     from alambic.config import ModelConfig
+    from alambic.run.building import build_named_model
 
     path = _write(tmp_path / "tiny.bin", _tiny_weights(False), False)
     info = SimpleNamespace(num_classes=2, input_shape=(8,))

@@ -230,7 +230,7 @@ def test_learned_losses_train_in_the_loop_are_checkpointed_and_stay_out_of_the_s
     from safetensors.torch import load_file
 
     from alambic import distill
-    from alambic.checkpoint import latest_checkpoint
+    from alambic.core.checkpoint import latest_checkpoint
 
     torch.manual_seed(0)
     student = distill(
@@ -246,7 +246,7 @@ def test_learned_losses_train_in_the_loop_are_checkpointed_and_stay_out_of_the_s
 
 def test_a_resumed_crd_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from alambic import distill
-    from alambic.checkpoint import save_training_state
+    from alambic.core.checkpoint import save_training_state
 
     def run(run_dir):
         torch.manual_seed(0)
@@ -268,10 +268,10 @@ def test_a_resumed_crd_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed right after the epoch-2 checkpoint
         return path
 
-    monkeypatch.setattr("alambic.train.save_training_state", save_then_die)
+    monkeypatch.setattr("alambic.core.loop.save_training_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "split")
-    monkeypatch.setattr("alambic.train.save_training_state", save_training_state)
+    monkeypatch.setattr("alambic.core.loop.save_training_state", save_training_state)
     resumed = run(tmp_path / "split")  # epoch 3 only, with the banks, Z and the RNG restored
     for key, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

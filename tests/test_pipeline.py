@@ -4,7 +4,7 @@ import torch
 
 from alambic.data import build_datasets
 from alambic.data.datasets import Augmentation, IndexedDataset, InMemoryDataset
-from alambic.pipeline import stage_train_set
+from alambic.run.stages import stage_train_set
 
 
 def test_a_stage_can_turn_augmentation_off_without_touching_the_shared_set():
@@ -32,7 +32,7 @@ def test_a_model_factory_gets_exactly_its_kwargs_including_num_classes(tmp_path,
     from torch import nn
 
     from alambic.config import ModelConfig
-    from alambic.pipeline import build_named_model
+    from alambic.run.building import build_named_model
 
     (tmp_path / "alambic_factory_nc.py").write_text(
         "from torch import nn\ndef make(num_classes, width):\n    return nn.Linear(width, num_classes)\n"

@@ -9,14 +9,8 @@ from safetensors.torch import load_file
 from tolerance import close
 from torch.utils.data import DataLoader
 
-from alambic.checkpoint import save_weights
-from alambic.data import build_datasets
-from alambic.errors import ConfigError
-from alambic.evaluate import count_flops, count_parameters, evaluate_classifier
-from alambic.export import load_resized
-from alambic.models import build_model
-from alambic.prune import channel_prune, magnitude_prune, recover, weight_sparsity
-from alambic.qat import (
+from alambic.compress.prune import channel_prune, magnitude_prune, recover, weight_sparsity
+from alambic.compress.qat import (
     ActivationFakeQuant,
     FakeQuantWrapper,
     fake_quantize_weight,
@@ -25,6 +19,12 @@ from alambic.qat import (
     qat_terms,
     strip_qat,
 )
+from alambic.core.checkpoint import save_weights
+from alambic.core.evaluate import count_flops, count_parameters, evaluate_classifier
+from alambic.data import build_datasets
+from alambic.errors import ConfigError
+from alambic.models import build_model
+from alambic.models.surgery import load_resized
 
 ZOO = [
     ("mlp", (1, 28, 28), {"hidden": [64, 32]}),

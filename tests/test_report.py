@@ -1,4 +1,4 @@
-"""Tests for alambic.report: a fake run directory in, report.md and PNG plots out."""
+"""Tests for alambic.run.report: a fake run directory in, report.md and PNG plots out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from alambic.errors import AlambicError
-from alambic.report import write_report
+from alambic.run.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("training_curves.png", "accuracy_curves.png", "accuracy_vs_size.png", "accuracy_vs_latency.png")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from alambic import distill
 from alambic.cli import app
 from alambic.config import dump_config, load_config
-from alambic.runlock import LOCK_NAME, RunLockedError
+from alambic.core.lock import LOCK_NAME, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "digits.yaml")
@@ -109,8 +109,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from alambic import distill, load_config
-from alambic.pipeline import run
-from alambic.runlock import RunLockedError
+from alambic.run.pipeline import run
+from alambic.core.lock import RunLockedError
 
 root, me, recipe = sys.argv[1], sys.argv[2], sys.argv[3]
 

@@ -36,7 +36,7 @@ def _batch(size, length):
 def test_a_bert_exports_with_dynamic_axes_and_quantizes_to_int8(tmp_path):
     import onnx
 
-    from alambic.export import onnx_session
+    from alambic.compress.export import onnx_session
 
     bench = _benchmark()
     config = transformers.BertConfig(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from alambic.config import Term, config_from_dict, load_config
-from alambic.distiller import Teacher
+from alambic.core.distiller import Teacher
 from alambic.errors import ConfigError
 from alambic.losses import get_loss
 from alambic.strategies import (
@@ -231,17 +231,17 @@ def test_mixed_views_are_convex_combinations_or_pasted_boxes():
 
 
 def _run(tmp_path, recipe, *overrides):
-    from alambic.pipeline import run
+    from alambic.run.pipeline import run
 
     config = load_config(STRATEGIES / recipe, [*QUICK, *overrides])
     return run(config, run_dir=tmp_path / "run")
 
 
 def test_born_again_generations_are_separate_checkpoints_each_taught_by_the_previous(tmp_path, monkeypatch):
-    import alambic.pipeline as pipeline
+    import alambic.run.stages as stages_module
 
     taught_by = {}
-    original = pipeline._train_stage
+    original = stages_module.train_stage
 
     def recording(context, stage, model, terms, train, teacher, module=None):
         taught_by[stage] = (
@@ -249,7 +249,7 @@ def test_born_again_generations_are_separate_checkpoints_each_taught_by_the_prev
         )
         return original(context, stage, model, terms, train, teacher, module)
 
-    monkeypatch.setattr(pipeline, "_train_stage", recording)
+    monkeypatch.setattr(stages_module, "train_stage", recording)
     run_dir = _run(tmp_path, "born-again.yaml", "teacher.train.epochs=1", *NO_REPORT)
     files = [
         run_dir / name / "model.safetensors"
@@ -267,16 +267,16 @@ def test_born_again_generations_are_separate_checkpoints_each_taught_by_the_prev
 
 
 def test_a_teacher_assistant_chain_teaches_the_student_through_the_assistant(tmp_path, monkeypatch):
-    import alambic.pipeline as pipeline
+    import alambic.run.stages as stages_module
 
     teachers = {}
-    original = pipeline._train_stage
+    original = stages_module.train_stage
 
     def recording(context, stage, model, terms, train, teacher, module=None):
         teachers[stage] = teacher.model if teacher is not None else None
         return original(context, stage, model, terms, train, teacher, module)
 
-    monkeypatch.setattr(pipeline, "_train_stage", recording)
+    monkeypatch.setattr(stages_module, "train_stage", recording)
     run_dir = _run(tmp_path, "assistants.yaml", "teacher.train.epochs=1", *NO_REPORT)
     assistant = load_file(str(run_dir / "assistant_1" / "model.safetensors"))
     assert assistant["hidden.0.0.weight"].shape == (128, 64)
@@ -285,7 +285,7 @@ def test_a_teacher_assistant_chain_teaches_the_student_through_the_assistant(tmp
 
 
 def test_ensemble_runs_train_each_teacher_and_fuse_their_weights(tmp_path):
-    from alambic.pipeline import build_named_model
+    from alambic.run.building import build_named_model
 
     run_dir = _run(
         tmp_path,
@@ -373,11 +373,11 @@ def test_an_ensemble_teacher_feeds_members_to_terms_through_hooks():
 
 
 def test_a_stopped_chain_resumes_without_training_its_finished_generations_again(tmp_path, monkeypatch):
-    import alambic.pipeline as pipeline
-    from alambic.pipeline import run
+    import alambic.run.stages as stages_module
+    from alambic.run.pipeline import run
 
     trained = []
-    original = pipeline._train_stage
+    original = stages_module.train_stage
 
     def failing_at_generation_2(context, stage, model, terms, train, teacher, module=None):
         trained.append(stage)
@@ -385,7 +385,7 @@ def test_a_stopped_chain_resumes_without_training_its_finished_generations_again
             raise KeyboardInterrupt  # the run is stopped during generation 2
         return original(context, stage, model, terms, train, teacher, module)
 
-    monkeypatch.setattr(pipeline, "_train_stage", failing_at_generation_2)
+    monkeypatch.setattr(stages_module, "train_stage", failing_at_generation_2)
     config = load_config(STRATEGIES / "born-again.yaml", [*QUICK, "teacher.train.epochs=1", *NO_REPORT])
     with pytest.raises(KeyboardInterrupt):
         run(config, run_dir=tmp_path / "run")
@@ -399,7 +399,7 @@ def test_a_stopped_chain_resumes_without_training_its_finished_generations_again
 def test_a_stage_with_mix_trains_on_mixed_views_and_distill_refuses_it():
     from alambic import distill
     from alambic.data import build_datasets
-    from alambic.pipeline import stage_train_set
+    from alambic.run.stages import stage_train_set
 
     digits, _, _ = build_datasets("digits")
     view = stage_train_set(digits, None, "mixup", 0.4)

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import alambic.checkpoint as checkpoint_module
+import alambic.core.checkpoint as checkpoint_module
 from alambic import distill
+from alambic.core.loop import EpochSampler, lr_factor
 from alambic.errors import ConfigError, NonFiniteLossError, OutputError
-from alambic.train import EpochSampler, lr_factor
 
 
 def _data(n=256, features=10, classes=3, seed=0):
@@ -111,10 +111,10 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed right after the epoch-2 checkpoint
         return path
 
-    monkeypatch.setattr("alambic.train.save_training_state", save_then_die)
+    monkeypatch.setattr("alambic.core.loop.save_training_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "b", epochs=4)
-    monkeypatch.setattr("alambic.train.save_training_state", original)
+    monkeypatch.setattr("alambic.core.loop.save_training_state", original)
     assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     resumed = _train(tmp_path / "b", epochs=4, seed=123)  # the seed is overwritten by the checkpoint's RNG
     for key, value in uninterrupted.state_dict().items():
@@ -235,7 +235,7 @@ def test_metrics_log_writes_tensorboard_events(tmp_path):
     pytest.importorskip(
         "tensorboard", reason="tensorboard is an optional extra: pip install alambic[tensorboard]"
     )
-    from alambic.train import MetricsLog
+    from alambic.core.loop import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
     log.write({"stage": "distill", "kind": "train", "epoch": 1, "step": 5, "lr": 0.1, "losses": {"kd": 0.5}})

@@ -115,7 +115,7 @@ def _tiny_gpt2(layers=4):
 
 @pytest.mark.parametrize("make", [_tiny_bert, _tiny_llama, _tiny_gpt2], ids=["bert", "llama", "gpt2"])
 def test_a_derived_student_copies_embeddings_the_chosen_layers_and_the_head(make):
-    from alambic.hf import derive_student, layer_list
+    from alambic.models.hf import derive_student, layer_list
 
     teacher = make()
     student, report = derive_student(teacher, keep=[0, 3])
@@ -131,7 +131,7 @@ def test_a_derived_student_copies_embeddings_the_chosen_layers_and_the_head(make
 
 
 def test_choose_layers_spreads_keeps_every_and_refuses_nonsense():
-    from alambic.hf import choose_layers
+    from alambic.models.hf import choose_layers
 
     assert choose_layers(6, layers=2) == [0, 5]
     assert choose_layers(12, layers=4) == [0, 4, 7, 11]
@@ -174,7 +174,7 @@ def _text_batches(vocab=40, n=24, length=7, causal=False):
 
 def test_an_encoder_distils_through_logits_hidden_states_attentions_and_value_relations(tmp_path):
     from alambic import distill
-    from alambic.hf import derive_student
+    from alambic.models.hf import derive_student
 
     teacher = _tiny_bert()
     student, _ = derive_student(teacher, layers=2)
@@ -203,7 +203,7 @@ def test_an_encoder_distils_through_logits_hidden_states_attentions_and_value_re
 
 def test_a_causal_lm_distils_with_token_divergences_on_masked_batches(tmp_path):
     from alambic import distill
-    from alambic.distiller import Teacher
+    from alambic.core.distiller import Teacher
 
     teacher = _tiny_llama()
     with torch.no_grad():
@@ -255,7 +255,7 @@ def test_a_padded_teacher_vocabulary_is_sliced_when_asked_and_said_so(tmp_path):
 
 
 def test_load_hf_model_reads_a_saved_folder_offline_and_explains_a_bad_path(tmp_path):
-    from alambic.hf import load_hf_model
+    from alambic.models.hf import load_hf_model
 
     _tiny_bert().save_pretrained(tmp_path / "bert")
     model = load_hf_model(str(tmp_path / "bert"), num_labels=5, local_files_only=True)
@@ -268,7 +268,7 @@ def test_alambic_derive_writes_a_loadable_student_and_refuses_to_overwrite(tmp_p
     from typer.testing import CliRunner
 
     from alambic.cli import app
-    from alambic.hf import load_hf_model
+    from alambic.models.hf import load_hf_model
 
     _tiny_bert(layers=6).save_pretrained(tmp_path / "teacher")
     runner = CliRunner()
@@ -296,7 +296,7 @@ def test_alambic_derive_writes_a_loadable_student_and_refuses_to_overwrite(tmp_p
 
 
 def test_layer_mappings_uniform_last_and_explicit():
-    from alambic.hf import hidden_state_terms, layer_pairs
+    from alambic.models.hf import hidden_state_terms, layer_pairs
 
     assert layer_pairs(2, 6) == [(1, 3), (2, 6)]  # TinyBERT's g(m) = m N / M
     assert layer_pairs(4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
@@ -318,7 +318,7 @@ def test_a_run_config_can_name_a_hugging_face_model(tmp_path):
     from types import SimpleNamespace
 
     from alambic.config import ModelConfig
-    from alambic.pipeline import build_named_model
+    from alambic.run.building import build_named_model
 
     _tiny_bert().save_pretrained(tmp_path / "bert")
     config = ModelConfig(arch=f"hf:{tmp_path / 'bert'}", kwargs={"local_files_only": True})
@@ -335,7 +335,7 @@ def _prompted(n=16, length=10, prompt=4, vocab=48):
 
 
 def test_greedy_sampling_follows_the_argmax_and_keeps_the_prompt():
-    from alambic.llm import sample_tokens
+    from alambic.core.llm import sample_tokens
 
     model = _tiny_llama()
     prompt = _prompted()[0][:2, :4]
@@ -359,7 +359,7 @@ class _WithoutCache(torch.nn.Module):
 
 @pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
 def test_cached_generation_gives_the_full_prefix_tokens_one_token_per_step(make):
-    from alambic.llm import cache_argument, sample_tokens
+    from alambic.core.llm import cache_argument, sample_tokens
 
     model, prompt = make(), _prompted()[0][:3, :4]
     assert (
@@ -387,7 +387,7 @@ def test_cached_generation_gives_the_full_prefix_tokens_one_token_per_step(make)
 
 
 def test_on_policy_batches_replace_completions_with_student_samples_at_rate_mix():
-    from alambic.llm import OnPolicyBatches
+    from alambic.core.llm import OnPolicyBatches
 
     ids, labels = _prompted(n=64)
     rows = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 64, 2)]
@@ -415,7 +415,7 @@ def test_on_policy_gkd_trains_through_distill_and_sequence_kd_data_masks_prompts
     from torch.utils.data import DataLoader
 
     from alambic import distill
-    from alambic.llm import OnPolicyBatches, _Rows, teacher_generations
+    from alambic.core.llm import OnPolicyBatches, _Rows, teacher_generations
 
     teacher, student = _tiny_llama(), _tiny_llama(layers=2)
     ids, labels = _prompted()
@@ -433,9 +433,9 @@ def test_on_policy_gkd_trains_through_distill_and_sequence_kd_data_masks_prompts
 
 def test_sentence_embeddings_distil_through_the_mean_pooled_embedding_over_real_tokens():
     from alambic import distill
-    from alambic.batches import mean_pooled
-    from alambic.distiller import Teacher
-    from alambic.hf import derive_student
+    from alambic.core.batches import mean_pooled
+    from alambic.core.distiller import Teacher
+    from alambic.models.hf import derive_student
 
     teacher = transformers.BertModel(_tiny_bert().config).eval()
     student, _ = derive_student(teacher, layers=1)
@@ -490,7 +490,7 @@ def _tiny_sst2(tmp_path):
 
 def test_a_run_config_fine_tunes_a_hf_teacher_derives_its_student_and_distils_on_sst2(tmp_path):
     from alambic.config import config_from_dict
-    from alambic.pipeline import run
+    from alambic.run.pipeline import run
 
     folder, data = _tiny_sst2(tmp_path)
     train = {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}

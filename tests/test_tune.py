@@ -11,7 +11,7 @@ from alambic.errors import ConfigError
 optuna = pytest.importorskip("optuna", reason="alambic tune needs optuna (pip install alambic[tune])")
 
 from alambic import tune as tune_module  # noqa: E402
-from alambic.tune import tune  # noqa: E402
+from alambic.run.tune import tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["teacher.train.epochs=1", "distill.train.epochs=2", "teacher.model.kwargs.hidden=[64]"]

@@ -5,9 +5,9 @@ Example:
     >>> student = distill(teacher, student, train_loader, epochs=5)
 """
 
-from alambic.api import distill
 from alambic.config import RunConfig, Term, load_config
-from alambic.distiller import Distiller, Teacher
+from alambic.core.api import distill
+from alambic.core.distiller import Distiller, Teacher
 from alambic.errors import AlambicError, ConfigError, DataError
 from alambic.losses import get_loss, list_losses, register_loss
 

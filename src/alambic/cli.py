@@ -18,7 +18,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from alambic.config import ModelConfig, load_config
+from alambic.core.cache import cache_size_bytes
+from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
+from alambic.losses import list_losses
+from alambic.models.hf import derive_to_folder
+from alambic.run.artifacts import export_run
+from alambic.run.building import build_named_model
+from alambic.run.compress import compress_run
+from alambic.run.pipeline import cache_teacher_outputs, evaluate_checkpoint, evaluate_run, run
+from alambic.run.report import write_report
+from alambic.run.tune import tune as tune_study
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for PyTorch.")
 console = Console()
@@ -133,8 +144,6 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def _run_and_report(config, run_dir: Path | None, resume: bool) -> Path:
-    from alambic.pipeline import run
-
     target = run_dir or Path(config.output_dir) / config.name
     try:
         with stop_on_sigterm(), ProgressBar() as bar:
@@ -177,8 +186,6 @@ def demo(
     """Train a teacher, a baseline student and a distilled student; compare all three."""
     from datetime import datetime
 
-    from alambic.config import load_config
-
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     overrides = [f"output_dir={out}", f"name={dataset}-demo-{stamp}", *(set_ or [])]
     if data_dir:
@@ -198,8 +205,6 @@ def run_command(
     debug: Debug = False,
 ) -> None:
     """Run the stages of a YAML config: teacher, baseline, distill, evaluate, report."""
-    from alambic.config import load_config
-
     _run_and_report(load_config(config, set_ or []), resume or out, resume is not None)
 
 
@@ -227,9 +232,6 @@ def tune(
     debug: Debug = False,
 ) -> None:
     """Search temperature, loss weights, method and lr (and, with a budget, the student's size) with Optuna."""
-    from alambic.config import load_config
-    from alambic.tune import tune as tune_study
-
     result = tune_study(
         load_config(config, set_ or []),
         trials=trials,
@@ -270,8 +272,6 @@ def tune(
 @user_errors
 def losses(debug: Debug = False) -> None:
     """List every registered loss with a one-line description and its paper."""
-    from alambic.losses import list_losses
-
     table = Table(title="registered losses")
     for column in ("name", "compares", "description", "paper"):
         table.add_column(column, overflow="fold")
@@ -295,11 +295,8 @@ def eval_command(
 ) -> None:
     """Re-evaluate the saved models of a run (and rebuild its report), or one checkpoint."""
     if path.is_dir():
-        from alambic.pipeline import evaluate_run
-
         print_summary(evaluate_run(path, data_dir=data_dir))
         return
-    from alambic.pipeline import evaluate_checkpoint
 
     if arch is None or dataset is None:
         raise AlambicError(
@@ -314,8 +311,6 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")], debug: Debug = False
 ) -> None:
     """Rebuild report.md and its plots from a run directory."""
-    from alambic.report import write_report
-
     console.print(f"wrote {write_report(run_dir)}")
 
 
@@ -333,9 +328,6 @@ def inspect(
     import torch
     import yaml
 
-    from alambic.config import ModelConfig
-    from alambic.hooks import module_table
-
     try:
         shape = tuple(int(size) for size in input_shape.split(","))
         model_kwargs = yaml.safe_load(kwargs) or {}
@@ -346,8 +338,6 @@ def inspect(
     if not isinstance(model_kwargs, dict):
         raise AlambicError(f"--kwargs must be a YAML mapping like '{{hidden: [64]}}', got {kwargs!r}")
     from types import SimpleNamespace
-
-    from alambic.pipeline import build_named_model
 
     model = build_named_model(
         ModelConfig(arch=arch, kwargs=model_kwargs),
@@ -379,8 +369,6 @@ def derive(
     debug: Debug = False,
 ) -> None:
     """Build a smaller student of the teacher's family, initialised from its embeddings, chosen layers and head."""
-    from alambic.hf import derive_to_folder
-
     try:
         kept = [int(index) for index in keep.split(",")] if keep else None
     except ValueError:
@@ -414,10 +402,6 @@ def cache_teacher_command(
     """Run the teacher once over the training set and store what the distill terms need (offline KD)."""
     import time
 
-    from alambic.cache import cache_size_bytes
-    from alambic.config import load_config
-    from alambic.pipeline import cache_teacher_outputs
-
     started = time.perf_counter()
     manifest = cache_teacher_outputs(load_config(config, set_ or []), out, top_k=top_k, dtype=dtype)
     console.print(
@@ -448,8 +432,6 @@ def export_command(
     debug: Debug = False,
 ) -> None:
     """Export a student (ONNX with dynamic batch, torch.export program, safetensors) and check it."""
-    from alambic.export import export_run
-
     report = export_run(
         source, out, export_format=export_format, model=model, data_dir=data_dir, arch=arch, dataset=dataset
     )
@@ -475,8 +457,6 @@ def compress(
     debug: Debug = False,
 ) -> None:
     """Prune, recover by distillation, quantize to int8 and export the student; measure every stage."""
-    from alambic.compress import compress_run
-
     summary = compress_run(
         source,
         overrides=set_ or [],

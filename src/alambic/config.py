@@ -96,10 +96,10 @@ class Term(_Strict):
 
 class ModelConfig(_Strict):
     """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, a
-    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.hf.load_hf_model`: task, ...), a
+    Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.models.hf.load_hf_model`: task, ...), a
     llama2.c checkpoint ``llama2c:PATH`` (a ``.bin`` loaded as a Hugging Face Llama; no kwargs), or,
     for the student, ``derive:teacher``: fewer of the trained teacher's layers, initialised from them
-    (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.hf.derive_student`)."""
+    (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.models.hf.derive_student`)."""
 
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Import a user's ``package.module:function`` (a model or dataset factory) with one-line errors."""
+"""Imports with one-line errors: a user's ``package.module:function`` (a model or dataset factory), and
+the optional packages behind alambic's extras (transformers, onnx, optuna, torchao, ...)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def import_callable(spec: Any, *, what: str) -> Callable:
     if not callable(function):
         raise ConfigError(f"module {module_name!r} has no function {function_name!r} (from {what} {spec!r})")
     return function
+
+
+def require(module: str, extra: str, *, purpose: str | None = None) -> Any:
+    """Import the optional package ``module``, or raise a one-line error naming the extra that installs it.
+
+    Example:
+        >>> transformers = require("transformers", "hf", purpose="Hugging Face models")
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        needs = f"{purpose} need" if purpose else "this needs"
+        raise ConfigError(
+            f"{needs} the {module} package, which is not installed: pip install 'alambic[{extra}]'"
+        ) from None

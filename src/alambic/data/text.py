@@ -1,7 +1,7 @@
 """Tokenized text classification sets (SST-2), held in memory as padded tensors.
 
 A sample is ``({"input_ids", "attention_mask", ...}, label)``; the loader stacks the dicts, and
-:func:`alambic.batches.call_model` passes them to a Hugging Face model as keyword arguments. Sentences
+:func:`alambic.core.batches.call_model` passes them to a Hugging Face model as keyword arguments. Sentences
 are tokenized once, padded to the longest one in the split (at most ``max_length`` tokens), so a short-
 sentence set such as SST-2 does not pay for 128 padded positions.
 """
@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from alambic.errors import ConfigError, DataError
+from alambic.imports import require
 
 # name -> (train file, test file, class names); the GLUE SST-2 dev split is the usual test split
 TEXT_DATASETS = {"sst2": ("train.tsv", "dev.tsv", ["negative", "positive"])}
@@ -60,10 +61,11 @@ def read_labelled_tsv(path: Path) -> tuple[list[str], list[int]]:
 
 def load_tokenizer(name_or_path: str):
     """A ``transformers`` tokenizer from a folder (offline) or a hub id."""
-    from alambic.hf import _transformers
 
     try:
-        return _transformers().AutoTokenizer.from_pretrained(name_or_path)
+        return require(
+            "transformers", "hf", purpose="text data sets (tokenizers)"
+        ).AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"cannot load the tokenizer {name_or_path!r}: {str(error).splitlines()[0]}"

@@ -16,7 +16,7 @@ from torch import Tensor
 from alambic.losses.registry import register_loss
 
 
-def _same_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+def same_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     """Average-pool the larger of two ``[B, C, H, W]`` maps to the other's spatial size."""
     if student.dim() != 4 or teacher.dim() != 4:
         raise ValueError(
@@ -78,7 +78,7 @@ def attention_transfer_loss(
     """
     if not power >= 1:
         raise ValueError(f"at power must be >= 1, got {power}; the paper uses 2")
-    student, teacher = _same_spatial(student, teacher.detach())
+    student, teacher = same_spatial(student, teacher.detach())
     return (_attention_map(student, power) - _attention_map(teacher, power)).pow(2).mean()
 
 
@@ -97,7 +97,7 @@ def neuron_selectivity_loss(student: Tensor, teacher: Tensor, *, labels: Tensor 
         teacher: teacher feature map ``[B, C_t, H', W']``.
         labels: unused.
     """
-    student, teacher = _same_spatial(student, teacher.detach())
+    student, teacher = same_spatial(student, teacher.detach())
     s = F.normalize(student.float().flatten(2), dim=2)  # [B, C_s, HW]
     t = F.normalize(teacher.float().flatten(2), dim=2)  # [B, C_t, HW]
 
@@ -137,7 +137,7 @@ def activation_boundary_loss(
 
 def _flow_matrix(first: Tensor, second: Tensor) -> Tensor:
     """FSP matrix ``G = F1^T F2 / (H W)`` of two feature maps ``[B, C1, H, W]``, ``[B, C2, H', W']``."""
-    first, second = _same_spatial(first.float(), second.float())
+    first, second = same_spatial(first.float(), second.float())
     return (
         first.flatten(2) @ second.flatten(2).transpose(1, 2) / first.shape[-1] / first.shape[-2]
     )  # [B, C1, C2]

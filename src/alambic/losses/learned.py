@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alambic.losses.feature import _same_spatial
+from alambic.losses.feature import same_spatial
 from alambic.losses.registry import register_loss
 
 
@@ -72,7 +72,7 @@ class FactorTransferLoss(nn.Module):
         self.reconstruction_weight = reconstruction_weight
 
     def forward(self, student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
-        student, teacher = _same_spatial(student, teacher.detach().float())
+        student, teacher = same_spatial(student, teacher.detach().float())
         factor_teacher = self.encoder(teacher)  # [B, F, H, W]
         reconstruction = F.mse_loss(self.decoder(factor_teacher), teacher) / teacher.pow(2).mean().clamp_min(
             1e-12
@@ -115,7 +115,7 @@ class VariationalInformationLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
         teacher = teacher.detach().float()
         if student.dim() == 4:
-            student, teacher = _same_spatial(student, teacher)
+            student, teacher = same_spatial(student, teacher)
         mean = self.regressor(student.float())
         variance = (F.softplus(self.alpha) + self.eps).view(1, -1, *([1] * (teacher.dim() - 2)))
         return (0.5 * ((teacher - mean).pow(2) / variance + variance.log())).mean()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from alambic.errors import ConfigError
+from alambic.imports import require
 
 HEADER = struct.Struct("<7i")
 FLOAT_BYTES = 4
@@ -151,16 +152,6 @@ def _hf_state_dict(shape: Llama2cShape, weights: dict[str, Tensor]) -> dict[str,
     return state
 
 
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError(
-            "llama2c: models are loaded as Hugging Face Llama models: pip install 'alambic[hf]'"
-        ) from None
-    return transformers
-
-
 def load_llama2c(path: str | Path) -> Any:
     """A llama2.c checkpoint as a ``transformers.LlamaForCausalLM`` in float32 and eval mode.
 
@@ -172,7 +163,9 @@ def load_llama2c(path: str | Path) -> Any:
         >>> model.generate(torch.tensor([[1]]), max_new_tokens=20)  # doctest: +SKIP
     """
     shape, weights = read_llama2c(path)
-    transformers = _transformers()
+    transformers = require(
+        "transformers", "hf", purpose="llama2c: models (loaded as Hugging Face Llama models)"
+    )
     config = transformers.LlamaConfig(
         hidden_size=shape.dim,
         intermediate_size=shape.hidden_dim,

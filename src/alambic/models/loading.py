@@ -53,7 +53,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     checkpoint, metadata = _read_checkpoint(path)
     state_dict, extra = _unwrap(checkpoint, path)
     extra = {**metadata, **extra}
-    target = _unwrap_model(model)
+    target = unwrap_model(model)
     expected = target.state_dict()
     # Strip wrapper prefixes only from keys the model does not know as they are.
     state_dict = {
@@ -163,7 +163,7 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The module under DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):

@@ -7,8 +7,8 @@
 - Born-again generations and teacher-assistant chains are run configs (``strategy:``; see README).
 """
 
+from alambic.data.mixing import MixedDataset
 from alambic.strategies.ensemble import EnsembleModel, average_weights
-from alambic.strategies.mixing import MixedDataset
 from alambic.strategies.online import MutualDistiller, SelfDistiller, mutual_learning
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Several teachers as one: averaged soft targets (output fusion) or averaged parameters (weight fusion).
 
-An :class:`EnsembleModel` is an ordinary ``nn.Module``, so the frozen :class:`alambic.distiller.Teacher`
+An :class:`EnsembleModel` is an ordinary ``nn.Module``, so the frozen :class:`alambic.core.distiller.Teacher`
 wraps it like any other teacher and every logit loss (``kd``, ``dkd``, ``dist``, ...) distills from it.
 Its ``logits`` are ``T * log(p_avg)`` with ``p_avg = sum_k w_k softmax(z_k / T)``, so that
 ``softmax(logits / T) = p_avg`` exactly: a ``kd`` term at the same ``T`` sees the stated average of the
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from alambic.batches import call_model, logits_of
+from alambic.core.batches import call_model, logits_of
 from alambic.errors import ConfigError
 from alambic.losses.ensemble import ensemble_probabilities, fixed_weights
 

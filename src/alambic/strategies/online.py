@@ -1,8 +1,8 @@
 """Students that teach each other or themselves: Deep Mutual Learning and "Be Your Own Teacher".
 
-Both are trainable modules with the :class:`alambic.distiller.Distiller` interface (``forward`` returns
+Both are trainable modules with the :class:`alambic.core.distiller.Distiller` interface (``forward`` returns
 named, weighted losses and ``total``; ``check``; ``student``), so the one loop in
-:func:`alambic.train.fit` trains them, with its logging, checkpoints and resume. No teacher is given to
+:func:`alambic.core.loop.fit` trains them, with its logging, checkpoints and resume. No teacher is given to
 the loop: the targets come from inside the module, detached.
 """
 
@@ -17,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alambic.batches import call_model, logits_of
-from alambic.config import Term
-from alambic.distiller import Distiller
+from alambic.config import Term, TrainConfig, format_validation_error
+from alambic.core.api import as_terms
+from alambic.core.batches import call_model, logits_of
+from alambic.core.distiller import Distiller
+from alambic.core.evaluate import evaluate_classifier
+from alambic.core.hooks import capture_features
+from alambic.core.lock import run_lock
+from alambic.core.loop import MetricsLog, fit, make_accelerator
 from alambic.errors import ConfigError
-from alambic.hooks import capture_features
 from alambic.losses import get_loss, get_loss_spec
-from alambic.runlock import run_lock
 
 DML_TERMS = (Term(loss="ce", weight=1.0), Term(loss="kd", weight=1.0, params={"temperature": 1.0}))
 
@@ -253,9 +256,6 @@ def train_module(
     from accelerate.utils import set_seed
     from pydantic import ValidationError
 
-    from alambic.config import TrainConfig, format_validation_error
-    from alambic.train import MetricsLog, fit, make_accelerator
-
     try:
         settings = TrainConfig(epochs=epochs, **train)
     except ValidationError as error:
@@ -265,8 +265,6 @@ def train_module(
     accelerator = make_accelerator("no")
     evaluate = None
     if eval_loader is not None:
-        from alambic.evaluate import evaluate_classifier
-
         if num_classes is None:
             raise ConfigError("eval_loader needs num_classes (the number of classes the models predict)")
         evaluate = lambda model: evaluate_classifier(model, eval_loader, num_classes=num_classes)  # noqa: E731
@@ -308,8 +306,6 @@ def mutual_learning(
     Example:
         >>> student, peer = mutual_learning([student, peer], loader, epochs=10, optimizer="adamw", lr=1e-3)
     """
-    from alambic.api import as_terms
-
     chosen_terms = as_terms(terms) if terms is not None else list(DML_TERMS)
     chosen_peer_terms = (
         [as_terms(item) if item is not None else None for item in peer_terms]

@@ -1,6 +1,6 @@
 """Post-training int8 quantization with ONNX Runtime's quantizer, and ONNX Runtime evaluation and timing.
 
-Two flows, both on an ONNX file written by :func:`alambic.export.export_onnx`:
+Two flows, both on an ONNX file written by :func:`alambic.compress.export.export_onnx`:
 
 - **dynamic** (:func:`quantize_onnx_dynamic`): int8 weights of MatMul / Gemm (Linear), LSTM, GRU and
   Attention; activations are quantized on the fly per batch. No calibration data. Made for Linear-heavy
@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alambic.compress.export import onnx_feed, onnx_session, run_onnx, stack_inputs
+from alambic.core.evaluate import classification_metrics, repeat_batch
 from alambic.errors import ConfigError
-from alambic.export import onnx_feed, onnx_session, require, run_onnx, stack_inputs
+from alambic.imports import require
 
 QUANTIZE_METHODS = ("dynamic", "static")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -84,7 +86,7 @@ def quantize_onnx_dynamic(source: str | Path, out: str | Path, *, per_channel: b
     Example:
         >>> quantize_onnx_dynamic("student.onnx", "student-int8.onnx")
     """
-    require("onnxruntime")
+    require("onnxruntime", "onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     return _quantize_into(
@@ -122,7 +124,7 @@ def quantize_onnx_static(
     Example:
         >>> quantize_onnx_static("student.onnx", "student-int8.onnx", train_images[:256])
     """
-    onnxruntime = require("onnxruntime")
+    onnxruntime = require("onnxruntime", "onnx")
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -211,8 +213,6 @@ def evaluate_onnx(
     Example:
         >>> evaluate_onnx("student-int8.onnx", test_set, num_classes=10)["accuracy"]
     """
-    from alambic.evaluate import classification_metrics
-
     session = onnx_session(path, threads=None)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     logits, labels = [], []
@@ -238,15 +238,13 @@ def onnx_latency(
 ) -> dict[str, Any]:
     """Median wall-clock milliseconds of one onnxruntime run on a batch (the first sample repeated).
 
-    The same protocol as :func:`alambic.evaluate.measure_latency`: ``warmup`` untimed runs, then
+    The same protocol as :func:`alambic.core.evaluate.measure_latency`: ``warmup`` untimed runs, then
     ``repeats`` timed ones; ``threads`` intra-op threads (one by default, as an edge core).
     """
     import time
 
-    from alambic.evaluate import _repeat_batch
-
     session = onnx_session(path, threads=threads)
-    feed = onnx_feed(session, _repeat_batch(example, batch_size))
+    feed = onnx_feed(session, repeat_batch(example, batch_size))
     for _ in range(warmup):
         session.run(None, feed)
     timings = []

@@ -17,22 +17,14 @@ from collections.abc import Callable
 from accelerate.utils import set_seed
 from torch import nn
 
-from alambic.checkpoint import save_weights
 from alambic.config import ModelConfig, Term
-from alambic.distiller import Teacher
+from alambic.core.checkpoint import save_weights
+from alambic.core.distiller import Teacher
 from alambic.errors import ConfigError
 from alambic.losses import get_loss_spec
-from alambic.pipeline import (
-    RunContext,
-    _add_timing,
-    _load_or_train,
-    _status,
-    _train_stage,
-    build_named_model,
-    check_num_classes,
-    example_input,
-    load_finished_stage,
-)
+from alambic.run.building import build_named_model, check_num_classes, example_input
+from alambic.run.rundir import write_status
+from alambic.run.stages import RunContext, add_timing, load_finished_stage, load_or_train, train_stage
 from alambic.strategies.ensemble import EnsembleModel, average_weights
 from alambic.strategies.online import MutualDistiller, SelfDistiller
 
@@ -58,9 +50,9 @@ def run_strategy_stages(context: RunContext) -> dict[str, nn.Module]:
     elif config.teacher is not None:
         _single_teacher(context, models, builder(config.teacher.model, "teacher"))
     if "baseline" in stages or _done(context, "baseline"):
-        _status(context.run_dir, context.accelerator, state="running", stage="baseline")
+        write_status(context.run_dir, context.accelerator, state="running", stage="baseline")
         train = config.baseline.train or config.distill.train
-        models["baseline"] = _load_or_train(context, "baseline", build_student, config.baseline.terms, train)
+        models["baseline"] = load_or_train(context, "baseline", build_student, config.baseline.terms, train)
     if not ("distill" in stages or _done(context, "student")):
         return models
     if strategy.kind in ("ensemble", "born_again", "assistants"):
@@ -81,14 +73,14 @@ def run_strategy_stages(context: RunContext) -> dict[str, nn.Module]:
         )
         teacher = models["teacher"]
         for name, build, arch in links:
-            _status(context.run_dir, context.accelerator, state="running", stage=name)
+            write_status(context.run_dir, context.accelerator, state="running", stage=name)
             train = getattr(strategy, "train", None) or config.distill.train
-            teacher = models[name] = _load_or_train(
+            teacher = models[name] = load_or_train(
                 context, name, build, config.distill.terms, train, Teacher(teacher, config.distill.terms)
             )
             context.architectures[name] = arch
-        _status(context.run_dir, context.accelerator, state="running", stage="distill")
-        models["distilled"] = _load_or_train(
+        write_status(context.run_dir, context.accelerator, state="running", stage="distill")
+        models["distilled"] = load_or_train(
             context,
             "distill",
             build_student,
@@ -113,8 +105,8 @@ def _single_teacher(context: RunContext, models: dict, build: Callable[[], nn.Mo
     if config.teacher.model.checkpoint and not _done(context, "teacher"):
         models["teacher"] = build()
     elif "teacher" in config.stages or _done(context, "teacher"):
-        _status(context.run_dir, context.accelerator, state="running", stage="teacher")
-        models["teacher"] = _load_or_train(
+        write_status(context.run_dir, context.accelerator, state="running", stage="teacher")
+        models["teacher"] = load_or_train(
             context, "teacher", build, config.teacher.terms, config.teacher.train
         )
 
@@ -145,14 +137,14 @@ def _ensemble_teacher(context: RunContext, models: dict, builder) -> None:
         elif model_config.checkpoint is None:
             if "teacher" not in config.stages:
                 raise ConfigError(f"{name} has no checkpoint: add the 'teacher' stage to train it")
-            _status(context.run_dir, context.accelerator, state="running", stage=name)
+            write_status(context.run_dir, context.accelerator, state="running", stage=name)
             set_seed(config.seed + k)
             member_context = dataclasses.replace(
                 context, config=config.model_copy(update={"seed": config.seed + k})
             )
             started = time.perf_counter()
-            model = _train_stage(member_context, name, model, [Term(loss="ce")], strategy.train, None)
-            _add_timing(context, name, time.perf_counter() - started)
+            model = train_stage(member_context, name, model, [Term(loss="ce")], strategy.train, None)
+            add_timing(context, name, time.perf_counter() - started)
         models[name] = model
         context.architectures[name] = model_config.arch
         members.append(model)
@@ -182,7 +174,7 @@ def _mutual(context: RunContext, build_student, builder) -> dict[str, nn.Module]
         for model, folder in zip([student, *peers], ["student", *names]):
             load_finished_stage(model, context.run_dir / folder / "model.safetensors", folder)
     else:  # a stage killed after its last epoch resumes from that checkpoint and only saves
-        _status(context.run_dir, context.accelerator, state="running", stage="distill")
+        write_status(context.run_dir, context.accelerator, state="running", stage="distill")
         started = time.perf_counter()
         if strategy.alternate and context.accelerator.num_processes > 1:
             raise ConfigError(
@@ -192,14 +184,14 @@ def _mutual(context: RunContext, build_student, builder) -> dict[str, nn.Module]
         module = MutualDistiller(
             [student, *peers], config.distill.terms, strategy.peer_terms, alternate=strategy.alternate
         )
-        _train_stage(
+        train_stage(
             context, "distill", student, config.distill.terms, config.distill.train, None, module=module
         )
         if context.accelerator.is_main_process:
             for name, peer in zip(names, module.peers[1:]):
                 save_weights(peer, context.run_dir / name / "model.safetensors", metadata={"stage": name})
         context.accelerator.wait_for_everyone()
-        _add_timing(context, "distill", time.perf_counter() - started)
+        add_timing(context, "distill", time.perf_counter() - started)
     return {"distilled": student, **dict(zip(names, peers))}
 
 
@@ -211,7 +203,7 @@ def _self_distill(context: RunContext, build_student, example) -> nn.Module:
     if _done(context, "student"):
         load_finished_stage(student, context.run_dir / "student" / "model.safetensors", "distill")
         return student
-    _status(context.run_dir, context.accelerator, state="running", stage="distill")
+    write_status(context.run_dir, context.accelerator, state="running", stage="distill")
     module = SelfDistiller(
         student,
         strategy.exits,
@@ -221,8 +213,8 @@ def _self_distill(context: RunContext, build_student, example) -> nn.Module:
         kd_weight=strategy.kd_weight,
     )
     started = time.perf_counter()
-    student = _train_stage(
+    student = train_stage(
         context, "distill", student, config.distill.terms, config.distill.train, None, module=module
     )
-    _add_timing(context, "distill", time.perf_counter() - started)
+    add_timing(context, "distill", time.perf_counter() - started)
     return student

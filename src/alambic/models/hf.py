@@ -23,6 +23,8 @@ from torch import nn
 
 from alambic.errors import ConfigError
 from alambic.files import dumps_json
+from alambic.imports import require
+from alambic.models.surgery import is_head_pruned, layer_list, load_head_pruned
 
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -31,14 +33,9 @@ TASKS = {
 }
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError(
-            "Hugging Face models need the transformers package: pip install 'alambic[hf]'"
-        ) from None
-    return transformers
+def transformers_module() -> Any:
+    """The transformers package, or a one-line error saying how to install it."""
+    return require("transformers", "hf", purpose="Hugging Face models")
 
 
 def load_hf_model(
@@ -62,8 +59,7 @@ def load_hf_model(
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    auto = getattr(_transformers(), TASKS[task])
-    from alambic.heads import is_head_pruned, load_head_pruned
+    auto = getattr(transformers_module(), TASKS[task])
 
     if is_head_pruned(name_or_path):  # per-layer head counts: rebuilt from the stored weight shapes
         labels = num_labels if task == "sequence-classification" else None
@@ -84,21 +80,6 @@ def load_hf_model(
         raise ConfigError(
             f"cannot load the Hugging Face model {name_or_path!r}: {str(error).splitlines()[0]}"
         ) from None
-
-
-def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The path and ``ModuleList`` of a Transformer's blocks (BERT ``encoder.layer``, Llama ``layers``, GPT-2 ``h``)."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and (count is None or len(module) == count)
-    ]
-    if not candidates:
-        raise ConfigError(
-            f"cannot find the layer list of {type(model).__name__} (a ModuleList of num_hidden_layers blocks)"
-        )
-    return min(candidates, key=lambda item: item[0].count("."))  # the outermost such list
 
 
 def choose_layers(
@@ -203,7 +184,7 @@ def derive_to_folder(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         student.save_pretrained(staging)
         try:
-            tokenizer = _transformers().AutoTokenizer.from_pretrained(
+            tokenizer = transformers_module().AutoTokenizer.from_pretrained(
                 teacher, local_files_only=local_files_only
             )
             tokenizer.save_pretrained(staging)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alambic.batches import (  # noqa: F401  (split_batch re-exported)
+from alambic.config import Term
+from alambic.core.batches import (  # noqa: F401  (split_batch re-exported)
     call_model,
     is_output_field,
     logits_of,
@@ -21,10 +22,9 @@ from alambic.batches import (  # noqa: F401  (split_batch re-exported)
     read_output_field,
     split_batch,
 )
-from alambic.config import Term
-from alambic.connectors import make_connector
+from alambic.core.connectors import make_connector
+from alambic.core.hooks import capture_features, unwrap_model
 from alambic.errors import AlambicError, ConfigError
-from alambic.hooks import capture_features, unwrap_model
 from alambic.losses import build_loss, get_loss_spec
 
 
@@ -32,7 +32,7 @@ def _paths(value: str | list[str]) -> list[str]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _feature_paths(terms: Sequence[Term], side: str) -> list[str]:
+def feature_paths(terms: Sequence[Term], side: str) -> list[str]:
     return [path for term in terms for path in _paths(getattr(term, side)) if path != "logits"]
 
 
@@ -79,7 +79,7 @@ class Teacher:
             self.dtype = None  # inputs and activations stay float32
         elif dtype is not None:
             self.model = copy.deepcopy(self.model).to(dtype)
-        self.feature_paths = _feature_paths(
+        self.feature_paths = feature_paths(
             [t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher"
         )
 
@@ -196,7 +196,7 @@ class Distiller(nn.Module):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"two terms log under the same name {duplicates}; combine them into one term")
-        self.student_paths = _feature_paths(self.terms, "student")
+        self.student_paths = feature_paths(self.terms, "student")
         self.needs_teacher = any(get_loss_spec(term.loss).needs_teacher for term in self.terms)
         self.has_token_terms = any(get_loss_spec(term.loss).inputs == "tokens" for term in self.terms)
 

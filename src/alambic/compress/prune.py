@@ -13,7 +13,7 @@
 - :func:`recover` distills the pruned model from the unpruned one with :func:`alambic.distill`; the
   weights pruning zeroed stay zero while it trains.
 
-A structurally pruned model is saved as plain safetensors; :func:`alambic.export.load_resized` rebuilds
+A structurally pruned model is saved as plain safetensors; :func:`alambic.compress.export.load_resized` rebuilds
 it from its architecture and that file.
 
 Example:
@@ -32,7 +32,12 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from alambic.compress.heads import prune_heads_by_importance
+from alambic.core.api import distill
 from alambic.errors import ConfigError
+from alambic.models.cifar_resnet import CifarResNet, OptionABlock, OptionBBlock, WideCifarResNet
+from alambic.models.surgery import slice_in, slice_norm, slice_out
+from alambic.models.zoo import MLP, SmallCNN
 
 PRUNE_METHODS = ("magnitude", "channel", "heads")
 
@@ -107,48 +112,17 @@ def _ranked(layer: nn.Module, keep: int) -> torch.Tensor:
     return norms.topk(keep).indices.sort().values
 
 
-def _slice_out(layer: nn.Linear | nn.Conv2d, keep: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.detach()[keep].clone())
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.detach()[keep].clone())
-    if isinstance(layer, nn.Linear):
-        layer.out_features = len(keep)
-    else:
-        layer.out_channels = len(keep)
-
-
-def _slice_in(layer: nn.Linear | nn.Conv2d, keep: torch.Tensor) -> None:
-    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-        raise ConfigError("channel pruning does not handle grouped convolutions")
-    layer.weight = nn.Parameter(layer.weight.detach()[:, keep].clone())
-    if isinstance(layer, nn.Linear):
-        layer.in_features = len(keep)
-    else:
-        layer.in_channels = len(keep)
-
-
-def _slice_norm(norm: nn.BatchNorm2d, keep: torch.Tensor) -> None:
-    norm.weight = nn.Parameter(norm.weight.detach()[keep].clone())
-    norm.bias = nn.Parameter(norm.bias.detach()[keep].clone())
-    norm.running_mean = norm.running_mean[keep].clone()
-    norm.running_var = norm.running_var[keep].clone()
-    norm.num_features = len(keep)
-
-
 def _prune_chain(producer: nn.Module, norm: nn.Module | None, consumer: nn.Module, ratio: float) -> None:
     """Remove ``producer``'s weakest output units, with their BatchNorm channels and ``consumer``'s inputs."""
     keep = _ranked(producer, _keep_count(producer.weight.shape[0], ratio))
-    _slice_out(producer, keep)
+    slice_out(producer, keep)
     if norm is not None:
-        _slice_norm(norm, keep)
-    _slice_in(consumer, keep)
+        slice_norm(norm, keep)
+    slice_in(consumer, keep)
 
 
 def _chains(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None, nn.Module]]:
     """(producer, norm, consumer) triples whose shared width can shrink without touching anything else."""
-    from alambic.models.cifar_resnet import CifarResNet, OptionABlock, OptionBBlock, WideCifarResNet
-    from alambic.models.zoo import MLP, SmallCNN
-
     if isinstance(model, MLP):
         linears = [block[0] for block in model.hidden] + [model.head]
         return [(linears[i], None, linears[i + 1]) for i in range(len(linears) - 1)]
@@ -191,14 +165,12 @@ def prune_model(
 ) -> nn.Module:
     """A pruned copy: ``magnitude`` (``amount`` = sparsity), ``channel`` (``amount`` = ratio of units
     removed) or ``heads`` (attention heads of a BERT-family model, ranked by importance on up to
-    ``max_batches`` labelled batches of ``loader``; :mod:`alambic.heads`)."""
+    ``max_batches`` labelled batches of ``loader``; :mod:`alambic.compress.heads`)."""
     if method == "magnitude":
         return magnitude_prune(copy.deepcopy(model), amount)
     if method == "channel":
         return channel_prune(model, amount)
     if method == "heads":
-        from alambic.heads import prune_heads_by_importance
-
         if loader is None:
             raise ConfigError("head pruning scores the heads on labelled batches: pass loader=")
         return prune_heads_by_importance(copy.deepcopy(model), loader, amount, max_batches=max_batches)
@@ -230,8 +202,6 @@ def recover(
     Example:
         >>> recovered = recover(small, student, train_loader, epochs=2, optimizer="adamw", lr=1e-3)
     """
-    from alambic.api import distill
-
     if keep_zeros:
         for _, module in prunable_layers(pruned):
             mask = module.weight.detach() != 0

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alambic.batches import call_model, logits_of
+from alambic.core.batches import call_model, logits_of
 from alambic.errors import ConfigError
 
 IGNORE_INDEX = -100

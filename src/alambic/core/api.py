@@ -12,11 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from alambic.config import Term, TrainConfig
-from alambic.distiller import Distiller, Teacher
+from alambic.config import Term, TrainConfig, format_validation_error
+from alambic.core.cache import CachedTeacher
+from alambic.core.distiller import Distiller, Teacher
+from alambic.core.evaluate import evaluate_classifier
+from alambic.core.lock import run_lock
+from alambic.core.loop import MetricsLog, fit, make_accelerator
 from alambic.errors import ConfigError
-from alambic.runlock import run_lock
-from alambic.train import MetricsLog, fit, make_accelerator
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
 
@@ -24,8 +26,6 @@ HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "pa
 def as_terms(terms: Sequence[Term | dict] | None) -> list[Term]:
     """Terms from ``Term`` objects or plain dicts (``{"loss": "kd", "weight": 0.9, "params": {...}}``)."""
     from pydantic import ValidationError
-
-    from alambic.config import format_validation_error
 
     result = []
     for index, term in enumerate(terms if terms is not None else HINTON_TERMS):
@@ -58,7 +58,7 @@ def distill(
 
     Args:
         teacher: any module mapping inputs to logits (or an output with ``.logits``); frozen here.
-            A :class:`~alambic.cache.CachedTeacher` replays stored outputs (batches must carry indices).
+            A :class:`~alambic.core.cache.CachedTeacher` replays stored outputs (batches must carry indices).
             ``None`` trains the student alone (terms must then need no teacher, e.g. ``ce``).
         student: the module to train; it must predict the teacher's number of classes.
         train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key; ``(inputs,
@@ -69,7 +69,7 @@ def distill(
         eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.
         run_dir: where ``metrics.jsonl`` and resumable checkpoints go (created when missing); None keeps
             nothing on disk. One writer at a time: another process's ``distill`` or run there raises
-            :class:`~alambic.runlock.RunLockedError`.
+            :class:`~alambic.core.lock.RunLockedError`.
         precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast.
         grad_accum: micro-batches per optimizer step.
         seed: seeds Python, NumPy and torch before training (None leaves them alone).
@@ -88,8 +88,6 @@ def distill(
     """
     from accelerate.utils import set_seed
     from pydantic import ValidationError
-
-    from alambic.config import format_validation_error
 
     if "augment" in train or "mix" in train:
         raise ConfigError(
@@ -115,7 +113,6 @@ def distill(
     if eval_loader is not None:
         if num_classes is None:
             raise ConfigError("eval_loader needs num_classes (the number of classes the models predict)")
-        from alambic.evaluate import evaluate_classifier
 
         prepared_eval = accelerator.prepare(eval_loader)
         evaluate = lambda model: evaluate_classifier(  # noqa: E731
@@ -138,9 +135,7 @@ def distill(
 
 
 def _as_teacher(teacher, terms, vocab_size: int | None, dtype) -> Teacher | None:
-    """A module becomes a frozen :class:`Teacher`; a :class:`~alambic.cache.CachedTeacher` is used as it is."""
-    from alambic.cache import CachedTeacher
-
+    """A module becomes a frozen :class:`Teacher`; a :class:`~alambic.core.cache.CachedTeacher` is used as it is."""
     if isinstance(teacher, CachedTeacher) and (vocab_size is not None or dtype is not None):
         raise ConfigError(
             "teacher_vocab_size and teacher_dtype apply to a live teacher; a CachedTeacher replays stored outputs"

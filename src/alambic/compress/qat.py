@@ -7,7 +7,7 @@ inside the representable range (the straight-through estimator, Bengio et al. 20
 the usual terms, here Hinton KD from the float teacher plus cross-entropy, as in the QAT + KD recipes of
 Intel's and NVIDIA's toolkits and of Apprentice (Mishra & Marr 2018, https://arxiv.org/abs/1711.05852).
 
-The scheme mirrors what :func:`alambic.quantize.quantize_onnx_static` produces: weights symmetric int8
+The scheme mirrors what :func:`alambic.compress.quantize.quantize_onnx_static` produces: weights symmetric int8
 per output channel, activations affine uint8 per tensor with ranges tracked by an exponential moving
 average of their min and max. It is deliberately small (PyTorch's core ``fake_quantize_per_*_affine``
 operators, which carry the straight-through gradient) rather than a dependency: PyTorch's eager
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alambic.core.api import as_terms, distill
 from alambic.errors import ConfigError
 
 
@@ -115,7 +116,6 @@ def qat_terms(temperature: float = 2.0, kd_weight: float = 0.9) -> list[dict]:
     """The QAT + KD terms: ``ce * (1 - kd_weight) + kd(temperature) * kd_weight``."""
     if not 0.0 <= kd_weight <= 1.0:
         raise ConfigError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
-    from alambic.api import as_terms
 
     terms = [{"loss": "kd", "weight": kd_weight, "params": {"temperature": temperature}}]
     if kd_weight < 1.0:
@@ -151,8 +151,6 @@ def qat_distill(
     Example:
         >>> qat_student = qat_distill(teacher, student, train_loader, temperature=2.0, lr=1e-3)
     """
-    from alambic.api import distill
-
     terms = qat_terms(temperature, kd_weight) if teacher is not None else [{"loss": "ce"}]
     trained = distill(teacher, prepare_qat(student), train_loader, terms=terms, epochs=epochs, **train)
     return strip_qat(trained)

@@ -17,12 +17,15 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from alambic.batches import index_of, split_batch
-from alambic.building import build_named_model, check_num_classes, derive_from_teacher, example_input
 from alambic.config import RunConfig, Term, TrainConfig
-from alambic.distiller import Distiller, Teacher
+from alambic.core.batches import index_of, split_batch
+from alambic.core.cache import CachedTeacher
+from alambic.core.distiller import Distiller, Teacher
+from alambic.core.loop import make_loader
 from alambic.errors import ConfigError
-from alambic.train import make_loader
+from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher, example_input
+from alambic.strategies.ensemble import EnsembleModel
+from alambic.strategies.online import MutualDistiller, SelfDistiller
 
 PROBE_BATCH = 64  # rows of the first batch the terms are tried on (the stage's batch size when smaller)
 
@@ -96,8 +99,6 @@ def _distill_teacher(config: RunConfig, model: nn.Module, dataset: Any) -> Any:
     the training data it was written for), or live."""
     distill = config.distill
     if distill.teacher_cache:
-        from alambic.cache import CachedTeacher
-
         return CachedTeacher(distill.teacher_cache, dataset=dataset, terms=distill.terms, preload=False)
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
     return Teacher(model, distill.terms, dtype=dtype)
@@ -105,9 +106,6 @@ def _distill_teacher(config: RunConfig, model: nn.Module, dataset: Any) -> Any:
 
 def _strategy_preflight(config: RunConfig, student, teacher, build, probe, example) -> None:
     """A strategy's own models (ensemble members, assistants, peers, exits) built and probed."""
-    from alambic.strategies.ensemble import EnsembleModel
-    from alambic.strategies.online import MutualDistiller, SelfDistiller
-
     strategy, terms, train = config.strategy, config.distill.terms, config.distill.train
     if strategy.kind == "ensemble":
         members = [build(model, f"teacher_{k}") for k, model in enumerate(strategy.teachers, 1)]

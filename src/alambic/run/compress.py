@@ -5,7 +5,7 @@ The chain reads a run directory (or runs a config first) and writes ``RUN_DIR/co
 ```
 compress/
   weights/                  ROW.safetensors of every float row (a structurally pruned one is rebuilt
-                            from the architecture and this file by alambic.export.load_resized)
+                            from the architecture and this file by alambic.compress.export.load_resized)
   onnx/                     ROW.onnx (float32) of every float row, and int8.onnx
   export/                   the final student: model.onnx, model-int8.onnx, model.pt2, model.safetensors
                             (a Hugging Face student: the folder model-hf/ from save_pretrained, with
@@ -24,7 +24,7 @@ comparison. Latency is the median of ``evaluate.latency_repeats`` runs with ``ev
 
 A run on tokenized text (a Hugging Face student) goes through the same chain with dict inputs; its
 int8 stage needs ``compress.quantize.method: dynamic`` and its prune stage ``prune.method: heads``
-(attention heads, :mod:`alambic.heads`) or ``magnitude``.
+(attention heads, :mod:`alambic.compress.heads`) or ``magnitude``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from alambic.checkpoint import atomic_write_text, save_weights
-from alambic.config import CompressConfig, RunConfig
+from alambic.compress.export import default_export_path, export_model, export_onnx, real_inputs, take
+from alambic.compress.prune import prune_model, recover, weight_sparsity
+from alambic.compress.qat import qat_distill
+from alambic.compress.quantize import evaluate_onnx, max_onnx_difference, onnx_profile, quantize_onnx
+from alambic.config import CompressConfig, RunConfig, load_config
+from alambic.core.checkpoint import atomic_write_text, save_weights
+from alambic.core.evaluate import count_flops, count_parameters, evaluate_classifier, profile_model
+from alambic.core.lock import run_lock
+from alambic.core.loop import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json
-from alambic.runlock import run_lock
+from alambic.models.surgery import load_resized
+from alambic.run.artifacts import build_run_architecture, student_state_dict
+from alambic.run.building import build_named_model, build_run_datasets, run_tokenizer
+from alambic.run.pipeline import run
+from alambic.run.plots import model_colors, model_points, new_figure, scatter
+from alambic.run.rundir import check_run_dir, run_directory
 
 ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8")
 
@@ -53,8 +65,6 @@ class _Context:
     def __init__(
         self, config: RunConfig, run_dir: Path, out: Path | None, data_dir: str | None, progress: Any
     ) -> None:
-        from alambic.pipeline import build_run_datasets
-
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.settings: CompressConfig = config.compress or CompressConfig()
         self.out = out or run_dir / "compress"
@@ -65,8 +75,6 @@ class _Context:
         if subset is not None and subset < len(self.test_set):
             indices = torch.linspace(0, len(self.test_set) - 1, subset).long().tolist()
             self.eval_set = torch.utils.data.Subset(self.test_set, indices)
-        from alambic.export import real_inputs, take
-        from alambic.pipeline import run_tokenizer
 
         self.calibration = real_inputs(plain_train, self.settings.quantize.calibration_samples)  # [N, ...]
         self.check_inputs = real_inputs(self.test_set, 64)  # [64, ...], or {key: [64, T]} for text
@@ -82,8 +90,6 @@ class _Context:
             self.progress(message)
 
     def loader(self, batch_size: int) -> Any:
-        from alambic.train import make_loader
-
         return make_loader(self.train_set, batch_size=batch_size, shuffle=True, seed=self.config.seed)
 
     def eval_loader(self) -> Any:
@@ -100,9 +106,6 @@ def _timing(evaluation) -> dict[str, Any]:
 
 
 def _load_models(context: _Context) -> dict[str, nn.Module]:
-    from alambic.export import _student_state_dict, build_run_architecture, load_resized
-    from alambic.pipeline import build_named_model
-
     config, models = context.config, {}
     sources = {
         **({"teacher": (config.teacher.model, "teacher")} if config.teacher else {}),
@@ -113,7 +116,7 @@ def _load_models(context: _Context) -> dict[str, nn.Module]:
         weights = context.run_dir / folder / "model.safetensors"
         if weights.is_file():
             model = build_run_architecture(config, name, context.info)
-            models[name] = load_resized(model, _student_state_dict(weights)).eval()
+            models[name] = load_resized(model, student_state_dict(weights)).eval()
         elif name == "teacher" and model_config.checkpoint:
             models[name] = build_named_model(model_config, context.info).eval()
     if "distilled" not in models:
@@ -126,11 +129,6 @@ def _load_models(context: _Context) -> dict[str, nn.Module]:
 
 def _measure(context: _Context, name: str, model: nn.Module, **extra: Any) -> dict:
     """Accuracy, size, parameters, FLOPs, sparsity, latency in PyTorch and onnxruntime of a float model."""
-    from alambic.evaluate import evaluate_classifier, profile_model
-    from alambic.export import export_onnx
-    from alambic.prune import weight_sparsity
-    from alambic.quantize import onnx_profile
-
     context.say(f"measuring {name}")
     evaluation = context.config.evaluate
     model = model.eval()
@@ -161,8 +159,6 @@ def _measure(context: _Context, name: str, model: nn.Module, **extra: Any) -> di
 
 def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
     import copy
-
-    from alambic.prune import prune_model, recover
 
     settings = context.settings
     current = distilled
@@ -197,11 +193,6 @@ def _stage_quantize(
     context: _Context, float_model: nn.Module, models: dict[str, nn.Module]
 ) -> tuple[nn.Module, Path]:
     """QAT + KD when asked, then int8 in onnxruntime; returns the float model it started from and the int8 file."""
-    from alambic.evaluate import count_flops, count_parameters
-    from alambic.export import export_onnx
-    from alambic.qat import qat_distill
-    from alambic.quantize import evaluate_onnx, max_onnx_difference, onnx_profile, quantize_onnx
-
     settings = context.settings.quantize
     if settings.qat:
         teacher = models.get("teacher") if settings.qat_teacher == "teacher" else float_model
@@ -267,8 +258,6 @@ def _stage_quantize(
 def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> None:
     """Export ``final`` (the row ``context.final_name``) in every format, and copy the int8 file."""
     import shutil
-
-    from alambic.export import default_export_path, export_model
 
     folder = context.out / "export"
     description = {
@@ -347,9 +336,6 @@ def compress_run(
         >>> summary = compress_run("runs/mnist-demo", overrides=["compress.quantize.method=dynamic"])
         >>> summary["models"]["int8"]["accuracy"]
     """
-    from alambic.config import load_config
-    from alambic.pipeline import check_run_dir, run, run_directory
-
     source = Path(source)
     train_first = not source.is_dir()
     if not train_first:
@@ -364,8 +350,6 @@ def compress_run(
         ]
         if "distill" not in config.stages:
             config.stages.append("distill")
-        from alambic.export import real_inputs
-        from alambic.pipeline import build_run_datasets
 
         test_set = build_run_datasets(config, augment=False)[1]  # refused settings fail before training
         _check_inputs_supported(
@@ -464,18 +448,16 @@ def write_compress_report(folder: str | Path) -> Path:
 
 def _plot(rows: dict[str, dict], path: Path, batch: str | None) -> bool:
     """Accuracy against onnxruntime latency (largest batch) and against size on disk."""
-    from alambic.report import _model_colors, _model_points, _new_figure, _scatter
-
     if batch is None:
         return False
     models = list(rows.items())
-    by_latency = _model_points(models, lambda row: row["onnxruntime_latency_ms"].get(batch))
-    by_size = _model_points(models, lambda row: row["size_bytes"] / 1e6)
+    by_latency = model_points(models, lambda row: row["onnxruntime_latency_ms"].get(batch))
+    by_size = model_points(models, lambda row: row["size_bytes"] / 1e6)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = _new_figure(10.0, 4.2)
+    figure = new_figure(10.0, 4.2)
     left, right = figure.subplots(1, 2)
-    _scatter(left, by_latency, f"onnxruntime latency at batch {batch} (ms)", _model_colors(models))
-    _scatter(right, by_size, "size on disk (MB)", _model_colors(models))
+    scatter(left, by_latency, f"onnxruntime latency at batch {batch} (ms)", model_colors(models))
+    scatter(right, by_size, "size on disk (MB)", model_colors(models))
     figure.suptitle("Accuracy against latency and size, per compression stage")
     figure.savefig(path)
     return True

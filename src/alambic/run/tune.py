@@ -22,25 +22,21 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from alambic.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
-from alambic.distiller import Distiller, Teacher
+from alambic.core.batches import call_model, logits_of, split_batch
+from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
+from alambic.core.distiller import Distiller, Teacher
+from alambic.core.evaluate import evaluate_classifier, measure_latency, size_on_disk
+from alambic.core.loop import MetricsLog, fit, make_accelerator, make_loader
 from alambic.errors import ConfigError, NonFiniteLossError
 from alambic.files import dumps_json
+from alambic.imports import require
 from alambic.losses import get_loss_spec
-from alambic.train import MetricsLog, fit, make_accelerator, make_loader
+from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, example_input
 
 DEFAULT_METHODS = ("kd", "dkd", "dist")
 MLP_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)
 CNN_WIDTHS = (4, 8, 16, 32, 64)
-
-
-def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise ConfigError("alambic tune needs Optuna: pip install 'alambic[tune]'") from None
-    return optuna
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
@@ -78,8 +74,6 @@ def over_budget(
     repeats: int = 20,
 ) -> str | None:
     """Why ``model`` breaks the budget (size in MB of its safetensors file, median ms at batch 1, 1 thread), or None."""
-    from alambic.evaluate import measure_latency, size_on_disk
-
     if max_size_mb is not None:
         size_mb = size_on_disk(model) / 1e6
         if size_mb > max_size_mb:
@@ -127,8 +121,6 @@ def _teacher(
     config: RunConfig, study_dir: Path, build: Callable, fit_set: Any, val_loader: Any, accelerator, log
 ):
     """The study's teacher: from its checkpoint, from ``teacher.safetensors``, or trained once on the training split."""
-    from alambic.evaluate import evaluate_classifier
-
     set_seed(config.seed)
     model = build(config.teacher.model)
     path = study_dir / "teacher.safetensors"
@@ -154,8 +146,6 @@ def _teacher(
 
 
 def _classes(model: nn.Module, loader: Any) -> int:
-    from alambic.batches import call_model, logits_of, split_batch
-
     inputs, _ = split_batch(next(iter(loader)))
     with torch.no_grad():
         return logits_of(call_model(model.eval(), inputs)).shape[-1]
@@ -211,9 +201,7 @@ def tune(
         >>> result = tune(load_config("recipes/digits.yaml"), trials=20, study_dir="runs/digits-tune")
         >>> result["best_params"]["temperature"]
     """
-    optuna = _optuna()
-    from alambic.evaluate import evaluate_classifier
-    from alambic.pipeline import build_named_model, build_run_datasets, check_num_classes, example_input
+    optuna = require("optuna", "tune", purpose="alambic tune")
 
     if config.strategy is not None or config.teacher is None:
         raise ConfigError("alambic tune searches plain teacher -> student distillation; remove strategy:")

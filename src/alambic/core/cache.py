@@ -32,10 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from alambic.batches import split_batch
+from alambic.core.batches import split_batch
+from alambic.core.distiller import Teacher, feature_paths
+from alambic.core.hooks import unwrap_model
+from alambic.data import dataset_fingerprint
 from alambic.errors import ConfigError
 from alambic.files import dumps_json
-from alambic.hooks import unwrap_model
+from alambic.losses import get_loss_spec
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -97,9 +100,6 @@ def cache_teacher(
         >>> manifest = cache_teacher(teacher, train_set, "cache/resnet56", batch_size=512)
         >>> cached = CachedTeacher("cache/resnet56", teacher=teacher, dataset=train_set)
     """
-    from alambic.data import dataset_fingerprint
-    from alambic.distiller import Teacher
-
     out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise ConfigError(f"cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -274,7 +274,7 @@ def _open_shards(folder: Path, name: str, field: dict, num_samples: int, shard_s
 
 
 class CachedTeacher:
-    """Replays a cache written by :func:`cache_teacher`; called like :class:`alambic.distiller.Teacher`.
+    """Replays a cache written by :func:`cache_teacher`; called like :class:`alambic.core.distiller.Teacher`.
 
     ``teacher`` and ``dataset``, when given, are checked against the manifest (checksum and
     fingerprint); ``terms`` are checked to ask only for what the cache stores.
@@ -310,8 +310,6 @@ class CachedTeacher:
                 "weights); rebuild the cache with cache-teacher"
             )
         if dataset is not None:
-            from alambic.data import dataset_fingerprint
-
             check_not_augmented(dataset)
             if dataset_fingerprint(dataset) != self.manifest["dataset_fingerprint"]:
                 raise ConfigError(
@@ -332,10 +330,7 @@ class CachedTeacher:
         self.resident: dict[str, Tensor] = {}  # name -> every sample's rows, on self.device
 
     def _check_terms(self, terms: Sequence[Any]) -> None:
-        from alambic.distiller import _feature_paths
-        from alambic.losses import get_loss_spec
-
-        wanted = _feature_paths([t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher")
+        wanted = feature_paths([t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher")
         missing = sorted(set(wanted) - set(self.feature_paths))
         if missing:
             raise ConfigError(

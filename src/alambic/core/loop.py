@@ -21,9 +21,15 @@ from accelerate.utils import DistributedType, send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from alambic.batches import index_of, split_batch
-from alambic.checkpoint import latest_checkpoint, load_training_state, save_training_state
-from alambic.distiller import Distiller, Teacher
+from alambic.core.batches import index_of, split_batch
+from alambic.core.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
+from alambic.core.distiller import Distiller, Teacher
+from alambic.data.datasets import BatchedView
 from alambic.errors import NonFiniteLossError
 from alambic.files import dumps_json, writing
 
@@ -72,8 +78,6 @@ def make_loader(
     tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
     in page-locked memory when a GPU is there to receive them.
     """
-    from alambic.data.datasets import BatchedView
-
     batched = hasattr(dataset, "get_batch")
     return DataLoader(
         BatchedView(dataset) if batched else dataset,
@@ -149,7 +153,6 @@ class MetricsLog:
         """Forget ``stage``'s records past ``step`` (a resumed run logs those steps again)."""
         if self.path is None or not self.path.is_file():
             return
-        from alambic.checkpoint import atomic_write_text
 
         kept = []
         for line in self.path.read_text().splitlines():

@@ -30,9 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alambic.batches import logits_of
+from alambic.compress.parity import check_finite, reference_outputs
+from alambic.core.batches import logits_of
+from alambic.data.text import load_tokenizer
 from alambic.errors import AlambicError
 from alambic.files import dumps_json
+from alambic.models.surgery import is_head_pruned, load_head_pruned
 
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -136,8 +139,6 @@ def save_hf_folder(
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             if isinstance(tokenizer, str | Path):
-                from alambic.data.text import load_tokenizer
-
                 tokenizer = load_tokenizer(str(tokenizer))
             tokenizer.save_pretrained(staging)
         (staging / "alambic.json").write_text(dumps_json(description or {}, indent=2, sort_keys=True))
@@ -165,9 +166,7 @@ def load_hf_folder(folder: str | Path, like: nn.Module) -> nn.Module:
     """Load an exported folder with the class of ``like`` (``from_pretrained``), in eval mode.
 
     A head-pruned model (per-layer head counts, which its config cannot state) is rebuilt from its
-    config and the stored weight shapes (:func:`alambic.heads.load_head_pruned`)."""
-    from alambic.heads import is_head_pruned, load_head_pruned
-
+    config and the stored weight shapes (:func:`alambic.compress.heads.load_head_pruned`)."""
     if is_head_pruned(folder):
         return load_head_pruned(folder, type(like))
     return type(like).from_pretrained(str(folder)).eval()
@@ -183,14 +182,12 @@ def export_hf_folder(
     Example:
         >>> outputs, folder, runtime = export_hf_folder(student, [batch], Path("export/student-hf"), None, {})
     """
-    from alambic.export import _check_finite, _reference
-
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = save_hf_folder(model, final, tokenizer=tokenizer, description=description)
     try:
         fresh = load_hf_folder(staging, like=model)
-        outputs = [_reference(fresh, batch) for batch in batches]
-        _check_finite(outputs, "safetensors", final)
+        outputs = [reference_outputs(fresh, batch) for batch in batches]
+        check_finite(outputs, "safetensors", final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -17,6 +17,14 @@ from typing import Any
 
 from alambic.errors import AlambicError
 from alambic.files import writing
+from alambic.run.plots import (
+    is_number,
+    make_plot,
+    plot_accuracy_curves,
+    plot_accuracy_vs_latency,
+    plot_accuracy_vs_size,
+    plot_training_curves,
+)
 
 # The command that writes summary.json, named in the error raised when it is missing.
 SUMMARY_COMMAND = "alambic run CONFIG.yaml"
@@ -70,14 +78,9 @@ def _ordered_models(models: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(name, models[name]) for name in names]
 
 
-def _is_number(value: Any) -> bool:
-    """True for a finite int or float (not bool, None or NaN)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _format(value: Any, spec: str, scale: float = 1.0) -> str:
     """Format ``value * scale`` with ``spec``, or a dash when the value is missing or not finite."""
-    if not _is_number(value):
+    if not is_number(value):
         return MISSING
     scaled = value * scale
     return format(round(scaled) if spec.endswith("d") else scaled, spec)
@@ -85,7 +88,7 @@ def _format(value: Any, spec: str, scale: float = 1.0) -> str:
 
 def _format_significant(value: Any, scale: float = 1.0) -> str:
     """``value * scale`` with about 3 significant digits (0.00514, 0.313, 23.2, 557), or a dash."""
-    if not _is_number(value):
+    if not is_number(value):
         return MISSING
     scaled = value * scale
     if scaled == 0 or abs(scaled) >= 100:
@@ -109,7 +112,7 @@ def _models_table(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
     for name, model in models:
         latency = model.get("latency_ms") or {}
         errors = model.get("errors")
-        if _is_number(errors) and _is_number(model.get("num_samples")):
+        if is_number(errors) and is_number(model.get("num_samples")):
             errors = f"{errors} / {model['num_samples']}"
         else:
             errors = _format(errors, "d")
@@ -136,16 +139,12 @@ def _derived_lines(models: dict[str, Any]) -> list[str]:
     lines = []
 
     def both(first: dict[str, Any], second: dict[str, Any], key: str) -> bool:
-        return _is_number(first.get(key)) and _is_number(second.get(key)) and second[key] != 0
+        return is_number(first.get(key)) and is_number(second.get(key)) and second[key] != 0
 
     if teacher is not None and both(distilled, teacher, "accuracy"):
         keeps = 100.0 * distilled["accuracy"] / teacher["accuracy"]
         lines.append(f"- The distilled student keeps **{keeps:.1f}%** of the teacher's accuracy.")
-    if (
-        baseline is not None
-        and _is_number(distilled.get("accuracy"))
-        and _is_number(baseline.get("accuracy"))
-    ):
+    if baseline is not None and is_number(distilled.get("accuracy")) and is_number(baseline.get("accuracy")):
         points = 100.0 * (distilled["accuracy"] - baseline["accuracy"])
         lines.append(
             f"- **{points:+.2f} points** of accuracy against the baseline (the same student trained without a teacher)."
@@ -182,13 +181,13 @@ def _stage_times_table(
     """Markdown table of wall time (and peak memory) per stage, with a total row."""
     peak_memory = peak_memory or {}
     lines = ["| Stage | Seconds | h:mm:ss | Peak memory |", "|---|---|---|---|"]
-    numbers = {stage: seconds for stage, seconds in stages_seconds.items() if _is_number(seconds)}
+    numbers = {stage: seconds for stage, seconds in stages_seconds.items() if is_number(seconds)}
     for stage, seconds in [*numbers.items(), ("**total**", sum(numbers.values()))]:
         whole = round(seconds)
         memory = peak_memory.get(stage) or {}
         shown = (
             f"{memory['peak_bytes'] / 2**20:,.0f} MiB ({'GPU' if memory.get('device') == 'cuda' else 'process RSS'})"
-            if _is_number(memory.get("peak_bytes"))
+            if is_number(memory.get("peak_bytes"))
             else ""
         )
         lines.append(
@@ -218,199 +217,6 @@ def _per_class_table(models: list[tuple[str, dict[str, Any]]], summary: dict[str
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _stages_in_order(records: list[dict[str, Any]], kind: str) -> dict[str, list[dict[str, Any]]]:
-    """Records of one kind grouped by stage, stages in order of first appearance."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        if record.get("kind") == kind:
-            grouped.setdefault(str(record.get("stage", "?")), []).append(record)
-    return grouped
-
-
-def _new_figure(width: float, height: float) -> Any:
-    """A matplotlib Figure on an Agg canvas; no pyplot, so no global state and no leaked figures."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
-    """One subplot per stage: every loss term against step (log y), test loss as markers."""
-    train, evals = _stages_in_order(records, "train"), _stages_in_order(records, "eval")
-    stages = list(dict.fromkeys([*train, *evals]))
-    if not stages:
-        return False
-    # Terms in order of first appearance over all stages, so a term keeps its colour in every subplot.
-    all_terms = list(
-        dict.fromkeys(
-            key
-            for stage_records in train.values()
-            for record in stage_records
-            for key in record.get("losses", {})
-        )
-    )
-    all_terms.sort(key=lambda term: term == "total")  # the sum last in every legend (the sort is stable)
-    figure = _new_figure(5.0 * len(stages), 3.8)
-    axes = figure.subplots(1, len(stages), squeeze=False)[0]
-    for axis, stage in zip(axes, stages, strict=True):
-        stage_records = train.get(stage, [])
-        terms = [
-            term for term in all_terms if any(term in record.get("losses", {}) for record in stage_records)
-        ]
-        all_values = []
-        for term in terms:
-            points = [
-                (record.get("step"), record["losses"][term])
-                for record in stage_records
-                if _is_number(record.get("losses", {}).get(term)) and _is_number(record.get("step"))
-            ]
-            if points:
-                steps, values = zip(*points, strict=True)
-                all_values += values
-                # The sum is dashed: with one dominant term it lies on top of that term's line.
-                style = {"linewidth": 2.0, "linestyle": "--"} if term == "total" else {"linewidth": 1.2}
-                axis.plot(steps, values, label=term, color=f"C{all_terms.index(term) % 10}", **style)
-        test = [
-            (r["step"], r["loss"])
-            for r in evals.get(stage, [])
-            if _is_number(r.get("loss")) and _is_number(r.get("step"))
-        ]
-        if test:
-            steps, values = zip(*test, strict=True)
-            all_values += values
-            axis.plot(steps, values, "o--", color="black", markersize=4, linewidth=1, label="test ce")
-        # A log axis cannot show zero or negative values; fall back to linear for such stages.
-        if all_values and min(all_values) > 0:
-            axis.set_yscale("log")
-        axis.set_title(f"{stage}")
-        axis.set_xlabel("step")
-        axis.set_ylabel("loss")
-        axis.grid(True, which="both", alpha=0.3)
-        if terms or test:
-            axis.legend(fontsize="small")
-    with writing(path):
-        figure.savefig(path)
-    return True
-
-
-def _plot_accuracy_curves(records: list[dict[str, Any]], path: Path) -> bool:
-    """Test accuracy (%) against epoch, one line per stage."""
-    evals = _stages_in_order(records, "eval")
-    figure = _new_figure(6.4, 4.2)
-    axis = figure.subplots()
-    plotted = False
-    for stage, stage_records in evals.items():
-        points = [
-            (r["epoch"], 100.0 * r["accuracy"])
-            for r in stage_records
-            if _is_number(r.get("epoch")) and _is_number(r.get("accuracy"))
-        ]
-        if points:
-            epochs, accuracies = zip(*points, strict=True)
-            axis.plot(epochs, accuracies, "o-", label=stage)
-            plotted = True
-    if not plotted:
-        return False
-    from matplotlib.ticker import MaxNLocator
-
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_title("Test accuracy per epoch")
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    with writing(path):
-        figure.savefig(path)
-    return True
-
-
-def _compact_number(value: float, _position: object = None) -> str:
-    """Tick label such as 50k, 1.2M, 0.5 or 20: readable where 3x10^5 labels would collide."""
-    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:g}{suffix}"
-    return f"{value:g}"
-
-
-def _scatter(axis: Any, points: list[tuple[str, float, float]], xlabel: str, colors: dict[str, str]) -> None:
-    """Labelled scatter of (name, x, accuracy %) on a log x axis, one colour per model name."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    for name, x, accuracy in points:
-        axis.scatter([x], [accuracy], s=50, color=colors[name])
-        axis.annotate(name, (x, accuracy), textcoords="offset points", xytext=(6, 4), fontsize="small")
-    axis.set_xscale("log")
-    # Ticks at 1-2-5 steps with compact labels; a log axis spanning under a decade would otherwise show one tick.
-    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.xaxis.set_major_formatter(FuncFormatter(_compact_number))
-    axis.xaxis.set_minor_formatter(NullFormatter())
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel("test accuracy (%)")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.margins(x=0.25, y=0.15)
-
-
-def _model_colors(models: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
-    """Matplotlib cycle colour per model, by position, so a model has one colour in every plot."""
-    return {name: f"C{index % 10}" for index, (name, _) in enumerate(models)}
-
-
-def _model_points(models: list[tuple[str, dict[str, Any]]], getter: Any) -> list[tuple[str, float, float]]:
-    """(name, x, accuracy %) for models whose accuracy and ``getter(model)`` are positive numbers."""
-    points = []
-    for name, model in models:
-        x = getter(model)
-        if _is_number(x) and x > 0 and _is_number(model.get("accuracy")):
-            points.append((name, float(x), 100.0 * model["accuracy"]))
-    return points
-
-
-def _plot_accuracy_vs_size(models: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
-    """Two scatters: accuracy against parameters, and against size on disk."""
-    by_parameters = _model_points(models, lambda model: model.get("parameters"))
-    by_size = _model_points(models, lambda model: _scaled(model.get("size_bytes"), 1e-6))
-    if not by_parameters and not by_size:
-        return False
-    figure = _new_figure(10.0, 4.2)
-    left, right = figure.subplots(1, 2)
-    _scatter(left, by_parameters, "parameters", _model_colors(models))
-    _scatter(right, by_size, "size on disk (MB)", _model_colors(models))
-    figure.suptitle("Accuracy against model size")
-    with writing(path):
-        figure.savefig(path)
-    return True
-
-
-def _plot_accuracy_vs_latency(models: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
-    """Scatter of accuracy against latency at batch size 1."""
-    points = _model_points(models, lambda model: (model.get("latency_ms") or {}).get("1"))
-    if not points:
-        return False
-    figure = _new_figure(6.4, 4.2)
-    axis = figure.subplots()
-    _scatter(axis, points, "latency at batch size 1 (ms)", _model_colors(models))
-    axis.set_title("Accuracy against latency (batch 1)")
-    with writing(path):
-        figure.savefig(path)
-    return True
-
-
-def _scaled(value: Any, scale: float) -> float | None:
-    """``value * scale`` for a number, else None."""
-    return value * scale if _is_number(value) else None
-
-
-def _make_plot(plot: Any, data: list[Any], path: Path) -> bool:
-    """Draw one plot; when there is nothing to draw, remove a stale PNG from an earlier report."""
-    if data and plot(data, path):
-        return True
-    path.unlink(missing_ok=True)
-    return False
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -477,20 +283,20 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"{skipped} malformed line(s) in metrics.jsonl were skipped.", ""]
     if not records:
         lines.append("metrics.jsonl is missing or empty, so the training-curve plots are skipped.")
-    if _make_plot(_plot_training_curves, records, plots_dir / "training_curves.png"):
+    if make_plot(plot_training_curves, records, plots_dir / "training_curves.png"):
         lines += ["Loss terms per stage against step (log scale); black markers: test cross-entropy.", ""]
         lines += ["![training curves](plots/training_curves.png)", ""]
-    if _make_plot(_plot_accuracy_curves, records, plots_dir / "accuracy_curves.png"):
+    if make_plot(plot_accuracy_curves, records, plots_dir / "accuracy_curves.png"):
         lines += ["![test accuracy per epoch](plots/accuracy_curves.png)", ""]
     elif records:
         lines.append("No evaluation records in metrics.jsonl, so no accuracy-per-epoch plot.")
 
     lines += ["", "## Trade-offs", ""]
-    if _make_plot(_plot_accuracy_vs_size, models, plots_dir / "accuracy_vs_size.png"):
+    if make_plot(plot_accuracy_vs_size, models, plots_dir / "accuracy_vs_size.png"):
         lines += ["![accuracy against size](plots/accuracy_vs_size.png)", ""]
     else:
         lines.append("No model reports both accuracy and size, so no accuracy-against-size plot.")
-    if _make_plot(_plot_accuracy_vs_latency, models, plots_dir / "accuracy_vs_latency.png"):
+    if make_plot(plot_accuracy_vs_latency, models, plots_dir / "accuracy_vs_latency.png"):
         lines += ["![accuracy against latency](plots/accuracy_vs_latency.png)", ""]
     else:
         lines.append(

@@ -17,17 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from alambic.errors import ConfigError
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
+from alambic.models.loading import unwrap_model
 
 
 def resolve_module(model: nn.Module, path: str, *, side: str = "model") -> nn.Module:

@@ -28,6 +28,7 @@ from torch import nn
 
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, writing
+from alambic.models import load_weights
 
 LATEST = "latest.json"
 
@@ -90,8 +91,6 @@ def load_weights_file(module: nn.Module, path: str | Path, *, fix: str) -> None:
     A damaged file, or one whose tensors do not fit ``module`` (the first mismatching tensor is named),
     raises one line ending with ``fix``, what the user should do.
     """
-    from alambic.models import load_weights
-
     try:
         report = load_weights(module, path, strict=False)
     except ConfigError as error:

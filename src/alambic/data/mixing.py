@@ -42,7 +42,7 @@ class MixedDataset(Dataset):
                 f"{type(sample).__name__} inputs (token ids cannot be mixed): set train.mix: none"
             )
         self.dataset, self.kind, self.alpha = dataset, kind, float(alpha)
-        self.augmentation = kind  # a random view per epoch: a teacher cache refuses it (alambic.cache)
+        self.augmentation = kind  # a random view per epoch: a teacher cache refuses it (alambic.core.cache)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -1,7 +1,7 @@
 """Classification metrics and model profiling: accuracy, macro-F1, parameters, size, FLOPs, latency.
 
 Everything here works on a model and tensors; nothing reads a config. The numbers feed
-``summary.json`` (see :mod:`alambic.report`), so each function documents exactly what it measures.
+``summary.json`` (see :mod:`alambic.run.report`), so each function documents exactly what it measures.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from alambic.batches import call_model, logits_of, split_batch
+from alambic.core.batches import call_model, logits_of, split_batch
 from alambic.errors import AlambicError
 
 ExampleInput = Tensor | Mapping[str, Tensor]
@@ -233,10 +233,10 @@ def _first_sample(example_input: ExampleInput) -> ExampleInput:
     return example_input[:1]
 
 
-def _repeat_batch(example_input: ExampleInput, batch_size: int) -> ExampleInput:
+def repeat_batch(example_input: ExampleInput, batch_size: int) -> ExampleInput:
     """Repeat the first sample ``batch_size`` times along the batch dimension."""
     if isinstance(example_input, Mapping):
-        return {key: _repeat_batch(value, batch_size) for key, value in example_input.items()}
+        return {key: repeat_batch(value, batch_size) for key, value in example_input.items()}
     sample = example_input[:1]
     return sample.repeat(batch_size, *([1] * (sample.ndim - 1))).contiguous()
 
@@ -312,7 +312,7 @@ def measure_latency(
         )
     target_device = torch.device(device)
     original_device = _model_device(model)
-    batch = send_to_device(_repeat_batch(example_input, batch_size), target_device)
+    batch = send_to_device(repeat_batch(example_input, batch_size), target_device)
     timings_ms: list[float] = []
     previous_threads = torch.get_num_threads()
     try:

@@ -11,9 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from alambic.batches import call_model, logits_of
+from alambic.config import RunConfig
+from alambic.core.batches import call_model, logits_of
+from alambic.data import build_datasets
 from alambic.errors import AlambicError, ConfigError
 from alambic.models import build_factory_model, build_model, load_weights
+from alambic.models.hf import derive_student, load_hf_model
+from alambic.models.llama2c import load_llama2c
 
 
 def build_named_model(model_config, info, side: str = "model") -> nn.Module:
@@ -39,15 +43,11 @@ def build_named_model(model_config, info, side: str = "model") -> nn.Module:
 
 def _construct(model_config, info) -> nn.Module:
     if model_config.arch.startswith("hf:"):  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
-        from alambic.hf import load_hf_model
-
         kwargs = dict(model_config.kwargs)
         if kwargs.get("task", "sequence-classification") == "sequence-classification":
             kwargs.setdefault("num_labels", info.num_classes)
         return load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
     if model_config.arch.startswith("llama2c:"):  # a llama2.c checkpoint, as a Hugging Face Llama
-        from alambic.models.llama2c import load_llama2c
-
         if model_config.kwargs:
             raise ConfigError(
                 f"llama2c: takes no kwargs, got {dict(model_config.kwargs)}; remove model.kwargs"
@@ -66,8 +66,6 @@ def hf_path(arch: str) -> str | None:
 
 def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
     """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them."""
-    from alambic.hf import derive_student
-
     student, _report = derive_student(teacher, **model_config.kwargs)
     if model_config.checkpoint:
         load_weights(student, model_config.checkpoint)
@@ -103,3 +101,33 @@ def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int,
             f"the {side} predicts {predicted} classes but the data set has {num_classes}; "
             f"set {side}.model.kwargs.num_classes={num_classes} or remove the override"
         )
+
+
+def build_run_datasets(
+    config: RunConfig, *, data_dir: str | None = None, augment: bool | None = None, subset: bool = True
+) -> tuple[Any, Any, Any]:
+    """The train and test sets of a run config, and their info.
+
+    ``data_dir`` overrides ``data.data_dir``; ``augment`` overrides ``data.augment``; ``subset=False``
+    ignores ``data.train_subset`` (the whole training set, e.g. for calibration).
+    """
+    data = config.data
+    return build_datasets(
+        data.dataset,
+        data_dir=data_dir or data.data_dir,
+        factory=data.factory,
+        factory_kwargs=data.factory_kwargs,
+        augment=data.augment if augment is None else augment,
+        train_subset=data.train_subset if subset else None,
+        test_fraction=data.test_fraction,
+        seed=config.seed,
+        tokenizer=run_tokenizer(config),
+        max_length=data.max_length,
+    )
+
+
+def run_tokenizer(config: RunConfig) -> str | None:
+    """The tokenizer of a run's text data: ``data.tokenizer``, else the ``hf:`` teacher's own."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    return hf_path(config.teacher.model.arch) if config.teacher else None

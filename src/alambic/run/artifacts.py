@@ -1,0 +1,167 @@
+"""A run's artifacts rebuilt: its models from ``config.yaml`` and their weights, with the run's data.
+
+What ``alambic export``, ``alambic compress`` and benchmarks use to get a trained model back from a run
+directory (or a bare checkpoint); the formats themselves are written by :mod:`alambic.compress.export`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from alambic.compress.export import FORMATS, default_export_path, export_model, real_inputs
+from alambic.compress.export_hf import quiet_transformers
+from alambic.config import ModelConfig, load_config
+from alambic.data import build_datasets
+from alambic.errors import AlambicError, ConfigError
+from alambic.models.surgery import load_resized
+from alambic.run.building import build_named_model, build_run_datasets, derive_from_teacher, run_tokenizer
+from alambic.run.rundir import check_run_dir
+
+RUN_MODELS = {"student": "student", "distilled": "student", "baseline": "baseline", "teacher": "teacher"}
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt for export, with the data it is checked on."""
+
+    model: nn.Module
+    info: Any  # DatasetInfo
+    train_set: Any
+    test_set: Any
+    description: dict
+    tokenizer: str | None = None  # a text run's tokenizer (folder or hub id), saved with an HF export
+
+
+def student_state_dict(path: Path) -> dict[str, Tensor]:
+    """Weights of a saved model; a training checkpoint's connectors and learned losses are dropped."""
+    state = load_file(str(path))
+    if any(key.startswith("student.") for key in state):  # a Distiller checkpoint: student + connectors
+        state = {
+            key.removeprefix("student."): value for key, value in state.items() if key.startswith("student.")
+        }
+    return state
+
+
+def load_run_model(
+    source: str | Path,
+    *,
+    model: str = "student",
+    data_dir: str | None = None,
+    arch: str | None = None,
+    dataset: str | None = None,
+    kwargs: dict | None = None,
+) -> LoadedModel:
+    """Rebuild a saved model and its data: a run directory's ``model``, or a checkpoint with ``arch``.
+
+    Args:
+        source: A run directory written by ``alambic run``, or a ``.safetensors`` checkpoint.
+        model: For a run directory: ``student`` (the distilled one), ``baseline`` or ``teacher``.
+        data_dir: Overrides the run's ``data.data_dir`` (or the checkpoint's data folder).
+        arch: For a checkpoint: zoo name or ``package.module:function``.
+        dataset: For a checkpoint: the data set whose test split checks the export.
+        kwargs: For a checkpoint: the model's arguments.
+
+    Example:
+        >>> loaded = load_run_model("runs/mnist-demo")
+        >>> loaded.model
+    """
+
+    source = Path(source)
+    if source.is_dir():
+        config = load_config(check_run_dir(source) / "config.yaml")
+        if model not in RUN_MODELS:
+            raise ConfigError(f"--model must be one of {', '.join(RUN_MODELS)}, got {model!r}")
+        weights = source / RUN_MODELS[model] / "model.safetensors"
+        if not weights.is_file():
+            raise AlambicError(f"{weights} does not exist; has the run's {model} stage finished?")
+        model_config = config.teacher.model if model == "teacher" else config.student.model
+        model_config = model_config.model_copy(update={"checkpoint": None})
+        train_set, test_set, info = build_run_datasets(config, data_dir=data_dir, augment=False, subset=False)
+        built = build_run_architecture(config, model, info)
+        tokenizer = run_tokenizer(config)
+    elif source.is_file():
+        if arch is None or dataset is None:
+            raise AlambicError(
+                f"{source} is a checkpoint: give --arch and --dataset (or pass a run directory)"
+            )
+        weights = source
+        model_config = ModelConfig(arch=arch, kwargs=kwargs or {})
+        train_set, test_set, info = build_datasets(dataset, data_dir=data_dir)
+        built, tokenizer = build_named_model(model_config, info), None
+    else:
+        raise AlambicError(f"{source} does not exist; pass a run directory or a .safetensors checkpoint")
+    if weights.suffix != ".safetensors":
+        raise AlambicError(f"{weights}: export reads safetensors weights; convert it with alambic first")
+    load_resized(built, student_state_dict(weights))
+    description = {"arch": model_config.arch, "kwargs": model_config.kwargs, "weights": str(weights)}
+    return LoadedModel(built.eval(), info, train_set, test_set, description, tokenizer)
+
+
+def build_run_architecture(config: Any, model: str, info: Any) -> nn.Module:
+    """A run's ``student`` (also ``distilled`` / ``baseline``) or ``teacher`` architecture, before its weights.
+
+    A ``derive:teacher`` student is derived from the teacher's architecture (its weights are then
+    replaced by the run's), so the teacher's ``hf:`` folder or hub id must still be reachable.
+
+    Example:
+        >>> student = build_run_architecture(load_config("runs/sst2/config.yaml"), "student", info)
+    """
+
+    with quiet_transformers():
+        if model == "teacher":
+            return build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
+        student = config.student.model.model_copy(update={"checkpoint": None})
+        if student.arch == "derive:teacher":
+            teacher = build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
+            return derive_from_teacher(teacher, student)
+        return build_named_model(student, info)
+
+
+def export_run(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    export_format: str = "onnx",
+    model: str = "student",
+    data_dir: str | None = None,
+    arch: str | None = None,
+    dataset: str | None = None,
+    kwargs: dict | None = None,
+    check_samples: int = 64,
+) -> dict[str, Any]:
+    """Export a run's student (or a checkpoint) and check it on ``check_samples`` real test inputs.
+
+    What ``alambic export`` calls. ``out`` defaults to ``RUN_DIR/export/MODEL.onnx`` (or ``.pt2``,
+    ``.safetensors``, or the folder ``MODEL-hf/`` for a Hugging Face model's safetensors); for a
+    checkpoint, next to it. A text run's model is checked on tokenized test sentences.
+
+    Example:
+        >>> export_run("runs/mnist-demo", export_format="onnx")["max_abs_diff"]
+    """
+    if export_format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}")
+    loaded = load_run_model(source, model=model, data_dir=data_dir, arch=arch, dataset=dataset, kwargs=kwargs)
+    source = Path(source)
+    if out is None:
+        folder = source / "export" if source.is_dir() else source.parent
+        stem = model if source.is_dir() else source.stem
+        out = default_export_path(folder, stem, export_format, loaded.model)
+    inputs = real_inputs(loaded.test_set, check_samples)
+    description = {**loaded.description, "input_shape": list(loaded.info.input_shape)}
+    description["num_classes"] = loaded.info.num_classes
+    report = export_model(
+        loaded.model,
+        inputs,
+        out,
+        export_format=export_format,
+        description=description,
+        tokenizer=loaded.tokenizer,
+    )
+    report["parameters"] = sum(parameter.numel() for parameter in loaded.model.parameters())
+    report["model"] = model
+    return report

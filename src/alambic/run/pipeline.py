@@ -1,0 +1,289 @@
+"""Run a whole configured job: train or load a teacher, train a baseline, distill, evaluate, report.
+
+The run directory holds ``config.yaml`` (resolved), ``status.json`` (running / completed / failed / interrupted),
+``metrics.jsonl``, one folder per model (``teacher/``, ``baseline/``, ``student/``, each with
+``model.safetensors`` once its stage is done and ``checkpoints/`` while it trains), ``summary.json``
+and ``report.md`` with ``plots/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from alambic.config import ModelConfig, RunConfig, load_config
+from alambic.core.cache import cache_teacher
+from alambic.core.checkpoint import atomic_write_text
+from alambic.core.distiller import feature_paths
+from alambic.core.evaluate import evaluate_classifier, profile_model
+from alambic.core.lock import run_lock
+from alambic.core.loop import MetricsLog, make_accelerator, make_loader
+from alambic.data import build_datasets
+from alambic.errors import AlambicError, ConfigError
+from alambic.files import dumps_json, finite_json
+from alambic.losses import get_loss_spec
+from alambic.run.building import (
+    build_named_model,
+    build_run_datasets,
+    check_num_classes,
+    derive_from_teacher,
+    example_input,
+)
+from alambic.run.preflight import preflight
+from alambic.run.report import write_report
+from alambic.run.rundir import (
+    check_run_dir,
+    check_run_dir_state,
+    prepare_run_dir,
+    run_directory,
+    write_status,
+)
+from alambic.run.stages import (
+    RunContext,
+    distill_teacher,
+    load_or_train,
+    stage_train_set,
+)
+from alambic.run.strategy_stages import run_strategy_stages
+
+
+def run(
+    config: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False, progress: Any = None
+) -> Path:
+    """Run the stages of ``config``; returns the run directory.
+
+    Example:
+        >>> from alambic.config import load_config
+        >>> run_dir = run(load_config("recipes/digits.yaml"))
+    """
+    run_dir = run_directory(config, run_dir)
+    check_run_dir_state(config, run_dir, resume=resume)  # cheap checks first
+    accelerator = make_accelerator(config.precision)
+    datasets = build_run_datasets(config)
+    # every model built, every term tried on real data: nothing is written before this passes
+    preflight(
+        config,
+        *datasets,
+        stage_train_set,
+        teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file(),
+    )
+    with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
+        prepare_run_dir(
+            config,
+            run_dir,
+            resume=resume,
+            is_main=accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
+        accelerator.wait_for_everyone()
+        _execute(config, run_dir, accelerator, progress, datasets)
+    return run_dir
+
+
+def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: Any = None) -> dict:
+    """Re-evaluate the saved models of a run directory (and rebuild its report); returns the summary."""
+    run_dir = check_run_dir(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    config.stages = ["evaluate", "report"]
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    accelerator = make_accelerator(config.precision)
+    status_path = run_dir / "status.json"
+    with run_lock(run_dir, accelerator):
+        status = status_path.read_text() if status_path.is_file() else None
+        try:
+            _execute(config, run_dir, accelerator, progress)
+        finally:  # re-evaluating does not change how the run itself ended
+            if status is not None and accelerator.is_main_process:
+                atomic_write_text(status_path, status)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _execute(
+    config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any, datasets: tuple | None = None
+) -> None:
+    write_status(run_dir, accelerator, state="running", stage="data")
+    try:
+        train_set, test_set, info = datasets or build_run_datasets(config)
+        log = MetricsLog(
+            run_dir / "metrics.jsonl",
+            enabled=accelerator.is_main_process,
+            tensorboard_dir=run_dir / "tensorboard" if config.tensorboard else None,
+        )
+        context = RunContext(config, run_dir, accelerator, train_set, test_set, info, log, progress)
+        models = _run_stages(context)
+        if "evaluate" in config.stages:
+            write_status(run_dir, accelerator, state="running", stage="evaluate")
+            write_summary(context, models)
+        if "report" in config.stages and accelerator.is_main_process:
+            write_report(run_dir)
+    except BaseException as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"  # SIGTERM too (CLI)
+        # the disk that failed the run may refuse this write too; the error raised says why
+        with contextlib.suppress(AlambicError):
+            write_status(run_dir, accelerator, state=state, error=message, error_type=type(error).__name__)
+        raise
+    write_status(run_dir, accelerator, state="completed")
+
+
+def _run_stages(context: RunContext) -> dict[str, nn.Module]:
+    config, info = context.config, context.info
+    if config.strategy is not None:
+        return run_strategy_stages(context)
+    stages, models = config.stages, {}
+    example = example_input(context.test_set)
+
+    def build_teacher() -> nn.Module:
+        model = build_named_model(config.teacher.model, info, "teacher")
+        check_num_classes(model, example, info.num_classes, "teacher")
+        return model
+
+    def build_student() -> nn.Module:  # baseline and distilled students start from the same weights
+        if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
+            model = derive_from_teacher(models["teacher"], config.student.model)
+        else:
+            model = build_named_model(config.student.model, info, "student")
+        check_num_classes(model, example, info.num_classes, "student")
+        return model
+
+    derived = config.student.model.arch == "derive:teacher"
+    needs_teacher = derived or "teacher" in stages or "distill" in stages or "evaluate" in stages
+    if needs_teacher:
+        teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
+        if config.teacher.model.checkpoint and not teacher_trained:
+            models["teacher"] = build_teacher()
+        elif "teacher" in stages or teacher_trained:
+            write_status(context.run_dir, context.accelerator, state="running", stage="teacher")
+            models["teacher"] = load_or_train(
+                context, "teacher", build_teacher, config.teacher.terms, config.teacher.train
+            )
+        else:
+            raise ConfigError(
+                "distill needs a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
+            )
+    if "baseline" in stages or (context.run_dir / "baseline" / "model.safetensors").is_file():
+        write_status(context.run_dir, context.accelerator, state="running", stage="baseline")
+        train = config.baseline.train or config.distill.train
+        models["baseline"] = load_or_train(context, "baseline", build_student, config.baseline.terms, train)
+    if "distill" in stages or (context.run_dir / "student" / "model.safetensors").is_file():
+        write_status(context.run_dir, context.accelerator, state="running", stage="distill")
+        models["distilled"] = load_or_train(
+            context,
+            "distill",
+            build_student,
+            config.distill.terms,
+            config.distill.train,
+            make_teacher=lambda: distill_teacher(context, models["teacher"]),
+        )
+    return models
+
+
+def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
+    """Evaluate every model on the test split and profile it; writes ``summary.json``."""
+    accelerator, config, info = context.accelerator, context.config, context.info
+    test_loader = accelerator.prepare(
+        make_loader(context.test_set, batch_size=config.data.eval_batch_size, shuffle=False)
+    )
+    example = example_input(context.test_set)
+    architectures = {
+        "teacher": config.teacher.model.arch if config.teacher else None,
+        "baseline": config.student.model.arch,
+        "distilled": config.student.model.arch,
+        **context.architectures,
+    }
+    summary_models = {}
+    for name, model in models.items():
+        model = model.to(accelerator.device)
+        metrics = evaluate_classifier(
+            model, test_loader, num_classes=info.num_classes, accelerator=accelerator
+        )
+        if accelerator.is_main_process:
+            profile = profile_model(
+                model.to("cpu"),
+                example,
+                batch_sizes=tuple(config.evaluate.batch_sizes),
+                repeats=config.evaluate.latency_repeats,
+                threads=config.evaluate.latency_threads,
+            )
+            # a class absent from the test split has no accuracy: null, not NaN, keeps the JSON strict
+            metrics["per_class_accuracy"] = [None if v != v else v for v in metrics["per_class_accuracy"]]
+            summary_models[name] = {"architecture": architectures[name], **metrics, **profile}
+    summary = {}
+    if accelerator.is_main_process:
+        timings_path = context.run_dir / "timings.json"
+        memory_path = context.run_dir / "peak_memory.json"
+        summary = {
+            "run_name": config.name,
+            "dataset": config.data.dataset,
+            "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": str(accelerator.device),
+            "num_processes": accelerator.num_processes,
+            "models": summary_models,
+            "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
+            "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
+            "terms": [term.model_dump() for term in config.distill.terms],
+        }
+        # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
+        summary["non_finite"] = finite_json(summary["models"], "models")[1]
+        atomic_write_text(context.run_dir / "summary.json", dumps_json(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, arch: str, dataset: str, data_dir: str | None = None, kwargs: dict | None = None
+) -> dict:
+    """Evaluate one checkpoint (safetensors or a torch checkpoint read weights_only) on a data set's test split."""
+    _, test_set, info = build_datasets(dataset, data_dir=data_dir)
+    model = build_named_model(ModelConfig(arch=arch, kwargs=kwargs or {}, checkpoint=str(path)), info)
+    loader = make_loader(test_set, batch_size=256, shuffle=False)
+    metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
+    profile = profile_model(model, example_input(test_set), threads=1)
+    return {
+        "run_name": Path(path).name,
+        "dataset": dataset,
+        "models": {"checkpoint": {"architecture": arch, **metrics, **profile}},
+    }
+
+
+def cache_teacher_outputs(
+    config: RunConfig, out_dir: str | Path, *, top_k: int | None = None, dtype: str = "float32"
+) -> dict:
+    """``alambic cache-teacher``: run the config's trained teacher once over its training set; returns the manifest.
+
+    Stores the logits and every teacher feature the distill terms compare. The teacher comes from
+    ``teacher.model.checkpoint`` (a run's ``teacher/model.safetensors`` works).
+    """
+    trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
+    if config.teacher is None or not (
+        config.teacher.model.checkpoint
+        or (config.teacher.model.arch.startswith("hf:") and not trained_in_run)
+    ):
+        raise ConfigError(
+            "cache-teacher needs a trained teacher: give teacher.model.checkpoint "
+            "(for example --set teacher.model.checkpoint=runs/NAME/teacher/model.safetensors)"
+        )
+    train_set, _, info = build_run_datasets(config)
+    teacher = build_named_model(config.teacher.model, info)
+    terms = [term for term in config.distill.terms if get_loss_spec(term.loss).needs_teacher]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return cache_teacher(
+        teacher,
+        stage_train_set(train_set, config.distill.train.augment),
+        out_dir,
+        features=list(dict.fromkeys(feature_paths(terms, "teacher"))),
+        top_k=top_k,
+        dtype=dtype,
+        batch_size=config.data.eval_batch_size,
+        device=device,
+    )

@@ -1,0 +1,174 @@
+"""One training stage of a run: its data, its loop, its checkpoints and saved weights, its timing.
+
+:func:`train_stage` is how every stage trains (the plain pipeline's teacher, baseline and distilled
+student, and every strategy's members and links); :func:`load_or_train` loads a finished stage instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from alambic.config import RunConfig, TrainConfig
+from alambic.core.cache import CachedTeacher
+from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
+from alambic.core.distiller import Distiller, Teacher
+from alambic.core.evaluate import evaluate_classifier
+from alambic.core.loop import MetricsLog, fit, make_loader
+from alambic.data import IndexedDataset
+from alambic.data.mixing import MixedDataset
+from alambic.files import dumps_json
+
+MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    config: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    train_set: Any
+    test_set: Any
+    info: Any
+    log: MetricsLog
+    progress: Any
+    architectures: dict[str, str] = field(default_factory=dict)  # summary names beyond the three (strategies)
+
+
+def train_stage(
+    context: RunContext,
+    stage: str,
+    model: nn.Module,
+    terms,
+    train: TrainConfig,
+    teacher: Teacher | None,
+    module: nn.Module | None = None,
+) -> nn.Module:
+    """Train ``model`` with ``terms`` (resuming from its checkpoints) and save it as ``model.safetensors``.
+
+    ``module``: a trainable module of its own (a strategy's, with the Distiller interface) instead of
+    ``Distiller(model, terms)``."""
+    accelerator = context.accelerator
+    folder = context.run_dir / MODEL_DIRS.get(stage, stage)
+    accelerator.gradient_accumulation_steps = train.grad_accum
+    loader = make_loader(
+        stage_train_set(context.train_set, train.augment, train.mix, train.mix_alpha),
+        batch_size=train.batch_size,
+        shuffle=True,
+        seed=context.config.seed,
+        num_workers=context.config.data.num_workers,
+    )
+    test_loader = accelerator.prepare(
+        make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
+    )
+    module = module if module is not None else Distiller(model, terms)
+    student = fit(
+        module,
+        loader,
+        accelerator=accelerator,
+        teacher=teacher,
+        stage=stage,
+        log=context.log,
+        checkpoint_dir=folder / "checkpoints",
+        progress=context.progress,
+        evaluate=lambda student: evaluate_classifier(
+            student, test_loader, num_classes=context.info.num_classes, accelerator=accelerator
+        ),
+        **train.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
+    )
+    if accelerator.is_main_process:
+        save_weights(student, folder / "model.safetensors", metadata={"stage": stage})
+    accelerator.wait_for_everyone()
+    return student
+
+
+def stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix_alpha: float = 1.0) -> Any:
+    """The training set as this stage wants it, yielding sample indices (CRD's memory bank reads them).
+
+    ``augment: false`` gives a view without augmentation; ``mix`` mixes each sample with a partner.
+    """
+    if not (augment is None or augment or getattr(train_set, "augmentation", None) is None):
+        train_set = copy.copy(train_set)  # shares the tensors
+        train_set.augmentation = None
+    if mix != "none":
+        train_set = MixedDataset(train_set, mix, mix_alpha)
+    return IndexedDataset(train_set)
+
+
+def load_or_train(
+    context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None, make_teacher=None
+) -> nn.Module:
+    """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains.
+
+    ``make_teacher()`` builds the teacher only when the stage trains (a finished run re-evaluated
+    without its teacher cache folder still works).
+    """
+    set_seed(context.config.seed)
+    model = build()
+    weights = context.run_dir / MODEL_DIRS.get(stage, stage) / "model.safetensors"
+    if weights.is_file():
+        load_finished_stage(model, weights, stage)
+        return model
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    if make_teacher is not None:
+        teacher = make_teacher()
+    model = train_stage(context, stage, model, terms, train, teacher)
+    add_timing(context, stage, time.perf_counter() - started)
+    add_record(context, "peak_memory.json", stage, peak_memory())
+    return model
+
+
+def load_finished_stage(model: nn.Module, weights: Path, stage: str) -> None:
+    """Load a finished stage's ``model.safetensors``; a damaged file is one line saying how to retrain it."""
+    load_weights_file(model, weights, fix=f"delete {weights} to train the {stage} stage again with --resume")
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory: the GPU's allocated bytes since the last reset, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return {"device": "cuda", "peak_bytes": torch.cuda.max_memory_allocated()}
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    # the CPU figure is the process's peak so far (it cannot be reset per stage)
+    return {"device": "cpu", "peak_bytes": peak if sys.platform == "darwin" else peak * 1024}
+
+
+def add_timing(context: RunContext, stage: str, seconds: float) -> None:
+    add_record(context, "timings.json", stage, round(seconds, 3))
+
+
+def add_record(context: RunContext, file: str, stage: str, value: Any) -> None:
+    if context.accelerator.is_main_process:
+        path = context.run_dir / file
+        records = json.loads(path.read_text()) if path.is_file() else {}
+        records[stage] = value
+        atomic_write_text(path, dumps_json(records, indent=2))
+
+
+def distill_teacher(context: RunContext, model: nn.Module):
+    """The distill stage's teacher: live (in ``teacher_dtype``), or replayed from ``teacher_cache``."""
+    distill = context.config.distill
+    if distill.teacher_cache:
+        return CachedTeacher(
+            distill.teacher_cache,
+            teacher=model,
+            dataset=stage_train_set(context.train_set, distill.train.augment),
+            terms=distill.terms,
+        )
+    dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
+    return Teacher(model, distill.terms, dtype=dtype)

@@ -1,0 +1,97 @@
+"""The package's floor plan holds (docs/architecture.md): imports run downward, checked by import-linter's
+contracts in pyproject.toml; internal imports sit at the top of modules (never inside a function to dodge
+a cycle); no ``_private`` name crosses a module boundary; modules stay small."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "alambic"
+MAX_LINES = 500
+
+
+def _modules() -> dict[str, ast.Module]:
+    trees = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        trees[name] = ast.parse(path.read_text(), filename=str(path))
+    return trees
+
+
+def _internal_imports(tree: ast.Module):
+    """``(node, inside_a_function)`` for every ``alambic`` import of a module."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            if (
+                isinstance(child, ast.ImportFrom)
+                and (child.module or "").split(".")[0] == "alambic"
+                or isinstance(child, ast.Import)
+                and any(a.name.split(".")[0] == "alambic" for a in child.names)
+            ):
+                found.append((child, in_function))
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def test_import_linter_contracts_hold():
+    """The layers of pyproject.toml's [tool.importlinter]: cli > run > strategies | compress > core > ..."""
+    pytest.importorskip("importlinter", reason="import-linter is a dev dependency: pip install -e '.[dev]'")
+    command = shutil.which("lint-imports") or "lint-imports"
+    result = subprocess.run(
+        [command, "--config", str(ROOT / "pyproject.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout, result.stdout[-2000:]
+
+
+def test_internal_imports_are_at_module_level():
+    """Imports inside functions are for optional third-party packages only, never for alambic's own."""
+    inside = [
+        f"{name}:{node.lineno}"
+        for name, tree in _modules().items()
+        for node, in_function in _internal_imports(tree)
+        if in_function
+    ]
+    assert not inside, f"alambic imports inside functions (move them to the top): {inside}"
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    """What two modules share is public and documented: no ``from alambic.x import _name``."""
+    private = [
+        f"{name}:{node.lineno} imports {alias.name} from {node.module}"
+        for name, tree in _modules().items()
+        for node, _ in _internal_imports(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert not private, private
+
+
+def test_modules_stay_small():
+    sizes = {
+        str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")
+    }
+    large = {path: lines for path, lines in sizes.items() if lines > MAX_LINES}
+    assert not large, f"modules over {MAX_LINES} lines (split them by job): {large}"
+
+
+def test_the_checks_can_fail(tmp_path):
+    """The AST checks above see an import inside a function and a private name (so they can fail)."""
+    tree = ast.parse("def f():\n    from alambic.core.loop import _x\n")
+    ((node, in_function),) = _internal_imports(tree)
+    assert in_function and node.names[0].name.startswith("_")
