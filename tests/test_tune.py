@@ -10,7 +10,7 @@ from alambic.errors import ConfigError
 
 optuna = pytest.importorskip("optuna", reason="alambic tune needs optuna (pip install alambic[tune])")
 
-from alambic import tune as tune_module  # noqa: E402
+from alambic.run import tune as tune_module  # noqa: E402
 from alambic.run.tune import tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from alambic.config import Term, TrainConfig, format_validation_error
+from alambic.config.base import Term, TrainConfig, format_validation_error
 from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.evaluate import evaluate_classifier

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alambic.config import Term
+from alambic.config.base import Term
 from alambic.core.batches import (  # noqa: F401  (split_batch re-exported)
     call_model,
     is_output_field,

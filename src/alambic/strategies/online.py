@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alambic.config import Term, TrainConfig, format_validation_error
+from alambic.config.base import Term, TrainConfig, format_validation_error
 from alambic.core.api import as_terms
 from alambic.core.batches import call_model, logits_of
 from alambic.core.distiller import Distiller

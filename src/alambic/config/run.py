@@ -1,0 +1,129 @@
+"""A whole run: :class:`RunConfig` and the checks that span its sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alambic.config.base import STAGES, StrictModel
+from alambic.config.compress import CompressConfig
+from alambic.config.sections import (
+    BaselineConfig,
+    DataConfig,
+    DistillConfig,
+    EvaluateConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+from alambic.config.strategies import TEACHER_FREE_STRATEGIES, Strategy
+from alambic.losses import get_loss_spec
+
+
+class RunConfig(StrictModel):
+    """A whole run: data, models, the stages to run and how each trains."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # NumPy's seeds are 32-bit
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    tensorboard: bool = False
+    stages: list[Literal["teacher", "baseline", "distill", "evaluate", "report"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None  # optional only for strategies that bring their own targets
+    student: StudentConfig
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    strategy: Strategy | None = None  # beyond one frozen teacher (see alambic.strategies); None: plain KD
+    compress: CompressConfig | None = None  # read by `alambic compress` only
+
+    @model_validator(mode="after")
+    def _stage_augmentation(self) -> RunConfig:
+        trains = [self.teacher.train if self.teacher else None, self.baseline.train, self.distill.train]
+        trains += [getattr(self.strategy, "train", None)]
+        if not self.data.augment and any(train is not None and train.augment for train in trains):
+            raise ValueError(
+                "a stage sets train.augment: true but data.augment is false; set data.augment: true "
+                "and turn it off in the stages that train without it (train.augment: false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _derived_student(self) -> RunConfig:
+        if self.teacher is None:
+            if self.student.model.arch.startswith("derive:"):
+                raise ValueError("student.model.arch derive:teacher needs a teacher (arch: hf:PATH)")
+            return self
+        if self.teacher.model.arch == "derive:teacher":
+            raise ValueError("teacher.model.arch: derive:teacher is for the student (it copies the teacher)")
+        if self.student.model.arch.startswith("derive:"):
+            if self.student.model.arch != "derive:teacher":
+                raise ValueError(f"student.model.arch {self.student.model.arch!r}: write derive:teacher")
+            if not self.teacher.model.arch.startswith("hf:"):
+                raise ValueError(
+                    "student.model.arch derive:teacher needs a Hugging Face teacher (arch: hf:PATH)"
+                )
+            given = {
+                key for key in ("layers", "keep", "every") if self.student.model.kwargs.get(key) is not None
+            }
+            if len(given) != 1 or set(self.student.model.kwargs) - {"layers", "keep", "every"}:
+                raise ValueError(
+                    "student.model.kwargs for derive:teacher: give exactly one of layers (N), keep ([I, J]) "
+                    f"or every (K), got {self.student.model.kwargs}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> RunConfig:
+        kind = self.strategy.kind if self.strategy is not None else None
+        if self.teacher is None:
+            if kind not in (*TEACHER_FREE_STRATEGIES, "ensemble"):
+                raise ValueError(
+                    "teacher: required key is missing (only mutual and self_distill runs go without)"
+                )
+            if "teacher" in self.stages and kind != "ensemble":
+                raise ValueError("the 'teacher' stage needs a teacher section; remove the stage or add one")
+        elif kind == "ensemble":
+            raise ValueError("an ensemble's teachers are strategy.teachers; remove the teacher section")
+        elif (
+            "teacher" in self.stages and self.teacher.model.checkpoint is None and self.teacher.train is None
+        ):
+            raise ValueError("teacher: give model.checkpoint (load a trained teacher) or train (train one)")
+        untrained = kind == "ensemble" and any(model.checkpoint is None for model in self.strategy.teachers)
+        if untrained and "teacher" not in self.stages:
+            raise ValueError(
+                "strategy.teachers without a checkpoint train in the 'teacher' stage; add it to stages"
+            )
+        if kind is not None and (self.distill.teacher_cache or self.distill.teacher_dtype != "float32"):
+            raise ValueError(
+                f"distill.teacher_cache and teacher_dtype apply to plain KD; strategy {kind!r} builds its own "
+                "teachers: remove them"
+            )
+        if self.distill.teacher_cache and (
+            self.distill.teacher_dtype != "float32" or self.distill.train.overlap_teacher
+        ):
+            raise ValueError(
+                "distill.teacher_cache replays stored outputs, so teacher_dtype and train.overlap_teacher "
+                "(which concern a live teacher's forward pass) do nothing: remove them"
+            )
+        if self.distill.teacher_cache and self.distill.train.mix != "none":
+            raise ValueError(
+                "distill.teacher_cache replays one view per sample, but train.mix makes a new one each "
+                "epoch; use the live teacher with mixing (remove teacher_cache) or set train.mix: none"
+            )
+        if kind == "mutual" and self.strategy.alternate and self.distill.train.grad_accum != 1:
+            raise ValueError(
+                "strategy.alternate takes one peer per optimizer step: set distill.train.grad_accum: 1"
+            )
+        if kind is not None and self.student.model.arch.startswith("derive:"):
+            raise ValueError("student.model.arch derive:teacher is for plain KD from a Hugging Face teacher")
+        if kind == "self_distill" and any(
+            get_loss_spec(term.loss).needs_teacher for term in self.distill.terms
+        ):
+            raise ValueError(
+                "self_distill: the deepest exit trains on teacher-free distill.terms, such as [ce]"
+            )
+        return self

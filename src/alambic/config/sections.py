@@ -1,0 +1,81 @@
+"""The sections of a run config: data, teacher, student, baseline, distill, evaluate."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from alambic.config.base import ModelConfig, StrictModel, Term, TrainConfig
+from alambic.losses import get_loss_spec
+
+
+def _default_ce() -> list[Term]:
+    return [Term(loss="ce")]
+
+
+class DataConfig(StrictModel):
+    """Which data set, where it lies, and how it is batched."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    factory: str | None = None  # package.module:function, for dataset: custom
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    augment: bool = False  # random crop with padding (+ horizontal flip for CIFAR)
+    train_subset: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # for data sets without a test split (digits)
+    eval_batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    # text sets (sst2): a transformers tokenizer (folder or hub id); default: the hf: teacher's own
+    tokenizer: str | None = None
+    max_length: int = Field(128, ge=2)
+
+
+class TeacherConfig(StrictModel):
+    model: ModelConfig
+    train: TrainConfig | None = None  # trains the teacher when no checkpoint is given
+    terms: list[Term] = Field(default_factory=_default_ce)
+
+
+class StudentConfig(StrictModel):
+    model: ModelConfig
+
+
+class BaselineConfig(StrictModel):
+    """The student trained alone on labels, same budget as the distilled one unless ``train`` is given."""
+
+    terms: list[Term] = Field(default_factory=_default_ce)
+    train: TrainConfig | None = None
+
+    @field_validator("terms")
+    @classmethod
+    def _no_teacher(cls, terms: list[Term]) -> list[Term]:
+        for term in terms:
+            if get_loss_spec(term.loss).needs_teacher:
+                raise ValueError(
+                    f"the baseline trains without a teacher, so it cannot use loss {term.loss!r}"
+                )
+        return terms
+
+
+class DistillConfig(StrictModel):
+    terms: list[Term] = Field(
+        default_factory=lambda: [
+            Term(loss="ce", weight=0.1),
+            Term(loss="kd", weight=0.9, params={"temperature": 4.0}),
+        ]
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    # the teacher's weights in bfloat16 / float16 take half the memory (outputs come back as float32);
+    # int8 stores its Linear weights in int8, a quarter (torchao weight-only; alambic[quant])
+    teacher_dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
+    # a folder written by `alambic cache-teacher`: the teacher's stored outputs replace its forward pass
+    teacher_cache: str | None = None
+
+
+class EvaluateConfig(StrictModel):
+    latency_repeats: int = Field(20, ge=1)
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 64], min_length=1)
+    # CPU threads while timing: 1 by default, as on a phone or an edge core, and because on a shared
+    # machine several threads make small models' timings swing by 100x. null keeps torch's default.
+    latency_threads: int | None = Field(1, ge=1)
