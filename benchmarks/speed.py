@@ -39,10 +39,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alambic.config import Term
+from alambic.config import LoopSettings, Term
 from alambic.core.distiller import Distiller, Teacher
-from alambic.core.loop import fit, make_accelerator, make_loader
+from alambic.core.loop import fit
+from alambic.core.optim import make_accelerator
 from alambic.data import IndexedDataset, build_datasets
+from alambic.data.loaders import make_loader
 from alambic.models import build_model
 
 PAIRS = {
@@ -159,19 +161,22 @@ def alambic_fit(variant: str, train, loader, teacher, student, epochs: int, cach
 
     precision = "bf16" if variant == "f-bf16" else "no"
     started = time.perf_counter()
-    fit(
-        Distiller(student, terms),
-        loader,
-        accelerator=make_accelerator(precision),
-        teacher=source,
+    settings = LoopSettings(
         epochs=epochs + 1,
         optimizer="sgd",
         lr=0.05,
         weight_decay=5e-4,
-        evaluate=mark,
         log_every=10**9,
         compile=variant == "f-compile",
         overlap_teacher=variant == "d-overlap",
+    )
+    fit(
+        Distiller(student, terms),
+        loader,
+        settings,
+        accelerator=make_accelerator(precision),
+        teacher=source,
+        evaluate=mark,
     )
     ends = [started, *marks]
     return [end - start for start, end in zip(ends[1:], ends[2:])]  # the first epoch is the warm-up

@@ -22,7 +22,8 @@ import speed  # noqa: E402
 from alambic.config import Term  # noqa: E402
 from alambic.core.cache import CachedTeacher  # noqa: E402
 from alambic.core.distiller import Distiller  # noqa: E402
-from alambic.core.loop import FiniteGuard, make_accelerator  # noqa: E402
+from alambic.core.monitor import FiniteGuard  # noqa: E402
+from alambic.core.optim import make_accelerator  # noqa: E402
 
 
 def main() -> None:

@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 from alambic import distill
 from alambic.core.cache import CachedTeacher, cache_teacher, epochs_to_pay_off
 from alambic.core.distiller import Teacher
-from alambic.core.loop import FiniteGuard, make_accelerator, make_loader
+from alambic.core.monitor import FiniteGuard
+from alambic.core.optim import make_accelerator
 from alambic.data import IndexedDataset, build_datasets
 from alambic.data.datasets import Augmentation, InMemoryDataset
+from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]

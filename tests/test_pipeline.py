@@ -3,7 +3,8 @@
 import torch
 
 from alambic.data import build_datasets
-from alambic.data.datasets import Augmentation, IndexedDataset, InMemoryDataset
+from alambic.data.datasets import Augmentation, InMemoryDataset
+from alambic.data.loaders import IndexedDataset
 from alambic.run.stages import stage_train_set
 
 

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import alambic.core.checkpoint as checkpoint_module
 from alambic import distill
-from alambic.core.loop import EpochSampler, lr_factor
+from alambic.core.optim import lr_factor
+from alambic.data.loaders import EpochSampler
 from alambic.errors import ConfigError, NonFiniteLossError, OutputError
 
 
@@ -235,7 +236,7 @@ def test_metrics_log_writes_tensorboard_events(tmp_path):
     pytest.importorskip(
         "tensorboard", reason="tensorboard is an optional extra: pip install alambic[tensorboard]"
     )
-    from alambic.core.loop import MetricsLog
+    from alambic.core.monitor import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
     log.write({"stage": "distill", "kind": "train", "epoch": 1, "step": 5, "lr": 0.1, "losses": {"kd": 0.5}})

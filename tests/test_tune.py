@@ -34,13 +34,13 @@ def test_a_killed_search_resumes_with_its_earlier_trials(tmp_path, monkeypatch):
     assert killed.number == 2
     # the same command again: the teacher is reused (not trained again) and the study goes on to 3 trials
     trained_stages = []
-    original_fit = tune_module.fit
+    original_fit = tune_module.train_module
 
     def counting_fit(*args, **kwargs):
         trained_stages.append(kwargs.get("stage"))
         return original_fit(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "fit", counting_fit)
+    monkeypatch.setattr(tune_module, "train_module", counting_fit)
     second = tune(_config(), trials=3, study_dir=study_dir, methods=["kd", "dist"])
     states = {t["number"]: t["state"] for t in second["trials"]}
     assert {n: states[n] for n in (0, 1, 2)} == {0: "COMPLETE", 1: "COMPLETE", 2: "FAIL"}
@@ -65,7 +65,7 @@ def test_a_study_resumes_only_with_its_own_settings(tmp_path):
 
 def test_budget_mode_discards_students_over_the_limit_before_training(tmp_path, monkeypatch):
     trained = []
-    original_fit = tune_module.fit
+    original_fit = tune_module.train_module
 
     def counting_fit(*args, **kwargs):
         trained.append(
@@ -73,7 +73,7 @@ def test_budget_mode_discards_students_over_the_limit_before_training(tmp_path, 
         )
         return original_fit(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "fit", counting_fit)
+    monkeypatch.setattr(tune_module, "train_module", counting_fit)
     limit_mb = 0.02  # 20 kB: a 64-input MLP with one hidden layer of at most 64 units (float32)
     result = tune(_config(), trials=6, study_dir=tmp_path / "b", methods=["kd"], max_size_mb=limit_mb)
     rejected = [t for t in result["trials"] if "over_budget" in t]

@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from alambic.config.base import STAGES, ModelConfig, Term, TrainConfig, format_validation_error
+from alambic.config.base import STAGES, LoopSettings, ModelConfig, Term, TrainConfig, format_validation_error
 from alambic.config.compress import (
     QAT_TRAIN,
     RECOVER_TRAIN,
@@ -65,6 +65,7 @@ __all__ = [
     "TeacherConfig",
     "Term",
     "TrainConfig",
+    "LoopSettings",
     "apply_overrides",
     "config_from_dict",
     "dump_config",

@@ -95,11 +95,11 @@ class ModelConfig(StrictModel):
     checkpoint: str | None = None  # weights to load (safetensors, or a torch checkpoint read weights_only)
 
 
-class TrainConfig(StrictModel):
-    """Optimizer, schedule and budget of one training stage."""
+class LoopSettings(StrictModel):
+    """What the training loop (:func:`alambic.core.loop.fit`) runs with: budget, optimizer, schedule,
+    evaluation, logging and checkpoint cadence, compilation."""
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -110,28 +110,38 @@ class TrainConfig(StrictModel):
     milestones: list[int] = Field(default_factory=list)  # epochs, for schedule: step
     gamma: float = Field(0.1, gt=0)  # step decay factor
     grad_clip: float | None = Field(None, gt=0)
-    grad_accum: int = Field(
-        1, ge=1
-    )  # micro-batches per step; a last, shorter window of an epoch is scaled as a full one (Accelerate)
     eval_every: int = Field(1, ge=0)  # epochs; 0 = only at the end
     log_every: int = Field(20, ge=1)  # optimizer steps
     checkpoint_every: int = Field(1, ge=1)  # epochs
-    augment: bool | None = None  # this stage only; None follows data.augment (false turns it off here)
-    # mixup / cutmix of each sample with a random partner (teacher and student see the same mixed view)
-    mix: Literal["none", "mixup", "cutmix"] = "none"
-    mix_alpha: float = Field(1.0, gt=0)  # lam ~ Beta(mix_alpha, mix_alpha)
     compile: bool = False  # torch.compile the student's (and teacher's) forward pass
     channels_last: bool = False  # NHWC memory format for convnets (faster on GPUs, and with bf16)
     # a live teacher's forward on a second CUDA stream, overlapping the student's (no effect on CPU)
     overlap_teacher: bool = False
 
     @model_validator(mode="after")
-    def _milestones(self) -> TrainConfig:
+    def _milestones(self) -> LoopSettings:
         if self.schedule == "step" and not self.milestones:
             raise ValueError(
                 "schedule 'step' needs milestones (epochs at which the lr is multiplied by gamma)"
             )
         return self
+
+
+class TrainConfig(LoopSettings):
+    """One training stage of a run config: the loop's settings (:class:`LoopSettings`) and how its
+    batches are made (size, accumulation, augmentation, mixing)."""
+
+    batch_size: int = Field(64, ge=1)
+    # micro-batches per step; a last, shorter window of an epoch is scaled as a full one (Accelerate)
+    grad_accum: int = Field(1, ge=1)
+    augment: bool | None = None  # this stage only; None follows data.augment (false turns it off here)
+    # mixup / cutmix of each sample with a random partner (teacher and student see the same mixed view)
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float = Field(1.0, gt=0)  # lam ~ Beta(mix_alpha, mix_alpha)
+
+    def loop(self, **changes: Any) -> LoopSettings:
+        """The loop's part of these settings (with ``changes``, e.g. ``lr=...``), as ``fit`` takes them."""
+        return LoopSettings(**{**self.model_dump(include=set(LoopSettings.model_fields)), **changes})
 
 
 def format_validation_error(error: ValidationError) -> str:

@@ -1,23 +1,29 @@
-"""The Python entry point: distill any ``nn.Module`` teacher into any student with any DataLoader."""
+"""The Python entry point: :func:`distill` any ``nn.Module`` teacher into any student with any DataLoader,
+and :func:`train_module`, the one function every training stage goes through."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from alambic.config.base import Term, TrainConfig, format_validation_error
+from alambic.config.base import LoopSettings, Term, TrainConfig, format_validation_error
 from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.evaluate import evaluate_classifier
 from alambic.core.lock import run_lock
-from alambic.core.loop import MetricsLog, fit, make_accelerator
+from alambic.core.loop import fit
+from alambic.core.monitor import MetricsLog
+from alambic.core.optim import make_accelerator
+from alambic.core.trainable import Trainable
 from alambic.errors import ConfigError
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
@@ -25,8 +31,6 @@ HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "pa
 
 def as_terms(terms: Sequence[Term | dict] | None) -> list[Term]:
     """Terms from ``Term`` objects or plain dicts (``{"loss": "kd", "weight": 0.9, "params": {...}}``)."""
-    from pydantic import ValidationError
-
     result = []
     for index, term in enumerate(terms if terms is not None else HINTON_TERMS):
         try:
@@ -86,18 +90,12 @@ def distill(
         ...                   terms=[{"loss": "ce", "weight": 0.1},
         ...                          {"loss": "kd", "weight": 0.9, "params": {"temperature": 4}}])
     """
-    from accelerate.utils import set_seed
-    from pydantic import ValidationError
-
     if "augment" in train or "mix" in train:
         raise ConfigError(
             "distill() takes no augment or mix: augment in your dataset or DataLoader (run configs have "
             "data.augment and train.mix; alambic.strategies.MixedDataset wraps a data set)"
         )
-    try:
-        settings = TrainConfig(epochs=epochs, grad_accum=grad_accum, **train)
-    except ValidationError as error:
-        raise ConfigError(f"invalid training setting: {format_validation_error(error)}") from None
+    settings = train_settings(epochs=epochs, grad_accum=grad_accum, **train)
     terms = as_terms(terms)
     if teacher_vocab_size is not None:
         warnings.warn(
@@ -109,28 +107,84 @@ def distill(
         set_seed(seed)
     accelerator = accelerator or make_accelerator(precision)
     accelerator.gradient_accumulation_steps = grad_accum
-    evaluate = None
-    if eval_loader is not None:
+    return train_module(
+        Distiller(student, terms),
+        train_loader,
+        settings.loop(),
+        accelerator=accelerator,
+        teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
+        eval_loader=eval_loader,
+        num_classes=num_classes,
+        run_dir=run_dir,
+    )
+
+
+def train_settings(**settings: Any) -> TrainConfig:
+    """``TrainConfig(**settings)``, or a one-line error naming the setting that is wrong."""
+    try:
+        return TrainConfig(**settings)
+    except ValidationError as error:
+        raise ConfigError(f"invalid training setting: {format_validation_error(error)}") from None
+
+
+def train_module(
+    module: Trainable,
+    train_loader: Any,
+    settings: LoopSettings,
+    *,
+    accelerator: Accelerator,
+    teacher: Any = None,
+    eval_loader: Any = None,
+    num_classes: int | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    run_dir: str | Path | None = None,
+    log: MetricsLog | None = None,
+    checkpoint_dir: str | Path | None = None,
+    stage: str = "distill",
+    progress: Callable[[str, int, int, dict], None] | None = None,
+) -> nn.Module:
+    """Train one stage: ``module`` on ``train_loader`` through the one loop; returns its trained student.
+
+    Every way alambic trains goes through here: :func:`distill`, a strategy's module, each stage of a
+    run, tuning trials, pruning recovery and quantization-aware training. ``eval_loader`` (with
+    ``num_classes``) measures test accuracy after each evaluated epoch (or pass ``evaluate(student)``).
+    ``run_dir`` holds ``metrics.jsonl`` and ``checkpoints/`` (created when missing) under an exclusive
+    lock, so a second writer is refused; without it, ``log`` and ``checkpoint_dir`` say where to write.
+
+    Example:
+        >>> student = train_module(Distiller(student, terms), loader, TrainConfig(epochs=5).loop(),
+        ...                        accelerator=make_accelerator(), teacher=Teacher(teacher, terms))
+    """
+    if evaluate is None and eval_loader is not None:
         if num_classes is None:
             raise ConfigError("eval_loader needs num_classes (the number of classes the models predict)")
-
         prepared_eval = accelerator.prepare(eval_loader)
         evaluate = lambda model: evaluate_classifier(  # noqa: E731
             model, prepared_eval, num_classes=num_classes, accelerator=accelerator
         )
-    run_dir = Path(run_dir) if run_dir else None
-    # one writer per run directory (created here); a second distill() of the same one is refused
-    with run_lock(run_dir, accelerator) if run_dir else contextlib.nullcontext():
-        log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, enabled=accelerator.is_main_process)
+    options = {"accelerator": accelerator, "teacher": teacher, "evaluate": evaluate, "stage": stage}
+    if run_dir is None:
         return fit(
-            Distiller(student, terms),
+            module,
             train_loader,
-            accelerator=accelerator,
-            teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
-            evaluate=evaluate,
+            settings,
             log=log,
-            checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
-            **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+            **options,
+        )
+    run_dir = Path(run_dir)
+    with run_lock(run_dir, accelerator):  # one writer per run directory (created here)
+        log = log or MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
+        return fit(
+            module,
+            train_loader,
+            settings,
+            log=log,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+            **options,
         )
 
 

@@ -1,4 +1,4 @@
-"""The training loop: one function, readable on one screen.
+"""The training loop: one function, readable on one screen, with its setup in the named helpers below it.
 
 Device placement, mixed precision and multiple processes come from Hugging Face Accelerate. The
 distiller returns a dict of named, weighted losses; the loop sums nothing itself (``total`` is in
@@ -8,10 +8,9 @@ the dict), steps, logs, evaluates, checkpoints, resumes, and stops on a non-fini
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,162 +18,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, send_to_device
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from alambic.config.base import LoopSettings
 from alambic.core.batches import index_of, split_batch
-from alambic.core.checkpoint import (
-    atomic_write_text,
-    latest_checkpoint,
-    load_training_state,
-    save_training_state,
-)
-from alambic.core.distiller import Distiller, Teacher
-from alambic.data.datasets import BatchedView
-from alambic.errors import NonFiniteLossError
-from alambic.files import dumps_json, writing
-
-
-def make_accelerator(precision: str = "no") -> Accelerator:
-    """The run's Accelerator: one process here; GPUs and several processes under ``accelerate launch``/``torchrun``.
-
-    Without CUDA, several launched processes need ``cpu=True`` for Accelerate to form a gloo group.
-    """
-    from accelerate.state import AcceleratorState
-
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", precision) != precision:
-        # Accelerate keeps one process-wide state; a second run in the same Python process with
-        # another precision (distill(..., precision="bf16") after a float32 one) needs it reset.
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on ``(seed, epoch)``, so a resumed run sees the same batches."""
-
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
-        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def make_loader(
-    dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
-) -> DataLoader:
-    """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`).
-
-    A data set with ``get_batch`` (alambic's in-memory sets) returns whole batches, gathered from its
-    tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
-    in page-locked memory when a GPU is there to receive them.
-    """
-    batched = hasattr(dataset, "get_batch")
-    return DataLoader(
-        BatchedView(dataset) if batched else dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, shuffle),
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        collate_fn=already_batched if batched else None,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def already_batched(batch: Any) -> Any:
-    """The collate of data sets whose ``__getitems__`` returns a whole batch."""
-    return batch
-
-
-def make_optimizer(
-    parameters,
-    *,
-    optimizer: str,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    fused: bool = False,
-):
-    """SGD (momentum, nesterov) or AdamW; ``fused`` runs the whole update as one kernel (on GPUs)."""
-    parameters = [p for p in parameters if p.requires_grad]
-    fused_option = {"fused": True} if fused else {}
-    if optimizer == "sgd":
-        return torch.optim.SGD(
-            parameters,
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov and momentum > 0,
-            weight_decay=weight_decay,
-            **fused_option,
-        )
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **fused_option)
-
-
-def lr_factor(
-    step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float
-) -> float:
-    """Linear warm-up to 1, then cosine to 0, step decay at milestone steps, or constant."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "step":
-        return gamma ** sum(step >= milestone for milestone in milestones)
-    return 1.0
-
-
-class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` (main process only) and, optionally, to TensorBoard."""
-
-    def __init__(
-        self, path: str | Path | None, *, enabled: bool = True, tensorboard_dir: str | Path | None = None
-    ):
-        self.path = Path(path) if path and enabled else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)  # distill(run_dir="runs/new") creates it
-        self.writer = None
-        if tensorboard_dir and enabled:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency: alambic[tensorboard]
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
-
-    def drop_after(self, stage: str, step: int) -> None:
-        """Forget ``stage``'s records past ``step`` (a resumed run logs those steps again)."""
-        if self.path is None or not self.path.is_file():
-            return
-
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the kill
-            if not (record.get("stage") == stage and record.get("step", 0) > step):
-                kept.append(line + "\n")
-        atomic_write_text(self.path, "".join(kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with writing(self.path), open(self.path, "a") as handle:
-                handle.write(dumps_json(record) + "\n")
-        if self.writer is not None:
-            scalars = record.get("losses", {}) | {
-                k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1")
-            }
-            for key, value in scalars.items():
-                self.writer.add_scalar(f"{record['stage']}/{record['kind']}/{key}", value, record["step"])
-            self.writer.flush()
+from alambic.core.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from alambic.core.distiller import Teacher
+from alambic.core.monitor import FiniteGuard, MetricsLog
+from alambic.core.optim import lr_factor, make_optimizer
+from alambic.core.trainable import Trainable
 
 
 def _counted_tokens(batch) -> torch.Tensor:
@@ -219,103 +71,171 @@ def _token_scaled(loader, accelerator: Accelerator, token_terms: bool):
             return
 
 
-class FiniteGuard:
-    """Records every micro-batch's losses on the device, one kernel a step; :meth:`check` reads them.
-
-    ``watch`` writes the step's terms into a row of a device buffer (no host-device sync, no other
-    work per step). ``check`` (at log steps and at the end of every epoch, before weights are evaluated
-    or checkpointed) reads the rows since the last check in one transfer: it raises if a total was
-    non-finite, naming the first such micro-batch's step and terms, and otherwise returns the terms'
-    means over those rows, which the loop logs. Steps taken after a bad one are wasted but never
-    saved: the last good checkpoint stays the one to resume from.
-    """
-
-    def __init__(self, accelerator: Accelerator, stage: str, capacity: int = 64):
-        self.accelerator, self.stage, self.capacity = accelerator, stage, capacity
-        self.rows: torch.Tensor | None = None  # [capacity, terms]
-        self.names: list[str] = []
-        self.steps: list[int] = []  # the optimizer step of each row (kept on the host: no sync)
-        self.count = 0  # rows written since the last check
-
-    def watch(self, losses: dict[str, torch.Tensor], step: int) -> None:
-        """Record this micro-batch's weighted terms and total; ``step`` is the optimizer step it belongs to."""
-        if self.rows is None:
-            self.names = list(losses)
-            self.rows = torch.empty(self.capacity, len(losses), device=losses["total"].device)
-        elif self.count == len(self.rows):  # more micro-batches between checks than expected
-            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
-        torch.stack(
-            [value.detach().float().reshape(()) for value in losses.values()], out=self.rows[self.count]
-        )
-        self.steps.append(step)
-        self.count += 1
-
-    def check(self, epoch: int) -> dict[str, float]:
-        """Raise :class:`NonFiniteLossError` for a non-finite total; else the terms' means since the last check."""
-        if not self.count:
-            return {}
-        rows = self.rows[: self.count]
-        total = rows[:, self.names.index("total")]
-        bad_here = (~torch.isfinite(total)).any().float().reshape(1)
-        bad_anywhere = bad_here
-        if self.accelerator.num_processes > 1:  # all processes stop together, or DDP would hang
-            bad_anywhere = self.accelerator.reduce(bad_here, reduction="max")
-        summary = torch.cat([bad_here, bad_anywhere, rows.mean(0)]).tolist()  # one transfer
-        if summary[1] > 0:
-            if summary[0] > 0:
-                first = int((~torch.isfinite(total)).nonzero()[0])
-                values = dict(zip(self.names, rows[first].tolist()))
-                where, terms = f"step {self.steps[first]}", f" (terms: {values})"
-            else:
-                where, terms = "a step", " in another process"
-            raise NonFiniteLossError(
-                f"{self.stage}: the loss became non-finite at epoch {epoch}, {where}{terms}; lower the lr, "
-                "add grad_clip, or check the inputs. The last good checkpoint is kept"
-            )
-        self.steps, self.count = [], 0
-        return dict(zip(self.names, summary[2:]))
-
-
 def fit(
-    module: Distiller,
+    module: Trainable,
     train_loader: DataLoader,
+    settings: LoopSettings,
     *,
     accelerator: Accelerator,
-    teacher: Teacher | None = None,
-    epochs: int,
-    optimizer: str = "sgd",
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 5e-4,
-    schedule: str = "cosine",
-    warmup_epochs: float = 0.0,
-    milestones: list[int] | None = None,
-    gamma: float = 0.1,
-    grad_clip: float | None = None,
-    eval_every: int = 1,
-    log_every: int = 20,
-    checkpoint_every: int = 1,
+    teacher: Any = None,
     checkpoint_dir: str | Path | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
     log: MetricsLog | None = None,
     stage: str = "distill",
     progress: Callable[[str, int, int, dict], None] | None = None,  # (stage, step, total_steps, values)
-    compile: bool = False,
-    channels_last: bool = False,
-    overlap_teacher: bool = False,
 ) -> nn.Module:
-    """Train ``module`` (student + connectors) on its terms; resumes from ``checkpoint_dir`` when it holds one.
+    """Train ``module`` (student + what trains with it) on its terms; resumes from ``checkpoint_dir``.
 
-    ``grad_accum`` and ``precision`` live on the ``accelerator``. ``compile`` compiles the student's and
-    the teacher's forward passes in place (``torch.compile``); ``channels_last`` stores convnets NHWC;
-    ``overlap_teacher`` runs a live teacher's forward on a second CUDA stream, beside the student's (no
-    effect without CUDA or with a cached teacher). ``evaluate(student)`` returns a dict
-    with at least ``accuracy``; it runs every ``eval_every`` epochs and after the last.
-    Returns the trained student (unwrapped).
+    ``settings`` are the loop's (:class:`~alambic.config.LoopSettings`); ``grad_accum`` and ``precision``
+    live on the ``accelerator``. ``teacher``: a :class:`~alambic.core.distiller.Teacher` or a cached one.
+    ``evaluate(student)`` returns a dict with at least ``accuracy``; it runs every ``eval_every`` epochs
+    and after the last. Returns the trained student (unwrapped).
     """
     log = log or MetricsLog(None)
-    # connectors and learned losses are sized by one probing pass, before the optimizer sees the parameters
+    prepare_module(module, teacher, train_loader, settings, accelerator)
+    optimizer = make_optimizer(
+        module.parameters(),
+        **settings.model_dump(include={"optimizer", "lr", "momentum", "nesterov", "weight_decay"}),
+        fused=accelerator.device.type == "cuda",
+    )
+    # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
+    # must be counted on the prepared (sharded) loader, not on the one given.
+    loader = accelerator.prepare(train_loader)
+    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+    scheduler = make_scheduler(optimizer, settings, steps_per_epoch)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    start_epoch, step = resume(checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage)
+    model, optimizer = accelerator.prepare(module, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    calls = StepCalls.choose(accelerator, model, optimizer)
+    state = LoopState(model, unwrapped, teacher, loader, calls, scheduler, FiniteGuard(accelerator, stage),
+                      settings, accelerator, log, stage, progress, settings.epochs * steps_per_epoch,
+                      side_stream(settings, accelerator, teacher), step)  # fmt: skip
+    if start_epoch == 0:  # no checkpoint: one-line errors before step 0, on a real batch
+        first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
+        unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
+    for epoch in range(start_epoch, settings.epochs):
+        set_epoch(loader, train_loader.sampler, epoch)
+        train_epoch(state, epoch)
+        state.guard.check(epoch + 1)  # before evaluating or checkpointing weights a non-finite step touched
+        last = epoch + 1 == settings.epochs
+        if evaluate is not None and (
+            (settings.eval_every and (epoch + 1) % settings.eval_every == 0) or last
+        ):
+            evaluate_and_log(state, evaluate, epoch)
+        if checkpoint_dir and ((epoch + 1) % settings.checkpoint_every == 0 or last):
+            save_training_state(checkpoint_dir, module=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                epoch=epoch, step=state.step, process_index=accelerator.process_index,
+                                barrier=accelerator.wait_for_everyone)  # fmt: skip
+    return unwrapped.student
+
+
+@dataclass
+class StepCalls:
+    """How a step runs: Accelerate's wrappers, or the plain calls when they would have nothing to do.
+
+    One process, no accumulation, no autocast: Accelerate's per-step wrappers cost about 0.4 ms a step on
+    our 2-core CPU (its optimizer wrapper looks for an optional package at every step), and the plain
+    calls do the same work. DeepSpeed, FSDP or XLA keep Accelerate's calls.
+    """
+
+    plain: bool
+    context: Callable[[], Any]  # accumulation window
+    autocast: Callable[[], Any]
+    backward: Callable[[torch.Tensor], None]
+    optimizer: Any  # what .step() and .zero_grad() are called on
+
+    @classmethod
+    def choose(cls, accelerator: Accelerator, model: nn.Module, optimizer: Any) -> StepCalls:
+        plain = (
+            accelerator.gradient_accumulation_steps == 1
+            and accelerator.num_processes == 1
+            and accelerator.mixed_precision == "no"
+            and accelerator.distributed_type == DistributedType.NO
+        )
+        if plain:
+            stepper = getattr(optimizer, "optimizer", optimizer)
+            return cls(True, contextlib.nullcontext, contextlib.nullcontext, torch.Tensor.backward, stepper)
+        return cls(
+            False,
+            lambda: accelerator.accumulate(model),
+            accelerator.autocast,
+            accelerator.backward,
+            optimizer,
+        )
+
+
+@dataclass
+class LoopState:
+    """What every step and epoch of one :func:`fit` call shares."""
+
+    model: nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
+    unwrapped: Trainable
+    teacher: Any
+    loader: Any
+    calls: StepCalls
+    scheduler: Any
+    guard: FiniteGuard
+    settings: LoopSettings
+    accelerator: Accelerator
+    log: MetricsLog
+    stage: str
+    progress: Callable[[str, int, int, dict], None] | None
+    total_steps: int
+    side_stream: Any  # a CUDA stream for the teacher's forward (overlap_teacher), else None
+    step: int  # optimizer steps taken
+
+
+def train_epoch(state: LoopState, epoch: int) -> None:
+    """One pass over the loader: forward (teacher, then student), backward, step, and log every ``log_every`` steps."""
+    calls, teacher, unwrapped = state.calls, state.teacher, state.unwrapped
+    state.model.train()
+    for batch, token_scale in _token_scaled(state.loader, state.accelerator, unwrapped.has_token_terms):
+        inputs, labels = split_batch(batch)
+        with calls.context():
+            with calls.autocast():
+                if teacher is None or not unwrapped.needs_teacher:
+                    teacher_outputs = None
+                elif state.side_stream is not None:  # waited for after the student's forward is launched
+                    teacher_outputs = teacher.launch(inputs, index_of(batch), state.side_stream)
+                else:
+                    teacher_outputs = teacher(inputs, index_of(batch))
+                losses = state.model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch), token_scale)
+            # no host-device sync here: checked (and averaged) when logging and at the epoch's end
+            state.guard.watch(losses, state.step + 1)
+            calls.backward(losses["total"])
+            synced = calls.plain or state.accelerator.sync_gradients
+            if synced and state.settings.grad_clip is not None:
+                state.accelerator.clip_grad_norm_(state.model.parameters(), state.settings.grad_clip)
+            calls.optimizer.step()
+            calls.optimizer.zero_grad(set_to_none=True)
+        if synced:
+            state.scheduler.step()
+            state.step += 1
+            if state.step % state.settings.log_every == 0:
+                means = state.guard.check(epoch + 1)
+                lr = state.scheduler.get_last_lr()[0]
+                state.log.write({"stage": state.stage, "kind": "train", "epoch": epoch + 1, "step": state.step,
+                                 "lr": lr, "losses": means})  # fmt: skip
+                if state.progress:
+                    state.progress(state.stage, state.step, state.total_steps, means)
+
+
+def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], epoch: int) -> None:
+    """Evaluate the student after ``epoch`` and log its accuracy, macro-F1 and loss."""
+    metrics = evaluate(state.unwrapped.student)
+    shown = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss") if k in metrics}
+    state.log.write({"stage": state.stage, "kind": "eval", "epoch": epoch + 1, "step": state.step, **shown})
+    if state.progress:
+        state.progress(state.stage, state.step, state.total_steps, {"test_accuracy": metrics["accuracy"]})
+
+
+def prepare_module(
+    module: Trainable, teacher: Any, train_loader: Any, settings: LoopSettings, accelerator: Accelerator
+) -> None:
+    """Before the optimizer sees the parameters: connectors and learned losses sized by one probing pass,
+    the memory format, compilation, and (on a GPU) the parameters moved where the fused optimizer wants them."""
     if teacher is not None and module.needs_probe:
         probe_device = next(module.parameters()).device
         teacher.to(probe_device)
@@ -324,147 +244,59 @@ def fit(
         module.build_modules(
             split_batch(probe_batch)[0], teacher, num_samples=num_samples, sample_index=index_of(probe_batch)
         )
-    if channels_last:  # convnets run faster in NHWC on GPUs and with bf16 on recent CPUs
+    if settings.channels_last:  # convnets run faster in NHWC on GPUs and with bf16 on recent CPUs
         module.student.to(memory_format=torch.channels_last)
         if isinstance(teacher, Teacher):
             teacher.model.to(memory_format=torch.channels_last)
-    if compile:  # in place, so parameter names (checkpoints, exports) stay those of the plain module
+    if settings.compile:  # in place, so parameter names (checkpoints, exports) stay those of the plain module
         module.student.compile(dynamic=False)
         if isinstance(teacher, Teacher):
             teacher.model.compile(dynamic=False)
-    fused = accelerator.device.type == "cuda"
-    if fused:  # fused kernels want the parameters on the GPU when the optimizer is built (older torch)
+    if accelerator.device.type == "cuda":  # fused kernels want the parameters on the GPU (older torch)
         module.to(accelerator.device)
-    optimizer_ = make_optimizer(
-        module.parameters(),
-        optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        fused=fused,
-    )
-    # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
-    # must be counted on the prepared (sharded) loader, not on the one given.
-    loader = accelerator.prepare(train_loader)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+
+
+def make_scheduler(optimizer: Any, settings: LoopSettings, steps_per_epoch: int) -> Any:
+    """The learning-rate schedule of ``settings``, counted in optimizer steps."""
     factor = lambda step: lr_factor(  # noqa: E731
         step,
-        total_steps=epochs * steps_per_epoch,
-        warmup_steps=round(warmup_epochs * steps_per_epoch),
-        schedule=schedule,
-        milestones=[m * steps_per_epoch for m in (milestones or [])],
-        gamma=gamma,
+        total_steps=settings.epochs * steps_per_epoch,
+        warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+        schedule=settings.schedule,
+        milestones=[m * steps_per_epoch for m in settings.milestones],
+        gamma=settings.gamma,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer_, factor)
-    sampler = train_loader.sampler
-    if teacher is not None:
-        teacher.to(accelerator.device)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    start_epoch, step = 0, 0
+
+def resume(
+    checkpoint_dir, module, optimizer, scheduler, accelerator: Accelerator, log: MetricsLog, stage: str
+):
+    """``(first epoch, optimizer steps taken)``: from the latest checkpoint in ``checkpoint_dir``, else (0, 0)."""
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
-    if latest is not None:
-        last_epoch, step = load_training_state(
-            latest,
-            module=module,
-            optimizer=optimizer_,
-            scheduler=scheduler,
-            process_index=accelerator.process_index,
-        )
-        start_epoch = last_epoch + 1
-        log.drop_after(stage, step)  # records of the interrupted epoch are logged again
+    if latest is None:
+        return 0, 0
+    last_epoch, step = load_training_state(
+        latest,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        process_index=accelerator.process_index,
+    )
+    log.drop_after(stage, step)  # records of the interrupted epoch are logged again
+    return last_epoch + 1, step
 
-    model, optimizer_ = accelerator.prepare(module, optimizer_)
-    unwrapped = accelerator.unwrap_model(model)
-    guard = FiniteGuard(accelerator, stage)
-    # One process, no accumulation, no autocast: Accelerate's per-step wrappers have nothing to do, and
-    # cost about 0.4 ms a step on our 2-core CPU (its optimizer wrapper looks for an optional package
-    # at every step); the plain calls do the same work. DeepSpeed, FSDP or XLA keep Accelerate's calls.
-    plain = (
-        accelerator.gradient_accumulation_steps == 1
-        and accelerator.num_processes == 1
-        and accelerator.mixed_precision == "no"
-        and accelerator.distributed_type == DistributedType.NO
-    )
-    step_context = contextlib.nullcontext if plain else (lambda: accelerator.accumulate(model))
-    autocast = contextlib.nullcontext if plain else accelerator.autocast
-    backward = torch.Tensor.backward if plain else accelerator.backward
-    stepper = getattr(optimizer_, "optimizer", optimizer_) if plain else optimizer_
-    side_stream = (
-        torch.cuda.Stream(accelerator.device)
-        if overlap_teacher and accelerator.device.type == "cuda" and isinstance(teacher, Teacher)
-        else None
-    )
-    if latest is None:  # one-line errors before step 0, on a real batch
-        first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
-        unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
-    for epoch in range(start_epoch, epochs):
-        # Accelerate's loader counts epochs itself from 0; set it so a resumed run sees the same order.
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        elif hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        model.train()
-        for batch, token_scale in _token_scaled(loader, accelerator, unwrapped.has_token_terms):
-            inputs, labels = split_batch(batch)
-            with step_context():
-                with autocast():
-                    if teacher is None or not unwrapped.needs_teacher:
-                        teacher_outputs = None
-                    elif side_stream is not None:  # waited for after the student's forward is launched
-                        teacher_outputs = teacher.launch(inputs, index_of(batch), side_stream)
-                    else:
-                        teacher_outputs = teacher(inputs, index_of(batch))
-                    losses = model(inputs, labels, teacher_outputs, epoch + 1, index_of(batch), token_scale)
-                # no host-device sync here: checked (and averaged) when logging and at the epoch's end
-                guard.watch(losses, step + 1)
-                backward(losses["total"])
-                synced = plain or accelerator.sync_gradients
-                if synced and grad_clip is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-                stepper.step()
-                stepper.zero_grad(set_to_none=True)
-            if synced:
-                scheduler.step()
-                step += 1
-                if step % log_every == 0:
-                    means = guard.check(epoch + 1)
-                    log.write(
-                        {
-                            "stage": stage,
-                            "kind": "train",
-                            "epoch": epoch + 1,
-                            "step": step,
-                            "lr": scheduler.get_last_lr()[0],
-                            "losses": means,
-                        }
-                    )
-                    if progress:
-                        progress(stage, step, epochs * steps_per_epoch, means)
-        guard.check(epoch + 1)  # before evaluating or checkpointing weights a non-finite step touched
-        last = epoch + 1 == epochs
-        if evaluate is not None and ((eval_every and (epoch + 1) % eval_every == 0) or last):
-            metrics = evaluate(unwrapped.student)
-            log.write(
-                {
-                    "stage": stage,
-                    "kind": "eval",
-                    "epoch": epoch + 1,
-                    "step": step,
-                    **{k: metrics[k] for k in ("accuracy", "macro_f1", "loss") if k in metrics},
-                }
-            )
-            if progress:
-                progress(stage, step, epochs * steps_per_epoch, {"test_accuracy": metrics["accuracy"]})
-        if checkpoint_dir and ((epoch + 1) % checkpoint_every == 0 or last):
-            save_training_state(
-                checkpoint_dir,
-                module=unwrapped,
-                optimizer=optimizer_,
-                scheduler=scheduler,
-                epoch=epoch,
-                step=step,
-                process_index=accelerator.process_index,
-                barrier=accelerator.wait_for_everyone,
-            )
-    return unwrapped.student
+
+def side_stream(settings: LoopSettings, accelerator: Accelerator, teacher: Any) -> Any:
+    """A second CUDA stream for a live teacher's forward (``overlap_teacher``), else None."""
+    if settings.overlap_teacher and accelerator.device.type == "cuda" and isinstance(teacher, Teacher):
+        return torch.cuda.Stream(accelerator.device)
+    return None
+
+
+def set_epoch(loader: Any, sampler: Any, epoch: int) -> None:
+    """Accelerate's loader counts epochs itself from 0; set it so a resumed run sees the same order."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)

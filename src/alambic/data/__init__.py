@@ -7,15 +7,8 @@ Example:
     (10, (64,))
 """
 
-from alambic.data.datasets import (
-    DATASETS,
-    Augmentation,
-    DatasetInfo,
-    IndexedDataset,
-    InMemoryDataset,
-    build_datasets,
-    dataset_fingerprint,
-)
+from alambic.data.datasets import DATASETS, Augmentation, DatasetInfo, InMemoryDataset, build_datasets
+from alambic.data.loaders import IndexedDataset, dataset_fingerprint, make_loader
 from alambic.data.readers import cache_dir, read_idx
 
 __all__ = [
@@ -26,6 +19,7 @@ __all__ = [
     "IndexedDataset",
     "build_datasets",
     "cache_dir",
+    "make_loader",
     "dataset_fingerprint",
     "read_idx",
 ]

@@ -10,7 +10,6 @@ Augmentation draws from torch's global RNG, so ``torch.manual_seed`` makes a run
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from alambic.data import readers
 from alambic.data.text import TEXT_DATASETS, build_text_datasets
@@ -135,58 +134,6 @@ class InMemoryDataset(Dataset):
         )
 
 
-class IndexedDataset(Dataset):
-    """Yields ``(input, label, index)``: the sample's position travels with it through the loader.
-
-    Losses that keep per-sample state (CRD's memory bank) and cached teachers read ``index``.
-
-    Example:
-        >>> loader = DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True)
-        >>> images, labels, index = next(iter(loader))
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple:
-        item = self.dataset[index]
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs")
-        return item[0], item[1], index
-
-    def get_batch(self, indices: list[int]) -> tuple:
-        """A whole batch ``(inputs, labels, index)``; batched by the wrapped set when it can."""
-        if hasattr(self.dataset, "get_batch"):
-            inputs, labels = self.dataset.get_batch(indices)
-            return inputs, labels, torch.tensor(indices)
-        return default_collate([self[index] for index in indices])
-
-
-class BatchedView(Dataset):
-    """A data set with ``get_batch`` seen by a DataLoader as one that returns whole batches.
-
-    The DataLoader calls ``__getitems__`` with a batch's indices; with :func:`alambic.core.loop.already_batched`
-    as its collate, a batch costs one tensor gather instead of a ``__getitem__`` per sample and a stack.
-    The view is made by :func:`alambic.core.loop.make_loader`, so a user's own DataLoader over the data set
-    keeps PyTorch's per-sample behaviour.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.dataset[index]
-
-    def __getitems__(self, indices: list[int]):
-        return self.dataset.get_batch(indices)
-
-
 def _augment(image: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
     """Random crop of the original size from the zero-padded image, then a random flip."""
     padding = augmentation.crop_padding
@@ -198,42 +145,6 @@ def _augment(image: torch.Tensor, augmentation: Augmentation) -> torch.Tensor:
     if augmentation.horizontal_flip and torch.rand(()) < 0.5:
         image = image.flip(-1)
     return image.contiguous()
-
-
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """A sha256 hex digest identifying a dataset's contents, for checking caches of teacher outputs.
-
-    For an :class:`InMemoryDataset` it hashes the stored tensors' shapes and dtypes, all labels, up to
-    256 evenly spaced inputs and the normalisation; augmentation is deliberately left out (it is not
-    part of the data), so a cache of teacher outputs must check augmentation itself. For any other
-    dataset it hashes the length and up to 32 evenly spaced samples as returned by ``dataset[i]``.
-
-    Example:
-        >>> train, test, info = build_datasets("digits")
-        >>> len(dataset_fingerprint(train))
-        64
-    """
-    while isinstance(dataset, (IndexedDataset, BatchedView)):  # the data, not how it is served
-        dataset = dataset.dataset
-    digest = hashlib.sha256()
-    length = len(dataset)
-    digest.update(f"len={length}".encode())
-    if isinstance(dataset, InMemoryDataset):
-        inputs, labels = dataset.inputs, dataset.labels
-        digest.update(f"{tuple(inputs.shape)}{inputs.dtype}{dataset.mean}{dataset.std}".encode())
-        digest.update(labels.numpy().astype(np.int64).tobytes())
-        rows = torch.linspace(0, max(length - 1, 0), min(length, 256)).long()
-        digest.update(inputs[rows].contiguous().numpy().tobytes())
-        return digest.hexdigest()
-    for index in torch.linspace(0, max(length - 1, 0), min(length, 32)).long().tolist():
-        sample, label = dataset[index][:2]
-        parts = sorted(sample.items()) if isinstance(sample, dict) else [("", sample)]  # token dicts
-        digest.update(f"label={int(label)}".encode())
-        for key, value in parts:
-            value = torch.as_tensor(value)
-            digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def build_datasets(
@@ -304,8 +215,18 @@ def build_datasets(
             name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize
         )
     if train_subset is not None:
-        train = train.subset(_subset_indices(train.labels, train_subset, seed=seed, name=name))
+        train = take_train_subset(train, train_subset, seed=seed, name=name)
     return train, test, info
+
+
+def take_train_subset(
+    train: Dataset, size: int, *, seed: int, name: str, factory: str | None = None
+) -> Dataset:
+    """The seeded subset of ``size`` training samples that ``train_subset`` keeps: class-stratified for
+    alambic's data sets, a seeded random choice for a ``custom`` ``factory``'s."""
+    if name == "custom":
+        return _subset_custom(train, size, seed=seed, factory=str(factory))
+    return train.subset(_subset_indices(train.labels, size, seed=seed, name=name))
 
 
 def _resolve_data_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
@@ -435,7 +356,7 @@ def _build_custom(
         else [str(index) for index in range(num_classes)]
     )
     if train_subset is not None:
-        train = _subset_custom(train, train_subset, seed=seed, factory=factory)
+        train = take_train_subset(train, train_subset, seed=seed, name="custom", factory=factory)
     info = DatasetInfo("custom", num_classes, tuple(torch.as_tensor(sample).shape), class_names, None, None)
     return train, test, info
 

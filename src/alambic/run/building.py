@@ -6,6 +6,8 @@ strategies, tuning, export and compression.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 from alambic.config import RunConfig
 from alambic.core.batches import call_model, logits_of
 from alambic.data import build_datasets
+from alambic.data.datasets import take_train_subset
 from alambic.errors import AlambicError, ConfigError
 from alambic.models import build_factory_model, build_model, load_weights
 from alambic.models.hf import derive_student, load_hf_model
@@ -131,3 +134,38 @@ def run_tokenizer(config: RunConfig) -> str | None:
     if config.data.tokenizer:
         return config.data.tokenizer
     return hf_path(config.teacher.model.arch) if config.teacher else None
+
+
+@dataclass
+class RunData:
+    """A run's data built once: the training set as configured (subset, augmentation), the whole training
+    set without augmentation (calibration, caches), the test set and the info."""
+
+    train_set: Any
+    plain_train_set: Any
+    test_set: Any
+    info: Any
+
+    @property
+    def datasets(self) -> tuple[Any, Any, Any]:
+        """``(train, test, info)``, as :func:`build_run_datasets` returns them."""
+        return self.train_set, self.test_set, self.info
+
+
+def build_run_data(config: RunConfig, *, data_dir: str | None = None) -> RunData:
+    """Read a run's data once and derive every view of it (see :class:`RunData`)."""
+    full, test_set, info = build_run_datasets(config, data_dir=data_dir, subset=False)
+    plain = full
+    if getattr(full, "augmentation", None) is not None:
+        plain = copy.copy(full)  # shares the tensors
+        plain.augmentation = None
+    train = full
+    if config.data.train_subset is not None:
+        train = take_train_subset(
+            full,
+            config.data.train_subset,
+            seed=config.seed,
+            name=config.data.dataset,
+            factory=config.data.factory,
+        )
+    return RunData(train, plain, test_set, info)

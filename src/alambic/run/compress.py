@@ -46,12 +46,12 @@ from alambic.config import CompressConfig, RunConfig, load_config
 from alambic.core.checkpoint import atomic_write_text, save_weights
 from alambic.core.evaluate import count_flops, count_parameters, evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
-from alambic.core.loop import make_loader
+from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json
 from alambic.models.surgery import load_resized
 from alambic.run.artifacts import build_run_architecture, student_state_dict
-from alambic.run.building import build_named_model, build_run_datasets, run_tokenizer
+from alambic.run.building import RunData, build_named_model, build_run_data, run_tokenizer
 from alambic.run.pipeline import run
 from alambic.run.plots import model_colors, model_points, new_figure, scatter
 from alambic.run.rundir import check_run_dir, run_directory
@@ -63,13 +63,13 @@ class _Context:
     """What every stage shares: the config, data, folders, and the rows measured so far."""
 
     def __init__(
-        self, config: RunConfig, run_dir: Path, out: Path | None, data_dir: str | None, progress: Any
+        self, config: RunConfig, run_dir: Path, out: Path | None, data: RunData, progress: Any
     ) -> None:
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.settings: CompressConfig = config.compress or CompressConfig()
         self.out = out or run_dir / "compress"
-        self.train_set, self.test_set, self.info = build_run_datasets(config, data_dir=data_dir)
-        plain_train, _, _ = build_run_datasets(config, data_dir=data_dir, augment=False, subset=False)
+        self.train_set, self.test_set, self.info = data.datasets
+        plain_train = data.plain_train_set
         self.eval_set = self.test_set
         subset = self.settings.eval_subset
         if subset is not None and subset < len(self.test_set):
@@ -351,20 +351,20 @@ def compress_run(
         if "distill" not in config.stages:
             config.stages.append("distill")
 
-        test_set = build_run_datasets(config, augment=False)[1]  # refused settings fail before training
-        _check_inputs_supported(
-            config.compress or CompressConfig(), isinstance(real_inputs(test_set, 1), dict)
-        )
         run_dir = run_directory(config, run_dir)
+    data = build_run_data(config, data_dir=data_dir)  # read once: for training, calibration and checks
+    # refused settings fail before anything trains
+    _check_inputs_supported(
+        config.compress or CompressConfig(), isinstance(real_inputs(data.test_set, 1), dict)
+    )
     with run_lock(run_dir):  # one writer per run directory, from its training to the compressed files
         if train_first:
-            run(config, run_dir=run_dir)
-        return _compress_chain(config, run_dir, out, data_dir, progress)
+            run(config, run_dir=run_dir, datasets=data.datasets)
+        return _compress_chain(config, run_dir, out, data, progress)
 
 
-def _compress_chain(config: RunConfig, run_dir: Path, out, data_dir: str | None, progress: Any) -> dict:
-    context = _Context(config, Path(run_dir), Path(out) if out else None, data_dir, progress)
-    _check_inputs_supported(context.settings, isinstance(context.check_inputs, dict))
+def _compress_chain(config: RunConfig, run_dir: Path, out, data: RunData, progress: Any) -> dict:
+    context = _Context(config, Path(run_dir), Path(out) if out else None, data, progress)
     started = datetime.now(timezone.utc)
     models = _load_models(context)
     for name, model in models.items():

@@ -24,8 +24,10 @@ from alambic.core.checkpoint import atomic_write_text
 from alambic.core.distiller import feature_paths
 from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
-from alambic.core.loop import MetricsLog, make_accelerator, make_loader
+from alambic.core.monitor import MetricsLog
+from alambic.core.optim import make_accelerator
 from alambic.data import build_datasets
+from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, finite_json
 from alambic.losses import get_loss_spec
@@ -55,9 +57,17 @@ from alambic.run.strategy_stages import run_strategy_stages
 
 
 def run(
-    config: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False, progress: Any = None
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: Any = None,
+    datasets: tuple | None = None,
 ) -> Path:
     """Run the stages of ``config``; returns the run directory.
+
+    ``datasets``: the ``(train, test, info)`` of :func:`~alambic.run.building.build_run_datasets`, when the
+    caller has built them already (``alambic compress CONFIG``).
 
     Example:
         >>> from alambic.config import load_config
@@ -66,7 +76,7 @@ def run(
     run_dir = run_directory(config, run_dir)
     check_run_dir_state(config, run_dir, resume=resume)  # cheap checks first
     accelerator = make_accelerator(config.precision)
-    datasets = build_run_datasets(config)
+    datasets = datasets or build_run_datasets(config)
     # every model built, every term tried on real data: nothing is written before this passes
     preflight(
         config,

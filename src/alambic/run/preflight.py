@@ -21,7 +21,7 @@ from alambic.config import RunConfig, Term, TrainConfig
 from alambic.core.batches import index_of, split_batch
 from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
-from alambic.core.loop import make_loader
+from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
 from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher, example_input
 from alambic.strategies.ensemble import EnsembleModel

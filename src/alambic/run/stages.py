@@ -19,12 +19,13 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from alambic.config import RunConfig, TrainConfig
+from alambic.core.api import train_module
 from alambic.core.cache import CachedTeacher
 from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.core.distiller import Distiller, Teacher
-from alambic.core.evaluate import evaluate_classifier
-from alambic.core.loop import MetricsLog, fit, make_loader
+from alambic.core.monitor import MetricsLog
 from alambic.data import IndexedDataset
+from alambic.data.loaders import make_loader
 from alambic.data.mixing import MixedDataset
 from alambic.files import dumps_json
 
@@ -69,23 +70,19 @@ def train_stage(
         seed=context.config.seed,
         num_workers=context.config.data.num_workers,
     )
-    test_loader = accelerator.prepare(
-        make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
-    )
-    module = module if module is not None else Distiller(model, terms)
-    student = fit(
-        module,
+    test_loader = make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
+    student = train_module(
+        module if module is not None else Distiller(model, terms),
         loader,
+        train.loop(),
         accelerator=accelerator,
         teacher=teacher,
-        stage=stage,
+        eval_loader=test_loader,
+        num_classes=context.info.num_classes,
         log=context.log,
         checkpoint_dir=folder / "checkpoints",
+        stage=stage,
         progress=context.progress,
-        evaluate=lambda student: evaluate_classifier(
-            student, test_loader, num_classes=context.info.num_classes, accelerator=accelerator
-        ),
-        **train.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
     )
     if accelerator.is_main_process:
         save_weights(student, folder / "model.safetensors", metadata={"stage": stage})

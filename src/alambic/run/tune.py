@@ -23,11 +23,14 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
+from alambic.core.api import train_module
 from alambic.core.batches import call_model, logits_of, split_batch
 from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.evaluate import evaluate_classifier, measure_latency, size_on_disk
-from alambic.core.loop import MetricsLog, fit, make_accelerator, make_loader
+from alambic.core.monitor import MetricsLog
+from alambic.core.optim import make_accelerator
+from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError, NonFiniteLossError
 from alambic.files import dumps_json
 from alambic.imports import require
@@ -130,16 +133,16 @@ def _teacher(
         if config.teacher.train is None:
             raise ConfigError("teacher: give model.checkpoint (a trained teacher) or train (to train one)")
         train = config.teacher.train
-        model = fit(
+        model = train_module(
             Distiller(model, config.teacher.terms),
             make_loader(fit_set, batch_size=train.batch_size, shuffle=True, seed=config.seed),
+            train.loop(),
             accelerator=accelerator,
             stage="teacher",
             log=log,
             evaluate=lambda student: evaluate_classifier(
                 student, val_loader, num_classes=_classes(student, val_loader)
             ),
-            **train.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
         )
         save_weights(model, path, metadata={"stage": "teacher"})
     return model
@@ -272,18 +275,16 @@ def tune(
                 )
             return metrics
 
-        settings = train.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha", "lr"})
         try:
-            fit(
+            train_module(
                 Distiller(student, terms),
                 make_loader(fit_set, batch_size=train.batch_size, shuffle=True, seed=config.seed),
+                train.loop(lr=params["lr"], eval_every=1),
                 accelerator=accelerator,
                 teacher=Teacher(teacher_model, terms),
                 stage=f"trial_{trial.number}",
                 log=log,
                 evaluate=evaluate_and_prune,
-                lr=params["lr"],
-                **{**settings, "eval_every": 1},
             )
         except NonFiniteLossError as error:  # a diverging setting is a bad trial, not the end of the search
             trial.set_user_attr("diverged", str(error))

@@ -8,23 +8,22 @@ the loop: the targets come from inside the module, detached.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from alambic.config.base import Term, TrainConfig, format_validation_error
-from alambic.core.api import as_terms
+from alambic.config.base import Term
+from alambic.core.api import as_terms, train_settings
+from alambic.core.api import train_module as core_train_module
 from alambic.core.batches import call_model, logits_of
 from alambic.core.distiller import Distiller
-from alambic.core.evaluate import evaluate_classifier
 from alambic.core.hooks import capture_features
-from alambic.core.lock import run_lock
-from alambic.core.loop import MetricsLog, fit, make_accelerator
+from alambic.core.optim import make_accelerator
 from alambic.errors import ConfigError
 from alambic.losses import get_loss, get_loss_spec
 
@@ -32,11 +31,16 @@ DML_TERMS = (Term(loss="ce", weight=1.0), Term(loss="kd", weight=1.0, params={"t
 
 
 class _TeacherFreeModule(nn.Module):
-    """What the loop asks of a trainable module that brings its own targets."""
+    """A trainable module that brings its own targets (:class:`~alambic.core.trainable.Trainable`)."""
 
     needs_teacher = False
     needs_probe = False
     has_token_terms = False
+
+    def build_modules(
+        self, inputs: Any, teacher: Any, num_samples: int | None = None, sample_index: Any = None
+    ) -> None:
+        """Nothing to size from a probing pass: every part is built in ``__init__``."""
 
     @torch.no_grad()
     def check(
@@ -174,7 +178,7 @@ class SelfDistiller(_TeacherFreeModule):
 
     Example:
         >>> module = SelfDistiller(model, ["hidden.0", "hidden.1"], example_input=images[:1])
-        >>> student = fit(module, loader, accelerator=accelerator, epochs=10)   # without the heads
+        >>> student = train_module(module, loader, epochs=10)   # without the heads
     """
 
     def __init__(
@@ -253,32 +257,19 @@ def train_module(
     Example:
         >>> student = train_module(SelfDistiller(model, ["hidden.0"], example_input=x[:1]), loader, epochs=5)
     """
-    from accelerate.utils import set_seed
-    from pydantic import ValidationError
-
-    try:
-        settings = TrainConfig(epochs=epochs, **train)
-    except ValidationError as error:
-        raise ConfigError(f"invalid training setting: {format_validation_error(error)}") from None
+    settings = train_settings(epochs=epochs, **train)
     if seed is not None:
         set_seed(seed)
     accelerator = make_accelerator("no")
-    evaluate = None
-    if eval_loader is not None:
-        if num_classes is None:
-            raise ConfigError("eval_loader needs num_classes (the number of classes the models predict)")
-        evaluate = lambda model: evaluate_classifier(model, eval_loader, num_classes=num_classes)  # noqa: E731
-    run_dir = Path(run_dir) if run_dir else None
-    with run_lock(run_dir, accelerator) if run_dir else contextlib.nullcontext():  # one writer per run dir
-        return fit(
-            module,
-            train_loader,
-            accelerator=accelerator,
-            evaluate=evaluate,
-            log=MetricsLog(run_dir / "metrics.jsonl" if run_dir else None),
-            checkpoint_dir=run_dir / "checkpoints" if run_dir else None,
-            **settings.model_dump(exclude={"batch_size", "grad_accum", "augment", "mix", "mix_alpha"}),
-        )
+    return core_train_module(
+        module,
+        train_loader,
+        settings.loop(),
+        accelerator=accelerator,
+        eval_loader=eval_loader,
+        num_classes=num_classes,
+        run_dir=run_dir,
+    )
 
 
 def mutual_learning(

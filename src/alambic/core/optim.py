@@ -1,0 +1,64 @@
+"""The loop's machinery: the Accelerator, the optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+
+
+def make_accelerator(precision: str = "no") -> Accelerator:
+    """The run's Accelerator: one process here; GPUs and several processes under ``accelerate launch``/``torchrun``.
+
+    Without CUDA, several launched processes need ``cpu=True`` for Accelerate to form a gloo group.
+    """
+    from accelerate.state import AcceleratorState
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # Accelerate keeps one process-wide state; a second run in the same Python process with
+        # another precision (distill(..., precision="bf16") after a float32 one) needs it reset.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
+
+
+def make_optimizer(
+    parameters,
+    *,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    fused: bool = False,
+):
+    """SGD (momentum, nesterov) or AdamW; ``fused`` runs the whole update as one kernel (on GPUs)."""
+    parameters = [p for p in parameters if p.requires_grad]
+    fused_option = {"fused": True} if fused else {}
+    if optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov and momentum > 0,
+            weight_decay=weight_decay,
+            **fused_option,
+        )
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **fused_option)
+
+
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[int], gamma: float
+) -> float:
+    """Linear warm-up to 1, then cosine to 0, step decay at milestone steps, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        return gamma ** sum(step >= milestone for milestone in milestones)
+    return 1.0

@@ -1,0 +1,148 @@
+"""Indexed views of data sets, their fingerprints, and data loaders whose order depends only on the seed and the epoch (so a resumed run sees the same
+batches), with whole-batch gathering for alambic's in-memory data sets."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from alambic.data.datasets import InMemoryDataset
+from alambic.errors import DataError
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``, so a resumed run sees the same batches."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def make_loader(
+    dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`).
+
+    A data set with ``get_batch`` (alambic's in-memory sets) returns whole batches, gathered from its
+    tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
+    in page-locked memory when a GPU is there to receive them.
+    """
+    batched = hasattr(dataset, "get_batch")
+    return DataLoader(
+        BatchedView(dataset) if batched else dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed, shuffle),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=already_batched if batched else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def already_batched(batch: Any) -> Any:
+    """The collate of data sets whose ``__getitems__`` returns a whole batch."""
+    return batch
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(input, label, index)``: the sample's position travels with it through the loader.
+
+    Losses that keep per-sample state (CRD's memory bank) and cached teachers read ``index``.
+
+    Example:
+        >>> loader = DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True)
+        >>> images, labels, index = next(iter(loader))
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs")
+        return item[0], item[1], index
+
+    def get_batch(self, indices: list[int]) -> tuple:
+        """A whole batch ``(inputs, labels, index)``; batched by the wrapped set when it can."""
+        if hasattr(self.dataset, "get_batch"):
+            inputs, labels = self.dataset.get_batch(indices)
+            return inputs, labels, torch.tensor(indices)
+        return default_collate([self[index] for index in indices])
+
+
+class BatchedView(Dataset):
+    """A data set with ``get_batch`` seen by a DataLoader as one that returns whole batches.
+
+    The DataLoader calls ``__getitems__`` with a batch's indices; with :func:`alambic.core.loop.already_batched`
+    as its collate, a batch costs one tensor gather instead of a ``__getitem__`` per sample and a stack.
+    The view is made by :func:`alambic.core.loop.make_loader`, so a user's own DataLoader over the data set
+    keeps PyTorch's per-sample behaviour.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.get_batch(indices)
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A sha256 hex digest identifying a dataset's contents, for checking caches of teacher outputs.
+
+    For an :class:`InMemoryDataset` it hashes the stored tensors' shapes and dtypes, all labels, up to
+    256 evenly spaced inputs and the normalisation; augmentation is deliberately left out (it is not
+    part of the data), so a cache of teacher outputs must check augmentation itself. For any other
+    dataset it hashes the length and up to 32 evenly spaced samples as returned by ``dataset[i]``.
+
+    Example:
+        >>> train, test, info = build_datasets("digits")
+        >>> len(dataset_fingerprint(train))
+        64
+    """
+    while isinstance(dataset, (IndexedDataset, BatchedView)):  # the data, not how it is served
+        dataset = dataset.dataset
+    digest = hashlib.sha256()
+    length = len(dataset)
+    digest.update(f"len={length}".encode())
+    if isinstance(dataset, InMemoryDataset):
+        inputs, labels = dataset.inputs, dataset.labels
+        digest.update(f"{tuple(inputs.shape)}{inputs.dtype}{dataset.mean}{dataset.std}".encode())
+        digest.update(labels.numpy().astype(np.int64).tobytes())
+        rows = torch.linspace(0, max(length - 1, 0), min(length, 256)).long()
+        digest.update(inputs[rows].contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    for index in torch.linspace(0, max(length - 1, 0), min(length, 32)).long().tolist():
+        sample, label = dataset[index][:2]
+        parts = sorted(sample.items()) if isinstance(sample, dict) else [("", sample)]  # token dicts
+        digest.update(f"label={int(label)}".encode())
+        for key, value in parts:
+            value = torch.as_tensor(value)
+            digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
