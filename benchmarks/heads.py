@@ -1,7 +1,7 @@
 """Attention-head pruning of a fine-tuned MiniLM-L6 on SST-2 (issue 6): accuracy, recovery by KD, size, latency.
 
 Fine-tunes all-MiniLM-L6-v2 (6 layers x 12 heads) on an SST-2 train subset, scores its 72 heads by
-importance (Michel et al. 2019, ``alambic.compress.heads.head_importance``) on training batches, removes the
+importance (Michel et al. 2019, ``alambic.compress.head_pruning.head_importance``) on training batches, removes the
 least important 25% and 50% (``select_heads`` + ``prune_heads``, one kept per layer), and recovers each
 pruned model by distillation from the unpruned one (``alambic.compress.prune.recover``: 0.5 ce + 0.5 kd(T=2)).
 Prints dev accuracy (all 872 sentences) before pruning, after pruning, after recovery (and, as a
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sst2_minilm import cpu_name, minilm_and_sst2, tokenized_loader  # noqa: E402
 
 from alambic import distill  # noqa: E402
-from alambic.compress.heads import head_importance, select_heads  # noqa: E402
+from alambic.compress.head_pruning import head_importance, select_heads  # noqa: E402
 from alambic.compress.prune import recover  # noqa: E402
 from alambic.core.checkpoint import save_weights  # noqa: E402
 from alambic.core.evaluate import evaluate_classifier  # noqa: E402

@@ -22,8 +22,9 @@ for _module in ("onnx", "onnxruntime", "onnxscript"):
         _module, reason=f"the onnx extra ({_module}) is not installed: pip install 'alambic[onnx]'"
     )
 
-from alambic.compress.export import export_model, onnx_session, real_inputs, run_onnx  # noqa: E402
+from alambic.compress.export import export_model, onnx_session, run_onnx  # noqa: E402
 from alambic.compress.quantize import evaluate_onnx, quantize_onnx_dynamic, quantize_onnx_static  # noqa: E402
+from alambic.core.batches import real_inputs  # noqa: E402
 from alambic.run.artifacts import export_run, load_run_model  # noqa: E402
 from alambic.run.compress import compress_run  # noqa: E402
 

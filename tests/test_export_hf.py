@@ -17,7 +17,8 @@ for _module in ("onnx", "onnxruntime", "onnxscript"):
 from test_transformers import _tiny_sst2  # noqa: E402
 
 from alambic.cli import app  # noqa: E402
-from alambic.compress.export import onnx_session, real_inputs, run_onnx  # noqa: E402
+from alambic.compress.export import onnx_session, run_onnx  # noqa: E402
+from alambic.core.batches import real_inputs  # noqa: E402
 from alambic.run.artifacts import export_run, load_run_model  # noqa: E402
 from alambic.run.compress import compress_run  # noqa: E402
 

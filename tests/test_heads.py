@@ -15,7 +15,7 @@ from alambic.models.surgery import load_resized
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
-from alambic.compress.heads import head_importance, prune_heads_by_importance, select_heads  # noqa: E402
+from alambic.compress.head_pruning import head_importance, prune_heads_by_importance, select_heads  # noqa: E402
 from alambic.models.surgery import attention_layers, prune_heads, sync_attention_heads  # noqa: E402
 
 HIDDEN, HEADS, HEAD_SIZE = 16, 4, 4

@@ -5,9 +5,11 @@ Example:
     >>> student = distill(teacher, student, train_loader, epochs=5)
 """
 
-from alambic.config import RunConfig, Term, load_config
-from alambic.core.api import distill
+from alambic.config import LoopSettings, RunConfig, Term, TrainConfig, load_config
+from alambic.core.api import distill, train_module
+from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
+from alambic.data import IndexedDataset
 from alambic.errors import AlambicError, ConfigError, DataError
 from alambic.losses import get_loss, list_losses, register_loss
 
@@ -15,15 +17,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlambicError",
+    "CachedTeacher",
     "ConfigError",
     "DataError",
     "Distiller",
+    "IndexedDataset",
+    "LoopSettings",
     "RunConfig",
     "Teacher",
     "Term",
+    "TrainConfig",
     "distill",
     "get_loss",
     "list_losses",
     "load_config",
     "register_loss",
+    "train_module",
 ]

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from alambic.compress.export_hf import export_hf_folder, input_names, is_hf_model, shorter_sample, traceable
 from alambic.compress.parity import check_finite, max_diff, reference_outputs
+from alambic.core.batches import Inputs, batch_size_of
 from alambic.core.checkpoint import save_weights
 from alambic.errors import ConfigError
 from alambic.files import dumps_json
@@ -49,37 +50,6 @@ from alambic.models.surgery import load_resized
 
 FORMATS = ("onnx", "torch-export", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
-
-
-Inputs = Tensor | Mapping[str, Tensor]  # a batch of images, or of token tensors {key: [N, T]}
-
-
-def stack_inputs(samples: list[Any]) -> Inputs:
-    """``(input, label)`` samples as one batch: a tensor ``[N, ...]`` or a dict of ``[N, T]`` tensors."""
-    if isinstance(samples[0], Mapping):  # a Hugging Face style sample: {"input_ids": ..., "labels": ...}
-        samples = [({k: v for k, v in sample.items() if k not in ("labels", "index")},) for sample in samples]
-    if isinstance(samples[0][0], Mapping):
-        return {key: torch.stack([torch.as_tensor(s[0][key]) for s in samples]) for key in samples[0][0]}
-    return torch.stack([torch.as_tensor(sample[0]) for sample in samples])  # [N, ...]
-
-
-def real_inputs(dataset: Any, count: int) -> Inputs:
-    """``count`` inputs of a data set, evenly spread over it, as one batch (tensor or dict of tensors)."""
-    count = min(count, len(dataset))
-    indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
-    return stack_inputs([dataset[index] for index in indices])
-
-
-def take(inputs: Inputs, count: int) -> Inputs:
-    """The first ``count`` samples of a batch (tensor or dict of tensors)."""
-    if isinstance(inputs, Mapping):
-        return {key: value[:count] for key, value in inputs.items()}
-    return inputs[:count]
-
-
-def batch_size_of(inputs: Inputs) -> int:
-    """How many samples a batch holds."""
-    return len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
 
 
 def _batched_example(inputs: Inputs) -> Inputs:

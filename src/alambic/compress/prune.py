@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from alambic.compress.heads import prune_heads_by_importance
+from alambic.compress.head_pruning import prune_heads_by_importance
 from alambic.core.api import distill
 from alambic.errors import ConfigError
 from alambic.models.cifar_resnet import CifarResNet, OptionABlock, OptionBBlock, WideCifarResNet
@@ -165,7 +165,7 @@ def prune_model(
 ) -> nn.Module:
     """A pruned copy: ``magnitude`` (``amount`` = sparsity), ``channel`` (``amount`` = ratio of units
     removed) or ``heads`` (attention heads of a BERT-family model, ranked by importance on up to
-    ``max_batches`` labelled batches of ``loader``; :mod:`alambic.compress.heads`)."""
+    ``max_batches`` labelled batches of ``loader``; :mod:`alambic.compress.head_pruning`)."""
     if method == "magnitude":
         return magnitude_prune(copy.deepcopy(model), amount)
     if method == "channel":

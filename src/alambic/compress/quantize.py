@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alambic.compress.export import onnx_feed, onnx_session, run_onnx, stack_inputs
+from alambic.compress.export import onnx_feed, onnx_session, run_onnx
+from alambic.core.batches import stack_inputs
 from alambic.core.evaluate import classification_metrics, repeat_batch
 from alambic.errors import ConfigError
 from alambic.imports import require

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from alambic.errors import AlambicError
@@ -113,3 +114,46 @@ def logits_of(output: Any) -> Tensor:
         f"cannot find logits in a model output of type {type(output).__name__}; return a tensor of "
         "logits, a dict with a 'logits' key, or an object with a .logits attribute"
     )
+
+
+Inputs = Tensor | Mapping[str, Tensor]  # a batch of images, or of token tensors {key: [N, T]}
+
+
+def stack_inputs(samples: list[Any]) -> Inputs:
+    """``(input, label)`` samples as one batch: a tensor ``[N, ...]`` or a dict of ``[N, T]`` tensors."""
+    if isinstance(samples[0], Mapping):  # a Hugging Face style sample: {"input_ids": ..., "labels": ...}
+        samples = [({k: v for k, v in sample.items() if k not in ("labels", "index")},) for sample in samples]
+    if isinstance(samples[0][0], Mapping):
+        return {key: torch.stack([torch.as_tensor(s[0][key]) for s in samples]) for key in samples[0][0]}
+    return torch.stack([torch.as_tensor(sample[0]) for sample in samples])  # [N, ...]
+
+
+def real_inputs(dataset: Any, count: int) -> Inputs:
+    """``count`` inputs of a data set, evenly spread over it, as one batch (tensor or dict of tensors)."""
+    count = min(count, len(dataset))
+    indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
+    return stack_inputs([dataset[index] for index in indices])
+
+
+def take(inputs: Inputs, count: int) -> Inputs:
+    """The first ``count`` samples of a batch (tensor or dict of tensors)."""
+    if isinstance(inputs, Mapping):
+        return {key: value[:count] for key, value in inputs.items()}
+    return inputs[:count]
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """How many samples a batch holds."""
+    return len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
+
+
+def example_input(dataset: Any) -> Inputs:
+    """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
+    return real_inputs(dataset, 1)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer; CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -119,7 +120,7 @@ def cache_teacher(
         vocab_size = None
         for batch in loader:
             inputs, _ = split_batch(batch)
-            outputs = live(_to(inputs, device))
+            outputs = live(send_to_device(inputs, device))
             rows = {}
             for name, value in outputs.items():
                 value = value.float()
@@ -153,12 +154,6 @@ def cache_teacher(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def _to(inputs: Any, device: str | torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {key: value.to(device) for key, value in inputs.items()}
-    return inputs.to(device)
 
 
 def _top_k(logits: Tensor, k: int) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from alambic.core.batches import call_model, logits_of, split_batch
+from alambic.core.batches import call_model, logits_of, model_device, split_batch
 from alambic.errors import AlambicError
 
 ExampleInput = Tensor | Mapping[str, Tensor]
@@ -104,13 +104,6 @@ def classification_metrics(predictions: Tensor, labels: Tensor, num_classes: int
     }
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer; CPU for a model with neither."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 class _EvalMode:
     """Context manager: eval mode inside, each submodule's own train/eval flag restored after."""
 
@@ -161,7 +154,7 @@ def evaluate_classifier(
     if accelerator is not None:
         target_device = accelerator.device
     else:
-        target_device = torch.device(device) if device is not None else _model_device(model)
+        target_device = torch.device(device) if device is not None else model_device(model)
     all_predictions: list[Tensor] = []
     all_labels: list[Tensor] = []
     all_losses: list[Tensor] = []
@@ -257,7 +250,7 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    sample = send_to_device(_first_sample(example_input), _model_device(model))
+    sample = send_to_device(_first_sample(example_input), model_device(model))
     counter = FlopCounterMode(display=False)
     with _EvalMode(model), torch.no_grad(), counter:
         call_model(model, sample)
@@ -311,7 +304,7 @@ def measure_latency(
             f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}, threads={threads}"
         )
     target_device = torch.device(device)
-    original_device = _model_device(model)
+    original_device = model_device(model)
     batch = send_to_device(repeat_batch(example_input, batch_size), target_device)
     timings_ms: list[float] = []
     previous_threads = torch.get_num_threads()

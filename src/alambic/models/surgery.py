@@ -8,7 +8,7 @@
   removes heads physically (each layer's query / key / value lose the heads' output rows and the
   attention output projection the matching input columns), :func:`sync_attention_heads` keeps the
   modules' head counts equal to their shapes, and :func:`load_head_pruned` rebuilds a pruned
-  ``save_pretrained`` folder. Which heads to remove is decided in :mod:`alambic.compress.heads`.
+  ``save_pretrained`` folder. Which heads to remove is decided in :mod:`alambic.compress.head_pruning`.
 
 Why this works without ``prune_heads`` (gone from transformers 5, with ``config.pruned_heads``): BERT's
 self-attention reshapes its projections with ``(*input_shape, -1, attention_head_size)``, so a layer runs

@@ -13,9 +13,10 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from alambic.compress.export import FORMATS, default_export_path, export_model, real_inputs
+from alambic.compress.export import FORMATS, default_export_path, export_model
 from alambic.compress.export_hf import quiet_transformers
 from alambic.config import ModelConfig, load_config
+from alambic.core.batches import real_inputs
 from alambic.data import build_datasets
 from alambic.errors import AlambicError, ConfigError
 from alambic.models.surgery import load_resized

@@ -75,15 +75,6 @@ def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
     return student
 
 
-def example_input(dataset: Any) -> Any:
-    """The first sample's inputs as a batch of one (tensors, numpy arrays, or dicts of them)."""
-    inputs = dataset[0]
-    inputs = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, dict) else inputs[0]
-    if isinstance(inputs, dict):
-        return {key: torch.as_tensor(value).unsqueeze(0) for key, value in inputs.items()}
-    return torch.as_tensor(inputs).unsqueeze(0)
-
-
 @torch.no_grad()
 def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
     """Fail before training when a model's output size is not the data set's number of classes."""

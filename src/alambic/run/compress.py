@@ -24,7 +24,7 @@ comparison. Latency is the median of ``evaluate.latency_repeats`` runs with ``ev
 
 A run on tokenized text (a Hugging Face student) goes through the same chain with dict inputs; its
 int8 stage needs ``compress.quantize.method: dynamic`` and its prune stage ``prune.method: heads``
-(attention heads, :mod:`alambic.compress.heads`) or ``magnitude``.
+(attention heads, :mod:`alambic.compress.head_pruning`) or ``magnitude``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from alambic.compress.export import default_export_path, export_model, export_onnx, real_inputs, take
+from alambic.compress.export import default_export_path, export_model, export_onnx
 from alambic.compress.prune import prune_model, recover, weight_sparsity
 from alambic.compress.qat import qat_distill
 from alambic.compress.quantize import evaluate_onnx, max_onnx_difference, onnx_profile, quantize_onnx
 from alambic.config import CompressConfig, RunConfig, load_config
+from alambic.core.batches import real_inputs, take
 from alambic.core.checkpoint import atomic_write_text, save_weights
 from alambic.core.evaluate import count_flops, count_parameters, evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
@@ -182,7 +183,8 @@ def _stage_prune_recover(context: _Context, distilled: nn.Module) -> nn.Module:
                 context.loader(train.batch_size),
                 terms=settings.recover.terms,
                 seed=context.config.seed,
-                **train.model_dump(exclude={"batch_size", "augment", "mix", "mix_alpha"}),
+                grad_accum=train.grad_accum,
+                **train.loop().model_dump(),
             )
             _measure(context, "recovered", recovered, train_seconds=round(time.perf_counter() - started, 3))
             current, context.final_name = recovered, "recovered"
@@ -210,7 +212,8 @@ def _stage_quantize(
             temperature=settings.qat_temperature,
             kd_weight=settings.qat_kd_weight,
             seed=context.config.seed,
-            **train.model_dump(exclude={"batch_size", "augment", "mix", "mix_alpha"}),
+            grad_accum=train.grad_accum,
+            **train.loop().model_dump(),
         ).eval()
         _measure(
             context,

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from alambic.config import ModelConfig, RunConfig, load_config
+from alambic.core.batches import example_input
 from alambic.core.cache import cache_teacher
 from alambic.core.checkpoint import atomic_write_text
 from alambic.core.distiller import feature_paths
@@ -31,13 +32,7 @@ from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, finite_json
 from alambic.losses import get_loss_spec
-from alambic.run.building import (
-    build_named_model,
-    build_run_datasets,
-    check_num_classes,
-    derive_from_teacher,
-    example_input,
-)
+from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, derive_from_teacher
 from alambic.run.preflight import preflight
 from alambic.run.report import write_report
 from alambic.run.rundir import (

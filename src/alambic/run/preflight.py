@@ -18,12 +18,12 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from alambic.config import RunConfig, Term, TrainConfig
-from alambic.core.batches import index_of, split_batch
+from alambic.core.batches import example_input, index_of, split_batch
 from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
-from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher, example_input
+from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher
 from alambic.strategies.ensemble import EnsembleModel
 from alambic.strategies.online import MutualDistiller, SelfDistiller
 

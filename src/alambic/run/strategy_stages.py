@@ -18,11 +18,12 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from alambic.config import ModelConfig, Term
+from alambic.core.batches import example_input
 from alambic.core.checkpoint import save_weights
 from alambic.core.distiller import Teacher
 from alambic.errors import ConfigError
 from alambic.losses import get_loss_spec
-from alambic.run.building import build_named_model, check_num_classes, example_input
+from alambic.run.building import build_named_model, check_num_classes
 from alambic.run.rundir import write_status
 from alambic.run.stages import RunContext, add_timing, load_finished_stage, load_or_train, train_stage
 from alambic.strategies.ensemble import EnsembleModel, average_weights

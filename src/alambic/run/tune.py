@@ -24,7 +24,7 @@ from torch import nn
 
 from alambic.config import ModelConfig, RunConfig, Term, dump_config
 from alambic.core.api import train_module
-from alambic.core.batches import call_model, logits_of, split_batch
+from alambic.core.batches import call_model, example_input, logits_of, split_batch
 from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.evaluate import evaluate_classifier, measure_latency, size_on_disk
@@ -35,7 +35,7 @@ from alambic.errors import ConfigError, NonFiniteLossError
 from alambic.files import dumps_json
 from alambic.imports import require
 from alambic.losses import get_loss_spec
-from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, example_input
+from alambic.run.building import build_named_model, build_run_datasets, check_num_classes
 
 DEFAULT_METHODS = ("kd", "dkd", "dist")
 MLP_WIDTHS = (16, 32, 64, 128, 256, 512, 1024)

@@ -16,27 +16,18 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from alambic.core.batches import call_model, logits_of, split_batch
+from alambic.core.batches import call_model, logits_of, model_device, split_batch
 from alambic.core.hooks import transform_inputs
 from alambic.errors import ConfigError
 from alambic.models.surgery import attention_layers, prune_heads
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {key: _to(value, device) for key, value in inputs.items()}
-    return inputs.to(device) if isinstance(inputs, Tensor) else inputs
 
 
 def head_importance(model: nn.Module, loader: Iterable, *, max_batches: int | None = None) -> Tensor:
@@ -67,7 +58,7 @@ def head_importance(model: nn.Module, loader: Iterable, *, max_batches: int | No
     """
     layers = attention_layers(model)
     counts = [layer.heads for layer in layers]
-    device = _device_of(model)
+    device = model_device(model)
     gates = torch.ones(len(layers), max(counts), device=device, requires_grad=True)  # [L, H]
 
     def gate(index: int) -> Any:
@@ -90,7 +81,7 @@ def head_importance(model: nn.Module, loader: Iterable, *, max_batches: int | No
                 inputs, labels = split_batch(batch)
                 if labels is None:
                     raise ConfigError("head importance needs labelled batches (a 'labels' key or tuple item)")
-                logits = logits_of(call_model(model, _to(inputs, device)))  # [B, C] or [B, T, C]
+                logits = logits_of(call_model(model, send_to_device(inputs, device)))  # [B, C] or [B, T, C]
                 loss = F.cross_entropy(
                     logits.float().flatten(0, -2), labels.to(device).flatten(), ignore_index=-100
                 )
