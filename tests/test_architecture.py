@@ -69,6 +69,48 @@ def test_internal_imports_are_at_module_level():
     assert not inside, f"alambic imports inside functions (move them to the top): {inside}"
 
 
+def _import_graph(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Module -> the alambic modules it imports (``from package import module`` counts as the module)."""
+    graph: dict[str, set[str]] = {name: set() for name in trees}
+    for name, tree in trees.items():
+        for node, _ in _internal_imports(tree):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    graph[name].add(full if full in trees else node.module)
+            else:
+                graph[name].update(alias.name for alias in node.names if alias.name in trees)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (a depth-first search for a back edge), or None."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target) :] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    """Imports inside functions included: a cycle hidden in a function body would show here."""
+    assert _cycle(_import_graph(_modules())) is None, _cycle(_import_graph(_modules()))
+
+
 def test_no_private_name_crosses_a_module_boundary():
     """What two modules share is public and documented: no ``from alambic.x import _name``."""
     private = [
@@ -91,7 +133,10 @@ def test_modules_stay_small():
 
 
 def test_the_checks_can_fail(tmp_path):
-    """The AST checks above see an import inside a function and a private name (so they can fail)."""
+    """The AST checks above see an import inside a function, a private name and a cycle (so they can fail)."""
     tree = ast.parse("def f():\n    from alambic.core.loop import _x\n")
     ((node, in_function),) = _internal_imports(tree)
     assert in_function and node.names[0].name.startswith("_")
+    a = ast.parse("from alambic.b import thing\n")
+    b = ast.parse("def late():\n    from alambic.a import other\n")
+    assert _cycle(_import_graph({"alambic.a": a, "alambic.b": b})) == ["alambic.a", "alambic.b", "alambic.a"]

@@ -24,11 +24,12 @@ from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
 from alambic.losses import list_losses
 from alambic.models.hf import derive_to_folder
-from alambic.run.artifacts import export_run
+from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.building import build_named_model
 from alambic.run.compress import compress_run
-from alambic.run.pipeline import cache_teacher_outputs, evaluate_checkpoint, evaluate_run, run
+from alambic.run.pipeline import evaluate_run, run
 from alambic.run.report import write_report
+from alambic.run.teacher_cache import cache_teacher_outputs
 from alambic.run.tune import tune as tune_study
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for PyTorch.")

@@ -16,12 +16,16 @@ from torch import Tensor, nn
 from alambic.compress.export import FORMATS, default_export_path, export_model
 from alambic.compress.export_hf import quiet_transformers
 from alambic.config import ModelConfig, load_config
-from alambic.core.batches import real_inputs
+from alambic.core.batches import example_input, real_inputs
+from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.data import build_datasets
+from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.models.surgery import load_resized
 from alambic.run.building import build_named_model, build_run_datasets, derive_from_teacher, run_tokenizer
-from alambic.run.rundir import check_run_dir
+from alambic.run.rundir import (
+    check_run_dir,
+)
 
 RUN_MODELS = {"student": "student", "distilled": "student", "baseline": "baseline", "teacher": "teacher"}
 
@@ -166,3 +170,19 @@ def export_run(
     report["parameters"] = sum(parameter.numel() for parameter in loaded.model.parameters())
     report["model"] = model
     return report
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, arch: str, dataset: str, data_dir: str | None = None, kwargs: dict | None = None
+) -> dict:
+    """Evaluate one checkpoint (safetensors or a torch checkpoint read weights_only) on a data set's test split."""
+    _, test_set, info = build_datasets(dataset, data_dir=data_dir)
+    model = build_named_model(ModelConfig(arch=arch, kwargs=kwargs or {}, checkpoint=str(path)), info)
+    loader = make_loader(test_set, batch_size=256, shuffle=False)
+    metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
+    profile = profile_model(model, example_input(test_set), threads=1)
+    return {
+        "run_name": Path(path).name,
+        "dataset": dataset,
+        "models": {"checkpoint": {"architecture": arch, **metrics, **profile}},
+    }

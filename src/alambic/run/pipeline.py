@@ -14,24 +14,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from torch import nn
 
-from alambic.config import ModelConfig, RunConfig, load_config
+from alambic.config import RunConfig, load_config
 from alambic.core.batches import example_input
-from alambic.core.cache import cache_teacher
 from alambic.core.checkpoint import atomic_write_text
-from alambic.core.distiller import feature_paths
 from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
 from alambic.core.monitor import MetricsLog
 from alambic.core.optim import make_accelerator
-from alambic.data import build_datasets
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, finite_json
-from alambic.losses import get_loss_spec
 from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, derive_from_teacher
 from alambic.run.preflight import preflight
 from alambic.run.report import write_report
@@ -243,52 +238,3 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
         atomic_write_text(context.run_dir / "summary.json", dumps_json(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
-
-
-def evaluate_checkpoint(
-    path: str | Path, *, arch: str, dataset: str, data_dir: str | None = None, kwargs: dict | None = None
-) -> dict:
-    """Evaluate one checkpoint (safetensors or a torch checkpoint read weights_only) on a data set's test split."""
-    _, test_set, info = build_datasets(dataset, data_dir=data_dir)
-    model = build_named_model(ModelConfig(arch=arch, kwargs=kwargs or {}, checkpoint=str(path)), info)
-    loader = make_loader(test_set, batch_size=256, shuffle=False)
-    metrics = evaluate_classifier(model, loader, num_classes=info.num_classes)
-    profile = profile_model(model, example_input(test_set), threads=1)
-    return {
-        "run_name": Path(path).name,
-        "dataset": dataset,
-        "models": {"checkpoint": {"architecture": arch, **metrics, **profile}},
-    }
-
-
-def cache_teacher_outputs(
-    config: RunConfig, out_dir: str | Path, *, top_k: int | None = None, dtype: str = "float32"
-) -> dict:
-    """``alambic cache-teacher``: run the config's trained teacher once over its training set; returns the manifest.
-
-    Stores the logits and every teacher feature the distill terms compare. The teacher comes from
-    ``teacher.model.checkpoint`` (a run's ``teacher/model.safetensors`` works).
-    """
-    trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
-    if config.teacher is None or not (
-        config.teacher.model.checkpoint
-        or (config.teacher.model.arch.startswith("hf:") and not trained_in_run)
-    ):
-        raise ConfigError(
-            "cache-teacher needs a trained teacher: give teacher.model.checkpoint "
-            "(for example --set teacher.model.checkpoint=runs/NAME/teacher/model.safetensors)"
-        )
-    train_set, _, info = build_run_datasets(config)
-    teacher = build_named_model(config.teacher.model, info)
-    terms = [term for term in config.distill.terms if get_loss_spec(term.loss).needs_teacher]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return cache_teacher(
-        teacher,
-        stage_train_set(train_set, config.distill.train.augment),
-        out_dir,
-        features=list(dict.fromkeys(feature_paths(terms, "teacher"))),
-        top_k=top_k,
-        dtype=dtype,
-        batch_size=config.data.eval_batch_size,
-        device=device,
-    )

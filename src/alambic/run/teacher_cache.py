@@ -1,0 +1,51 @@
+"""``alambic cache-teacher``: a run config's trained teacher run once over its training set, its outputs stored
+(:mod:`alambic.core.cache`) for offline distillation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alambic.config import RunConfig
+from alambic.core.cache import cache_teacher
+from alambic.core.distiller import feature_paths
+from alambic.errors import ConfigError
+from alambic.losses import get_loss_spec
+from alambic.run.building import build_named_model, build_run_datasets
+from alambic.run.stages import (
+    stage_train_set,
+)
+
+
+def cache_teacher_outputs(
+    config: RunConfig, out_dir: str | Path, *, top_k: int | None = None, dtype: str = "float32"
+) -> dict:
+    """``alambic cache-teacher``: run the config's trained teacher once over its training set; returns the manifest.
+
+    Stores the logits and every teacher feature the distill terms compare. The teacher comes from
+    ``teacher.model.checkpoint`` (a run's ``teacher/model.safetensors`` works).
+    """
+    trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
+    if config.teacher is None or not (
+        config.teacher.model.checkpoint
+        or (config.teacher.model.arch.startswith("hf:") and not trained_in_run)
+    ):
+        raise ConfigError(
+            "cache-teacher needs a trained teacher: give teacher.model.checkpoint "
+            "(for example --set teacher.model.checkpoint=runs/NAME/teacher/model.safetensors)"
+        )
+    train_set, _, info = build_run_datasets(config)
+    teacher = build_named_model(config.teacher.model, info)
+    terms = [term for term in config.distill.terms if get_loss_spec(term.loss).needs_teacher]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return cache_teacher(
+        teacher,
+        stage_train_set(train_set, config.distill.train.augment),
+        out_dir,
+        features=list(dict.fromkeys(feature_paths(terms, "teacher"))),
+        top_k=top_k,
+        dtype=dtype,
+        batch_size=config.data.eval_batch_size,
+        device=device,
+    )
