@@ -62,18 +62,31 @@ def _value_and_grad(per_token: PerToken, student: Tensor, teacher: Tensor, needs
     return value.detach(), grad
 
 
+def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad * grad_output``; as in Liger-Kernel, the common grad_output of 1 costs no second tensor."""
+    return grad if torch.equal(grad_output, torch.ones_like(grad_output)) else grad * grad_output
+
+
 class _ChunkedMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, positions, per_token, chunk_size, needs_grad):
-        count = positions[0].numel()
-        grad = torch.zeros_like(student) if needs_grad else None
+        # positions None: every row of a 2-D input, in order, indexed by slices (views, not copies)
+        count = student.shape[0] if positions is None else positions[0].numel()
+        grad = (
+            torch.zeros_like(student) if needs_grad and (count > chunk_size or positions is not None) else None
+        )
         total = student.new_zeros((), dtype=torch.float32)
         for start in range(0, count, chunk_size):
-            index = tuple(axis[start : start + chunk_size] for axis in positions)
+            if positions is None:
+                index = slice(start, start + chunk_size)
+            else:
+                index = tuple(axis[start : start + chunk_size] for axis in positions)
             value, chunk_grad = _value_and_grad(per_token, student[index], teacher[index], needs_grad)
             total += value
-            if needs_grad:
-                grad[index] = chunk_grad / count
+            if needs_grad and grad is None:  # one chunk that is the whole input: its gradient is the gradient
+                grad = chunk_grad.div_(count)
+            elif needs_grad:
+                grad[index] = chunk_grad.div_(count)
         ctx.save_for_backward(grad)
         return total / count
 
@@ -81,9 +94,7 @@ class _ChunkedMean(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        # as Liger-Kernel: the common grad_output of 1 costs no second [tokens, V] tensor
-        grad = grad if torch.equal(grad_output, torch.ones_like(grad_output)) else grad * grad_output
-        return grad, None, None, None, None, None
+        return _scaled(grad, grad_output), None, None, None, None, None
 
 
 def chunked_token_mean(
@@ -112,7 +123,11 @@ def chunked_token_mean(
     positions = counted_positions(student.shape, labels, shift_labels)
     if positions[0].numel() == 0:  # every token masked: contribute nothing, keep the graph
         return student.sum() * 0.0
-    positions = tuple(axis.to(student.device) for axis in positions)
+    positions = (
+        None
+        if student.dim() == 2 and labels is None
+        else tuple(axis.to(student.device) for axis in positions)
+    )
     needs_grad = torch.is_grad_enabled() and student.requires_grad
     return _ChunkedMean.apply(student, teacher.detach(), positions, per_token, chunk_size, needs_grad)
 
@@ -142,7 +157,7 @@ class _FusedLinearMean(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t().float(), hidden_rows.float())  # [V, H]
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
-        grads = [grad if grad is None else (grad / count).to(like.dtype)
+        grads = [grad if grad is None else grad.div_(count).to(like.dtype)
                  for grad, like in zip((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))]  # fmt: skip
         ctx.save_for_backward(*grads)
         return total / count
@@ -150,7 +165,7 @@ class _FusedLinearMean(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads = [None if grad is None else grad * grad_output for grad in ctx.saved_tensors]
+        grads = [None if grad is None else _scaled(grad, grad_output) for grad in ctx.saved_tensors]
         return *grads, None, None, None, None, None, None
 
 
