@@ -6,7 +6,8 @@ bias, and the teacher's logits ``[B, T, V]``, then its gradient with respect to 
 
   naive        ``logits = hidden @ W.T + b``, then log_softmax on the whole logits, no chunks
   checkpoint   the chunked loss as it was before (each chunk under activation checkpointing)
-  chunked-C    ``alambic.losses.get_loss("forward_kl")(logits, ..., chunk_size=C)``
+  chunked-C    ``alambic.losses.get_loss("forward_kl")(logits, ..., chunk_size=C)`` (default: None, 64
+               tokens at this vocabulary; 4096 was the default before)
   fused-C      ``fused_linear_token_loss(hidden, W, teacher_logits, bias=b, chunk_size=C)``: the
                student's logits exist one chunk at a time
   fused-both-C the same from the teacher's hidden states and head (its logits one chunk at a time too)
@@ -40,9 +41,9 @@ from alambic.losses.token_chunks import fused_linear_token_loss
 
 TEMPERATURE = 2.0
 # the loss alone, from the student's logits (a leaf: the model that made them is not measured)
-LOSS_VARIANTS = ["naive", "checkpoint-1024", "chunked-4096", "chunked-1024", "chunked-256", "chunked-64"]
+LOSS_VARIANTS = ["naive", "checkpoint-1024", "chunked-4096", "chunked-1024", "chunked-256", "chunked-default"]
 # the output projection and the loss, from the student's last hidden states
-PROJECTION_VARIANTS = ["projection+naive", "projection+chunked-64", "fused-1024", "fused-256", "fused-64",
+PROJECTION_VARIANTS = ["projection+naive", "projection+chunked-default", "fused-1024", "fused-256", "fused-default",
                        "fused-both-256"]  # fmt: skip
 
 
@@ -94,7 +95,7 @@ def _checkpointed(logits, teacher, labels, chunk_size):
 
 
 def _loss(variant, hidden, weight, bias, teacher, teacher_weight, labels):
-    size = int(variant.rsplit("-", 1)[1]) if not variant.endswith("naive") else 0
+    size = None if variant.endswith(("naive", "default")) else int(variant.rsplit("-", 1)[1])
     if variant.startswith("fused"):
         return fused_linear_token_loss(
             hidden, weight, teacher, bias=bias, teacher_weight=teacher_weight, labels=labels,

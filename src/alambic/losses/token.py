@@ -43,7 +43,7 @@ def forward_kl_loss(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Forward KL per token, ``KL(p_teacher || p_student)``: mean-seeking, the student covers every teacher mode.
 
@@ -52,7 +52,8 @@ def forward_kl_loss(
     Args:
         student: student logits ``[B, T, V]``; teacher: teacher logits, same shape.
         labels: ``[B, T]`` with ``-100`` where tokens do not count, or None (all count).
-        temperature: T; shift_labels: labels are the inputs' ids (HF convention); chunk_size: tokens per chunk.
+        temperature: T; shift_labels: labels are the inputs' ids (HF convention).
+        chunk_size: tokens per chunk; None: as many as make 2**21 logits (64 at a 32k vocabulary).
     """
     return temperature**2 * chunked_token_mean(
         lambda s, t: _kl(_log_probs(t, temperature), _log_probs(s, temperature)),
@@ -68,7 +69,7 @@ def reverse_kl_loss(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Reverse KL per token, ``KL(p_student || p_teacher)``: mode-seeking, the student commits to the teacher's main modes.
 
@@ -103,7 +104,7 @@ def generalized_jsd_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Generalized Jensen-Shannon divergence per token (GKD): interpolates forward and reverse KL.
 
@@ -132,7 +133,7 @@ def total_variation_loss(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Total variation distance per token, ``0.5 sum_v |p_t(v) - p_s(v)|`` (bounded in [0, 1]).
 
@@ -164,7 +165,7 @@ def skew_forward_kl_loss(
     alpha: float = 0.1,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Skew forward KL per token (DistiLLM): ``KL(p_t || alpha p_t + (1 - alpha) p_s)``; alpha = 0 is forward KL.
 
@@ -192,7 +193,7 @@ def skew_reverse_kl_loss(
     alpha: float = 0.1,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Skew reverse KL per token (DistiLLM): ``KL(p_s || alpha p_s + (1 - alpha) p_t)``; alpha = 0 is reverse KL.
 

@@ -26,6 +26,9 @@ from alambic.errors import ConfigError
 from alambic.losses.registry import check_hyper_parameters, get_loss, get_loss_spec, list_losses
 
 IGNORE_INDEX = -100
+# tokens per chunk when chunk_size is None: as many as make 2**21 logits (8 MiB in fp32 per [chunk, V]
+# tensor; 64 tokens at a 32k vocabulary), the size measured in BENCHMARKS.md ("Token-level KD memory")
+CHUNK_LOGITS = 2**21
 PerToken = Callable[[Tensor, Tensor], Tensor]  # (student rows [n, V], teacher rows [n, V]) -> [n]
 
 
@@ -51,6 +54,14 @@ def counted_positions(shape: torch.Size, labels: Tensor | None, shift_labels: bo
     return tuple(keep.nonzero().unbind(1))  # (batch index [N], position [N])
 
 
+def _tokens_per_chunk(chunk_size: int | None, vocabulary: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_LOGITS // vocabulary)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
+    return chunk_size
+
+
 def _value_and_grad(per_token: PerToken, student: Tensor, teacher: Tensor, needs_grad: bool):
     """``sum per_token(student, teacher)`` and its gradient with respect to ``student [n, V]`` (or None)."""
     if not needs_grad:
@@ -62,9 +73,22 @@ def _value_and_grad(per_token: PerToken, student: Tensor, teacher: Tensor, needs
     return value.detach(), grad
 
 
-def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
-    """``grad * grad_output``; as in Liger-Kernel, the common grad_output of 1 costs no second tensor."""
-    return grad if torch.equal(grad_output, torch.ones_like(grad_output)) else grad * grad_output
+def _scaled_once(ctx, grad_output: Tensor) -> list[Tensor | None]:
+    """The gradients kept by the forward pass times ``grad_output``, scaled in place and handed over.
+
+    Kept as ``ctx`` attributes rather than saved tensors so that backward can drop its reference: the
+    gradient it returns is then the only one, and no second ``[tokens, V]`` tensor is made to scale it
+    or to store it in a leaf's ``.grad``. The price: one backward pass per forward pass.
+    """
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError(
+            "a chunked token loss keeps its gradient for one backward pass; compute the loss again "
+            "rather than calling backward twice (retain_graph=True)"
+        )
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grads
+    return [None if grad is None else grad.mul_(grad_output) for grad in grads]
 
 
 class _ChunkedMean(torch.autograd.Function):
@@ -73,7 +97,9 @@ class _ChunkedMean(torch.autograd.Function):
         # positions None: every row of a 2-D input, in order, indexed by slices (views, not copies)
         count = student.shape[0] if positions is None else positions[0].numel()
         grad = (
-            torch.zeros_like(student) if needs_grad and (count > chunk_size or positions is not None) else None
+            torch.zeros_like(student)
+            if needs_grad and (count > chunk_size or positions is not None)
+            else None
         )
         total = student.new_zeros((), dtype=torch.float32)
         for start in range(0, count, chunk_size):
@@ -87,14 +113,13 @@ class _ChunkedMean(torch.autograd.Function):
                 grad = chunk_grad.div_(count)
             elif needs_grad:
                 grad[index] = chunk_grad.div_(count)
-        ctx.save_for_backward(grad)
+        ctx.grads = [grad]
         return total / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return _scaled(grad, grad_output), None, None, None, None, None
+        return *_scaled_once(ctx, grad_output), None, None, None, None, None
 
 
 def chunked_token_mean(
@@ -103,7 +128,7 @@ def chunked_token_mean(
     teacher: Tensor,
     labels: Tensor | None,
     shift_labels: bool,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Tensor:
     """Mean over counted tokens of ``per_token(student_rows, teacher_rows) -> [n]``, chunk by chunk.
 
@@ -111,15 +136,15 @@ def chunked_token_mean(
         per_token: the divergence of each row of two ``[n, V]`` logits.
         student: logits ``[B, T, V]`` or ``[N, V]``; teacher: the same shape (detached here).
         labels: ``[B, T]`` (or ``[N]``), ``-100`` where a token does not count, or None.
-        shift_labels: position ``t`` counts when ``labels[t + 1]`` does; chunk_size: tokens per chunk.
+        shift_labels: position ``t`` counts when ``labels[t + 1]`` does.
+        chunk_size: tokens per chunk; None: ``CHUNK_LOGITS // V`` (64 at a 32k vocabulary).
     """
     if student.shape != teacher.shape:
         raise ValueError(
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ; "
             "token losses need one tokenizer and one vocabulary size"
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _tokens_per_chunk(chunk_size, student.shape[-1])
     positions = counted_positions(student.shape, labels, shift_labels)
     if positions[0].numel() == 0:  # every token masked: contribute nothing, keep the graph
         return student.sum() * 0.0
@@ -159,14 +184,13 @@ class _FusedLinearMean(torch.autograd.Function):
                 grad_bias += grad_logits.float().sum(0)
         grads = [grad if grad is None else grad.div_(count).to(like.dtype)
                  for grad, like in zip((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias))]  # fmt: skip
-        ctx.save_for_backward(*grads)
+        ctx.grads = grads
         return total / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads = [None if grad is None else _scaled(grad, grad_output) for grad in ctx.saved_tensors]
-        return *grads, None, None, None, None, None, None
+        return *_scaled_once(ctx, grad_output), None, None, None, None, None, None
 
 
 def fused_linear_token_loss(
@@ -181,7 +205,7 @@ def fused_linear_token_loss(
     teacher_bias: Tensor | None = None,
     labels: Tensor | None = None,
     shift_labels: bool = True,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """A token loss on ``hidden @ weight.T + bias`` without ever holding the student's whole logits.
 
@@ -203,7 +227,8 @@ def fused_linear_token_loss(
             ``teacher_bias``) the teacher's last hidden states ``[B, T, H_t]``.
         loss: a registered token divergence (forward_kl, reverse_kl, jsd, tvd, skew_kl,
             skew_reverse_kl); params: its hyper-parameters (``temperature``, ``beta``, ``alpha``).
-        labels, shift_labels: as the token losses; chunk_size: tokens per chunk.
+        labels, shift_labels, chunk_size: as the token losses (256 tokens ran 13% faster than the
+            default 64 at a 32k vocabulary and hidden size 512, for 2.5 times the memory).
 
     Example:
         >>> hidden = model.model(input_ids).last_hidden_state
@@ -224,8 +249,9 @@ def fused_linear_token_loss(
         raise ConfigError(
             "give chunk_size and shift_labels as arguments of fused_linear_token_loss, not in params"
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _tokens_per_chunk(
+        chunk_size, teacher.shape[-1] if teacher_weight is None else teacher_weight.shape[0]
+    )
     project_teacher = (lambda rows: rows) if teacher_weight is None else (
         lambda rows: F.linear(rows, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
     )  # fmt: skip
