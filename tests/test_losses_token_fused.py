@@ -102,3 +102,18 @@ def test_chunked_gradients_scale_with_the_terms_weight_and_a_second_backward_say
     torch.testing.assert_close(scaled, 0.5 * once, **close(once))
     with pytest.raises(RuntimeError, match="one backward pass.*retain_graph"):
         torch.autograd.grad(value, student)
+
+
+def test_the_default_chunk_is_chunk_logits_over_the_vocabulary(monkeypatch):
+    from alambic.losses import token_chunks
+
+    sizes, original = [], token_chunks._value_and_grad
+    monkeypatch.setattr(token_chunks, "CHUNK_LOGITS", 3 * 9)  # 3 tokens of a 9-token vocabulary
+    monkeypatch.setattr(
+        token_chunks,
+        "_value_and_grad",
+        lambda fn, s, t, grad: sizes.append(len(s)) or original(fn, s, t, grad),
+    )
+    student = torch.randn(2, 5, 9).requires_grad_(True)
+    get_loss("forward_kl")(student, torch.randn(2, 5, 9)).backward()  # 2 x 4 counted tokens after the shift
+    assert sizes == [3, 3, 2]
