@@ -5,66 +5,21 @@ with the inputs, ``-100`` on padding and prompt tokens). With ``shift_labels`` (
 logits at position ``t`` predict token ``t + 1``, so position ``t`` counts when ``labels[t + 1] !=
 -100``. Every divergence is averaged over the counted tokens (not over the batch or the padding).
 
-The vocabulary axis is computed in fp32, in chunks of ``chunk_size`` tokens under activation
-checkpointing, so peak memory holds one chunk's ``[chunk, V]`` probabilities rather than all of them.
+The vocabulary axis is computed in fp32, in chunks of ``chunk_size`` tokens whose gradient is computed
+in the forward pass (:mod:`alambic.losses.token_chunks`), so peak memory holds the logits' gradient and
+one chunk's ``[chunk, V]`` work rather than every intermediate of every token.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from alambic.losses.registry import register_loss
-
-IGNORE_INDEX = -100
-
-
-def _counted_tokens(logits: Tensor, labels: Tensor | None, shift_labels: bool) -> Tensor:
-    """The ``[N, V]`` rows of ``logits [B, T, V]`` (or ``[N, V]``) whose next (or own) label counts."""
-    if logits.dim() == 2:
-        return logits if labels is None else logits[labels.reshape(-1) != IGNORE_INDEX]
-    if shift_labels:
-        logits = logits[:, :-1]
-        labels = None if labels is None else labels[:, 1:]
-    if labels is None:
-        return logits.reshape(-1, logits.shape[-1])
-    return logits[labels != IGNORE_INDEX]  # [N, V]
-
-
-def _chunked_mean(
-    per_token: Callable[[Tensor, Tensor], Tensor],
-    student: Tensor,
-    teacher: Tensor,
-    labels: Tensor | None,
-    shift_labels: bool,
-    chunk_size: int,
-) -> Tensor:
-    """Mean over counted tokens of ``per_token(student_rows, teacher_rows) -> [n]``, chunk by chunk."""
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ; "
-            "token losses need one tokenizer and one vocabulary size"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    student_rows = _counted_tokens(student, labels, shift_labels)
-    teacher_rows = _counted_tokens(teacher.detach(), labels, shift_labels)
-    count = student_rows.shape[0]
-    if count == 0:  # every token masked: contribute nothing, keep the graph
-        return student.sum() * 0.0
-    total = student_rows.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk_size):
-        s, t = student_rows[start : start + chunk_size], teacher_rows[start : start + chunk_size]
-        if torch.is_grad_enabled() and s.requires_grad:
-            total = total + checkpoint(lambda a, b: per_token(a, b).sum(), s, t, use_reentrant=False)
-        else:
-            total = total + per_token(s, t).sum()
-    return total / count
+from alambic.losses.token_chunks import IGNORE_INDEX, chunked_token_mean
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -88,7 +43,7 @@ def forward_kl_loss(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Forward KL per token, ``KL(p_teacher || p_student)``: mean-seeking, the student covers every teacher mode.
 
@@ -97,9 +52,10 @@ def forward_kl_loss(
     Args:
         student: student logits ``[B, T, V]``; teacher: teacher logits, same shape.
         labels: ``[B, T]`` with ``-100`` where tokens do not count, or None (all count).
-        temperature: T; shift_labels: labels are the inputs' ids (HF convention); chunk_size: tokens per chunk.
+        temperature: T; shift_labels: labels are the inputs' ids (HF convention).
+        chunk_size: tokens per chunk; None: as many as make 2**21 logits (64 at a 32k vocabulary).
     """
-    return temperature**2 * _chunked_mean(
+    return temperature**2 * chunked_token_mean(
         lambda s, t: _kl(_log_probs(t, temperature), _log_probs(s, temperature)),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
@@ -113,7 +69,7 @@ def reverse_kl_loss(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Reverse KL per token, ``KL(p_student || p_teacher)``: mode-seeking, the student commits to the teacher's main modes.
 
@@ -121,7 +77,7 @@ def reverse_kl_loss(
 
     Args: as ``forward_kl``.
     """
-    return temperature**2 * _chunked_mean(
+    return temperature**2 * chunked_token_mean(
         lambda s, t: _kl(_log_probs(s, temperature), _log_probs(t, temperature)),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
@@ -148,7 +104,7 @@ def generalized_jsd_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Generalized Jensen-Shannon divergence per token (GKD): interpolates forward and reverse KL.
 
@@ -163,7 +119,7 @@ def generalized_jsd_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    return temperature**2 * _chunked_mean(
+    return temperature**2 * chunked_token_mean(
         lambda s, t: _generalized_jsd(s, t, beta, temperature),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
@@ -177,7 +133,7 @@ def total_variation_loss(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Total variation distance per token, ``0.5 sum_v |p_t(v) - p_s(v)|`` (bounded in [0, 1]).
 
@@ -186,7 +142,7 @@ def total_variation_loss(
 
     Args: as ``forward_kl``.
     """
-    return _chunked_mean(
+    return chunked_token_mean(
         lambda s, t: 0.5 * (_log_probs(t, temperature).exp() - _log_probs(s, temperature).exp()).abs().sum(-1),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
@@ -209,7 +165,7 @@ def skew_forward_kl_loss(
     alpha: float = 0.1,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Skew forward KL per token (DistiLLM): ``KL(p_t || alpha p_t + (1 - alpha) p_s)``; alpha = 0 is forward KL.
 
@@ -222,7 +178,7 @@ def skew_forward_kl_loss(
     """
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew_kl alpha must be in [0, 1), got {alpha}")
-    return temperature**2 * _chunked_mean(
+    return temperature**2 * chunked_token_mean(
         lambda s, t: _skew(_log_probs(t, temperature), _log_probs(s, temperature), alpha),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
@@ -237,7 +193,7 @@ def skew_reverse_kl_loss(
     alpha: float = 0.1,
     temperature: float = 1.0,
     shift_labels: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Skew reverse KL per token (DistiLLM): ``KL(p_s || alpha p_s + (1 - alpha) p_t)``; alpha = 0 is reverse KL.
 
@@ -247,7 +203,7 @@ def skew_reverse_kl_loss(
     """
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew_reverse_kl alpha must be in [0, 1), got {alpha}")
-    return temperature**2 * _chunked_mean(
+    return temperature**2 * chunked_token_mean(
         lambda s, t: _skew(_log_probs(s, temperature), _log_probs(t, temperature), alpha),
         student, teacher, labels, shift_labels, chunk_size,
     )  # fmt: skip
