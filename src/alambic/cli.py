@@ -91,26 +91,47 @@ class ProgressBar:
 
 
 def print_summary(summary: dict) -> None:
-    """The models side by side: accuracy, F1, size, FLOPs, latency."""
+    """The models side by side: accuracy, F1 (a language model: perplexity, next-token accuracy, KL to the
+    teacher, tokens/s), size, FLOPs, latency."""
     table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
     batch_sizes = sorted(
         {size for m in summary["models"].values() for size in m.get("latency_ms", {})}, key=int
     )
-    columns = ("model", "acc %", "F1", "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
+    language = summary.get("task") == "causal-lm"
+    quality = ("ppl", "next-token %", "KL(T||S)", "tok/s") if language else ("acc %", "F1")
+    columns = ("model", *quality, "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for name, m in summary["models"].items():
         latency = m.get("latency_ms", {})
         table.add_row(
             name,
-            f"{100 * m['accuracy']:.2f}",
-            f"{m['macro_f1']:.4f}",
+            *(
+                _language_cells(m)
+                if language
+                else (_number(m.get("accuracy"), ".2f", 100), _number(m.get("macro_f1"), ".4f"))
+            ),
             f"{m['parameters']:,}",
             f"{m['size_bytes'] / 1024:.1f}",
             f"{m['flops'] / 1e6:.3g}",
             *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
         )
     console.print(table)
+
+
+def _number(value: Any, spec: str, scale: float = 1.0) -> str:
+    """A table cell: the number formatted, or a dash when it is missing (a non-finite metric is null)."""
+    return format(value * scale, spec) if isinstance(value, int | float) else "—"
+
+
+def _language_cells(m: dict) -> tuple[str, ...]:
+    speed = m.get("generation") or {}
+    return (
+        _number(m.get("perplexity"), ".3f"),
+        _number(m.get("next_token_accuracy"), ".2f", 100),
+        _number(m.get("kl_to_teacher"), ".4f"),
+        _number(speed.get("tokens_per_s"), ".0f"),
+    )
 
 
 def demo_config_path(dataset: str) -> Path:

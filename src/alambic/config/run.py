@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -19,12 +19,21 @@ from alambic.config.sections import (
 from alambic.config.strategies import TEACHER_FREE_STRATEGIES, Strategy
 from alambic.losses import get_loss_spec
 
+LANGUAGE_MODEL_DATASETS = ("text", "jsonl")
+LANGUAGE_MODEL_TERMS = {
+    "teacher": [{"loss": "lm_ce"}],
+    "baseline": [{"loss": "lm_ce"}],
+    "distill": [{"loss": "lm_ce", "weight": 0.1}, {"loss": "forward_kl", "weight": 0.9}],
+}
+
 
 class RunConfig(StrictModel):
     """A whole run: data, models, the stages to run and how each trains."""
 
     name: str = "run"
     output_dir: str = "runs"
+    # classification (images, tabular, text labels) or causal-lm (next-token prediction: data text / jsonl)
+    task: Literal["classification", "causal-lm"] = "classification"
     seed: int = Field(0, ge=0, le=2**32 - 1)  # NumPy's seeds are 32-bit
     precision: Literal["no", "bf16", "fp16"] = "no"
     tensorboard: bool = False
@@ -39,6 +48,35 @@ class RunConfig(StrictModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     strategy: Strategy | None = None  # beyond one frozen teacher (see alambic.strategies); None: plain KD
     compress: CompressConfig | None = None  # read by `alambic compress` only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _language_model_defaults(cls, data: Any) -> Any:
+        """A causal-LM run's default terms are token losses: ``lm_ce`` alone for the teacher and the
+        baseline, ``0.1 lm_ce + 0.9 forward_kl`` (Hinton's mix, per token) for the distilled student."""
+        if not isinstance(data, dict) or data.get("task") != "causal-lm":
+            return data
+        data = dict(data)
+        for section, terms in LANGUAGE_MODEL_TERMS.items():
+            value = data.get(section)
+            if isinstance(value, dict) and "terms" not in value:
+                data[section] = {**value, "terms": terms}
+            elif value is None and section in ("baseline", "distill"):
+                data[section] = {"terms": terms}
+        return data
+
+    @model_validator(mode="after")
+    def _task_data(self) -> RunConfig:
+        language = self.data.dataset in LANGUAGE_MODEL_DATASETS
+        if self.task == "causal-lm" and not (language or self.data.dataset == "custom"):
+            raise ValueError(
+                f"task causal-lm trains on text: set data.dataset to text or jsonl (got {self.data.dataset!r})"
+            )
+        if language and self.task != "causal-lm":
+            raise ValueError(f"data.dataset {self.data.dataset} is language-model data: set task: causal-lm")
+        if language and not self.data.train_file:
+            raise ValueError(f"data.dataset {self.data.dataset} needs data.train_file (a local file)")
+        return self
 
     @model_validator(mode="after")
     def _stage_augmentation(self) -> RunConfig:

@@ -26,9 +26,17 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # for data sets without a test split (digits)
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
-    # text sets (sst2): a transformers tokenizer (folder or hub id); default: the hf: teacher's own
+    # text sets (sst2): a transformers tokenizer (folder or hub id); default: the hf: teacher's own.
+    # language-model sets (text, jsonl): also "bytes" or "chars" (built in, for small models)
     tokenizer: str | None = None
     max_length: int = Field(128, ge=2)
+    # language-model sets: dataset text (plain text cut into blocks) or jsonl (prompt / completion, chat)
+    train_file: str | None = None
+    valid_file: str | None = None  # else the last valid_fraction of the training text
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    block_size: int = Field(128, ge=2)  # tokens per training window
+    stride: int | None = Field(None, ge=1)  # tokens between window starts; default block_size
+    packing: bool = False  # jsonl: rows concatenated into blocks of block_size instead of padded
 
 
 class TeacherConfig(StrictModel):

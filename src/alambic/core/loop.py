@@ -223,12 +223,14 @@ def train_epoch(state: LoopState, epoch: int) -> None:
 
 
 def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], epoch: int) -> None:
-    """Evaluate the student after ``epoch`` and log its accuracy, macro-F1 and loss."""
+    """Evaluate the student after ``epoch`` and log its accuracy, macro-F1, loss (and a language model's
+    perplexity)."""
     metrics = evaluate(state.unwrapped.student)
-    shown = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss") if k in metrics}
+    shown = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in metrics}
     state.log.write({"stage": state.stage, "kind": "eval", "epoch": epoch + 1, "step": state.step, **shown})
     if state.progress:
-        state.progress(state.stage, state.step, state.total_steps, {"test_accuracy": metrics["accuracy"]})
+        key = "perplexity" if "perplexity" in metrics else "accuracy"
+        state.progress(state.stage, state.step, state.total_steps, {f"test_{key}": metrics[key]})
 
 
 def prepare_module(

@@ -53,7 +53,7 @@ class MetricsLog:
                 handle.write(dumps_json(record) + "\n")
         if self.writer is not None:
             scalars = record.get("losses", {}) | {
-                k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1")
+                k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1", "loss", "perplexity")
             }
             for key, value in scalars.items():
                 self.writer.add_scalar(f"{record['stage']}/{record['kind']}/{key}", value, record["step"])

@@ -82,6 +82,34 @@ def load_hf_model(
         ) from None
 
 
+def build_hf_model(
+    model_type: str, *, task: str = "causal-lm", attn_implementation: str = "eager", **config: Any
+) -> nn.Module:
+    """A Hugging Face model built from scratch, from a config written out (``arch: hf-config``).
+
+    Args:
+        model_type: A ``transformers`` model type: ``gpt2``, ``llama``, ``bert``, ...
+        task: ``causal-lm``, ``sequence-classification`` or ``embedding``.
+        **config: The config's fields (``n_layer`` / ``num_hidden_layers``, ``n_embd`` / ``hidden_size``,
+            heads, ``vocab_size``, ...); the rest keep the model type's defaults.
+
+    Example:
+        >>> model = build_hf_model("gpt2", n_layer=2, n_embd=64, n_head=2, vocab_size=65, n_positions=256)
+    """
+    transformers = transformers_module()
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError) as error:
+        raise ConfigError(
+            f"cannot build a Hugging Face {model_type!r} config: {str(error).splitlines()[0]}; "
+            "model_type is a transformers model type (gpt2, llama, bert, ...)"
+        ) from None
+    model = getattr(transformers, TASKS[task]).from_config(hf_config, attn_implementation=attn_implementation)
+    return model
+
+
 def choose_layers(
     num_layers: int, *, layers: int | None = None, keep: Sequence[int] | None = None, every: int | None = None
 ) -> list[int]:

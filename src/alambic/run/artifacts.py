@@ -119,12 +119,16 @@ def build_run_architecture(config: Any, model: str, info: Any) -> nn.Module:
 
     with quiet_transformers():
         if model == "teacher":
-            return build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
+            return build_named_model(
+                config.teacher.model.model_copy(update={"checkpoint": None}), info, task=config.task
+            )
         student = config.student.model.model_copy(update={"checkpoint": None})
         if student.arch == "derive:teacher":
-            teacher = build_named_model(config.teacher.model.model_copy(update={"checkpoint": None}), info)
+            teacher = build_named_model(
+                config.teacher.model.model_copy(update={"checkpoint": None}), info, task=config.task
+            )
             return derive_from_teacher(teacher, student)
-        return build_named_model(student, info)
+        return build_named_model(student, info, task=config.task)
 
 
 def export_run(

@@ -19,18 +19,19 @@ from alambic.data import build_datasets
 from alambic.data.datasets import take_train_subset
 from alambic.errors import AlambicError, ConfigError
 from alambic.models import build_factory_model, build_model, load_weights
-from alambic.models.hf import derive_student, load_hf_model
+from alambic.models.hf import build_hf_model, derive_student, load_hf_model
 from alambic.models.llama2c import load_llama2c
 
 
-def build_named_model(model_config, info, side: str = "model") -> nn.Module:
+def build_named_model(model_config, info, side: str = "model", task: str = "classification") -> nn.Module:
     """Build a model from its config and load its checkpoint when one is given.
 
-    A constructor that rejects its kwargs (``dropout: 2``, a wrong type) becomes a one-line
+    ``task`` (the run's) picks a Hugging Face model's head: a classifier of ``info.num_classes`` labels,
+    or a causal language model over a vocabulary of ``info.num_classes`` tokens. A constructor that rejects its kwargs (``dropout: 2``, a wrong type) becomes a one-line
     :class:`ConfigError` naming ``side`` (``teacher``, ``student``, ...), the architecture and the kwargs.
     """
     try:
-        model = _construct(model_config, info)
+        model = _construct(model_config, info, task)
     except AlambicError:
         raise
     except (ValueError, TypeError, RuntimeError, KeyError) as error:
@@ -44,12 +45,24 @@ def build_named_model(model_config, info, side: str = "model") -> nn.Module:
     return model
 
 
-def _construct(model_config, info) -> nn.Module:
+def _construct(model_config, info, task: str) -> nn.Module:
+    kwargs = dict(model_config.kwargs)
+    if model_config.arch.startswith("hf:") or model_config.arch == "hf-config":
+        kwargs.setdefault("task", "causal-lm" if task == "causal-lm" else "sequence-classification")
     if model_config.arch.startswith("hf:"):  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
-        kwargs = dict(model_config.kwargs)
-        if kwargs.get("task", "sequence-classification") == "sequence-classification":
+        if kwargs["task"] == "sequence-classification":
             kwargs.setdefault("num_labels", info.num_classes)
         return load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
+    if model_config.arch == "hf-config":  # built from scratch from a Hugging Face config written out
+        if "model_type" not in kwargs:
+            raise ConfigError(
+                "arch hf-config needs kwargs.model_type (gpt2, llama, bert, ...) and the config's fields"
+            )
+        if kwargs["task"] == "causal-lm":
+            kwargs.setdefault("vocab_size", info.num_classes)
+        elif kwargs["task"] == "sequence-classification":
+            kwargs.setdefault("num_labels", info.num_classes)
+        return build_hf_model(kwargs.pop("model_type"), **kwargs)
     if model_config.arch.startswith("llama2c:"):  # a llama2.c checkpoint, as a Hugging Face Llama
         if model_config.kwargs:
             raise ConfigError(
@@ -81,7 +94,7 @@ def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int,
     was_training = model.training
     model.eval()
     try:
-        predicted = logits_of(call_model(model, example)).shape[-1]
+        logits = logits_of(call_model(model, example))
     except (ValueError, RuntimeError, TypeError, IndexError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
@@ -90,6 +103,13 @@ def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int,
         ) from error
     finally:
         model.train(was_training)
+    predicted = logits.shape[-1]
+    if predicted != num_classes and logits.dim() == 3:  # [B, T, V]: a language model over the tokenizer's ids
+        raise ConfigError(
+            f"the {side} has a vocabulary of {predicted} tokens but the tokenizer has {num_classes}: teacher, "
+            "student and data must share one tokenizer (data.tokenizer); build the model with vocab_size "
+            f"{num_classes} or use the model's own tokenizer"
+        )
     if predicted != num_classes:
         raise ConfigError(
             f"the {side} predicts {predicted} classes but the data set has {num_classes}; "

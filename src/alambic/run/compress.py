@@ -119,7 +119,7 @@ def _load_models(context: _Context) -> dict[str, nn.Module]:
             model = build_run_architecture(config, name, context.info)
             models[name] = load_resized(model, student_state_dict(weights)).eval()
         elif name == "teacher" and model_config.checkpoint:
-            models[name] = build_named_model(model_config, context.info).eval()
+            models[name] = build_named_model(model_config, context.info, task=context.config.task).eval()
     if "distilled" not in models:
         raise AlambicError(
             f"{context.run_dir} has no student/model.safetensors; run the distill stage first "

@@ -20,7 +20,6 @@ from torch import nn
 from alambic.config import RunConfig, load_config
 from alambic.core.batches import example_input
 from alambic.core.checkpoint import atomic_write_text
-from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
 from alambic.core.monitor import MetricsLog
 from alambic.core.optim import make_accelerator
@@ -28,6 +27,7 @@ from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, finite_json
 from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, derive_from_teacher
+from alambic.run.evaluation import summary_metrics
 from alambic.run.preflight import preflight
 from alambic.run.report import write_report
 from alambic.run.rundir import (
@@ -142,7 +142,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
     example = example_input(context.test_set)
 
     def build_teacher() -> nn.Module:
-        model = build_named_model(config.teacher.model, info, "teacher")
+        model = build_named_model(config.teacher.model, info, "teacher", config.task)
         check_num_classes(model, example, info.num_classes, "teacher")
         return model
 
@@ -150,7 +150,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
             model = derive_from_teacher(models["teacher"], config.student.model)
         else:
-            model = build_named_model(config.student.model, info, "student")
+            model = build_named_model(config.student.model, info, "student", config.task)
         check_num_classes(model, example, info.num_classes, "student")
         return model
 
@@ -199,23 +199,14 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
         "distilled": config.student.model.arch,
         **context.architectures,
     }
+    teacher = models.get("teacher") if config.task == "causal-lm" else None  # every student's KL reference
     summary_models = {}
     for name, model in models.items():
         model = model.to(accelerator.device)
-        metrics = evaluate_classifier(
-            model, test_loader, num_classes=info.num_classes, accelerator=accelerator
-        )
+        reference = teacher.to(accelerator.device) if teacher is not None and name != "teacher" else None
+        metrics = summary_metrics(config, model, test_loader, info, accelerator, example, reference)
         if accelerator.is_main_process:
-            profile = profile_model(
-                model.to("cpu"),
-                example,
-                batch_sizes=tuple(config.evaluate.batch_sizes),
-                repeats=config.evaluate.latency_repeats,
-                threads=config.evaluate.latency_threads,
-            )
-            # a class absent from the test split has no accuracy: null, not NaN, keeps the JSON strict
-            metrics["per_class_accuracy"] = [None if v != v else v for v in metrics["per_class_accuracy"]]
-            summary_models[name] = {"architecture": architectures[name], **metrics, **profile}
+            summary_models[name] = {"architecture": architectures[name], **metrics}
     summary = {}
     if accelerator.is_main_process:
         timings_path = context.run_dir / "timings.json"
@@ -223,6 +214,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
         summary = {
             "run_name": config.name,
             "dataset": config.data.dataset,
+            "task": config.task,
             "num_classes": info.num_classes,
             "class_names": list(info.class_names),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -51,7 +51,7 @@ def preflight(
     stages = config.stages
 
     def build(model_config, side: str) -> nn.Module:
-        model = build_named_model(model_config, info, side)
+        model = build_named_model(model_config, info, side, config.task)
         check_num_classes(model, example, info.num_classes, side)
         return model
 

@@ -28,6 +28,7 @@ from alambic.data import IndexedDataset
 from alambic.data.loaders import make_loader
 from alambic.data.mixing import MixedDataset
 from alambic.files import dumps_json
+from alambic.run.evaluation import stage_evaluator
 
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
 
@@ -77,8 +78,7 @@ def train_stage(
         train.loop(),
         accelerator=accelerator,
         teacher=teacher,
-        eval_loader=test_loader,
-        num_classes=context.info.num_classes,
+        evaluate=stage_evaluator(context.config, accelerator.prepare(test_loader), context.info, accelerator),
         log=context.log,
         checkpoint_dir=folder / "checkpoints",
         stage=stage,

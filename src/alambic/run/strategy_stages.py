@@ -38,7 +38,7 @@ def run_strategy_stages(context: RunContext) -> dict[str, nn.Module]:
 
     def builder(model_config: ModelConfig, side: str) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
-            model = build_named_model(model_config, info, side)
+            model = build_named_model(model_config, info, side, config.task)
             check_num_classes(model, example, info.num_classes, side)
             return model
 

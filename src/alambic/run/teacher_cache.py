@@ -36,7 +36,7 @@ def cache_teacher_outputs(
             "(for example --set teacher.model.checkpoint=runs/NAME/teacher/model.safetensors)"
         )
     train_set, _, info = build_run_datasets(config)
-    teacher = build_named_model(config.teacher.model, info)
+    teacher = build_named_model(config.teacher.model, info, "teacher", config.task)
     terms = [term for term in config.distill.terms if get_loss_spec(term.loss).needs_teacher]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return cache_teacher(
