@@ -3,6 +3,7 @@ and :func:`train_module`, the one function every training stage goes through."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -162,29 +163,22 @@ def train_module(
         evaluate = lambda model: evaluate_classifier(  # noqa: E731
             model, prepared_eval, num_classes=num_classes, accelerator=accelerator
         )
-    options = {"accelerator": accelerator, "teacher": teacher, "evaluate": evaluate, "stage": stage}
-    if run_dir is None:
+    # one writer per run directory (created here); a second one is refused in one line
+    with run_lock(Path(run_dir), accelerator) if run_dir is not None else contextlib.nullcontext():
+        if run_dir is not None:
+            log = log or MetricsLog(Path(run_dir) / "metrics.jsonl", enabled=accelerator.is_main_process)
+            checkpoint_dir = checkpoint_dir or Path(run_dir) / "checkpoints"
         return fit(
             module,
             train_loader,
             settings,
-            log=log,
+            accelerator=accelerator,
+            teacher=teacher,
             checkpoint_dir=checkpoint_dir,
-            progress=progress,
-            **options,
-        )
-    run_dir = Path(run_dir)
-    with run_lock(run_dir, accelerator):  # one writer per run directory (created here)
-        log = log or MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-        checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
-        return fit(
-            module,
-            train_loader,
-            settings,
+            evaluate=evaluate,
             log=log,
-            checkpoint_dir=checkpoint_dir,
+            stage=stage,
             progress=progress,
-            **options,
         )
 
 
