@@ -10,7 +10,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -104,7 +105,7 @@ def classification_metrics(predictions: Tensor, labels: Tensor, num_classes: int
     }
 
 
-class _EvalMode:
+class EvalMode:
     """Context manager: eval mode inside, each submodule's own train/eval flag restored after."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -158,7 +159,7 @@ def evaluate_classifier(
     all_predictions: list[Tensor] = []
     all_labels: list[Tensor] = []
     all_losses: list[Tensor] = []
-    with _EvalMode(model), torch.inference_mode():
+    with EvalMode(model), torch.inference_mode():
         for batch in loader:
             inputs, labels = split_batch(send_to_device(batch, target_device))
             if labels is None:
@@ -252,17 +253,31 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> int:
 
     sample = send_to_device(_first_sample(example_input), model_device(model))
     counter = FlopCounterMode(display=False)
-    with _EvalMode(model), torch.no_grad(), counter:
+    with EvalMode(model), torch.no_grad(), counter:
         call_model(model, sample)
     return int(counter.get_total_flops())
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so the wall clock measures the work, not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+@contextmanager
+def pinned_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` CPU intra-op threads (None keeps the current number); yields the
+    number in use and restores the previous one after. Timings on a loaded machine are only comparable
+    with it pinned: more threads than free cores make each op wait for a time slice."""
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def measure_latency(
@@ -307,24 +322,19 @@ def measure_latency(
     original_device = model_device(model)
     batch = send_to_device(repeat_batch(example_input, batch_size), target_device)
     timings_ms: list[float] = []
-    previous_threads = torch.get_num_threads()
     try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        used_threads = torch.get_num_threads()
         model.to(target_device)
-        with _EvalMode(model), torch.inference_mode():
+        with pinned_threads(threads) as used_threads, EvalMode(model), torch.inference_mode():
             for _ in range(warmup):
                 call_model(model, batch)
             for _ in range(repeats):
-                _synchronize(target_device)
+                synchronize(target_device)
                 start = time.perf_counter()
                 call_model(model, batch)
-                _synchronize(target_device)
+                synchronize(target_device)
                 timings_ms.append((time.perf_counter() - start) * 1000.0)
     finally:
         model.to(original_device)
-        torch.set_num_threads(previous_threads)
     return {
         "median_ms": statistics.median(timings_ms),
         "p90_ms": float(np.percentile(timings_ms, 90)),
