@@ -8,8 +8,11 @@ Example:
 """
 
 from alambic.data.datasets import DATASETS, Augmentation, DatasetInfo, InMemoryDataset, build_datasets
+from alambic.data.info import LMDatasetInfo
+from alambic.data.lm import TextBlocks, TokenRows, build_lm_datasets
 from alambic.data.loaders import IndexedDataset, dataset_fingerprint, make_loader
 from alambic.data.readers import cache_dir, read_idx
+from alambic.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "DATASETS",
@@ -17,7 +20,16 @@ __all__ = [
     "DatasetInfo",
     "InMemoryDataset",
     "IndexedDataset",
+    "LMDatasetInfo",
+    "TextBlocks",
+    "TokenRows",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
     "build_datasets",
+    "build_lm_datasets",
+    "load_tokenizer",
     "cache_dir",
     "make_loader",
     "dataset_fingerprint",

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from alambic.data import readers
+from alambic.data.info import DatasetInfo
+from alambic.data.lm import LM_DATASETS, build_lm_datasets
 from alambic.data.text import TEXT_DATASETS, build_text_datasets
 from alambic.errors import ConfigError, DataError
 from alambic.imports import import_callable
@@ -32,28 +34,17 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10-jpeg", "cifar10", "cifar100", "sst2", "custom"]
-
-
-@dataclass
-class DatasetInfo:
-    """What a model and a report need to know about a dataset.
-
-    Attributes:
-        name: The dataset name given to :func:`build_datasets`.
-        num_classes: Number of classes; labels are ``0 .. num_classes - 1``.
-        input_shape: Shape of one input, e.g. ``(1, 28, 28)`` or ``(64,)``.
-        class_names: Human-readable class names, ``num_classes`` of them.
-        mean: Per-channel mean subtracted from inputs in [0, 1], or None when not normalised.
-        std: Per-channel std the inputs are divided by, or None when not normalised.
-    """
-
-    name: str
-    num_classes: int
-    input_shape: tuple[int, ...]
-    class_names: list[str]
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
+DATASETS = [
+    "digits",
+    "mnist",
+    "fashion-mnist",
+    "cifar10-jpeg",
+    "cifar10",
+    "cifar100",
+    "sst2",
+    "custom",
+    *LM_DATASETS,
+]
 
 
 @dataclass(frozen=True)
@@ -160,6 +151,12 @@ def build_datasets(
     normalize: bool = True,
     tokenizer: str | None = None,
     max_length: int = 128,
+    train_file: str | os.PathLike | None = None,
+    valid_file: str | os.PathLike | None = None,
+    valid_fraction: float = 0.1,
+    block_size: int = 128,
+    stride: int | None = None,
+    packing: bool = False,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build the train and test datasets for a named dataset.
 
@@ -177,11 +174,20 @@ def build_datasets(
         seed: Seeds the ``digits`` split and the ``train_subset`` choice.
         normalize: Subtract the dataset's per-channel mean and divide by its std (images only);
             otherwise images are in [0, 1].
-        tokenizer: For text sets (``sst2``): a ``transformers`` tokenizer folder or hub id.
-        max_length: For text sets: sentences are cut to this many tokens.
+        tokenizer: For text sets (``sst2``): a ``transformers`` tokenizer folder or hub id. For language-model
+            sets (``text``, ``jsonl``): ``"bytes"`` (the default), ``"chars"`` or a local tokenizer folder.
+        max_length: For text sets: sentences are cut to this many tokens; for ``jsonl``: rows are.
+        train_file: For ``text`` and ``jsonl``: the training file (see :func:`alambic.data.lm.build_lm_datasets`).
+        valid_file: For ``text`` and ``jsonl``: the validation file, used as the test set; default: the last
+            ``valid_fraction`` of ``train_file``.
+        valid_fraction: For ``text`` (by characters) and ``jsonl`` (by rows) without ``valid_file``.
+        block_size: For ``text`` and packed ``jsonl``: tokens per window.
+        stride: For ``text``: tokens between training windows; default ``block_size``.
+        packing: For ``jsonl``: concatenate rows into blocks instead of padding them.
 
     Returns:
-        ``(train_dataset, test_dataset, info)``; datasets yield ``(float32 input, int label)``.
+        ``(train_dataset, test_dataset, info)``; datasets yield ``(float32 input, int label)``, those of
+        ``text`` and ``jsonl`` dicts of token tensors (``input_ids``, ``labels``, ...).
 
     Raises:
         ConfigError: An unknown name, a bad factory or a bad argument value.
@@ -202,7 +208,21 @@ def build_datasets(
         return _build_custom(factory, factory_kwargs or {}, train_subset=train_subset, seed=seed)
     if factory is not None:
         raise ConfigError(f"factory is only used with dataset 'custom', got factory={factory!r} for {name!r}")
-    if name == "digits":
+    if name in LM_DATASETS:
+        if train_file is None:
+            raise ConfigError(f"dataset {name!r} needs train_file (a local {name} file)")
+        train, test, info, _tokenizer = build_lm_datasets(
+            name,
+            train_file=train_file,
+            valid_file=valid_file,
+            valid_fraction=valid_fraction,
+            tokenizer=tokenizer or "bytes",
+            block_size=block_size,
+            stride=stride,
+            max_length=max_length,
+            packing=packing,
+        )
+    elif name == "digits":
         train, test, info = _build_digits(test_fraction=test_fraction, seed=seed)
     elif name in TEXT_DATASETS:
         train, test, class_names = build_text_datasets(
@@ -223,9 +243,12 @@ def take_train_subset(
     train: Dataset, size: int, *, seed: int, name: str, factory: str | None = None
 ) -> Dataset:
     """The seeded subset of ``size`` training samples that ``train_subset`` keeps: class-stratified for
-    alambic's data sets, a seeded random choice for a ``custom`` ``factory``'s."""
+    alambic's classification sets, a seeded random choice for language-model sets and a ``custom``
+    ``factory``'s."""
     if name == "custom":
         return _subset_custom(train, size, seed=seed, factory=str(factory))
+    if name in LM_DATASETS:
+        return train.subset(_random_indices(len(train), size, seed=seed, what=name))
     return train.subset(_subset_indices(train.labels, size, seed=seed, name=name))
 
 
@@ -409,10 +432,13 @@ def _check_label_range(dataset: Dataset, num_classes: int, what: str) -> None:
 
 
 def _subset_custom(dataset: Dataset, size: int, *, seed: int, factory: str) -> Dataset:
-    if size > len(dataset):
-        raise ConfigError(
-            f"train_subset={size} is larger than the {len(dataset)} samples of factory {factory!r}"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(dataset), generator=generator)[:size].sort().values
+    indices = _random_indices(len(dataset), size, seed=seed, what=f"factory {factory!r}")
     return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+def _random_indices(length: int, size: int, *, seed: int, what: str) -> torch.Tensor:
+    """``size`` of ``range(length)``, a seeded random choice in increasing order."""
+    if size > length:
+        raise ConfigError(f"train_subset={size} is larger than the {length} samples of {what}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(length, generator=generator)[:size].sort().values

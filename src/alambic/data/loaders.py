@@ -4,7 +4,7 @@ batches), with whole-batch gathering for alambic's in-memory data sets."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -76,16 +76,22 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, index: int) -> tuple | dict:
         item = self.dataset[index]
+        if isinstance(item, Mapping):  # token dicts (language-model data): the index is one more key
+            return {**item, "index": index}
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs")
+            raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs or dicts")
         return item[0], item[1], index
 
-    def get_batch(self, indices: list[int]) -> tuple:
-        """A whole batch ``(inputs, labels, index)``; batched by the wrapped set when it can."""
+    def get_batch(self, indices: list[int]) -> tuple | dict:
+        """A whole batch ``(inputs, labels, index)`` (or the dict with ``index``); batched by the wrapped
+        set when it can."""
         if hasattr(self.dataset, "get_batch"):
-            inputs, labels = self.dataset.get_batch(indices)
+            batch = self.dataset.get_batch(indices)
+            if isinstance(batch, Mapping):
+                return {**batch, "index": torch.tensor(indices)}
+            inputs, labels = batch
             return inputs, labels, torch.tensor(indices)
         return default_collate([self[index] for index in indices])
 
@@ -138,9 +144,13 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         digest.update(inputs[rows].contiguous().numpy().tobytes())
         return digest.hexdigest()
     for index in torch.linspace(0, max(length - 1, 0), min(length, 32)).long().tolist():
-        sample, label = dataset[index][:2]
+        item = dataset[index]
+        if isinstance(item, Mapping):  # language-model data: labels are one of the token tensors
+            sample = item
+        else:
+            sample, label = item[:2]
+            digest.update(f"label={int(label)}".encode())
         parts = sorted(sample.items()) if isinstance(sample, dict) else [("", sample)]  # token dicts
-        digest.update(f"label={int(label)}".encode())
         for key, value in parts:
             value = torch.as_tensor(value)
             digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())

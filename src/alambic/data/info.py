@@ -1,0 +1,35 @@
+"""What a data set tells the models and reports built on it (kept apart so every data module can use it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DatasetInfo:
+    """What a model and a report need to know about a dataset.
+
+    Attributes:
+        name: The dataset name given to :func:`build_datasets`.
+        num_classes: Number of classes; labels are ``0 .. num_classes - 1``.
+        input_shape: Shape of one input, e.g. ``(1, 28, 28)`` or ``(64,)``.
+        class_names: Human-readable class names, ``num_classes`` of them.
+        mean: Per-channel mean subtracted from inputs in [0, 1], or None when not normalised.
+        std: Per-channel std the inputs are divided by, or None when not normalised.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+@dataclass
+class LMDatasetInfo(DatasetInfo):
+    """A language-model data set's :class:`DatasetInfo`: ``num_classes`` is the vocabulary size,
+    ``class_names`` is empty, and ``unit`` (``"byte"`` or ``"char"``) is what bits-per-unit metrics divide by.
+    """
+
+    unit: str = "byte"
