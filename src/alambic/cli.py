@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from alambic.config import ModelConfig, load_config
+from alambic.console import ProgressBar, console, print_summary
 from alambic.core.cache import cache_size_bytes
 from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
@@ -33,7 +34,6 @@ from alambic.run.teacher_cache import cache_teacher_outputs
 from alambic.run.tune import tune as tune_study
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for PyTorch.")
-console = Console()
 error_console = Console(stderr=True)
 DEMO_DATASETS = ("digits", "mnist", "fashion-mnist")
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
@@ -58,80 +58,6 @@ def user_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-class ProgressBar:
-    """A Rich progress bar per training stage, fed by the loop's ``progress`` callback."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description:<9}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[values]}"),
-            console=console,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, stage: str, step: int, total: int, values: dict) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, values="")
-        shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
-        self.progress.update(self.tasks[stage], completed=step, values=shown)
-
-    def __enter__(self) -> ProgressBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-
-def print_summary(summary: dict) -> None:
-    """The models side by side: accuracy, F1 (a language model: perplexity, next-token accuracy, KL to the
-    teacher, tokens/s), size, FLOPs, latency."""
-    table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
-    batch_sizes = sorted(
-        {size for m in summary["models"].values() for size in m.get("latency_ms", {})}, key=int
-    )
-    language = summary.get("task") == "causal-lm"
-    quality = ("ppl", "next-token %", "KL(T||S)", "tok/s") if language else ("acc %", "F1")
-    columns = ("model", *quality, "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
-    for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for name, m in summary["models"].items():
-        latency = m.get("latency_ms", {})
-        table.add_row(
-            name,
-            *(
-                _language_cells(m)
-                if language
-                else (_number(m.get("accuracy"), ".2f", 100), _number(m.get("macro_f1"), ".4f"))
-            ),
-            f"{m['parameters']:,}",
-            f"{m['size_bytes'] / 1024:.1f}",
-            f"{m['flops'] / 1e6:.3g}",
-            *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
-        )
-    console.print(table)
-
-
-def _number(value: Any, spec: str, scale: float = 1.0) -> str:
-    """A table cell: the number formatted, or a dash when it is missing (a non-finite metric is null)."""
-    return format(value * scale, spec) if isinstance(value, int | float) else "—"
-
-
-def _language_cells(m: dict) -> tuple[str, ...]:
-    speed = m.get("generation") or {}
-    return (
-        _number(m.get("perplexity"), ".3f"),
-        _number(m.get("next_token_accuracy"), ".2f", 100),
-        _number(m.get("kl_to_teacher"), ".4f"),
-        _number(speed.get("tokens_per_s"), ".0f"),
-    )
 
 
 def demo_config_path(dataset: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -33,3 +34,4 @@ class LMDatasetInfo(DatasetInfo):
     """
 
     unit: str = "byte"
+    tokenizer: Any = None  # the data's tokenizer (alambic.data.tokenizers), saved with a run and its exports

@@ -327,7 +327,9 @@ def build_lm_datasets(
                 + (" or raise valid_fraction" if role == "validation" and valid_file is None else "")
             )
     width = block_size if kind == "text" or packing else train.columns["input_ids"].shape[1]
-    info = LMDatasetInfo(kind, loaded.vocab_size, (width,), [], None, None, unit=loaded.unit)
+    info = LMDatasetInfo(
+        kind, loaded.vocab_size, (width,), [], None, None, unit=loaded.unit, tokenizer=loaded
+    )
     return train, valid, info, loaded
 
 

@@ -91,6 +91,15 @@ def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
 @torch.no_grad()
 def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int, side: str) -> None:
     """Fail before training when a model's output size is not the data set's number of classes."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocabulary = getattr(embeddings, "num_embeddings", None)
+    if (
+        isinstance(example, dict)
+        and "input_ids" in example
+        and vocabulary is not None
+        and vocabulary < num_classes
+    ):
+        _vocabulary_mismatch(side, vocabulary, num_classes)  # token ids past its embedding table
     was_training = model.training
     model.eval()
     try:
@@ -105,16 +114,20 @@ def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int,
         model.train(was_training)
     predicted = logits.shape[-1]
     if predicted != num_classes and logits.dim() == 3:  # [B, T, V]: a language model over the tokenizer's ids
-        raise ConfigError(
-            f"the {side} has a vocabulary of {predicted} tokens but the tokenizer has {num_classes}: teacher, "
-            "student and data must share one tokenizer (data.tokenizer); build the model with vocab_size "
-            f"{num_classes} or use the model's own tokenizer"
-        )
+        _vocabulary_mismatch(side, predicted, num_classes)
     if predicted != num_classes:
         raise ConfigError(
             f"the {side} predicts {predicted} classes but the data set has {num_classes}; "
             f"set {side}.model.kwargs.num_classes={num_classes} or remove the override"
         )
+
+
+def _vocabulary_mismatch(side: str, vocabulary: int, tokens: int) -> None:
+    raise ConfigError(
+        f"the {side} has a vocabulary of {vocabulary} tokens but the tokenizer has {tokens}: teacher, "
+        f"student and data must share one tokenizer (data.tokenizer); build the model with vocab_size {tokens} "
+        "or use the model's own tokenizer"
+    )
 
 
 def build_run_datasets(
@@ -137,6 +150,12 @@ def build_run_datasets(
         seed=config.seed,
         tokenizer=run_tokenizer(config),
         max_length=data.max_length,
+        train_file=data.train_file,
+        valid_file=data.valid_file,
+        valid_fraction=data.valid_fraction,
+        block_size=data.block_size,
+        stride=data.stride,
+        packing=data.packing,
     )
 
 

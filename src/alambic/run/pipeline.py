@@ -25,7 +25,7 @@ from alambic.core.monitor import MetricsLog
 from alambic.core.optim import make_accelerator
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
-from alambic.files import dumps_json, finite_json
+from alambic.files import dumps_json, finite_json, writing
 from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, derive_from_teacher
 from alambic.run.evaluation import summary_metrics
 from alambic.run.preflight import preflight
@@ -112,6 +112,10 @@ def _execute(
     write_status(run_dir, accelerator, state="running", stage="data")
     try:
         train_set, test_set, info = datasets or build_run_datasets(config)
+        tokenizer = getattr(info, "tokenizer", None)
+        if tokenizer is not None and accelerator.is_main_process:  # a language model's, kept with its run
+            with writing(run_dir / "tokenizer"):
+                tokenizer.save(run_dir / "tokenizer")
         log = MetricsLog(
             run_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
@@ -204,7 +208,9 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     for name, model in models.items():
         model = model.to(accelerator.device)
         reference = teacher.to(accelerator.device) if teacher is not None and name != "teacher" else None
-        metrics = summary_metrics(config, model, test_loader, info, accelerator, example, reference)
+        metrics = summary_metrics(
+            config, model, test_loader, context.test_set, info, accelerator, example, reference
+        )
         if accelerator.is_main_process:
             summary_models[name] = {"architecture": architectures[name], **metrics}
     summary = {}

@@ -25,6 +25,7 @@ from alambic.run.plots import (
     plot_accuracy_vs_size,
     plot_training_curves,
 )
+from alambic.run.report_lm import language_model_lines, sample_lines
 
 # The command that writes summary.json, named in the error raised when it is missing.
 SUMMARY_COMMAND = "alambic run CONFIG.yaml"
@@ -244,8 +245,10 @@ def write_report(run_dir: str | Path) -> Path:
         plots_dir.mkdir(parents=True, exist_ok=True)
 
     lines = [f"# alambic report: {summary.get('run_name', run_dir.name)}", ""]
+    language = summary.get("task") == "causal-lm"
+    size = "tokens in the vocabulary" if language else "classes"
     lines += [
-        f"- Dataset: **{summary.get('dataset', MISSING)}** ({summary.get('num_classes', MISSING)} classes)"
+        f"- Dataset: **{summary.get('dataset', MISSING)}** ({summary.get('num_classes', MISSING)} {size})"
     ]
     if summary.get("created"):
         lines.append(f"- Created: {summary['created']}")
@@ -268,6 +271,8 @@ def write_report(run_dir: str | Path) -> Path:
     derived = _derived_lines(summary.get("models") or {})
     if derived:
         lines += ["", *derived]
+    if language and models:
+        lines += ["", *language_model_lines(models), "", *sample_lines(models)]
     if summary.get("terms"):
         lines += ["", "## Distillation terms", "", *_terms_table(summary["terms"])]
     if summary.get("stages_seconds"):

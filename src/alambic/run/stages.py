@@ -78,7 +78,9 @@ def train_stage(
         train.loop(),
         accelerator=accelerator,
         teacher=teacher,
-        evaluate=stage_evaluator(context.config, accelerator.prepare(test_loader), context.info, accelerator),
+        evaluate=stage_evaluator(
+            context.config, accelerator.prepare(test_loader), context.test_set, context.info, accelerator
+        ),
         log=context.log,
         checkpoint_dir=folder / "checkpoints",
         stage=stage,

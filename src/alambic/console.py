@@ -1,0 +1,84 @@
+"""What the command line shows: the live progress bar of a run's stages and the table of its models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+class ProgressBar:
+    """A Rich progress bar per training stage, fed by the loop's ``progress`` callback."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[values]}"),
+            console=console,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, step: int, total: int, values: dict) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, values="")
+        shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
+        self.progress.update(self.tasks[stage], completed=step, values=shown)
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+
+def print_summary(summary: dict) -> None:
+    """The models side by side: accuracy, F1 (a language model: perplexity, next-token accuracy, KL to the
+    teacher, tokens/s), size, FLOPs, latency."""
+    table = Table(title=f"{summary.get('run_name', '')} on {summary.get('dataset', '')} (test split)")
+    batch_sizes = sorted(
+        {size for m in summary["models"].values() for size in m.get("latency_ms", {})}, key=int
+    )
+    language = summary.get("task") == "causal-lm"
+    quality = ("ppl", "next-token %", "KL(T||S)", "tok/s") if language else ("acc %", "F1")
+    columns = ("model", *quality, "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, m in summary["models"].items():
+        latency = m.get("latency_ms", {})
+        table.add_row(
+            name,
+            *(
+                language_cells(m)
+                if language
+                else (number_cell(m.get("accuracy"), ".2f", 100), number_cell(m.get("macro_f1"), ".4f"))
+            ),
+            f"{m['parameters']:,}",
+            f"{m['size_bytes'] / 1024:.1f}",
+            f"{m['flops'] / 1e6:.3g}",
+            *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
+        )
+    console.print(table)
+
+
+def number_cell(value: Any, spec: str, scale: float = 1.0) -> str:
+    """A table cell: the number formatted, or a dash when it is missing (a non-finite metric is null)."""
+    return format(value * scale, spec) if isinstance(value, int | float) else "—"
+
+
+def language_cells(m: dict) -> tuple[str, ...]:
+    speed = m.get("generation") or {}
+    return (
+        number_cell(m.get("perplexity"), ".3f"),
+        number_cell(m.get("next_token_accuracy"), ".2f", 100),
+        number_cell(m.get("kl_to_teacher"), ".4f"),
+        number_cell(speed.get("tokens_per_s"), ".0f"),
+    )
