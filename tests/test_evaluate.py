@@ -262,3 +262,36 @@ def test_evaluate_classifier_two_processes_drops_padding() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("OK") == 2, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_roc_auc_matches_sklearn_binary_and_macro_one_vs_rest(num_classes: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from alambic.core.evaluate import roc_auc
+
+    generator = torch.Generator().manual_seed(num_classes)
+    labels = torch.randint(0, num_classes, (200,), generator=generator)
+    logits = torch.randn(200, num_classes, generator=generator) + 1.5 * F.one_hot(labels, num_classes)
+    probabilities = logits.softmax(-1)
+    if num_classes == 2:
+        expected = roc_auc_score(labels.numpy(), probabilities[:, 1].numpy())
+    else:
+        expected = roc_auc_score(labels.numpy(), probabilities.numpy(), multi_class="ovr", average="macro")
+    # the same float64 arithmetic on the same ranks: equal up to summation order
+    assert roc_auc(probabilities, labels) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert 0.7 < expected < 1.0  # informative scores, so a swapped class or score would show
+
+
+def test_roc_auc_skips_classes_without_samples_and_needs_two_classes() -> None:
+    from alambic.core.evaluate import roc_auc
+
+    probabilities = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
+    labels = torch.tensor([0, 1, 0, 1])  # class 2 never occurs: averaged over classes 0 and 1
+    assert roc_auc(probabilities, labels) == pytest.approx(1.0)
+    assert roc_auc(probabilities, torch.zeros(4, dtype=torch.long)) is None
+
+
+def test_evaluate_classifier_reports_roc_auc() -> None:
+    metrics = evaluate_classifier(_identity_model(), [(INPUTS, LABELS)], num_classes=3)
+    assert metrics["roc_auc"] is not None and 0.0 <= metrics["roc_auc"] <= 1.0

@@ -159,6 +159,7 @@ def evaluate_classifier(
     all_predictions: list[Tensor] = []
     all_labels: list[Tensor] = []
     all_losses: list[Tensor] = []
+    all_probabilities: list[Tensor] = []
     with EvalMode(model), torch.inference_mode():
         for batch in loader:
             inputs, labels = split_batch(send_to_device(batch, target_device))
@@ -175,16 +176,48 @@ def evaluate_classifier(
             labels = labels.reshape(-1).long()  # [B]
             losses = F.cross_entropy(logits.float(), labels, reduction="none")  # [B]
             predictions = logits.argmax(dim=-1)  # [B]
+            probabilities = logits.float().softmax(dim=-1)  # [B, C]
             if accelerator is not None:
-                predictions, labels, losses = accelerator.gather_for_metrics((predictions, labels, losses))
+                predictions, labels, losses, probabilities = accelerator.gather_for_metrics(
+                    (predictions, labels, losses, probabilities)
+                )
             all_predictions.append(predictions.cpu())
             all_labels.append(labels.cpu())
             all_losses.append(losses.float().cpu())
+            all_probabilities.append(probabilities.cpu())
     if not all_labels:
         raise AlambicError("the evaluation loader yielded no batches; check the test split is not empty")
-    metrics = classification_metrics(torch.cat(all_predictions), torch.cat(all_labels), num_classes)
+    labels = torch.cat(all_labels)
+    metrics = classification_metrics(torch.cat(all_predictions), labels, num_classes)
     metrics["loss"] = float(torch.cat(all_losses).mean())
+    metrics["roc_auc"] = roc_auc(torch.cat(all_probabilities), labels)
     return metrics
+
+
+def roc_auc(probabilities: Tensor, labels: Tensor) -> float | None:
+    """Area under the ROC curve: of class 1's probability for two classes, else the macro average of
+    one-vs-rest AUCs (``sklearn.metrics.roc_auc_score(..., multi_class="ovr", average="macro")``) over
+    the classes that occur in ``labels`` (a class without samples has no AUC). None when fewer than two
+    classes occur.
+
+    Args:
+        probabilities: ``[N, C]`` predicted class probabilities.
+        labels: ``[N]`` true class indices.
+
+    Example:
+        >>> roc_auc(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]))
+        1.0
+    """
+    from sklearn.metrics import roc_auc_score  # here: importing sklearn.metrics takes seconds
+
+    labels = labels.reshape(-1).long().numpy()
+    scores = probabilities.double().numpy()  # [N, C]
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        return None
+    if scores.shape[1] == 2:
+        return float(roc_auc_score(labels == 1, scores[:, 1]))
+    return float(sum(roc_auc_score(labels == c, scores[:, c]) for c in present) / len(present))
 
 
 def count_parameters(model: nn.Module) -> int:
