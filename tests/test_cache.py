@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tolerance import close
 from torch import nn
 from typer.testing import CliRunner
@@ -172,6 +173,15 @@ def test_cache_teacher_cli_then_a_run_from_the_cache_and_a_stale_cache_is_one_li
     third = runner.invoke(app, ["run", digits, *stale, "--out", str(tmp_path / "stale")])
     assert third.exit_code == 2 and "other training data" in " ".join(third.output.split())
     assert "Traceback" not in third.output
+    # a cache written by another teacher: refused by the pre-flight, before anything trains or is written
+    weights_file = tmp_path / "run" / "teacher" / "model.safetensors"
+    other = {name: value + 1e-3 for name, value in load_file(str(weights_file)).items()}
+    save_file(other, str(tmp_path / "other-teacher.safetensors"))
+    changed = [*tiny, "--set", f"teacher.model.checkpoint={tmp_path / 'other-teacher.safetensors'}"]
+    changed += ["--set", f"distill.teacher_cache={tmp_path / 'cache'}"]
+    fourth = runner.invoke(app, ["run", digits, *changed, "--out", str(tmp_path / "other")])
+    assert fourth.exit_code == 2 and "written by another teacher" in " ".join(fourth.output.split())
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_bfloat16_teacher_copy_leaves_the_model_and_returns_float32():

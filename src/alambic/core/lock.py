@@ -51,8 +51,8 @@ def run_lock(run_dir: str | Path, accelerator: Any = None) -> Iterator[None]:
     created = not path.parent.exists()
     try:
         handle = _acquire(path, shown=Path(run_dir))
-    except RunLockedError as error:
-        _follow_main(accelerator, str(error))
+    except AlambicError as error:  # locked, or the folder cannot be written: every process stops with it
+        _follow_main(accelerator, error)
         raise
     _follow_main(accelerator, None)
     _held[path] = os.getpid()
@@ -102,12 +102,15 @@ def _acquire(path: Path, shown: Path):
     return handle
 
 
-def _follow_main(accelerator: Any, error: str | None) -> None:
-    """Under several processes: every process learns whether the main one got the lock."""
+def _follow_main(accelerator: Any, error: AlambicError | None) -> None:
+    """Under several processes: every process learns whether the main one got the lock, and stops with
+    the same one-line error when it did not."""
     if accelerator is None or accelerator.num_processes == 1:
         return
     from accelerate.utils import broadcast_object_list
 
-    message = broadcast_object_list([error])[0]
-    if message is not None and not accelerator.is_main_process:
-        raise RunLockedError(message)
+    sent = (isinstance(error, RunLockedError), str(error)) if error is not None else None
+    received = broadcast_object_list([sent])[0]
+    if received is not None and not accelerator.is_main_process:
+        locked, message = received
+        raise (RunLockedError if locked else AlambicError)(message)

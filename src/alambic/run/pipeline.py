@@ -41,7 +41,6 @@ from alambic.run.stages import (
     RunContext,
     distill_teacher,
     load_or_train,
-    stage_train_set,
 )
 from alambic.run.strategy_stages import run_strategy_stages
 
@@ -68,12 +67,7 @@ def run(
     accelerator = make_accelerator(config.precision)
     datasets = datasets or build_run_datasets(config)
     # every model built, every term tried on real data: nothing is written before this passes
-    preflight(
-        config,
-        *datasets,
-        stage_train_set,
-        teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file(),
-    )
+    preflight(config, *datasets, teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file())
     with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
         prepare_run_dir(
             config,
@@ -185,7 +179,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
             build_student,
             config.distill.terms,
             config.distill.train,
-            make_teacher=lambda: distill_teacher(context, models["teacher"]),
+            make_teacher=lambda: distill_teacher(config, models["teacher"], context.train_set),
         )
     return models
 

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 from torch import nn
 
 from alambic.config import RunConfig, Term, TrainConfig
 from alambic.core.batches import example_input, index_of, split_batch
-from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
 from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher
+from alambic.run.stages import distill_teacher, stage_train_set
 from alambic.strategies.ensemble import EnsembleModel
 from alambic.strategies.online import MutualDistiller, SelfDistiller
 
@@ -35,14 +34,12 @@ def preflight(
     train_set: Any,
     test_set: Any,
     info: Any,
-    stage_train_set,
     *,
     teacher_trained: bool = False,
 ) -> None:
     """Build every model of ``config`` and run every stage's terms on one real batch; raise a one-line
     :class:`~alambic.errors.ConfigError` for the first thing that would fail once training has begun.
 
-    ``stage_train_set(train_set, augment, mix, mix_alpha)`` gives the training set as a stage sees it;
     ``teacher_trained``: a resumed run directory holds the teacher its teacher stage trained.
     """
     _check_teacher_source(config, teacher_trained)
@@ -64,10 +61,12 @@ def preflight(
             module.build_modules(inputs, teacher, num_samples=len(dataset), sample_index=index_of(batch))
         module.check(inputs, labels, teacher, index_of(batch))
 
-    teacher = build(config.teacher.model, "teacher") if config.teacher is not None else None
+    derived = config.student.model.arch == "derive:teacher"
+    wanted = derived or bool({"teacher", "distill", "evaluate"} & set(stages)) or config.strategy is not None
+    teacher = build(config.teacher.model, "teacher") if config.teacher is not None and wanted else None
     if config.teacher is not None and config.teacher.train is not None and "teacher" in stages:
         probe(Distiller(teacher, config.teacher.terms), config.teacher.train, None)
-    if config.student.model.arch == "derive:teacher":
+    if derived:
         student = derive_from_teacher(teacher, config.student.model)
         check_num_classes(student, example, info.num_classes, "student")
     else:
@@ -77,9 +76,10 @@ def preflight(
     if config.strategy is not None:
         _strategy_preflight(config, student, teacher, build, probe, example)
     elif "distill" in stages and teacher is not None:
-        train = config.distill.train
-        cached_on = stage_train_set(train_set, train.augment, train.mix, train.mix_alpha)
-        probe(Distiller(student, config.distill.terms), train, _distill_teacher(config, teacher, cached_on))
+        # the teacher built here has the stage's weights when they come from its checkpoint (not trained here)
+        loaded = bool(config.teacher.model.checkpoint) and not teacher_trained
+        live_or_cached = distill_teacher(config, teacher, train_set, check_weights=loaded, preload=False)
+        probe(Distiller(student, config.distill.terms), config.distill.train, live_or_cached)
 
 
 def _check_teacher_source(config: RunConfig, teacher_trained: bool) -> None:
@@ -92,16 +92,6 @@ def _check_teacher_source(config: RunConfig, teacher_trained: bool) -> None:
         raise ConfigError(
             "distill and evaluate need a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
         )
-
-
-def _distill_teacher(config: RunConfig, model: nn.Module, dataset: Any) -> Any:
-    """The distill stage's teacher as the stage will make it: replayed from its cache (checked against
-    the training data it was written for), or live."""
-    distill = config.distill
-    if distill.teacher_cache:
-        return CachedTeacher(distill.teacher_cache, dataset=dataset, terms=distill.terms, preload=False)
-    dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
-    return Teacher(model, distill.terms, dtype=dtype)
 
 
 def _strategy_preflight(config: RunConfig, student, teacher, build, probe, example) -> None:

@@ -32,7 +32,17 @@ def stage_settings(config: dict, stage: str) -> dict:
     ``stage`` is ``teacher``, ``baseline`` or ``distill`` (which covers a strategy's own folders).
     """
     data = {key: value for key, value in config["data"].items() if key not in DATA_ACCESS}
-    common = {"seed": config["seed"], "precision": config["precision"], "data": data}
+    teacher_arch = ((config.get("teacher") or {}).get("model") or {}).get("arch") or ""
+    # the tokenizer the data is read with: data.tokenizer, else the hf: teacher's own (as the run resolves it)
+    tokenizer = data.get("tokenizer") or (
+        teacher_arch.removeprefix("hf:") if teacher_arch.startswith("hf:") else None
+    )
+    common = {
+        "seed": config["seed"],
+        "precision": config["precision"],
+        "task": config.get("task", "classification"),
+        "data": {**data, "tokenizer": tokenizer},
+    }
     strategy = config.get("strategy")
     teacher = {**common, "teacher": config.get("teacher")}
     if strategy is not None and strategy["kind"] == "ensemble":

@@ -159,15 +159,24 @@ def add_record(context: RunContext, file: str, stage: str, value: Any) -> None:
         atomic_write_text(path, dumps_json(records, indent=2))
 
 
-def distill_teacher(context: RunContext, model: nn.Module):
-    """The distill stage's teacher: live (in ``teacher_dtype``), or replayed from ``teacher_cache``."""
-    distill = context.config.distill
+def distill_teacher(
+    config: RunConfig,
+    model: nn.Module,
+    train_set: Any,
+    *,
+    check_weights: bool = True,
+    preload: bool | None = None,
+) -> Any:
+    """The distill stage's teacher: live (in ``teacher_dtype``), or replayed from ``teacher_cache``, which is
+    checked against the stage's training data and (``check_weights``) against ``model``'s weights."""
+    distill = config.distill
     if distill.teacher_cache:
         return CachedTeacher(
             distill.teacher_cache,
-            teacher=model,
-            dataset=stage_train_set(context.train_set, distill.train.augment),
+            teacher=model if check_weights else None,
+            dataset=stage_train_set(train_set, distill.train.augment),
             terms=distill.terms,
+            preload=preload,
         )
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
     return Teacher(model, distill.terms, dtype=dtype)
