@@ -13,7 +13,27 @@ from alambic.config import config_from_dict  # noqa: E402
 from alambic.errors import ConfigError  # noqa: E402
 from alambic.run.pipeline import run  # noqa: E402
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park", "while", "birds", "sang", "over", "green", "hills"]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "the",
+    "dog",
+    "ran",
+    "to",
+    "the",
+    "park",
+    "while",
+    "birds",
+    "sang",
+    "over",
+    "green",
+    "hills",
+]
 
 
 def _corpus(path):

@@ -180,15 +180,16 @@ def tune(
     debug: Debug = False,
 ) -> None:
     """Search temperature, loss weights, method and lr (and, with a budget, the student's size) with Optuna."""
-    result = tune_study(
-        load_config(config, set_ or []),
-        trials=trials,
-        study_dir=study,
-        methods=[method.strip() for method in methods.split(",") if method.strip()],
-        max_size_mb=max_size_mb,
-        max_latency_ms=max_latency_ms,
-        val_fraction=val_fraction,
-    )
+    with stop_on_sigterm():
+        result = tune_study(
+            load_config(config, set_ or []),
+            trials=trials,
+            study_dir=study,
+            methods=[method.strip() for method in methods.split(",") if method.strip()],
+            max_size_mb=max_size_mb,
+            max_latency_ms=max_latency_ms,
+            val_fraction=val_fraction,
+        )
     table = Table(title=f"alambic tune: {study}")
     for column in ("trial", "state", "val acc %", "method", "T", "ce", "w", "lr", "student / note"):
         table.add_column(
@@ -243,7 +244,9 @@ def eval_command(
 ) -> None:
     """Re-evaluate the saved models of a run (and rebuild its report), or one checkpoint."""
     if path.is_dir():
-        print_summary(evaluate_run(path, data_dir=data_dir))
+        with stop_on_sigterm():  # a stopped re-evaluation leaves the run's status as it was
+            summary = evaluate_run(path, data_dir=data_dir)
+        print_summary(summary)
         return
 
     if arch is None or dataset is None:
@@ -405,13 +408,14 @@ def compress(
     debug: Debug = False,
 ) -> None:
     """Prune, recover by distillation, quantize to int8 and export the student; measure every stage."""
-    summary = compress_run(
-        source,
-        overrides=set_ or [],
-        data_dir=data_dir,
-        run_dir=out,
-        progress=lambda line: console.print(line),
-    )
+    with stop_on_sigterm():
+        summary = compress_run(
+            source,
+            overrides=set_ or [],
+            data_dir=data_dir,
+            run_dir=out,
+            progress=lambda line: console.print(line),
+        )
     table = Table(
         title=f"{summary['run_name']}: compression stages ({summary['evaluated_samples']:,} test samples)"
     )

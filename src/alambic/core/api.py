@@ -163,6 +163,7 @@ def train_module(
         evaluate = lambda model: evaluate_classifier(  # noqa: E731
             model, prepared_eval, num_classes=num_classes, accelerator=accelerator
         )
+    run_dir = run_dir or None  # "" keeps nothing on disk, as None does
     # one writer per run directory (created here); a second one is refused in one line
     with run_lock(Path(run_dir), accelerator) if run_dir is not None else contextlib.nullcontext():
         if run_dir is not None:

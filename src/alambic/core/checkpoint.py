@@ -55,7 +55,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
                 handle.close()
                 os.unlink(handle.name)
                 raise
-        os.replace(handle.name, path)
+        try:
+            os.replace(handle.name, path)
+        except BaseException:  # a signal or an error between the write and the rename
+            Path(handle.name).unlink(missing_ok=True)
+            raise
         _fsync_dir(path.parent)
 
 

@@ -108,10 +108,23 @@ def fit(
     start_epoch, step = resume(checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage)
     model, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    calls = StepCalls.choose(accelerator, model, optimizer)
-    state = LoopState(model, unwrapped, teacher, loader, calls, scheduler, FiniteGuard(accelerator, stage),
-                      settings, accelerator, log, stage, progress, settings.epochs * steps_per_epoch,
-                      side_stream(settings, accelerator, teacher), step)  # fmt: skip
+    state = LoopState(
+        model=model,
+        unwrapped=unwrapped,
+        teacher=teacher,
+        loader=loader,
+        calls=StepCalls.choose(accelerator, model, optimizer),
+        scheduler=scheduler,
+        guard=FiniteGuard(accelerator, stage),
+        settings=settings,
+        accelerator=accelerator,
+        log=log,
+        stage=stage,
+        progress=progress,
+        total_steps=settings.epochs * steps_per_epoch,
+        side_stream=side_stream(settings, accelerator, teacher),
+        step=step,
+    )
     if start_epoch == 0:  # no checkpoint: one-line errors before step 0, on a real batch
         first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
         unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))

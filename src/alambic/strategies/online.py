@@ -261,6 +261,7 @@ def train_module(
     if seed is not None:
         set_seed(seed)
     accelerator = make_accelerator("no")
+    accelerator.gradient_accumulation_steps = settings.grad_accum
     return core_train_module(
         module,
         train_loader,
