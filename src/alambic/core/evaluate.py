@@ -215,6 +215,8 @@ def roc_auc(probabilities: Tensor, labels: Tensor) -> float | None:
     present = sorted(set(labels.tolist()))
     if len(present) < 2:
         return None
+    if not bool(torch.isfinite(probabilities).all()):  # a NaN input: the metric is not finite, and says so
+        return float("nan")
     if scores.shape[1] == 2:
         return float(roc_auc_score(labels == 1, scores[:, 1]))
     return float(sum(roc_auc_score(labels == c, scores[:, c]) for c in present) / len(present))
