@@ -40,6 +40,7 @@ from alambic.run.rundir import (
 from alambic.run.stages import (
     RunContext,
     distill_teacher,
+    language_model_distill_data,
     load_or_train,
     stage_train_set,
 )
@@ -186,6 +187,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
             config.distill.terms,
             config.distill.train,
             make_teacher=lambda: distill_teacher(context, models["teacher"]),
+            **language_model_distill_data(context, lambda: models["teacher"]),
         )
     return models
 
