@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, default_collate
 from alambic.core.cache import teacher_checksum
 from alambic.core.checkpoint import atomic_write_text
 from alambic.core.llm import IGNORE_INDEX, OnPolicyBatches, teacher_generations
+from alambic.errors import ConfigError
 from alambic.files import dumps_json, writing
 
 GENERATIONS_DIR = "teacher_generations"
@@ -146,9 +147,16 @@ def language_model_probe_set(config: Any, teacher: nn.Module, train_set: Any) ->
     if distill.sequence_kd is not None:
         settings = distill.sequence_kd
         prompts = prompts_of(train_set, 1, settings.prompt_tokens, config.seed)
-        rows = teacher_generations(
-            teacher, prompts, settings.new_tokens, top_k=settings.top_k, seed=config.seed
-        )
+        try:
+            rows = teacher_generations(
+                teacher, prompts, settings.new_tokens, top_k=settings.top_k, seed=config.seed
+            )
+        except (IndexError, RuntimeError) as error:  # positions past the model's context, mostly
+            length = settings.prompt_tokens + settings.new_tokens
+            raise ConfigError(
+                f"distill.sequence_kd: the teacher cannot generate {length} tokens (prompt_tokens + "
+                f"new_tokens): {str(error).splitlines()[0]}; fit them in its context"
+            ) from error
         return GeneratedRows(rows.ids, settings.prompt_tokens)
     if distill.on_policy is not None:
         return on_policy_data(train_set, distill.on_policy)
