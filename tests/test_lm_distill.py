@@ -168,6 +168,9 @@ def test_the_hugging_face_export_of_an_lm_run_reloads_with_its_tokenizer(trained
     with torch.no_grad():
         expected = original(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, **close(expected))
+    pytest.importorskip("onnxruntime")
+    onnx = export_run(run_dir, export_format="onnx")  # the logits of input_ids, checked in onnxruntime
+    assert onnx["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.slow
