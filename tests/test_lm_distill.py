@@ -168,7 +168,12 @@ def test_the_hugging_face_export_of_an_lm_run_reloads_with_its_tokenizer(trained
     with torch.no_grad():
         expected = original(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, **close(expected))
+
+
+@pytest.mark.slow  # torch.onnx.export takes seconds even for a tiny GPT-2
+def test_the_onnx_export_of_an_lm_run_gives_its_logits(trained, tmp_path):
     pytest.importorskip("onnxruntime")
+    run_dir = run(_distill_config(trained), run_dir=tmp_path / "run")
     onnx = export_run(run_dir, export_format="onnx")  # the logits of input_ids, checked in onnxruntime
     assert onnx["max_abs_diff"] < 1e-4
 
