@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from alambic.compress.parity import check_finite, reference_outputs
 from alambic.core.batches import logits_of
 from alambic.data.text import load_tokenizer
+from alambic.data.tokenizers import TOKENIZER_FILE
 from alambic.errors import AlambicError
 from alambic.files import dumps_json
 from alambic.models.surgery import is_head_pruned, load_head_pruned
@@ -126,7 +127,8 @@ def save_hf_folder(
 ) -> Path:
     """Write ``model`` with ``save_pretrained`` (safetensors) and its tokenizer into ``folder``, staged.
 
-    ``tokenizer``: a tokenizer object, a folder or hub id to load it from, or None. The folder is
+    ``tokenizer``: a tokenizer object, a folder or hub id to load it from, a folder holding alambic's
+    ``alambic-tokenizer.json`` (copied in), or None. The folder is
     written aside and renamed into place, so a failure leaves no half-written export.
 
     Example:
@@ -137,7 +139,11 @@ def save_hf_folder(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
+        if isinstance(tokenizer, str | Path) and (Path(tokenizer) / TOKENIZER_FILE).is_file():
+            # alambic's byte / character tokenizer (a language-model run's): its spec, read by
+            # alambic.data.load_tokenizer(folder); transformers has no class for it
+            shutil.copy2(Path(tokenizer) / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        elif tokenizer is not None:
             if isinstance(tokenizer, str | Path):
                 tokenizer = load_tokenizer(str(tokenizer))
             tokenizer.save_pretrained(staging)

@@ -79,6 +79,38 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _language_model_distillation(self) -> RunConfig:
+        sequence_kd, on_policy = self.distill.sequence_kd, self.distill.on_policy
+        for key, value in (("sequence_kd", sequence_kd), ("on_policy", on_policy)):
+            if value is not None and self.task != "causal-lm":
+                raise ValueError(f"distill.{key} distills language models: set task: causal-lm or remove it")
+            if value is not None and (self.strategy is not None or self.distill.teacher_cache):
+                raise ValueError(
+                    f"distill.{key} needs the live teacher of plain KD: remove "
+                    f"{'strategy' if self.strategy is not None else 'distill.teacher_cache'} or {key}"
+                )
+        if sequence_kd is not None and on_policy is not None:
+            raise ValueError("distill.sequence_kd and distill.on_policy are two recipes: keep one of them")
+        if sequence_kd is not None and sequence_kd.prompt_tokens > self.data.block_size:
+            raise ValueError(
+                f"distill.sequence_kd.prompt_tokens {sequence_kd.prompt_tokens} exceeds data.block_size "
+                f"{self.data.block_size}: prompts are the first tokens of training windows"
+            )
+        if on_policy is not None:
+            if on_policy.prompt_tokens is not None and on_policy.prompt_tokens >= self.data.block_size:
+                raise ValueError(
+                    f"distill.on_policy.prompt_tokens {on_policy.prompt_tokens} leaves nothing to sample in "
+                    f"windows of data.block_size {self.data.block_size}: make it smaller"
+                )
+            specs = [get_loss_spec(term.loss) for term in self.distill.terms]
+            if not any(spec.inputs == "tokens" and spec.needs_teacher for spec in specs):
+                raise ValueError(
+                    "distill.on_policy: the teacher scores the student's samples through a token divergence; "
+                    "add one to distill.terms (forward_kl, reverse_kl, jsd, ...)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _stage_augmentation(self) -> RunConfig:
         trains = [self.teacher.train if self.teacher else None, self.baseline.train, self.distill.train]
         trains += [getattr(self.strategy, "train", None)]

@@ -66,6 +66,32 @@ class BaselineConfig(StrictModel):
         return terms
 
 
+class SequenceKDConfig(StrictModel):
+    """Sequence-level KD (Kim & Rush 2016): the distilled student trains on the teacher's generations.
+
+    Prompts are the first ``prompt_tokens`` tokens of ``samples`` training windows (a seeded draw; a
+    window is drawn again when ``samples`` exceeds their number); the teacher continues each by
+    ``new_tokens`` tokens, written once to ``RUN/teacher_generations/`` and reused on resume."""
+
+    samples: int = Field(256, ge=1)
+    prompt_tokens: int = Field(8, ge=1)
+    new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)  # 1: greedy decoding (Kim & Rush's beam of one)
+    batch_size: int = Field(64, ge=1)  # prompts continued at once
+
+
+class OnPolicyConfig(StrictModel):
+    """On-policy KD (GKD, Agarwal et al. 2024): with probability ``mix`` (GKD's lambda) a batch's
+    completions are the student's own samples, scored by the live teacher through the token terms."""
+
+    mix: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    # text windows: the first prompt_tokens tokens are the prompt, the rest of the window (block_size -
+    # prompt_tokens tokens) is sampled; null: the data's own prompts (jsonl prompt / completion rows)
+    prompt_tokens: int | None = Field(None, ge=1)
+
+
 class DistillConfig(StrictModel):
     terms: list[Term] = Field(
         default_factory=lambda: [
@@ -79,6 +105,8 @@ class DistillConfig(StrictModel):
     teacher_dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
     # a folder written by `alambic cache-teacher`: the teacher's stored outputs replace its forward pass
     teacher_cache: str | None = None
+    sequence_kd: SequenceKDConfig | None = None  # task causal-lm: train on the teacher's generations
+    on_policy: OnPolicyConfig | None = None  # task causal-lm: train on the student's own samples (GKD)
 
 
 class EvaluateConfig(StrictModel):

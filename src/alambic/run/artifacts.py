@@ -89,6 +89,8 @@ def load_run_model(
         train_set, test_set, info = build_run_datasets(config, data_dir=data_dir, augment=False, subset=False)
         built = build_run_architecture(config, model, info)
         tokenizer = run_tokenizer(config)
+        if config.task == "causal-lm" and (source / "tokenizer").is_dir():
+            tokenizer = str(source / "tokenizer")  # the run's own (a character set is built from its text)
     elif source.is_file():
         if arch is None or dataset is None:
             raise AlambicError(

@@ -40,6 +40,7 @@ from alambic.run.rundir import (
 from alambic.run.stages import (
     RunContext,
     distill_teacher,
+    language_model_distill_data,
     load_or_train,
 )
 from alambic.run.strategy_stages import run_strategy_stages
@@ -180,6 +181,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
             config.distill.terms,
             config.distill.train,
             make_teacher=lambda: distill_teacher(config, models["teacher"], context.train_set),
+            **language_model_distill_data(context, lambda: models["teacher"]),
         )
     return models
 

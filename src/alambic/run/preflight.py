@@ -22,6 +22,7 @@ from alambic.core.distiller import Distiller, Teacher
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
 from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher
+from alambic.run.lm_distill import language_model_probe_set, on_policy_loader
 from alambic.run.stages import distill_teacher, stage_train_set
 from alambic.strategies.ensemble import EnsembleModel
 from alambic.strategies.online import MutualDistiller, SelfDistiller
@@ -52,10 +53,15 @@ def preflight(
         check_num_classes(model, example, info.num_classes, side)
         return model
 
-    def probe(module: nn.Module, terms_train: TrainConfig, teacher: Any) -> None:
-        dataset = stage_train_set(train_set, terms_train.augment, terms_train.mix, terms_train.mix_alpha)
+    def probe(
+        module: nn.Module, terms_train: TrainConfig, teacher: Any, data: Any = None, on_policy=None
+    ) -> None:
+        data = train_set if data is None else data
+        dataset = stage_train_set(data, terms_train.augment, terms_train.mix, terms_train.mix_alpha)
         loader = make_loader(dataset, batch_size=min(terms_train.batch_size, PROBE_BATCH), shuffle=False)
         batch = next(iter(loader))
+        if on_policy is not None:  # the student's samples, as the stage will make them
+            batch = on_policy_loader([batch], module.student, on_policy, config.seed).on_policy(batch)
         inputs, labels = split_batch(batch)
         if teacher is not None and module.needs_probe:
             module.build_modules(inputs, teacher, num_samples=len(dataset), sample_index=index_of(batch))
@@ -79,7 +85,13 @@ def preflight(
         # the teacher built here has the stage's weights when they come from its checkpoint (not trained here)
         loaded = bool(config.teacher.model.checkpoint) and not teacher_trained
         live_or_cached = distill_teacher(config, teacher, train_set, check_weights=loaded, preload=False)
-        probe(Distiller(student, config.distill.terms), config.distill.train, live_or_cached)
+        probe(
+            Distiller(student, config.distill.terms),
+            config.distill.train,
+            live_or_cached,
+            data=language_model_probe_set(config, teacher, train_set),
+            on_policy=config.distill.on_policy,
+        )
 
 
 def _check_teacher_source(config: RunConfig, teacher_trained: bool) -> None:

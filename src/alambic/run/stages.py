@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from alambic.data.loaders import make_loader
 from alambic.data.mixing import MixedDataset
 from alambic.files import dumps_json
 from alambic.run.evaluation import stage_evaluator
+from alambic.run.lm_distill import on_policy_data, on_policy_loader, sequence_kd_set
 
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
 
@@ -56,21 +58,29 @@ def train_stage(
     train: TrainConfig,
     teacher: Teacher | None,
     module: nn.Module | None = None,
+    train_set: Any = None,
+    wrap_loader: Callable[[Any, nn.Module], Any] | None = None,
 ) -> nn.Module:
     """Train ``model`` with ``terms`` (resuming from its checkpoints) and save it as ``model.safetensors``.
 
     ``module``: a trainable module of its own (a strategy's, with the Distiller interface) instead of
-    ``Distiller(model, terms)``."""
+    ``Distiller(model, terms)``. ``train_set``: data of its own instead of the run's training set (the
+    teacher's generations); ``wrap_loader(prepared_loader, model)``: the loader as the stage wants it
+    (on-policy batches)."""
     accelerator = context.accelerator
     folder = context.run_dir / MODEL_DIRS.get(stage, stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     loader = make_loader(
-        stage_train_set(context.train_set, train.augment, train.mix, train.mix_alpha),
+        stage_train_set(
+            context.train_set if train_set is None else train_set, train.augment, train.mix, train.mix_alpha
+        ),
         batch_size=train.batch_size,
         shuffle=True,
         seed=context.config.seed,
         num_workers=context.config.data.num_workers,
     )
+    if wrap_loader is not None:  # around the prepared loader, so that each process keeps its shard
+        loader = wrap_loader(accelerator.prepare(loader), model)
     test_loader = make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
     student = train_module(
         module if module is not None else Distiller(model, terms),
@@ -106,12 +116,21 @@ def stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix
 
 
 def load_or_train(
-    context: RunContext, stage: str, build, terms, train: TrainConfig, teacher=None, make_teacher=None
+    context: RunContext,
+    stage: str,
+    build,
+    terms,
+    train: TrainConfig,
+    teacher=None,
+    make_teacher=None,
+    make_train_set=None,
+    wrap_loader=None,
 ) -> nn.Module:
     """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains.
 
     ``make_teacher()`` builds the teacher only when the stage trains (a finished run re-evaluated
-    without its teacher cache folder still works).
+    without its teacher cache folder still works); so does ``make_train_set()`` (the teacher's
+    generations). ``wrap_loader``: see :func:`train_stage`.
     """
     set_seed(context.config.seed)
     model = build()
@@ -122,9 +141,12 @@ def load_or_train(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    train_set = make_train_set() if make_train_set is not None else None  # before the teacher is cast
     if make_teacher is not None:
         teacher = make_teacher()
-    model = train_stage(context, stage, model, terms, train, teacher)
+    model = train_stage(
+        context, stage, model, terms, train, teacher, train_set=train_set, wrap_loader=wrap_loader
+    )
     add_timing(context, stage, time.perf_counter() - started)
     add_record(context, "peak_memory.json", stage, peak_memory())
     return model
@@ -180,3 +202,27 @@ def distill_teacher(
         )
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
     return Teacher(model, distill.terms, dtype=dtype)
+
+
+def language_model_distill_data(context: RunContext, teacher: Callable[[], nn.Module]) -> dict[str, Any]:
+    """``make_train_set`` and ``wrap_loader`` of the distill stage for ``distill.sequence_kd`` (the
+    teacher's generations) or ``distill.on_policy`` (the student's samples); empty for plain KD."""
+    config = context.config
+    sequence_kd, on_policy = config.distill.sequence_kd, config.distill.on_policy
+    if sequence_kd is not None:
+        return {
+            "make_train_set": lambda: sequence_kd_set(
+                context.run_dir,
+                sequence_kd,
+                teacher(),
+                context.train_set,
+                seed=config.seed,
+                accelerator=context.accelerator,
+            )
+        }
+    if on_policy is not None:
+        return {
+            "make_train_set": lambda: on_policy_data(context.train_set, on_policy),
+            "wrap_loader": lambda loader, student: on_policy_loader(loader, student, on_policy, config.seed),
+        }
+    return {}
