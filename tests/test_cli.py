@@ -225,3 +225,15 @@ def test_inspect_lists_modules_with_output_shapes():
     assert "layer2" in result.output and "1x32x16x16" in result.output and "1x64x8x8" in result.output
     _one_line_error(_run("inspect", "resnet20", "--input-shape", "a,b"), "--input-shape takes sizes")
     _one_line_error(_run("inspect", "resnt20"), "did you mean")
+
+
+def test_version_and_one_loss_described():
+    from alambic import __version__
+
+    version = _run("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"alambic {__version__}"
+    described = _run("losses", "kd")
+    text = " ".join(described.output.split())
+    assert described.exit_code == 0, described.output
+    assert "temperature = 4.0" in text and "needs: a teacher" in text and "Hinton" in text
+    _one_line_error(_run("losses", "kdd"), "did you mean")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect as pyinspect
 import json
 import signal
 import sys
@@ -18,12 +19,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from alambic import __version__
 from alambic.config import ModelConfig, load_config
 from alambic.console import ProgressBar, console, print_summary
 from alambic.core.cache import cache_size_bytes
 from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
-from alambic.losses import list_losses
+from alambic.losses import get_loss_spec, list_losses
 from alambic.models.hf import derive_to_folder
 from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.building import build_named_model
@@ -34,6 +36,24 @@ from alambic.run.teacher_cache import cache_teacher_outputs
 from alambic.run.tune import tune as tune_study
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for PyTorch.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"alambic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Knowledge distillation for PyTorch."""
+
+
 error_console = Console(stderr=True)
 DEMO_DATASETS = ("digits", "mnist", "fashion-mnist")
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
@@ -219,8 +239,27 @@ def tune(
 
 @app.command()
 @user_errors
-def losses(debug: Debug = False) -> None:
-    """List every registered loss with a one-line description and its paper."""
+def losses(
+    name: Annotated[
+        str | None, typer.Argument(help="a loss: its parameters, formula, inputs and paper")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """List every registered loss with a one-line description and its paper, or show one loss whole."""
+    if name is not None:
+        spec = get_loss_spec(name)  # an unknown name: one line with the close matches
+        console.print(f"[bold]{escape(spec.name)}[/]: {escape(spec.description)}")
+        console.print(f"compares: {spec.inputs}; paper: {escape(spec.paper)}")
+        needs = [word for word, flag in (("a teacher", spec.needs_teacher), ("labels", spec.needs_labels),
+                                          ("sample indices", spec.needs_index)) if flag]  # fmt: skip
+        console.print(f"needs: {', '.join(needs) or 'nothing beyond the student'}")
+        if spec.hyper_parameters:
+            shown = ", ".join(f"{key} = {value!r}" for key, value in spec.hyper_parameters.items())
+            console.print(f"parameters (defaults): {escape(shown)}")
+        else:
+            console.print("parameters: none")
+        console.print(escape(pyinspect.getdoc(spec.fn) or ""), highlight=False)
+        return
     table = Table(title="registered losses")
     for column in ("name", "compares", "description", "paper"):
         table.add_column(column, overflow="fold")
