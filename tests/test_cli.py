@@ -237,3 +237,13 @@ def test_version_and_one_loss_described():
     assert described.exit_code == 0, described.output
     assert "temperature = 4.0" in text and "needs: a teacher" in text and "Hinton" in text
     _one_line_error(_run("losses", "kdd"), "did you mean")
+
+
+def test_a_packaged_recipe_runs_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    listed = _run("recipes")
+    assert listed.exit_code == 0 and "digits" in listed.output and "mnist-hinton" in listed.output
+    result = _run("run", "digits", *TINY, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "summary.json").is_file()
+    _one_line_error(_run("run", "no-such-recipe"), "alambic recipes")

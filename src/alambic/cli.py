@@ -172,8 +172,47 @@ def run_command(
     out: Annotated[Path | None, typer.Option(help="run directory (default: output_dir/name)")] = None,
     debug: Debug = False,
 ) -> None:
-    """Run the stages of a YAML config: teacher, baseline, distill, evaluate, report."""
-    _run_and_report(load_config(config, set_ or []), resume or out, resume is not None)
+    """Run the stages of a YAML config (or a packaged recipe by name: digits, mnist-hinton, ...)."""
+    _run_and_report(load_config(recipe_path(config), set_ or []), resume or out, resume is not None)
+
+
+def packaged_recipes() -> Path:
+    """The folder of the recipes that ship with alambic."""
+    return Path(str(resources.files("alambic") / "recipes"))
+
+
+def recipe_path(config: Path) -> Path:
+    """``config`` when it is a file, else the packaged recipe of that name (``digits``,
+    ``strategies/mutual``); a name that is neither is left to the loader's one-line error."""
+    if config.exists() or config.suffix:
+        return config
+    packaged = packaged_recipes() / f"{config}.yaml"
+    return packaged if packaged.is_file() else config
+
+
+def recipe_purpose(path: Path) -> str:
+    """A recipe's one-line purpose: the first line of its header comment after the command."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("# ").strip()
+        if text and not text.startswith("alambic "):
+            return text
+    return ""
+
+
+@app.command()
+@user_errors
+def recipes(debug: Debug = False) -> None:
+    """List the packaged recipes (run one from any folder: alambic run NAME) with their purpose."""
+    table = Table(title="packaged recipes: alambic run NAME")
+    for column in ("name", "purpose"):
+        table.add_column(column, overflow="fold")
+    folder = packaged_recipes()
+    for path in sorted(folder.rglob("*.yaml")):
+        if "data" not in path.relative_to(folder).parts:
+            table.add_row(str(path.relative_to(folder).with_suffix("")), recipe_purpose(path))
+    console.print(table)
 
 
 @app.command()
