@@ -247,3 +247,16 @@ def test_a_packaged_recipe_runs_by_name_from_any_folder(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "summary.json").is_file()
     _one_line_error(_run("run", "no-such-recipe"), "alambic recipes")
+
+
+def test_eval_of_a_checkpoint_takes_the_model_kwargs(tmp_path):
+    result = _run("run", DIGITS, *TINY, "--set", "stages=[teacher, baseline]", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "run" / "baseline" / "model.safetensors"  # a 64-32-10 MLP, not the zoo default
+    evaluated = _run("eval", weights, "--arch", "mlp", "--dataset", "digits", "--kwargs", "{hidden: [32]}")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "checkpoint" in evaluated.output
+    _one_line_error(_run("eval", weights, "--arch", "mlp", "--dataset", "digits"), "does not fit")
+    _one_line_error(
+        _run("eval", weights, "--arch", "mlp", "--dataset", "digits", "--kwargs", "[1]"), "YAML mapping"
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -176,6 +177,17 @@ def run_command(
     _run_and_report(load_config(recipe_path(config), set_ or []), resume or out, resume is not None)
 
 
+def yaml_mapping(text: str, option: str) -> dict:
+    """An option's YAML mapping (``'{hidden: [64]}'``), or a one-line error."""
+    try:
+        value = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise AlambicError(f"{option} must be a YAML mapping like '{{hidden: [64]}}', got {text!r}")
+    return value
+
+
 def packaged_recipes() -> Path:
     """The folder of the recipes that ship with alambic."""
     return Path(str(resources.files("alambic") / "recipes"))
@@ -318,6 +330,9 @@ def eval_command(
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="data set to evaluate a checkpoint on")] = None,
     data_dir: Annotated[str | None, typer.Option(help="data folder")] = None,
+    kwargs: Annotated[
+        str, typer.Option(help="a checkpoint's model arguments as YAML, e.g. '{hidden: [64]}'")
+    ] = "{}",
     debug: Debug = False,
 ) -> None:
     """Re-evaluate the saved models of a run (and rebuild its report), or one checkpoint."""
@@ -331,7 +346,10 @@ def eval_command(
         raise AlambicError(
             f"{path} is not a run directory; to evaluate a checkpoint give --arch and --dataset"
         )
-    print_summary(evaluate_checkpoint(path, arch=arch, dataset=dataset, data_dir=data_dir))
+    model_kwargs = yaml_mapping(kwargs, "--kwargs")
+    print_summary(
+        evaluate_checkpoint(path, arch=arch, dataset=dataset, data_dir=data_dir, kwargs=model_kwargs)
+    )
 
 
 @app.command()
@@ -355,17 +373,12 @@ def inspect(
 ) -> None:
     """Print a model's modules with their output shapes: the names terms can compare."""
     import torch
-    import yaml
 
     try:
         shape = tuple(int(size) for size in input_shape.split(","))
-        model_kwargs = yaml.safe_load(kwargs) or {}
-    except (ValueError, yaml.YAMLError):
-        raise AlambicError(
-            f"--input-shape takes sizes like 3,32,32 and --kwargs a YAML mapping; got {input_shape!r}, {kwargs!r}"
-        ) from None
-    if not isinstance(model_kwargs, dict):
-        raise AlambicError(f"--kwargs must be a YAML mapping like '{{hidden: [64]}}', got {kwargs!r}")
+    except ValueError:
+        raise AlambicError(f"--input-shape takes sizes like 3,32,32, got {input_shape!r}") from None
+    model_kwargs = yaml_mapping(kwargs, "--kwargs")
     from types import SimpleNamespace
 
     model = build_named_model(

@@ -76,7 +76,9 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfi
 
 def _read_mapping(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (`alambic recipes` lists the packaged recipes, run by name)")
+        raise ConfigError(
+            f"config file {path} does not exist (`alambic recipes` lists the packaged recipes, run by name)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as error:
