@@ -97,6 +97,8 @@ def test_the_teacher_table_is_copied_when_the_widths_match_and_refused_when_narr
         init_from_teacher_embeddings(_student("kim_cnn", embedding_dim=32), teacher)
     with pytest.raises(ConfigError, match="does not cover the student's 60 token ids"):
         init_from_teacher_embeddings(_student("kim_cnn", vocab_size=60), teacher)
+    with pytest.raises(ConfigError, match="MLP has no embedding table"):
+        init_from_teacher_embeddings(build_model("mlp", num_classes=2, input_shape=(12,)), teacher)
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,11 @@ def init_from_teacher_embeddings(student: nn.Module, teacher_embeddings: Tensor)
     Example:
         >>> init_from_teacher_embeddings(student, teacher.get_input_embeddings().weight)  # doctest: +SKIP
     """
+    if not callable(getattr(student, "get_input_embeddings", None)):
+        raise ConfigError(
+            f"{type(student).__name__} has no embedding table to initialise (get_input_embeddings); "
+            "remove init_embeddings or use a text student (bilstm, kim_cnn, hf-config)"
+        )
     table = student.get_input_embeddings().weight  # [V, E]
     vocab_size, width = table.shape
     if teacher_embeddings.dim() != 2 or teacher_embeddings.shape[0] < vocab_size:
