@@ -225,11 +225,11 @@ def build_datasets(
     elif name == "digits":
         train, test, info = _build_digits(test_fraction=test_fraction, seed=seed)
     elif name in TEXT_DATASETS:
-        train, test, class_names = build_text_datasets(
+        train, test, class_names, vocab_size = build_text_datasets(
             name, _resolve_data_dir(name, data_dir), tokenizer=tokenizer, max_length=max_length
         )
         shape = (train.columns["input_ids"].shape[1],)
-        info = DatasetInfo(name, len(class_names), shape, class_names, None, None)
+        info = DatasetInfo(name, len(class_names), shape, class_names, None, None, vocab_size)
     else:
         train, test, info = _build_images(
             name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize

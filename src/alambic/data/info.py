@@ -17,6 +17,8 @@ class DatasetInfo:
         class_names: Human-readable class names, ``num_classes`` of them.
         mean: Per-channel mean subtracted from inputs in [0, 1], or None when not normalised.
         std: Per-channel std the inputs are divided by, or None when not normalised.
+        vocab_size: For tokenized text sets: the tokenizer's vocabulary size (``len(tokenizer)``), the
+            default ``vocab_size`` of the zoo's text models; None otherwise.
     """
 
     name: str
@@ -25,6 +27,7 @@ class DatasetInfo:
     class_names: list[str]
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    vocab_size: int | None = None
 
 
 @dataclass

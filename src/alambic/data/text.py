@@ -82,8 +82,8 @@ def tokenize(tokenizer, sentences: list[str], labels: list[int], *, max_length: 
 
 def build_text_datasets(
     name: str, data_dir: Path, *, tokenizer: str | None, max_length: int
-) -> tuple[TokenizedDataset, TokenizedDataset, list[str]]:
-    """Train and test sets of a named text data set, and its class names."""
+) -> tuple[TokenizedDataset, TokenizedDataset, list[str], int]:
+    """Train and test sets of a named text data set, its class names and the tokenizer's vocabulary size."""
     if tokenizer is None:
         raise ConfigError(
             f"dataset {name!r} needs a tokenizer: set data.tokenizer (a folder or hub id), or use a "
@@ -93,4 +93,4 @@ def build_text_datasets(
     loaded = load_tokenizer(tokenizer)
     train = tokenize(loaded, *read_labelled_tsv(data_dir / train_file), max_length=max_length)
     test = tokenize(loaded, *read_labelled_tsv(data_dir / test_file), max_length=max_length)
-    return train, test, class_names
+    return train, test, class_names, len(loaded)

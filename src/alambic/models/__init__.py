@@ -8,14 +8,18 @@ Example:
 
 from alambic.models.cifar_resnet import CifarResNet, WideCifarResNet
 from alambic.models.loading import load_weights
-from alambic.models.zoo import build_factory_model, build_model, list_models, register_model
+from alambic.models.text import init_from_teacher_embeddings, teacher_embedding_table
+from alambic.models.zoo import build_factory_model, build_model, list_models, model_options, register_model
 
 __all__ = [
     "CifarResNet",
     "WideCifarResNet",
     "build_factory_model",
     "build_model",
+    "init_from_teacher_embeddings",
     "list_models",
     "load_weights",
+    "model_options",
     "register_model",
+    "teacher_embedding_table",
 ]

@@ -82,18 +82,25 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
         raise ConfigError(
             f"input_shape must be a tuple of positive integers such as (3, 32, 32), got {input_shape!r}"
         )
-    builder = _MODEL_BUILDERS[name]
-    options = [
-        parameter.name
-        for parameter in inspect.signature(builder).parameters.values()
-        if parameter.name not in ("num_classes", "input_shape")
-    ]
+    options = model_options(name)
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise ConfigError(
             f"model {name!r} got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(options) or 'none'}"
         )
-    return builder(num_classes=num_classes, input_shape=input_shape, **kwargs)
+    return _MODEL_BUILDERS[name](num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+
+def model_options(name: str) -> list[str]:
+    """The options a zoo model's builder takes besides ``num_classes`` and ``input_shape`` ([] when unknown)."""
+    builder = _MODEL_BUILDERS.get(name)
+    if builder is None:
+        return []
+    return [
+        parameter.name
+        for parameter in inspect.signature(builder).parameters.values()
+        if parameter.name not in ("num_classes", "input_shape")
+    ]
 
 
 def build_factory_model(spec: str, kwargs: dict) -> nn.Module:

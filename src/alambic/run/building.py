@@ -18,18 +18,35 @@ from alambic.core.batches import call_model, logits_of
 from alambic.data import build_datasets
 from alambic.data.datasets import take_train_subset
 from alambic.errors import AlambicError, ConfigError
-from alambic.models import build_factory_model, build_model, load_weights
+from alambic.models import (
+    build_factory_model,
+    build_model,
+    init_from_teacher_embeddings,
+    load_weights,
+    model_options,
+    teacher_embedding_table,
+)
 from alambic.models.hf import build_hf_model, derive_student, load_hf_model
 from alambic.models.llama2c import load_llama2c
 
 
-def build_named_model(model_config, info, side: str = "model", task: str = "classification") -> nn.Module:
+def build_named_model(
+    model_config, info, side: str = "model", task: str = "classification", teacher: nn.Module | None = None
+) -> nn.Module:
     """Build a model from its config and load its checkpoint when one is given.
 
     ``task`` (the run's) picks a Hugging Face model's head: a classifier of ``info.num_classes`` labels,
     or a causal language model over a vocabulary of ``info.num_classes`` tokens. A constructor that rejects its kwargs (``dropout: 2``, a wrong type) becomes a one-line
     :class:`ConfigError` naming ``side`` (``teacher``, ``student``, ...), the architecture and the kwargs.
+
+    ``kwargs.init_embeddings: teacher`` fills the model's embedding table from ``teacher``'s, projected by
+    PCA (:func:`alambic.models.init_from_teacher_embeddings`); without a ``teacher`` (a trained model's
+    architecture rebuilt, whose weights then replace it) it is skipped.
     """
+    init_embeddings = wants_teacher_embeddings(model_config, side)
+    if init_embeddings:
+        kwargs = {key: value for key, value in model_config.kwargs.items() if key != "init_embeddings"}
+        model_config = model_config.model_copy(update={"kwargs": kwargs})
     try:
         model = _construct(model_config, info, task)
     except AlambicError:
@@ -40,9 +57,23 @@ def build_named_model(model_config, info, side: str = "model", task: str = "clas
             f"{side}.model: {model_config.arch} cannot be built with kwargs {dict(model_config.kwargs)}: "
             f"{message}; fix {side}.model.kwargs"
         ) from error
+    if init_embeddings and teacher is not None:
+        init_from_teacher_embeddings(model, teacher_embedding_table(teacher))
     if model_config.checkpoint:
         load_weights(model, model_config.checkpoint)
     return model
+
+
+def wants_teacher_embeddings(model_config, side: str = "student") -> bool:
+    """Whether a model config asks for the teacher's embeddings (``kwargs.init_embeddings: teacher``)."""
+    value = model_config.kwargs.get("init_embeddings")
+    if value is None:
+        return False
+    if value != "teacher":
+        raise ConfigError(
+            f"{side}.model.kwargs.init_embeddings must be 'teacher', got {value!r}; fix or remove it"
+        )
+    return True
 
 
 def _construct(model_config, info, task: str) -> nn.Module:
@@ -72,6 +103,8 @@ def _construct(model_config, info, task: str) -> nn.Module:
     if ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
         return build_factory_model(model_config.arch, dict(model_config.kwargs))
     kwargs = {"num_classes": info.num_classes, **model_config.kwargs}  # kwargs may override the class count
+    if getattr(info, "vocab_size", None) and "vocab_size" in model_options(model_config.arch):
+        kwargs.setdefault("vocab_size", info.vocab_size)  # a text model over the data's tokenizer ids
     return build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
 
 

@@ -26,7 +26,13 @@ from alambic.core.optim import make_accelerator
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json, finite_json, writing
-from alambic.run.building import build_named_model, build_run_datasets, check_num_classes, derive_from_teacher
+from alambic.run.building import (
+    build_named_model,
+    build_run_datasets,
+    check_num_classes,
+    derive_from_teacher,
+    wants_teacher_embeddings,
+)
 from alambic.run.evaluation import summary_metrics
 from alambic.run.preflight import preflight
 from alambic.run.report import write_report
@@ -149,12 +155,15 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
         if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
             model = derive_from_teacher(models["teacher"], config.student.model)
         else:
-            model = build_named_model(config.student.model, info, "student", config.task)
+            model = build_named_model(
+                config.student.model, info, "student", config.task, teacher=models.get("teacher")
+            )
         check_num_classes(model, example, info.num_classes, "student")
         return model
 
     derived = config.student.model.arch == "derive:teacher"
-    needs_teacher = derived or "teacher" in stages or "distill" in stages or "evaluate" in stages
+    from_teacher = derived or wants_teacher_embeddings(config.student.model)  # built from the teacher
+    needs_teacher = from_teacher or "teacher" in stages or "distill" in stages or "evaluate" in stages
     if needs_teacher:
         teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
         if config.teacher.model.checkpoint and not teacher_trained:

@@ -21,7 +21,12 @@ from alambic.core.batches import example_input, index_of, split_batch
 from alambic.core.distiller import Distiller, Teacher
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
-from alambic.run.building import build_named_model, check_num_classes, derive_from_teacher
+from alambic.run.building import (
+    build_named_model,
+    check_num_classes,
+    derive_from_teacher,
+    wants_teacher_embeddings,
+)
 from alambic.run.lm_distill import language_model_probe_set, on_policy_loader
 from alambic.run.stages import distill_teacher, stage_train_set
 from alambic.strategies.ensemble import EnsembleModel
@@ -48,8 +53,8 @@ def preflight(
     example = example_input(test_set)
     stages = config.stages
 
-    def build(model_config, side: str) -> nn.Module:
-        model = build_named_model(model_config, info, side, config.task)
+    def build(model_config, side: str, teacher: nn.Module | None = None) -> nn.Module:
+        model = build_named_model(model_config, info, side, config.task, teacher=teacher)
         check_num_classes(model, example, info.num_classes, side)
         return model
 
@@ -68,7 +73,13 @@ def preflight(
         module.check(inputs, labels, teacher, index_of(batch))
 
     derived = config.student.model.arch == "derive:teacher"
-    wanted = derived or bool({"teacher", "distill", "evaluate"} & set(stages)) or config.strategy is not None
+    embeddings = _check_teacher_embeddings(config)
+    wanted = (
+        derived
+        or embeddings
+        or bool({"teacher", "distill", "evaluate"} & set(stages))
+        or config.strategy is not None
+    )
     teacher = build(config.teacher.model, "teacher") if config.teacher is not None and wanted else None
     if config.teacher is not None and config.teacher.train is not None and "teacher" in stages:
         probe(Distiller(teacher, config.teacher.terms), config.teacher.train, None)
@@ -76,7 +87,7 @@ def preflight(
         student = derive_from_teacher(teacher, config.student.model)
         check_num_classes(student, example, info.num_classes, "student")
     else:
-        student = build(config.student.model, "student")
+        student = build(config.student.model, "student", teacher)
     if "baseline" in stages:
         probe(Distiller(student, config.baseline.terms), config.baseline.train or config.distill.train, None)
     if config.strategy is not None:
@@ -99,11 +110,26 @@ def _check_teacher_source(config: RunConfig, teacher_trained: bool) -> None:
     kind = config.strategy.kind if config.strategy is not None else None
     if config.teacher is None or kind in ("ensemble", "mutual", "self_distill"):
         return
-    wanted = {"distill", "evaluate"} & set(config.stages) or config.student.model.arch == "derive:teacher"
+    from_teacher = config.student.model.arch == "derive:teacher" or wants_teacher_embeddings(
+        config.student.model
+    )
+    wanted = {"distill", "evaluate"} & set(config.stages) or from_teacher
     if wanted and not (config.teacher.model.checkpoint or "teacher" in config.stages or teacher_trained):
         raise ConfigError(
             "distill and evaluate need a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
         )
+
+
+def _check_teacher_embeddings(config: RunConfig) -> bool:
+    """Whether the student asks for the teacher's embeddings, which only a single-teacher run gives."""
+    if not wants_teacher_embeddings(config.student.model):
+        return False
+    if config.teacher is None or config.strategy is not None:
+        raise ConfigError(
+            "student.model.kwargs.init_embeddings: teacher needs a run with a teacher and no strategy; "
+            "remove it, or initialise the student in Python (alambic.models.init_from_teacher_embeddings)"
+        )
+    return True
 
 
 def _strategy_preflight(config: RunConfig, student, teacher, build, probe, example) -> None:
