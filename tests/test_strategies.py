@@ -243,11 +243,11 @@ def test_born_again_generations_are_separate_checkpoints_each_taught_by_the_prev
     taught_by = {}
     original = stages_module.train_stage
 
-    def recording(context, stage, model, terms, train, teacher, module=None):
+    def recording(context, stage, model, terms, train, teacher, module=None, **options):
         taught_by[stage] = (
             None if teacher is None else {k: v.clone() for k, v in teacher.model.state_dict().items()}
         )
-        return original(context, stage, model, terms, train, teacher, module)
+        return original(context, stage, model, terms, train, teacher, module, **options)
 
     monkeypatch.setattr(stages_module, "train_stage", recording)
     run_dir = _run(tmp_path, "born-again.yaml", "teacher.train.epochs=1", *NO_REPORT)
@@ -272,9 +272,9 @@ def test_a_teacher_assistant_chain_teaches_the_student_through_the_assistant(tmp
     teachers = {}
     original = stages_module.train_stage
 
-    def recording(context, stage, model, terms, train, teacher, module=None):
+    def recording(context, stage, model, terms, train, teacher, module=None, **options):
         teachers[stage] = teacher.model if teacher is not None else None
-        return original(context, stage, model, terms, train, teacher, module)
+        return original(context, stage, model, terms, train, teacher, module, **options)
 
     monkeypatch.setattr(stages_module, "train_stage", recording)
     run_dir = _run(tmp_path, "assistants.yaml", "teacher.train.epochs=1", *NO_REPORT)
@@ -379,11 +379,11 @@ def test_a_stopped_chain_resumes_without_training_its_finished_generations_again
     trained = []
     original = stages_module.train_stage
 
-    def failing_at_generation_2(context, stage, model, terms, train, teacher, module=None):
+    def failing_at_generation_2(context, stage, model, terms, train, teacher, module=None, **options):
         trained.append(stage)
         if stage == "generation_2" and trained.count("generation_2") == 1:
             raise KeyboardInterrupt  # the run is stopped during generation 2
-        return original(context, stage, model, terms, train, teacher, module)
+        return original(context, stage, model, terms, train, teacher, module, **options)
 
     monkeypatch.setattr(stages_module, "train_stage", failing_at_generation_2)
     config = load_config(STRATEGIES / "born-again.yaml", [*QUICK, "teacher.train.epochs=1", *NO_REPORT])
