@@ -4,6 +4,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
@@ -24,6 +25,7 @@ TINY = {
 
 def test_the_lm_demo_trains_three_models_on_the_packaged_corpus(tmp_path):
     overrides = [part for key, value in TINY.items() for part in ("--set", f"{key}={value}")]
+    threads = torch.get_num_threads()
     result = CliRunner().invoke(
         app, ["demo", "--task", "lm", "--out", str(tmp_path), *overrides], catch_exceptions=False
     )
@@ -36,6 +38,7 @@ def test_the_lm_demo_trains_three_models_on_the_packaged_corpus(tmp_path):
     # the student is smaller than the teacher by at least 4x in parameters
     assert summary["models"]["teacher"]["parameters"] >= 4 * summary["models"]["baseline"]["parameters"]
     assert "ppl" in result.output and (run_dir / "report.md").is_file()
+    assert torch.get_num_threads() == threads  # the demo's one thread does not outlive it
 
 
 def test_the_lm_demo_reads_its_corpus_from_the_package():

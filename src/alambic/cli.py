@@ -166,9 +166,13 @@ def demo(
     recipe, data_overrides = demo_overrides(task, dataset, data_dir)
     name = "lm" if task == "lm" else dataset
     overrides = [f"output_dir={out}", f"name={name}-demo-{stamp}", *data_overrides, *(set_ or [])]
+    previous = torch.get_num_threads()
     if threads or task == "lm":  # several threads on tiny matrices mostly wait on each other, and on a
         torch.set_num_threads(threads or 1)  # shared machine on other processes (10x slower measured)
-    _run_and_report(load_config(recipe, overrides), None, False)
+    try:
+        _run_and_report(load_config(recipe, overrides), None, False)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @app.command(name="run")
