@@ -145,7 +145,10 @@ def _run_and_report(config, run_dir: Path | None, resume: bool) -> Path:
 @user_errors
 def demo(
     task: Annotated[
-        str, typer.Option(help="classification, or lm: a character-level GPT on Tiny Shakespeare (packaged)")
+        str,
+        typer.Option(
+            help="classification, or lm: a character-level language model on Tiny Shakespeare (packaged)"
+        ),
     ] = "classification",
     dataset: Annotated[str, typer.Option(help="digits (built in), mnist or fashion-mnist")] = "digits",
     data_dir: Annotated[str | None, typer.Option(help="folder with the MNIST-format idx files")] = None,
@@ -168,7 +171,7 @@ def demo(
     overrides = [f"output_dir={out}", f"name={name}-demo-{stamp}", *data_overrides, *(set_ or [])]
     previous = torch.get_num_threads()
     if threads or task == "lm":  # several threads on tiny matrices mostly wait on each other, and on a
-        torch.set_num_threads(threads or 1)  # shared machine on other processes (10x slower measured)
+        torch.set_num_threads(threads or 1)  # shared machine on other processes (8x slower measured)
     try:
         _run_and_report(load_config(recipe, overrides), None, False)
     finally:
