@@ -1,11 +1,12 @@
-"""Token-level distillation of a character-level GPT on Tiny Shakespeare (issue 4, demonstration 3).
+"""A character-level model on Tiny Shakespeare through the run pipeline (issue 15, benchmark 2).
 
-Trains a GPT-2-style character model as the teacher, then a student with about a quarter of its
-parameters alone (next-token cross-entropy) and distilled with each token-level divergence, all with
-one schedule and seed; prints validation loss, perplexity and a sample of each, in markdown.
+Runs a recipe (default ``recipes/shakespeare-char.yaml``) with :func:`alambic.run.pipeline.run`: the
+teacher trained in the run, the student trained alone (baseline) and distilled, at the same number of
+student steps. Prints each model's held-out loss and perplexity, and the share of the baseline-to-teacher
+gap in held-out loss that the distilled student closes, in markdown; the goal is at least 30%.
 
-    python benchmarks/lm_shakespeare.py --data ../shared/data/tinyshakespeare/input.txt \\
-        [--epochs 2] [--teacher-epochs 4] [--divergences forward_kl,reverse_kl,...]
+    OMP_NUM_THREADS=2 python benchmarks/lm_shakespeare.py \\
+        --data ../shared/data/tinyshakespeare/input.txt --out /tmp/bench-lm [--set key=value ...]
 
 Needs the hf extra (transformers). Speed numbers belong here, never in tests.
 """
@@ -13,144 +14,65 @@ Needs the hf extra (transformers). Speed numbers belong here, never in tests.
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import platform
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from alambic import distill
+from alambic.config import load_config
+from alambic.run.pipeline import run
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
-
-
-class Blocks(Dataset):
-    """Non-overlapping blocks of ``block + 1`` characters as ``{input_ids, labels}`` (HF label convention)."""
-
-    def __init__(self, ids: torch.Tensor, block: int):
-        self.ids, self.block = ids, block
-
-    def __len__(self) -> int:
-        return (len(self.ids) - 1) // self.block
-
-    def __getitem__(self, index: int) -> dict:
-        window = self.ids[index * self.block : (index + 1) * self.block]
-        return {"input_ids": window, "labels": window}
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 0.30  # share of the gap the distilled student must close
 
 
-def gpt(vocab: int, layers: int, width: int, heads: int, block: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=vocab, n_positions=block, n_embd=width, n_layer=layers, n_head=heads,
-        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]  # [B, T-1, V]
-        targets = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ).item()
-        count += targets.numel()
-    return total / count
-
-
-@torch.no_grad()
-def sample(model: torch.nn.Module, prompt: torch.Tensor, chars: list[str], length: int = 160) -> str:
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    ids = prompt[None]
-    for _ in range(length):
-        logits = model(input_ids=ids[:, -model.config.n_positions :]).logits[0, -1]
-        ids = torch.cat(
-            [ids, torch.multinomial(torch.softmax(logits / 0.8, -1), 1, generator=generator)[None]], 1
-        )
-    return "".join(chars[i] for i in ids[0].tolist())
+def gap_closed(teacher: float, baseline: float, distilled: float) -> float:
+    """``(baseline - distilled) / (baseline - teacher)`` of held-out losses: 0 = no better than alone, 1 = the teacher."""
+    return (baseline - distilled) / (baseline - teacher)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/tinyshakespeare/input.txt")
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--teacher-epochs", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of every student")
-    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument("--config", default=str(ROOT / "recipes" / "shakespeare-char.yaml"))
     parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N characters (smoke runs)"
+        "--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
+    )
+    parser.add_argument(
+        "--out", default="runs/bench-lm-shakespeare", help="the run directory (must not exist)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="override: key.path=value"
     )
     args = parser.parse_args()
 
-    with open(args.data, encoding="utf-8") as handle:
-        text = handle.read()[: args.limit]
-    chars = sorted(set(text))
-    ids = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
-    split = int(0.9 * len(ids))
-    train = DataLoader(Blocks(ids[:split], args.block), batch_size=args.batch_size, shuffle=True)
-    val = DataLoader(Blocks(ids[split:], args.block), batch_size=64)
-    settings = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "warmup_epochs": 0.1, "log_every": 50}
+    config = load_config(args.config, [f"data.train_file={args.data}", *args.overrides])
+    start = time.perf_counter()
+    run_dir = run(config, run_dir=Path(args.out))
+    wall = time.perf_counter() - start
+    summary = json.loads((run_dir / "summary.json").read_text())
+    timings = json.loads((run_dir / "timings.json").read_text())
+    models = summary["models"]
     print(
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}; "
-        f"{len(ids):,} characters, vocabulary {len(chars)}, {len(train)} batches of {args.batch_size}x{args.block} per epoch"
+        f"{config.name}, {wall:.0f} s wall; run directory {run_dir}\n"
     )
-
-    rows = []
-
-    def report(name: str, model: torch.nn.Module, seconds: float, epochs: int) -> None:
-        loss = validation_loss(model, val)
-        params = sum(p.numel() for p in model.parameters())
-        rows.append(
-            (
-                name,
-                params,
-                epochs,
-                loss,
-                math.exp(loss),
-                seconds,
-                sample(model, ids[split : split + 32], chars),
-            )
-        )
-        print(f"{name}: val loss {loss:.4f}, perplexity {math.exp(loss):.3f}, {seconds:.0f} s", flush=True)
-
-    torch.manual_seed(0)
-    teacher = gpt(len(chars), layers=4, width=128, heads=4, block=args.block)
-    start = time.perf_counter()
-    teacher = distill(
-        None, teacher, train, terms=[{"loss": "lm_ce"}], epochs=args.teacher_epochs, seed=0, **settings
-    )
-    report("teacher", teacher, time.perf_counter() - start, args.teacher_epochs)
-
-    def student() -> torch.nn.Module:
-        torch.manual_seed(1)
-        return gpt(len(chars), layers=2, width=80, heads=4, block=args.block)
-
-    start = time.perf_counter()
-    alone = distill(None, student(), train, terms=[{"loss": "lm_ce"}], epochs=args.epochs, seed=1, **settings)
-    report("student alone (lm_ce)", alone, time.perf_counter() - start, args.epochs)
-    for divergence in args.divergences.split(","):
-        terms = [{"loss": "lm_ce", "weight": 0.1}, {"loss": divergence, "weight": 0.9}]
-        start = time.perf_counter()
-        distilled = distill(teacher, student(), train, terms=terms, epochs=args.epochs, seed=1, **settings)
-        report(
-            f"distilled: 0.1 lm_ce + 0.9 {divergence}", distilled, time.perf_counter() - start, args.epochs
-        )
-
-    print("\n| model | parameters | epochs | val loss (nats/char) | perplexity | train s |")
+    print("| model | parameters | held-out loss (nats/char) | perplexity | KL to teacher | train s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, params, epochs, loss, perplexity, seconds, _ in rows:
-        print(f"| {name} | {params:,} | {epochs} | {loss:.4f} | {perplexity:.3f} | {seconds:.0f} |")
-    print("\nSamples (temperature 0.8, seed 0, after a 32-character validation prompt):\n")
-    for name, *_, text in rows:
-        print(f"**{name}**\n```\n{text}\n```")
+    for name, stage in (("teacher", "teacher"), ("baseline", "baseline"), ("distilled", "distill")):
+        model = models[name]
+        kl = f"{model['kl_to_teacher']:.4f}" if "kl_to_teacher" in model else "-"
+        print(
+            f"| {name} | {model['parameters']:,} | {model['loss']:.4f} | {model['perplexity']:.3f} | {kl} "
+            f"| {timings.get(stage, float('nan')):.0f} |"
+        )
+    closed = gap_closed(*(models[name]["loss"] for name in ("teacher", "baseline", "distilled")))
+    verdict = "met" if closed >= GOAL else "not met"
+    print(
+        f"\ngap closed: {closed:.1%} of the baseline-to-teacher gap in held-out loss (goal {GOAL:.0%}: {verdict})"
+    )
 
 
 if __name__ == "__main__":

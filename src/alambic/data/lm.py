@@ -23,6 +23,7 @@ of predicted tokens; for a Hugging Face tokenizer it is the UTF-8 length of thos
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -130,12 +131,15 @@ class TokenRows(Dataset):
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's contents, or a one-line DataError."""
+    """A UTF-8 text file's contents (gzip-compressed when its name ends in ``.gz``), or a one-line DataError."""
     try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as file:
+                return file.read()
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; set train_file / valid_file to a UTF-8 text file") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path} as UTF-8 text: {error}") from None
 
 
