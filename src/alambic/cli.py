@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +22,18 @@ from rich.table import Table
 
 from alambic import __version__
 from alambic.config import ModelConfig, load_config
-from alambic.console import ProgressBar, console, print_summary
+from alambic.console import ProgressBar, console, print_compress_summary, print_summary, print_tune_trials
 from alambic.core.cache import cache_size_bytes
 from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
 from alambic.losses import get_loss_spec, list_losses
 from alambic.models.hf import derive_to_folder
+from alambic.packaged import (
+    demo_overrides,
+    packaged_recipes,
+    recipe_path,
+    recipe_purpose,
+)
 from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.building import build_named_model
 from alambic.run.compress import compress_run
@@ -57,9 +62,6 @@ def _options(
 
 
 error_console = Console(stderr=True)
-DEMO_DATASETS = ("digits", "mnist", "fashion-mnist")
-DEMO_TASKS = ("classification", "lm")
-LM_DEMO_CORPUS = "tinyshakespeare.txt.gz"  # packaged with alambic (recipes/data/), public domain
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
 
@@ -82,32 +84,6 @@ def user_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def demo_config_path(dataset: str) -> Path:
-    """The packaged recipe the demo runs for ``dataset``."""
-    if dataset not in DEMO_DATASETS:
-        raise AlambicError(
-            f"the demo runs on {', '.join(DEMO_DATASETS)}, not {dataset!r}; use `alambic run` for others"
-        )
-    name = "digits.yaml" if dataset == "digits" else f"{dataset}-demo.yaml"
-    return Path(str(resources.files("alambic") / "recipes" / name))
-
-
-def demo_overrides(task: str, dataset: str, data_dir: str | None) -> tuple[Path, list[str]]:
-    """The packaged recipe the demo runs for ``task`` (and ``dataset``), and the overrides that point it
-    at its data: the language-model demo reads the Tiny Shakespeare corpus that ships with alambic."""
-    if task not in DEMO_TASKS:
-        raise AlambicError(f"the demo's task is one of {', '.join(DEMO_TASKS)}, not {task!r}")
-    if task == "classification":
-        return demo_config_path(dataset), [f"data.data_dir={data_dir}"] if data_dir else []
-    if dataset != "digits" or data_dir:
-        raise AlambicError(
-            "--task lm runs on the packaged Tiny Shakespeare; leave out --dataset and --data-dir"
-        )
-    recipes = resources.files("alambic") / "recipes"
-    corpus = Path(str(recipes / "data" / LM_DEMO_CORPUS))
-    return Path(str(recipes / "lm-demo.yaml")), [f"data.train_file={corpus}"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -225,31 +201,6 @@ def yaml_mapping(text: str, option: str) -> dict:
     return value
 
 
-def packaged_recipes() -> Path:
-    """The folder of the recipes that ship with alambic."""
-    return Path(str(resources.files("alambic") / "recipes"))
-
-
-def recipe_path(config: Path) -> Path:
-    """``config`` when it is a file, else the packaged recipe of that name (``digits``,
-    ``strategies/mutual``); a name that is neither is left to the loader's one-line error."""
-    if config.exists() or config.suffix:
-        return config
-    packaged = packaged_recipes() / f"{config}.yaml"
-    return packaged if packaged.is_file() else config
-
-
-def recipe_purpose(path: Path) -> str:
-    """A recipe's one-line purpose: the first line of its header comment after the command."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
-            break
-        text = line.lstrip("# ").strip()
-        if text and not text.startswith("alambic "):
-            return text
-    return ""
-
-
 @app.command()
 @user_errors
 def recipes(debug: Debug = False) -> None:
@@ -298,26 +249,7 @@ def tune(
             max_latency_ms=max_latency_ms,
             val_fraction=val_fraction,
         )
-    table = Table(title=f"alambic tune: {study}")
-    for column in ("trial", "state", "val acc %", "method", "T", "ce", "w", "lr", "student / note"):
-        table.add_column(
-            column, justify="left" if column in ("state", "method", "student / note") else "right"
-        )
-    for record in result["trials"]:
-        params, value = record["params"], record["value"]
-        note = record.get("over_budget") or json.dumps((record.get("student") or {}).get("kwargs", {}))
-        table.add_row(
-            str(record["number"]),
-            record["state"].lower(),
-            "" if value is None else f"{100 * value:.2f}",
-            str(params.get("method", "")),
-            *(
-                f"{params[key]:.3g}" if key in params else ""
-                for key in ("temperature", "ce_weight", "distill_weight", "lr")
-            ),
-            note,
-        )
-    console.print(table)
+    print_tune_trials(study, result)
     if result["best_config"]:
         console.print(
             f"best: trial validation accuracy {100 * result['best_value']:.2f}%; run it with "
@@ -544,24 +476,7 @@ def compress(
             run_dir=out,
             progress=lambda line: console.print(line),
         )
-    table = Table(
-        title=f"{summary['run_name']}: compression stages ({summary['evaluated_samples']:,} test samples)"
-    )
-    for column in ("model", "acc %", "params", "KB", "MFLOPs", "torch ms@1", "ORT ms@1", "ORT ms@64"):
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for name, row in summary["models"].items():
-        ort, torch_ms = row["onnxruntime_latency_ms"], row["latency_ms"]
-        table.add_row(
-            name,
-            f"{100 * row['accuracy']:.2f}",
-            f"{row['parameters']:,}",
-            f"{row['size_bytes'] / 1024:.1f}",
-            f"{row['flops'] / 1e6:.3g}",
-            f"{torch_ms['1']:.3g}" if "1" in torch_ms else "-",
-            f"{ort['1']:.3g}" if "1" in ort else "-",
-            f"{ort['64']:.3g}" if "64" in ort else "-",
-        )
-    console.print(table)
+    print_compress_summary(summary)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
@@ -82,3 +83,49 @@ def language_cells(m: dict) -> tuple[str, ...]:
         number_cell(m.get("kl_to_teacher"), ".4f"),
         number_cell(speed.get("tokens_per_s"), ".0f"),
     )
+
+
+def print_tune_trials(study: Any, result: dict) -> None:
+    """A study's trials: state, validation accuracy, method and settings."""
+    table = Table(title=f"alambic tune: {study}")
+    for column in ("trial", "state", "val acc %", "method", "T", "ce", "w", "lr", "student / note"):
+        table.add_column(
+            column, justify="left" if column in ("state", "method", "student / note") else "right"
+        )
+    for record in result["trials"]:
+        params, value = record["params"], record["value"]
+        note = record.get("over_budget") or json.dumps((record.get("student") or {}).get("kwargs", {}))
+        table.add_row(
+            str(record["number"]),
+            record["state"].lower(),
+            "" if value is None else f"{100 * value:.2f}",
+            str(params.get("method", "")),
+            *(
+                f"{params[key]:.3g}" if key in params else ""
+                for key in ("temperature", "ce_weight", "distill_weight", "lr")
+            ),
+            note,
+        )
+    console.print(table)
+
+
+def print_compress_summary(summary: dict) -> None:
+    """The compression stages side by side: accuracy, size, FLOPs, PyTorch and onnxruntime latency."""
+    table = Table(
+        title=f"{summary['run_name']}: compression stages ({summary['evaluated_samples']:,} test samples)"
+    )
+    for column in ("model", "acc %", "params", "KB", "MFLOPs", "torch ms@1", "ORT ms@1", "ORT ms@64"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, row in summary["models"].items():
+        ort, torch_ms = row["onnxruntime_latency_ms"], row["latency_ms"]
+        table.add_row(
+            name,
+            f"{100 * row['accuracy']:.2f}",
+            f"{row['parameters']:,}",
+            f"{row['size_bytes'] / 1024:.1f}",
+            f"{row['flops'] / 1e6:.3g}",
+            f"{torch_ms['1']:.3g}" if "1" in torch_ms else "-",
+            f"{ort['1']:.3g}" if "1" in ort else "-",
+            f"{ort['64']:.3g}" if "64" in ort else "-",
+        )
+    console.print(table)
