@@ -57,6 +57,9 @@ def test_run_writes_everything_it_promises(tmp_path):
     stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"teacher", "baseline", "distill"}
     assert "distilled" in (run_dir / "report.md").read_text()
+    # ROC AUC beside accuracy and F1 (macro one-vs-rest over the ten digits), in the summary and the report
+    assert all(0.5 < model["roc_auc"] <= 1.0 for model in summary["models"].values())
+    assert "ROC AUC" in (run_dir / "report.md").read_text() and "AUC" in result.output
 
     # eval re-evaluates the saved models and gets the same accuracy; report rebuilds
     again = _run("eval", run_dir)

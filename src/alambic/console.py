@@ -49,7 +49,7 @@ def print_summary(summary: dict) -> None:
         {size for m in summary["models"].values() for size in m.get("latency_ms", {})}, key=int
     )
     language = summary.get("task") == "causal-lm"
-    quality = ("ppl", "next-token %", "KL(T||S)", "tok/s") if language else ("acc %", "F1")
+    quality = ("ppl", "next-token %", "KL(T||S)", "tok/s") if language else ("acc %", "F1", "AUC")
     columns = ("model", *quality, "params", "KB", "MFLOPs", *(f"ms@{size}" for size in batch_sizes))
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
@@ -60,7 +60,11 @@ def print_summary(summary: dict) -> None:
             *(
                 language_cells(m)
                 if language
-                else (number_cell(m.get("accuracy"), ".2f", 100), number_cell(m.get("macro_f1"), ".4f"))
+                else (
+                    number_cell(m.get("accuracy"), ".2f", 100),
+                    number_cell(m.get("macro_f1"), ".4f"),
+                    number_cell(m.get("roc_auc"), ".4f"),
+                )
             ),
             f"{m['parameters']:,}",
             f"{m['size_bytes'] / 1024:.1f}",

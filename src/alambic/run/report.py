@@ -105,9 +105,12 @@ def _latency_batch_sizes(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
 
 
 def _models_table(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Markdown table: one row per model with accuracy, F1, errors, size, FLOPs and latency."""
+    """Markdown table: one row per model with accuracy, F1, ROC AUC (when measured), errors, size, FLOPs and
+    latency."""
     batch_sizes = _latency_batch_sizes(models)
-    header = ["Model", "Architecture", "Accuracy (%)", "Macro-F1", "Errors", "Params", "Size (MB)", "MFLOPs"]
+    auc = any("roc_auc" in model for _, model in models)
+    header = ["Model", "Architecture", "Accuracy (%)", "Macro-F1", *(["ROC AUC"] if auc else []), "Errors"]
+    header += ["Params", "Size (MB)", "MFLOPs"]
     header += [f"Latency b{size} (ms)" for size in batch_sizes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, model in models:
@@ -122,6 +125,7 @@ def _models_table(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
             str(model.get("architecture", MISSING)),
             _format(model.get("accuracy"), ".2f", 100.0),
             _format(model.get("macro_f1"), ".4f"),
+            *([_format(model.get("roc_auc"), ".4f")] if auc else []),
             errors,
             _format(model.get("parameters"), ",d"),
             _format_significant(model.get("size_bytes"), 1e-6),
