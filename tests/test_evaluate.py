@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from subprocesses import run_two_process_script
 from torch import nn
 
 from alambic.core.evaluate import (
@@ -252,16 +250,7 @@ if __name__ == "__main__":
 @pytest.mark.slow
 def test_evaluate_classifier_two_processes_drops_padding() -> None:
     pytest.importorskip("accelerate")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", TWO_PROCESS_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("OK") == 2, result.stdout + result.stderr
+    run_two_process_script(TWO_PROCESS_SCRIPT)
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])

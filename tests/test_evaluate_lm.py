@@ -1,13 +1,11 @@
 """Causal-LM metrics (alambic.core.evaluate_lm) against direct computations on tiny models."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from subprocesses import run_two_process_script
 from tolerance import close
 from torch import nn
 
@@ -306,13 +304,4 @@ if __name__ == "__main__":
 @pytest.mark.slow
 def test_two_processes_count_every_token_once():
     pytest.importorskip("accelerate")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", TWO_PROCESS_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=environment,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("OK") == 2, result.stdout + result.stderr
+    run_two_process_script(TWO_PROCESS_SCRIPT)
