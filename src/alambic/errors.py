@@ -26,3 +26,9 @@ class NonFiniteLossError(AlambicError):
 
 class OutputError(AlambicError):
     """The operating system refused a write: a full disk, a read-only folder, a path through a file."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

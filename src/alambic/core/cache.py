@@ -37,7 +37,7 @@ from alambic.core.batches import split_batch
 from alambic.core.distiller import Teacher, feature_paths
 from alambic.core.hooks import unwrap_model
 from alambic.data import dataset_fingerprint
-from alambic.errors import ConfigError
+from alambic.errors import ConfigError, first_line
 from alambic.files import dumps_json
 from alambic.losses import get_loss_spec
 
@@ -256,7 +256,7 @@ def _open_shards(folder: Path, name: str, field: dict, num_samples: int, shard_s
         try:
             shard = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as error:  # a truncated file fails to map
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise ConfigError(f"cannot read teacher cache shard {path} ({reason}); {_REBUILD}") from None
         rows = min(shard_size, num_samples - number * shard_size)
         if shard.shape != (rows, *field["shape"]):

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alambic.errors import AlambicError, ConfigError
+from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.files import dumps_json, writing
 from alambic.models import load_weights
 
@@ -265,7 +265,7 @@ def load_training_state(
         scheduler.load_state_dict(state["scheduler"])
         _restore_python_rng(state["rng"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise AlambicError(
             f"{path}/state.json or optimizer.safetensors is damaged ({reason}); {fix}"
         ) from None

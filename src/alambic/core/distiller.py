@@ -24,7 +24,7 @@ from alambic.core.batches import (  # noqa: F401  (split_batch re-exported)
 )
 from alambic.core.connectors import make_connector
 from alambic.core.hooks import capture_features, unwrap_model
-from alambic.errors import AlambicError, ConfigError
+from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.losses import build_loss, get_loss_spec
 
 
@@ -383,7 +383,7 @@ class Distiller(nn.Module):
                         mask=_attention_mask(inputs),
                     )
                 except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
-                    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    message = first_line(error)
                     raise ConfigError(f"term {term.name!r} fails on the first batch: {message}") from error
                 if value.dim() != 0:
                     raise ConfigError(

@@ -17,7 +17,7 @@ from alambic.config import RunConfig
 from alambic.core.batches import call_model, logits_of
 from alambic.data import build_datasets
 from alambic.data.datasets import take_train_subset
-from alambic.errors import AlambicError, ConfigError
+from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.models import (
     build_factory_model,
     build_model,
@@ -52,7 +52,7 @@ def build_named_model(
     except AlambicError:
         raise
     except (ValueError, TypeError, RuntimeError, KeyError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         raise ConfigError(
             f"{side}.model: {model_config.arch} cannot be built with kwargs {dict(model_config.kwargs)}: "
             f"{message}; fix {side}.model.kwargs"
@@ -138,7 +138,7 @@ def check_num_classes(model: nn.Module, example: torch.Tensor, num_classes: int,
     try:
         logits = logits_of(call_model(model, example))
     except (ValueError, RuntimeError, TypeError, IndexError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         raise ConfigError(
             f"the {side} cannot run on the data set's inputs (shape {tuple(getattr(example, 'shape', ()))}): "
             f"{message}; check {side}.model against data.dataset"

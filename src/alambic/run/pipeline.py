@@ -24,7 +24,7 @@ from alambic.core.lock import run_lock
 from alambic.core.monitor import MetricsLog
 from alambic.core.optim import make_accelerator
 from alambic.data.loaders import make_loader
-from alambic.errors import AlambicError, ConfigError
+from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.files import dumps_json, finite_json, writing
 from alambic.run.building import (
     build_named_model,
@@ -130,7 +130,7 @@ def _execute(
         if "report" in config.stages and accelerator.is_main_process:
             write_report(run_dir)
     except BaseException as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"  # SIGTERM too (CLI)
         # the disk that failed the run may refuse this write too; the error raised says why
         with contextlib.suppress(AlambicError):

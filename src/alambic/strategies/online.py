@@ -24,7 +24,7 @@ from alambic.core.batches import call_model, logits_of
 from alambic.core.distiller import Distiller
 from alambic.core.hooks import capture_features
 from alambic.core.optim import make_accelerator
-from alambic.errors import ConfigError
+from alambic.errors import ConfigError, first_line
 from alambic.losses import get_loss, get_loss_spec
 
 DML_TERMS = (Term(loss="ce", weight=1.0), Term(loss="kd", weight=1.0, params={"temperature": 1.0}))
@@ -54,7 +54,7 @@ class _TeacherFreeModule(nn.Module):
         try:
             losses = self(inputs, labels, None, 1.0, sample_index)
         except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            message = first_line(error)
             raise ConfigError(f"{type(self).__name__} fails on the first batch: {message}") from error
         finally:
             self.train(was_training)
