@@ -157,6 +157,8 @@ def _cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
 
 def model_outputs(model: nn.Module, inputs: Any, paths: list[str], *, side: str) -> dict[str, Tensor]:
     """``{"logits": ..., path: value}``: module paths through hooks, output fields from the output object."""
+    if not paths:  # logits only (the common case): no hooks, no output fields, one call
+        return {"logits": logits_of(call_model(model, inputs))}
     hooked = [path for path in paths if not is_output_field(path)]
     with capture_features(model, hooked, side=side) as features:
         output = call_model(model, inputs, **output_options(paths))
@@ -192,13 +194,15 @@ class Distiller(nn.Module):
         self.connectors = nn.ModuleDict()  # term index -> adapter; see build_modules
         self.learned_losses = nn.ModuleDict()  # term index -> learned loss module; see build_modules
         self.terms = list(terms)
-        names = [term.name for term in self.terms]
+        self.names = names = [term.name for term in self.terms]  # computed once: the keys losses log under
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"two terms log under the same name {duplicates}; combine them into one term")
         self.student_paths = feature_paths(self.terms, "student")
-        self.needs_teacher = any(get_loss_spec(term.loss).needs_teacher for term in self.terms)
-        self.has_token_terms = any(get_loss_spec(term.loss).inputs == "tokens" for term in self.terms)
+        self.specs = [get_loss_spec(term.loss) for term in self.terms]  # looked up once, not every step
+        self.needs_teacher = any(spec.needs_teacher for spec in self.specs)
+        self.has_token_terms = any(spec.inputs == "tokens" for spec in self.specs)
+        self.uses_mask = any(spec.takes_mask for spec in self.specs)
 
     def student_outputs(self, inputs: Any) -> dict[str, Tensor]:
         """The student's logits and the features its terms compare."""
@@ -270,21 +274,22 @@ class Distiller(nn.Module):
     ) -> Tensor:
         """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch,
         the sample indices, the attention mask."""
-        term = self.terms[index]
-        spec = get_loss_spec(term.loss)
+        term, spec, key = self.terms[index], self.specs[index], str(index)
         student_value = _pick(student_outputs, term.student)
-        if str(index) in self.connectors:
-            student_value = self.connectors[str(index)](student_value)
+        if key in self.connectors:
+            student_value = self.connectors[key](student_value)
         teacher_value = _pick(teacher_outputs, term.teacher) if spec.needs_teacher else None
+        if not (spec.needs_epoch or spec.needs_index or spec.takes_mask or spec.learned):
+            return spec.fn(student_value, teacher_value, labels=labels, **term.params)  # most terms
         state = {"epoch": epoch} if spec.needs_epoch else {}
         if spec.needs_index:
             state["index"] = sample_index
         if spec.takes_mask:
             state["mask"] = mask
         if spec.learned:
-            if str(index) not in self.learned_losses:
+            if key not in self.learned_losses:
                 raise ConfigError(f"term {term.name!r} is a learned loss: call build_modules before training")
-            return self.learned_losses[str(index)](student_value, teacher_value, labels=labels, **state)
+            return self.learned_losses[key](student_value, teacher_value, labels=labels, **state)
         return spec.fn(student_value, teacher_value, labels=labels, **state, **term.params)
 
     def forward(
@@ -308,16 +313,17 @@ class Distiller(nn.Module):
         student_outputs = self.student_outputs(inputs)
         if callable(teacher_outputs):
             teacher_outputs = teacher_outputs()
-        mask = _attention_mask(inputs)
-        losses = {}
-        for index, term in enumerate(self.terms):
+        mask = _attention_mask(inputs) if self.uses_mask else None
+        losses, total = {}, None
+        for index, (term, spec, name) in enumerate(zip(self.terms, self.specs, self.names)):
             value = term.weight * self.term_value(
                 index, student_outputs, teacher_outputs, labels, epoch, sample_index, mask
             )
-            if token_scale is not None and get_loss_spec(term.loss).inputs == "tokens":
+            if token_scale is not None and spec.inputs == "tokens":
                 value = value * token_scale
-            losses[term.name] = value
-        losses["total"] = torch.stack(list(losses.values())).sum()
+            losses[name] = value
+            total = value if total is None else total + value  # one add per term (a stack costs two ops)
+        losses["total"] = total
         return losses
 
     @torch.no_grad()

@@ -77,17 +77,21 @@ class FiniteGuard:
         self.names: list[str] = []
         self.steps: list[int] = []  # the optimizer step of each row (kept on the host: no sync)
         self.count = 0  # rows written since the last check
+        self.plain = True  # every loss a float32 scalar (set from the first step's losses)
 
     def watch(self, losses: dict[str, torch.Tensor], step: int) -> None:
         """Record this micro-batch's weighted terms and total; ``step`` is the optimizer step it belongs to."""
         if self.rows is None:
             self.names = list(losses)
             self.rows = torch.empty(self.capacity, len(losses), device=losses["total"].device)
+            # float32 scalars (the usual case) are stacked as they are; others are converted first
+            self.plain = all(v.dtype == torch.float32 and v.dim() == 0 for v in losses.values())
         elif self.count == len(self.rows):  # more micro-batches between checks than expected
             self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
-        torch.stack(
-            [value.detach().float().reshape(()) for value in losses.values()], out=self.rows[self.count]
-        )
+        values = [
+            value.detach() if self.plain else value.detach().float().reshape(()) for value in losses.values()
+        ]
+        torch.stack(values, out=self.rows[self.count])
         self.steps.append(step)
         self.count += 1
 
