@@ -234,7 +234,8 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "models": summary_models,
             "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
             "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
-            "terms": [term.model_dump() for term in config.distill.terms],
+            # "name": the key its weighted values are logged under in metrics.jsonl
+            "terms": [{"name": term.name, **term.model_dump()} for term in config.distill.terms],
         }
         # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
         summary["non_finite"] = finite_json(summary["models"], "models")[1]

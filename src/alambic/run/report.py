@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +157,24 @@ def _derived_lines(models: dict[str, Any]) -> list[str]:
         )
     if teacher is not None and both(teacher, distilled, "parameters"):
         ratio = teacher["parameters"] / distilled["parameters"]
-        lines.append(f"- **{ratio:.1f}x** fewer parameters than the teacher.")
+        lines.append(f"- {_compared(ratio, 'fewer parameters', 'more parameters', 'as many parameters')}.")
     teacher_latency = (teacher or {}).get("latency_ms") or {}
     student_latency = distilled.get("latency_ms") or {}
     if both(teacher_latency, student_latency, "1"):
         ratio = teacher_latency["1"] / student_latency["1"]
-        lines.append(f"- **{ratio:.1f}x** faster than the teacher at batch size 1.")
+        lines.append(f"- {_compared(ratio, 'faster', 'slower', 'as fast')} at batch size 1.")
     return lines
+
+
+def _compared(ratio: float, smaller: str, larger: str, same: str) -> str:
+    """``ratio`` (teacher / student) in words: "**3.2x** fewer parameters than the teacher", "**1.5x** more
+    parameters than the teacher" (a larger student), or, within 5%, where "1.0x fewer" would mislead, "about
+    as many parameters as the teacher"."""
+    if abs(ratio - 1.0) < 0.05:
+        return f"About {same} as the teacher"
+    if ratio > 1:
+        return f"**{ratio:.1f}x** {smaller} than the teacher"
+    return f"**{1 / ratio:.1f}x** {larger} than the teacher"
 
 
 def _terms_table(terms: list[dict[str, Any]]) -> list[str]:
@@ -292,8 +304,18 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"{skipped} malformed line(s) in metrics.jsonl were skipped.", ""]
     if not records:
         lines.append("metrics.jsonl is missing or empty, so the training-curve plots are skipped.")
-    if make_plot(plot_training_curves, records, plots_dir / "training_curves.png"):
-        lines += ["Loss terms per stage against step (log scale); black markers: test cross-entropy.", ""]
+    distill_weights = {
+        "distill": {
+            term.get("name") or term.get("loss"): term.get("weight") for term in summary.get("terms") or []
+        }
+    }
+    curves = partial(plot_training_curves, weights=distill_weights)
+    if make_plot(curves, records, plots_dir / "training_curves.png"):
+        lines += [
+            "Loss terms per stage against step (log scale), each as weighted in the total (`0.1 x ce`); "
+            "black markers: test cross-entropy.",
+            "",
+        ]
         lines += ["![training curves](plots/training_curves.png)", ""]
     if make_plot(plot_accuracy_curves, records, plots_dir / "accuracy_curves.png"):
         lines += ["![test accuracy per epoch](plots/accuracy_curves.png)", ""]
