@@ -93,9 +93,10 @@ def plot_training_curves(
             steps, values = zip(*test, strict=True)
             all_values += values
             axis.plot(steps, values, "o--", color="black", markersize=4, linewidth=1, label="test ce")
-        # A log axis cannot show zero or negative values; fall back to linear for such stages.
-        if all_values and min(all_values) > 0:
-            axis.set_yscale("log")
+        # Log scale where the losses span a decade or more; a linear one reads better below (2.23 to 2.30),
+        # and a log axis cannot show zero or negative values.
+        if all_values and min(all_values) > 0 and max(all_values) >= 10 * min(all_values):
+            log_axis_labels(axis, "y", math.log10(max(all_values) / min(all_values)))
         axis.set_title(f"{stage}")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("step")
@@ -140,34 +141,38 @@ def plot_accuracy_curves(records: list[dict[str, Any]], path: Path) -> bool:
 
 
 def _compact_number(value: float, _position: object = None) -> str:
-    """Tick label such as 50k, 1.2M, 0.5 or 20: readable where 3x10^5 labels would collide."""
+    """Tick label such as 50k, 1.2M, 0.5, 2.23 or 20: readable where 3x10^5 labels would collide."""
     for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= threshold:
-            return f"{value / threshold:g}{suffix}"
-    return f"{value:g}"
+            return f"{value / threshold:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 MARKERS = "osD^vPX*"  # a shape per model as well as a colour: coinciding points stay visible
 
 
+def log_axis_labels(axis: Any, which: str, decades: float) -> None:
+    """A log scale on ``which`` axis ("x" or "y") with plain labels (0.05, 2.3, 20k, not 2.3x10^0): at 1-2-5
+    steps within two decades, at powers of ten beyond, where 1-2-5 labels run into each other ("0.0050.01")."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(axis, f"set_{which}scale")("log")
+    subs = (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
+    target = getattr(axis, f"{which}axis")
+    target.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+    target.set_major_formatter(FuncFormatter(_compact_number))
+    target.set_minor_formatter(NullFormatter())
+
+
 def scatter(axis: Any, points: list[tuple[str, float, float]], xlabel: str, colors: dict[str, str]) -> None:
     """Scatter of (name, x, accuracy %) on a log x axis, one colour and marker per model name; the names go
     to a legend (see :func:`model_legend`), never next to the points, where close points' labels collide."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     names = list(colors)
     for name, x, accuracy in points:
         marker = MARKERS[names.index(name) % len(MARKERS)]
         axis.scatter([x], [accuracy], s=60, color=colors[name], marker=marker, alpha=0.8, label=name)
-    axis.set_xscale("log")
     xs = [x for _, x, _ in points]
-    decades = math.log10(max(xs) / min(xs)) if xs else 0.0
-    # Ticks at 1-2-5 steps within two decades (one tick only otherwise), at powers of ten beyond: the labels
-    # of 1-2-5 steps over several decades run into each other ("0.0050.01").
-    subs = (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
-    axis.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
-    axis.xaxis.set_major_formatter(FuncFormatter(_compact_number))
-    axis.xaxis.set_minor_formatter(NullFormatter())
+    log_axis_labels(axis, "x", math.log10(max(xs) / min(xs)) if xs else 0.0)
     axis.set_xlabel(xlabel)
     axis.set_ylabel("test accuracy (%)")
     axis.grid(True, which="both", alpha=0.3)

@@ -312,7 +312,7 @@ def write_report(run_dir: str | Path) -> Path:
     curves = partial(plot_training_curves, weights=distill_weights)
     if make_plot(curves, records, plots_dir / "training_curves.png"):
         lines += [
-            "Loss terms per stage against step (log scale), each as weighted in the total (`0.1 x ce`); "
+            "Loss terms per stage against step (log scale where they span a decade), each as weighted in the total (`0.1 x ce`); "
             "black markers: test cross-entropy.",
             "",
         ]
