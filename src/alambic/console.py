@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alambic.run.compress_report import export_checks, latency_sizes, number_cell
+from alambic.run.seeds import format_mean
 
 console = Console()
 
@@ -72,6 +73,26 @@ def print_summary(summary: dict) -> None:
             f"{m['size_bytes'] / 1024:.1f}",
             f"{m['flops'] / 1e6:.3g}",
             *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
+        )
+    console.print(table)
+    if summary.get("seeds"):
+        print_seed_statistics(summary["seeds"], language)
+
+
+def print_seed_statistics(seeds: dict, language: bool) -> None:
+    """Mean ± standard deviation (and n) of the baseline and distilled students over their seeds."""
+    metrics = (
+        (("perplexity", "ppl", 1.0, ".3f"), ("next_token_accuracy", "next-token %", 100.0, ".2f"))
+        if language
+        else (("accuracy", "acc %", 100.0, ".2f"), ("macro_f1", "F1", 1.0, ".4f"))
+    )
+    table = Table(title=f"mean ± standard deviation over seeds {seeds['seeds']}")
+    for column in ("model", "n", *(title for _, title, _, _ in metrics)):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, stats in seeds["models"].items():
+        count = next(iter(stats.values()), {}).get("n", 0)
+        table.add_row(
+            name, str(count), *(format_mean(stats.get(key), spec, scale) for key, _, scale, spec in metrics)
         )
     console.print(table)
 

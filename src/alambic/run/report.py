@@ -27,6 +27,7 @@ from alambic.run.plots import (
     plot_training_curves,
 )
 from alambic.run.report_lm import language_model_lines, sample_lines
+from alambic.run.seeds import format_mean
 
 # The command that writes summary.json, named in the error raised when it is missing.
 SUMMARY_COMMAND = "alambic run CONFIG.yaml"
@@ -134,6 +135,25 @@ def _models_table(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
         ]
         cells += [_format_significant(latency.get(size)) for size in batch_sizes]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seeds_table(seeds: dict[str, Any]) -> list[str]:
+    """Markdown table: each student's metrics as mean ± standard deviation over its seeds, with n."""
+    names = {"accuracy": ("Accuracy (%)", 100.0, ".2f"), "macro_f1": ("Macro-F1", 1.0, ".4f")}
+    names |= {"roc_auc": ("ROC AUC", 1.0, ".4f"), "perplexity": ("Perplexity", 1.0, ".3f")}
+    measured = [key for key in names if any(key in stats for stats in seeds["models"].values())]
+    lines = [
+        f"Over seeds {seeds['seeds']} (the rows `-seedS` above; mean ± sample standard deviation): a "
+        "difference within the spread is not a difference.",
+        "",
+        "| Model | n | " + " | ".join(names[key][0] for key in measured) + " |",
+        "|" + "---|" * (len(measured) + 2),
+    ]
+    for name, stats in seeds["models"].items():
+        count = next(iter(stats.values()), {}).get("n", 0)
+        cells = [format_mean(stats.get(key), names[key][2], names[key][1]) for key in measured]
+        lines.append(f"| {name} | {count} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -284,6 +304,8 @@ def write_report(run_dir: str | Path) -> Path:
         "Accuracy and macro-F1 on the test split; size = safetensors file; MFLOPs per sample; "
         f"latency = median per batch{' on ' + '; '.join(latency_where) if latency_where else ''}.",
     ]
+    if summary.get("seeds"):
+        lines += ["", *_seeds_table(summary["seeds"])]
     derived = _derived_lines(summary.get("models") or {})
     if derived:
         lines += ["", *derived]
