@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tolerance import close
 from typer.testing import CliRunner
 
+import alambic.console
 from alambic.cli import app
 from alambic.config import load_config
 from alambic.errors import AlambicError, ConfigError
@@ -137,7 +138,8 @@ def test_int8_models_stay_close_to_float_and_are_smaller(run_dir, tmp_path):
         assert agreement > 0.9, name
 
 
-def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
+def test_compress_runs_the_chain_and_measures_every_stage(run_dir, monkeypatch):
+    monkeypatch.setattr(alambic.console.console, "width", 240)  # the whole tables, not cut at 80 columns
     result = runner.invoke(
         app,
         [
@@ -151,10 +153,15 @@ def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
             "compress.quantize.qat=true",
             "--set",
             "compress.quantize.calibration_samples=128",
+            "--set",
+            "evaluate.batch_sizes=[1, 16]",
         ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
+    # the console shows the run's batch sizes, and every exported file's parity to its model
+    assert "ORT ms@16" in result.output and "ms@64" not in result.output
+    assert "model-int8.onnx" in result.output and "agree %" in result.output
     folder = run_dir / "compress"
     summary = json.loads((folder / "summary.json").read_text())
     rows = summary["models"]
@@ -167,9 +174,11 @@ def test_compress_runs_the_chain_and_measures_every_stage(run_dir):
     assert rows["int8"]["size_bytes"] == os.path.getsize(folder / "onnx" / "int8.onnx")
     assert rows["distilled"]["size_bytes"] == os.path.getsize(folder / "weights" / "distilled.safetensors")
     for row in rows.values():
-        assert set(row["onnxruntime_latency_ms"]) == {"1", "64"} and row["flops"] > 0
+        assert set(row["onnxruntime_latency_ms"]) == {"1", "16"} and row["flops"] > 0
     assert {export["format"] for export in summary["exports"]} == {"onnx", "torch-export", "safetensors"}
     assert all(export["max_abs_diff"] < 1e-4 for export in summary["exports"])
+    assert all(export["prediction_agreement"] == 1.0 for export in summary["exports"])
+    assert 0.5 < summary["int8_export"]["prediction_agreement_to_float"] <= 1.0
     assert (folder / "export" / "model-int8.onnx").is_file() and (folder / "plots" / "compress.png").is_file()
     assert "| int8 |" in (folder / "report.md").read_text()
 
@@ -304,3 +313,17 @@ def test_compress_from_a_config_refuses_head_pruning_of_a_one_tensor_model_befor
             run_dir=tmp_path / "run",
         )
     assert not (tmp_path / "run").exists()  # refused before the run trained anything
+
+
+def test_prediction_agreement_counts_matching_argmax_over_batches_and_tokens():
+    from alambic.compress.parity import prediction_agreement
+
+    reference = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predicts 0, 1, 0
+    assert prediction_agreement([reference, reference[:1]], [reference + 0.1, reference[:1]]) == 1.0
+    flipped = torch.tensor([[2.0, 1.0], [3.0, 0.0], [0.0, 1.0]])  # 0, 0, 1: one of three agrees
+    assert prediction_agreement([reference, reference[:1]], [flipped, flipped[:1]]) == 2 / 4
+    tokens = torch.zeros(2, 3, 5)
+    tokens[..., 1] = 1.0  # every token predicts 1
+    other = tokens.clone()
+    other[0, 0, 4] = 2.0
+    assert prediction_agreement([tokens], [other]) == 5 / 6

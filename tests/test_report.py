@@ -185,3 +185,32 @@ def test_missing_summary_raises(tmp_path: Path) -> None:
     with pytest.raises(AlambicError, match="no summary.json") as error:
         write_report(tmp_path)
     assert "alambic" in str(error.value)  # names the command that writes it
+
+
+def test_a_student_of_the_teachers_size_is_not_called_1_0x_smaller(tmp_path: Path) -> None:
+    summary = {
+        **SUMMARY,
+        "models": {
+            "teacher": _model("mlp", 0.93, 2410, 1.0, 10.0),
+            "distilled": _model("mlp", 0.9, 2410, 1.25, 10.0),
+        },
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    text = write_report(tmp_path).read_text()
+    assert "About as many parameters as the teacher." in text and "1.0x" not in text
+    assert "**1.2x** slower than the teacher at batch size 1" in text  # 1.25 ms against 1.0 ms
+
+
+def test_training_curves_say_each_term_is_weighted_and_steps_are_integers(tmp_path, monkeypatch) -> None:
+    from alambic.run import plots
+
+    figures, new_figure = [], plots.new_figure
+    monkeypatch.setattr(plots, "new_figure", lambda *size: figures.append(new_figure(*size)) or figures[-1])
+    weights = {"distill": {"ce": 0.1, "kd": 0.9}}
+    assert plots.plot_training_curves(_metrics_records(), tmp_path / "curves.png", weights=weights)
+    teacher, distill = figures[0].axes
+    legend = [text.get_text() for text in distill.get_legend().get_texts()]
+    assert legend == ["0.1 x ce", "0.9 x kd", "total", "test ce"]
+    assert [text.get_text() for text in teacher.get_legend().get_texts()][0] == "ce"
+    ticks = distill.get_xticks()
+    assert all(float(tick).is_integer() for tick in ticks)

@@ -120,7 +120,7 @@ def test_a_derived_student_copies_embeddings_the_chosen_layers_and_the_head(make
     teacher = make()
     student, report = derive_student(teacher, keep=[0, 3])
     path, blocks = layer_list(student)
-    assert len(blocks) == 2 and report["kept_layers"] == [0, 3] and report["fresh_tensors"] == []
+    assert len(blocks) == 2 and report["kept_layers"] == [0, 3] and report["new_tensors"] == {}
     teacher_state, student_state = teacher.state_dict(), student.state_dict()
     for key, value in student_state.items():
         source = key.replace(f"{path}.1.", f"{path}.3.") if key.startswith(f"{path}.1.") else key
@@ -283,7 +283,7 @@ def test_alambic_derive_writes_a_loadable_student_and_refuses_to_overwrite(tmp_p
     ]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert "kept teacher layers [0, 3] of 6" in result.output
+    assert "kept teacher layers [0, 3] of 6" in result.output and "newly initialised: none" in result.output
     student = load_hf_model(str(tmp_path / "student"), local_files_only=True)
     assert student.config.num_hidden_layers == 2
     assert '"kept_layers": [\n    0,\n    3\n  ]' in (tmp_path / "student" / "derive.json").read_text()
@@ -293,6 +293,24 @@ def test_alambic_derive_writes_a_loadable_student_and_refuses_to_overwrite(tmp_p
         app, ["derive", str(tmp_path / "teacher"), "--out", str(tmp_path / "x"), "--keep", "5,1"]
     )
     assert bad.exit_code == 2 and "increasing" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_derive_names_the_new_head_of_an_encoder_folder_and_takes_num_labels(tmp_path):
+    from typer.testing import CliRunner
+
+    from alambic.cli import app
+    from alambic.models.hf import load_hf_model
+
+    # a sentence-transformers folder holds the bare encoder: the classification head is new
+    transformers.BertModel(_tiny_bert(layers=4).config).save_pretrained(tmp_path / "encoder")
+    arguments = ["derive", str(tmp_path / "encoder"), "--out", str(tmp_path / "student"), "--layers", "2"]
+    result = CliRunner().invoke(app, [*arguments, "--num-labels", "5", "--offline"])
+    assert result.exit_code == 0, result.output
+    assert "newly initialised: classifier.weight 5x16, classifier.bias 5;" in " ".join(result.output.split())
+    report = json.loads((tmp_path / "student" / "derive.json").read_text())
+    assert report["new_tensors"] == {"classifier.weight": [5, 16], "classifier.bias": [5]}
+    assert report["copied_tensors"] == len(load_hf_model(str(tmp_path / "student")).state_dict()) - 2
+    assert load_hf_model(str(tmp_path / "student"), local_files_only=True).config.num_labels == 5
 
 
 def test_layer_mappings_uniform_last_and_explicit():

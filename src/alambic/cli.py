@@ -376,6 +376,10 @@ def derive(
     task: Annotated[str, typer.Option(help="sequence-classification, causal-lm or embedding")] = (
         "sequence-classification"
     ),
+    num_labels: Annotated[
+        int | None,
+        typer.Option(help="classes of the classification head (a new head if the teacher has none)"),
+    ] = None,
     offline: Annotated[bool, typer.Option(help="never reach the network")] = False,
     debug: Debug = False,
 ) -> None:
@@ -385,11 +389,13 @@ def derive(
     except ValueError:
         raise AlambicError(f"--keep takes layer indices like 0,5; got {keep!r}") from None
     report = derive_to_folder(
-        teacher, out, task=task, layers=layers, keep=kept, every=every, local_files_only=offline
-    )
+        teacher, out, task=task, layers=layers, keep=kept, every=every, num_labels=num_labels,
+        local_files_only=offline,
+    )  # fmt: skip
+    new = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in report["new_tensors"].items())
     console.print(
         f"{report['family']}: kept teacher layers {report['kept_layers']} of {report['teacher_layers']}; "
-        f"copied {report['copied_tensors']} tensors, {len(report['fresh_tensors'])} fresh; "
+        f"copied {report['copied_tensors']} tensors from the teacher, newly initialised: {new or 'none'}; "
         f"{report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,}); "
         f"tokenizer {report['tokenizer']}; wrote {out}"
     )

@@ -8,6 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from alambic.run.compress_report import export_checks, latency_sizes, number_cell
+from alambic.run.seeds import format_mean
+
 console = Console()
 
 
@@ -72,11 +75,26 @@ def print_summary(summary: dict) -> None:
             *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
         )
     console.print(table)
+    if summary.get("seeds"):
+        print_seed_statistics(summary["seeds"], language)
 
 
-def number_cell(value: Any, spec: str, scale: float = 1.0) -> str:
-    """A table cell: the number formatted, or a dash when it is missing (a non-finite metric is null)."""
-    return format(value * scale, spec) if isinstance(value, int | float) else "—"
+def print_seed_statistics(seeds: dict, language: bool) -> None:
+    """Mean ± standard deviation (and n) of the baseline and distilled students over their seeds."""
+    metrics = (
+        (("perplexity", "ppl", 1.0, ".3f"), ("next_token_accuracy", "next-token %", 100.0, ".2f"))
+        if language
+        else (("accuracy", "acc %", 100.0, ".2f"), ("macro_f1", "F1", 1.0, ".4f"))
+    )
+    table = Table(title=f"mean ± standard deviation over seeds {seeds['seeds']}")
+    for column in ("model", "n", *(title for _, title, _, _ in metrics)):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, stats in seeds["models"].items():
+        count = next(iter(stats.values()), {}).get("n", 0)
+        table.add_row(
+            name, str(count), *(format_mean(stats.get(key), spec, scale) for key, _, scale, spec in metrics)
+        )
+    console.print(table)
 
 
 def language_cells(m: dict) -> tuple[str, ...]:
@@ -114,22 +132,41 @@ def print_tune_trials(study: Any, result: dict) -> None:
 
 
 def print_compress_summary(summary: dict) -> None:
-    """The compression stages side by side: accuracy, size, FLOPs, PyTorch and onnxruntime latency."""
+    """The compression stages side by side (accuracy, size, FLOPs, PyTorch and onnxruntime latency at the
+    run's batch sizes), then every exported file with its parity to the model it came from."""
+    rows = summary["models"]
+    sizes = latency_sizes(rows)
     table = Table(
         title=f"{summary['run_name']}: compression stages ({summary['evaluated_samples']:,} test samples)"
     )
-    for column in ("model", "acc %", "params", "KB", "MFLOPs", "torch ms@1", "ORT ms@1", "ORT ms@64"):
+    columns = ("model", "acc %", "params", "KB", "MFLOPs")
+    columns += (*(f"torch ms@{size}" for size in sizes), *(f"ORT ms@{size}" for size in sizes))
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for name, row in summary["models"].items():
-        ort, torch_ms = row["onnxruntime_latency_ms"], row["latency_ms"]
+    for name, row in rows.items():
         table.add_row(
             name,
             f"{100 * row['accuracy']:.2f}",
             f"{row['parameters']:,}",
             f"{row['size_bytes'] / 1024:.1f}",
             f"{row['flops'] / 1e6:.3g}",
-            f"{torch_ms['1']:.3g}" if "1" in torch_ms else "-",
-            f"{ort['1']:.3g}" if "1" in ort else "-",
-            f"{ort['64']:.3g}" if "64" in ort else "-",
+            *(number_cell(row["latency_ms"].get(size), ".3g") for size in sizes),
+            *(number_cell(row["onnxruntime_latency_ms"].get(size), ".3g") for size in sizes),
         )
     console.print(table)
+    checks = export_checks(summary)
+    if not checks:
+        return
+    files = Table(title="exported files, each checked against the model it came from")
+    for column in ("file", "row", "KB", "max |diff|", "agree %", "checked against"):
+        files.add_column(column, justify="right" if column in ("KB", "max |diff|", "agree %") else "left")
+    for check in checks:
+        files.add_row(
+            check["path"],
+            check["model"],
+            f"{check['size_bytes'] / 1024:.1f}",
+            f"{check['max_abs_diff']:.2e}",
+            number_cell(check["prediction_agreement"], ".2f", 100),
+            check["against"],
+        )
+    console.print(files)

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from alambic.compress.export_hf import export_hf_folder, input_names, is_hf_model, shorter_sample, traceable
-from alambic.compress.parity import check_finite, max_diff, reference_outputs
+from alambic.compress.parity import check_finite, max_diff, prediction_agreement, reference_outputs
 from alambic.core.batches import Inputs, batch_size_of
 from alambic.core.checkpoint import save_weights
 from alambic.errors import ConfigError
@@ -169,7 +169,8 @@ def export_model(
         tokenizer: Saved into a Hugging Face folder (an object, or a folder / hub id to load it from).
 
     Returns:
-        ``{"format", "path", "size_bytes", "max_abs_diff", "checked_samples", "runtime", "inputs"}``.
+        ``{"format", "path", "size_bytes", "max_abs_diff", "prediction_agreement", "checked_samples",
+        "runtime", "inputs"}``; ``prediction_agreement`` is the fraction of argmax predictions that match.
 
     Example:
         >>> export_model(student, test_images[:64], "student.onnx")["max_abs_diff"]
@@ -194,6 +195,7 @@ def export_model(
         "path": str(final),
         "size_bytes": size,
         "max_abs_diff": diff,
+        "prediction_agreement": prediction_agreement(references, outputs),
         "checked_samples": batch_size_of(inputs),
         "runtime": runtime,
         "inputs": names,

@@ -29,6 +29,17 @@ def max_diff(reference: Tensor, other: Any) -> float:
     return float((other - reference).abs().max())
 
 
+def prediction_agreement(references: list[Tensor], outputs: list[Any]) -> float:
+    """The fraction of predictions (argmax over the last dimension) an export shares with the reference,
+    over all checked batches: how often the file would answer as the model does."""
+    same = total = 0
+    for reference, output in zip(references, outputs, strict=True):
+        predicted = torch.as_tensor(output).float().argmax(-1)  # [N] (or [N, T] for token outputs)
+        same += int((predicted == reference.argmax(-1)).sum())
+        total += predicted.numel()
+    return same / total if total else float("nan")
+
+
 def check_finite(outputs: list[Tensor], export_format: str, final: Path) -> None:
     """Refuse an export whose outputs hold inf or NaN."""
     if not all(bool(torch.isfinite(torch.as_tensor(output)).all()) for output in outputs):

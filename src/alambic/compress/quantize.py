@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from alambic.compress.export import onnx_feed, onnx_session, run_onnx
+from alambic.compress.parity import max_diff, prediction_agreement
 from alambic.core.batches import stack_inputs
 from alambic.core.evaluate import classification_metrics, repeat_batch
 from alambic.errors import ConfigError
@@ -281,8 +282,14 @@ def onnx_profile(
     return {"size_bytes": os.path.getsize(path), "latency_ms": latency, "latency_threads": threads}
 
 
-def max_onnx_difference(path_a: str | Path, path_b: str | Path, inputs: Tensor | dict[str, Tensor]) -> float:
-    """Largest absolute difference between two ONNX models' outputs on ``inputs`` (int8 vs float)."""
-    first = run_onnx(onnx_session(path_a), inputs)
+def onnx_parity(
+    path_a: str | Path, path_b: str | Path, inputs: Tensor | dict[str, Tensor]
+) -> dict[str, float]:
+    """Two ONNX models' outputs on ``inputs`` (int8 against float): ``max_abs_diff`` and
+    ``prediction_agreement`` (the fraction of argmax predictions that match)."""
+    first = run_onnx(onnx_session(path_a), inputs).float()
     second = run_onnx(onnx_session(path_b), inputs)
-    return float((first - second).abs().max())
+    return {
+        "max_abs_diff": max_diff(first, second),
+        "prediction_agreement": prediction_agreement([first], [second]),
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -35,6 +35,9 @@ class RunConfig(StrictModel):
     # classification (images, tabular, text labels) or causal-lm (next-token prediction: data text / jsonl)
     task: Literal["classification", "causal-lm"] = "classification"
     seed: int = Field(0, ge=0, le=2**32 - 1)  # NumPy's seeds are 32-bit
+    # the baseline and distill stages once per seed (the teacher and the data split once, with `seed`);
+    # summary.json and the tables give each metric's mean, standard deviation and n over them
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] | None = Field(None, min_length=1)
     precision: Literal["no", "bf16", "fp16"] = "no"
     tensorboard: bool = False
     stages: list[Literal["teacher", "baseline", "distill", "evaluate", "report"]] = Field(
@@ -64,6 +67,14 @@ class RunConfig(StrictModel):
             elif value is None and section in ("baseline", "distill"):
                 data[section] = {"terms": terms}
         return data
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> RunConfig:
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed: give distinct ones, e.g. [0, 1, 2]")
+        if self.seeds is not None and self.strategy is not None:
+            raise ValueError("seeds repeats the plain baseline and distill stages; remove it or the strategy")
+        return self
 
     @model_validator(mode="after")
     def _task_data(self) -> RunConfig:

@@ -15,7 +15,7 @@ import copy
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +148,15 @@ def derive_student(
     layers: int | None = None,
     keep: Sequence[int] | None = None,
     every: int | None = None,
+    new_in_teacher: Collection[str] = (),
 ) -> tuple[nn.Module, dict]:
     """A student of the teacher's family with fewer layers, initialised from the teacher's weights.
 
     Embeddings, the chosen layers (renumbered) and the head are copied, as DistilBERT does; works for
     BERT-family encoders and Llama / GPT-2 style decoders (any ``transformers`` model whose blocks form
-    one ``ModuleList``). Returns the student and a report: kept layers, copied and fresh tensors,
+    one ``ModuleList``). Returns the student and a report: kept layers, how many tensors came from the
+    teacher's checkpoint, the newly initialised ones (``new_tensors``: name -> shape; the student's own,
+    and ``new_in_teacher``, those the teacher's loading initialised, such as a new classification head),
     parameter counts.
     """
     path, blocks = layer_list(teacher)
@@ -163,16 +166,19 @@ def derive_student(
     student = type(teacher)(config)
     pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
     source = teacher.state_dict()
-    state, copied, fresh = {}, 0, []
+    state, copied, new = {}, 0, {}
     for key, value in student.state_dict().items():
         match = pattern.match(key)
         teacher_key = pattern.sub(f"{path}.{chosen[int(match.group(1))]}.", key, count=1) if match else key
         if teacher_key in source and source[teacher_key].shape == value.shape:
             state[key] = source[teacher_key].clone()
-            copied += 1
+            if teacher_key in new_in_teacher:
+                new[key] = list(value.shape)
+            else:
+                copied += 1
         else:
             state[key] = value
-            fresh.append(key)
+            new[key] = list(value.shape)
     student.load_state_dict(state)
     report = {
         "family": type(teacher).__name__,
@@ -180,7 +186,7 @@ def derive_student(
         "teacher_layers": len(blocks),
         "kept_layers": chosen,
         "copied_tensors": copied,
-        "fresh_tensors": fresh,
+        "new_tensors": new,
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "student_parameters": sum(p.numel() for p in student.parameters()),
     }
@@ -195,18 +201,29 @@ def derive_to_folder(
     layers: int | None = None,
     keep: Sequence[int] | None = None,
     every: int | None = None,
+    num_labels: int | None = None,
     local_files_only: bool = False,
 ) -> dict:
     """Derive a student from the Hugging Face model ``teacher`` and save it (with the tokenizer, when
     the teacher has one) to the new folder ``out``; returns the report, also written to ``derive.json``.
 
-    The folder appears complete or not at all (written aside, then renamed).
+    ``num_labels``: classes of the classification head (a new head when the checkpoint has none, as a
+    sentence-transformers folder, or another size). The report's ``new_tensors`` names what neither the
+    teacher's checkpoint nor its layers gave (name -> shape). The folder appears complete or not at all
+    (written aside, then renamed).
     """
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new folder for the derived student")
-    model = load_hf_model(teacher, task=task, local_files_only=local_files_only)
-    student, report = derive_student(model, layers=layers, keep=keep, every=every)
+    loaded = load_hf_model(
+        teacher, task=task, num_labels=num_labels, local_files_only=local_files_only, output_loading_info=True
+    )
+    # a head-pruned folder is rebuilt from its weight shapes: every tensor comes from the checkpoint
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    new_in_teacher = {*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))}
+    student, report = derive_student(
+        model, layers=layers, keep=keep, every=every, new_in_teacher=new_in_teacher
+    )
     report["teacher"] = teacher
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:

@@ -29,7 +29,6 @@ int8 stage needs ``compress.quantize.method: dynamic`` and its prune stage ``pru
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch import nn
 from alambic.compress.export import default_export_path, export_model, export_onnx
 from alambic.compress.prune import prune_model, recover, weight_sparsity
 from alambic.compress.qat import qat_distill
-from alambic.compress.quantize import evaluate_onnx, max_onnx_difference, onnx_profile, quantize_onnx
+from alambic.compress.quantize import evaluate_onnx, onnx_parity, onnx_profile, quantize_onnx
 from alambic.config import CompressConfig, RunConfig, load_config
 from alambic.core.batches import real_inputs, take
 from alambic.core.checkpoint import atomic_write_text, save_weights
@@ -53,8 +52,8 @@ from alambic.files import dumps_json
 from alambic.models.surgery import load_resized
 from alambic.run.artifacts import build_run_architecture, student_state_dict
 from alambic.run.building import RunData, build_named_model, build_run_data, run_tokenizer
+from alambic.run.compress_report import write_compress_report
 from alambic.run.pipeline import run
-from alambic.run.plots import model_colors, model_points, new_figure, scatter
 from alambic.run.rundir import check_run_dir, run_directory
 
 ROW_ORDER = ("teacher", "baseline", "distilled", "pruned", "recovered", "qat", "int8")
@@ -252,7 +251,11 @@ def _stage_quantize(
         "method": settings.method + (" after QAT + KD" if settings.qat else ""),
         "quantized_from": context.final_name,
         "calibration_samples": len(context.calibration) if settings.method == "static" else 0,
-        "max_abs_diff_to_float": max_onnx_difference(source, int8, context.check_inputs),
+    }
+    parity = onnx_parity(source, int8, context.check_inputs)
+    context.rows["int8"] |= {
+        "max_abs_diff_to_float": parity["max_abs_diff"],
+        "prediction_agreement_to_float": parity["prediction_agreement"],
     }
     source.unlink()
     return float_model, int8
@@ -290,6 +293,7 @@ def _stage_export(context: _Context, final: nn.Module, int8: Path | None) -> Non
             "model": "int8",
             "quantized_from": context.final_name,
             "max_abs_diff_to_float": context.rows["int8"]["max_abs_diff_to_float"],
+            "prediction_agreement_to_float": context.rows["int8"]["prediction_agreement_to_float"],
         }
 
 
@@ -393,74 +397,3 @@ def _compress_chain(config: RunConfig, run_dir: Path, out, data: RunData, progre
     atomic_write_text(context.out / "summary.json", dumps_json(summary, indent=2))
     write_compress_report(context.out)
     return summary
-
-
-def _cell(value: Any, spec: str, scale: float = 1.0) -> str:
-    return format(value * scale, spec) if isinstance(value, int | float) else "—"
-
-
-def write_compress_report(folder: str | Path) -> Path:
-    """``report.md`` (one row per stage) and ``plots/compress.png`` from ``summary.json`` in ``folder``."""
-    folder = Path(folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    rows = summary["models"]
-    sizes = sorted({size for row in rows.values() for size in row["onnxruntime_latency_ms"]}, key=int)
-    header = ["model", "acc %", "params", "sparsity %", "MB on disk", "MFLOPs"]
-    header += [f"torch ms@{size}" for size in sizes] + [f"ORT ms@{size}" for size in sizes]
-    lines = [
-        f"# Compression of {summary['run_name']} ({summary['dataset']})",
-        "",
-        f"Accuracy on {summary['evaluated_samples']:,} of {summary['test_samples']:,} test samples. "
-        "Size: safetensors file (int8: the ONNX file). Latency: median ms per batch on CPU, "
-        f"{next(iter(rows.values()))['latency_threads']} thread(s).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for name, row in rows.items():
-        cells = [
-            name,
-            _cell(row["accuracy"], ".2f", 100),
-            f"{row['parameters']:,}",
-            _cell(row.get("sparsity"), ".1f", 100),
-            _cell(row["size_bytes"], ".3f", 1e-6),
-            _cell(row["flops"], ".3g", 1e-6),
-        ]
-        cells += [_cell(row["latency_ms"].get(size), ".3g") for size in sizes]
-        cells += [_cell(row["onnxruntime_latency_ms"].get(size), ".3g") for size in sizes]
-        lines.append("| " + " | ".join(cells) + " |")
-    for export in summary["exports"]:
-        lines.append(
-            f"\n- {export['format']} (row {export.get('model', 'distilled')}): `{export['path']}`, "
-            f"{export['size_bytes']:,} bytes, max |difference| to PyTorch {export['max_abs_diff']:.2e} "
-            f"on {export['checked_samples']} test inputs ({export['runtime']})"
-        )
-    int8 = summary.get("int8_export")
-    if int8:
-        lines.append(
-            f"\n- int8 ONNX (row int8, quantized from {int8['quantized_from']}): `{int8['path']}`, "
-            f"{int8['size_bytes']:,} bytes, max |difference| to the float ONNX {int8['max_abs_diff_to_float']:.3g}"
-        )
-    plotted = _plot(rows, folder / "plots" / "compress.png", sizes[-1] if sizes else None)
-    if plotted:
-        lines += ["", "![accuracy against latency and size](plots/compress.png)"]
-    path = folder / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _plot(rows: dict[str, dict], path: Path, batch: str | None) -> bool:
-    """Accuracy against onnxruntime latency (largest batch) and against size on disk."""
-    if batch is None:
-        return False
-    models = list(rows.items())
-    by_latency = model_points(models, lambda row: row["onnxruntime_latency_ms"].get(batch))
-    by_size = model_points(models, lambda row: row["size_bytes"] / 1e6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure = new_figure(10.0, 4.2)
-    left, right = figure.subplots(1, 2)
-    scatter(left, by_latency, f"onnxruntime latency at batch {batch} (ms)", model_colors(models))
-    scatter(right, by_size, "size on disk (MB)", model_colors(models))
-    figure.suptitle("Accuracy against latency and size, per compression stage")
-    figure.savefig(path)
-    return True

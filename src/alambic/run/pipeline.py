@@ -43,11 +43,13 @@ from alambic.run.rundir import (
     run_directory,
     write_status,
 )
+from alambic.run.seeds import seed_contexts, seed_statistics
 from alambic.run.stages import (
     RunContext,
     distill_teacher,
     language_model_distill_data,
     load_or_train,
+    stage_folder,
 )
 from alambic.run.strategy_stages import run_strategy_stages
 
@@ -177,22 +179,33 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
             raise ConfigError(
                 "distill needs a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
             )
-    if "baseline" in stages or (context.run_dir / "baseline" / "model.safetensors").is_file():
-        write_status(context.run_dir, context.accelerator, state="running", stage="baseline")
-        train = config.baseline.train or config.distill.train
-        models["baseline"] = load_or_train(context, "baseline", build_student, config.baseline.terms, train)
-    if "distill" in stages or (context.run_dir / "student" / "model.safetensors").is_file():
-        write_status(context.run_dir, context.accelerator, state="running", stage="distill")
-        models["distilled"] = load_or_train(
-            context,
-            "distill",
-            build_student,
-            config.distill.terms,
-            config.distill.train,
-            make_teacher=lambda: distill_teacher(config, models["teacher"], context.train_set),
-            **language_model_distill_data(context, lambda: models["teacher"]),
-        )
+    for suffix, seeded in seed_contexts(context):  # one pass, or one per seed (``seeds``)
+        if "baseline" in stages or _finished(context, "baseline" + suffix):
+            write_status(context.run_dir, context.accelerator, state="running", stage="baseline" + suffix)
+            train = config.baseline.train or config.distill.train
+            models["baseline" + suffix] = load_or_train(
+                seeded, "baseline" + suffix, build_student, config.baseline.terms, train
+            )
+        if "distill" in stages or _finished(context, "distill" + suffix):
+            write_status(context.run_dir, context.accelerator, state="running", stage="distill" + suffix)
+            models["distilled" + suffix] = load_or_train(
+                seeded,
+                "distill" + suffix,
+                build_student,
+                config.distill.terms,
+                config.distill.train,
+                make_teacher=lambda: distill_teacher(config, models["teacher"], context.train_set),
+                **language_model_distill_data(seeded, lambda: models["teacher"]),
+            )
+        if suffix:
+            context.architectures |= {
+                f"{name}{suffix}": config.student.model.arch for name in ("baseline", "distilled")
+            }
     return models
+
+
+def _finished(context: RunContext, stage: str) -> bool:
+    return (context.run_dir / stage_folder(stage) / "model.safetensors").is_file()
 
 
 def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
@@ -234,7 +247,9 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "models": summary_models,
             "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
             "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
-            "terms": [term.model_dump() for term in config.distill.terms],
+            # "name": the key its weighted values are logged under in metrics.jsonl
+            **({"seeds": seed_statistics(summary_models, config.seeds)} if config.seeds else {}),
+            "terms": [{"name": term.name, **term.model_dump()} for term in config.distill.terms],
         }
         # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
         summary["non_finite"] = finite_json(summary["models"], "models")[1]

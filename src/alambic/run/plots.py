@@ -34,8 +34,21 @@ def new_figure(width: float, height: float) -> Any:
     return figure
 
 
-def plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
-    """One subplot per stage: every loss term against step (log y), test loss as markers."""
+def term_label(term: str, weight: Any) -> str:
+    """A curve's legend: the term as it enters the total, ``0.1 x ce`` (the logged values are weighted)."""
+    return f"{weight:g} x {term}" if is_number(weight) and weight != 1 else term
+
+
+def plot_training_curves(
+    records: list[dict[str, Any]], path: Path, weights: dict[str, dict[str, float]] | None = None
+) -> bool:
+    """One subplot per stage: every loss term against step (log y), test loss as markers.
+
+    ``weights``: ``{stage: {term: weight}}``; a weighted term's legend says so (``0.1 x ce``), as its logged
+    values are weighted. Short stages get integer step ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    weights = weights or {}
     train, evals = _stages_in_order(records, "train"), _stages_in_order(records, "eval")
     stages = list(dict.fromkeys([*train, *evals]))
     if not stages:
@@ -69,7 +82,8 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
                 all_values += values
                 # The sum is dashed: with one dominant term it lies on top of that term's line.
                 style = {"linewidth": 2.0, "linestyle": "--"} if term == "total" else {"linewidth": 1.2}
-                axis.plot(steps, values, label=term, color=f"C{all_terms.index(term) % 10}", **style)
+                label = term_label(term, weights.get(stage, {}).get(term))
+                axis.plot(steps, values, label=label, color=f"C{all_terms.index(term) % 10}", **style)
         test = [
             (r["step"], r["loss"])
             for r in evals.get(stage, [])
@@ -79,10 +93,12 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path) -> bool:
             steps, values = zip(*test, strict=True)
             all_values += values
             axis.plot(steps, values, "o--", color="black", markersize=4, linewidth=1, label="test ce")
-        # A log axis cannot show zero or negative values; fall back to linear for such stages.
-        if all_values and min(all_values) > 0:
-            axis.set_yscale("log")
+        # Log scale where the losses span a decade or more; a linear one reads better below (2.23 to 2.30),
+        # and a log axis cannot show zero or negative values.
+        if all_values and min(all_values) > 0 and max(all_values) >= 10 * min(all_values):
+            log_axis_labels(axis, "y", math.log10(max(all_values) / min(all_values)))
         axis.set_title(f"{stage}")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
         axis.grid(True, which="both", alpha=0.3)
@@ -125,29 +141,58 @@ def plot_accuracy_curves(records: list[dict[str, Any]], path: Path) -> bool:
 
 
 def _compact_number(value: float, _position: object = None) -> str:
-    """Tick label such as 50k, 1.2M, 0.5 or 20: readable where 3x10^5 labels would collide."""
+    """Tick label such as 50k, 1.2M, 0.5, 2.23 or 20: readable where 3x10^5 labels would collide."""
     for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= threshold:
-            return f"{value / threshold:g}{suffix}"
-    return f"{value:g}"
+            return f"{value / threshold:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+MARKERS = "osD^vPX*"  # a shape per model as well as a colour: coinciding points stay visible
+
+
+def log_axis_labels(axis: Any, which: str, decades: float) -> None:
+    """A log scale on ``which`` axis ("x" or "y") with plain labels (0.05, 2.3, 20k, not 2.3x10^0): at 1-2-5
+    steps within two decades, at powers of ten beyond, where 1-2-5 labels run into each other ("0.0050.01")."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(axis, f"set_{which}scale")("log")
+    subs = (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
+    target = getattr(axis, f"{which}axis")
+    target.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+    target.set_major_formatter(FuncFormatter(_compact_number))
+    target.set_minor_formatter(NullFormatter())
 
 
 def scatter(axis: Any, points: list[tuple[str, float, float]], xlabel: str, colors: dict[str, str]) -> None:
-    """Labelled scatter of (name, x, accuracy %) on a log x axis, one colour per model name."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
+    """Scatter of (name, x, accuracy %) on a log x axis, one colour and marker per model name; the names go
+    to a legend (see :func:`model_legend`), never next to the points, where close points' labels collide."""
+    names = list(colors)
     for name, x, accuracy in points:
-        axis.scatter([x], [accuracy], s=50, color=colors[name])
-        axis.annotate(name, (x, accuracy), textcoords="offset points", xytext=(6, 4), fontsize="small")
-    axis.set_xscale("log")
-    # Ticks at 1-2-5 steps with compact labels; a log axis spanning under a decade would otherwise show one tick.
-    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.xaxis.set_major_formatter(FuncFormatter(_compact_number))
-    axis.xaxis.set_minor_formatter(NullFormatter())
+        marker = MARKERS[names.index(name) % len(MARKERS)]
+        axis.scatter([x], [accuracy], s=60, color=colors[name], marker=marker, alpha=0.8, label=name)
+    xs = [x for _, x, _ in points]
+    log_axis_labels(axis, "x", math.log10(max(xs) / min(xs)) if xs else 0.0)
     axis.set_xlabel(xlabel)
     axis.set_ylabel("test accuracy (%)")
     axis.grid(True, which="both", alpha=0.3)
-    axis.margins(x=0.25, y=0.15)
+    axis.margins(x=0.15, y=0.15)
+
+
+def model_legend(figure: Any, axes: Any) -> None:
+    """One legend of the models under the figure's plots (each model once, whichever plot shows it)."""
+    handles: dict[str, Any] = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        figure.legend(
+            handles.values(),
+            handles.keys(),
+            loc="outside lower center",
+            ncols=min(len(handles), 7),
+            fontsize="small",
+        )
 
 
 def model_colors(models: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
@@ -175,6 +220,7 @@ def plot_accuracy_vs_size(models: list[tuple[str, dict[str, Any]]], path: Path) 
     left, right = figure.subplots(1, 2)
     scatter(left, by_parameters, "parameters", model_colors(models))
     scatter(right, by_size, "size on disk (MB)", model_colors(models))
+    model_legend(figure, (left, right))
     figure.suptitle("Accuracy against model size")
     with writing(path):
         figure.savefig(path)
@@ -189,6 +235,7 @@ def plot_accuracy_vs_latency(models: list[tuple[str, dict[str, Any]]], path: Pat
     figure = new_figure(6.4, 4.2)
     axis = figure.subplots()
     scatter(axis, points, "latency at batch size 1 (ms)", model_colors(models))
+    model_legend(figure, (axis,))
     axis.set_title("Accuracy against latency (batch 1)")
     with writing(path):
         figure.savefig(path)

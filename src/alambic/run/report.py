@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from alambic.run.plots import (
     plot_training_curves,
 )
 from alambic.run.report_lm import language_model_lines, sample_lines
+from alambic.run.seeds import format_mean
 
 # The command that writes summary.json, named in the error raised when it is missing.
 SUMMARY_COMMAND = "alambic run CONFIG.yaml"
@@ -136,6 +138,25 @@ def _models_table(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _seeds_table(seeds: dict[str, Any]) -> list[str]:
+    """Markdown table: each student's metrics as mean ± standard deviation over its seeds, with n."""
+    names = {"accuracy": ("Accuracy (%)", 100.0, ".2f"), "macro_f1": ("Macro-F1", 1.0, ".4f")}
+    names |= {"roc_auc": ("ROC AUC", 1.0, ".4f"), "perplexity": ("Perplexity", 1.0, ".3f")}
+    measured = [key for key in names if any(key in stats for stats in seeds["models"].values())]
+    lines = [
+        f"Over seeds {seeds['seeds']} (the rows `-seedS` above; mean ± sample standard deviation): a "
+        "difference within the spread is not a difference.",
+        "",
+        "| Model | n | " + " | ".join(names[key][0] for key in measured) + " |",
+        "|" + "---|" * (len(measured) + 2),
+    ]
+    for name, stats in seeds["models"].items():
+        count = next(iter(stats.values()), {}).get("n", 0)
+        cells = [format_mean(stats.get(key), names[key][2], names[key][1]) for key in measured]
+        lines.append(f"| {name} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _derived_lines(models: dict[str, Any]) -> list[str]:
     """Sentences comparing the distilled student with the teacher and the baseline."""
     distilled, teacher, baseline = models.get("distilled"), models.get("teacher"), models.get("baseline")
@@ -156,13 +177,24 @@ def _derived_lines(models: dict[str, Any]) -> list[str]:
         )
     if teacher is not None and both(teacher, distilled, "parameters"):
         ratio = teacher["parameters"] / distilled["parameters"]
-        lines.append(f"- **{ratio:.1f}x** fewer parameters than the teacher.")
+        lines.append(f"- {_compared(ratio, 'fewer parameters', 'more parameters', 'as many parameters')}.")
     teacher_latency = (teacher or {}).get("latency_ms") or {}
     student_latency = distilled.get("latency_ms") or {}
     if both(teacher_latency, student_latency, "1"):
         ratio = teacher_latency["1"] / student_latency["1"]
-        lines.append(f"- **{ratio:.1f}x** faster than the teacher at batch size 1.")
+        lines.append(f"- {_compared(ratio, 'faster', 'slower', 'as fast')} at batch size 1.")
     return lines
+
+
+def _compared(ratio: float, smaller: str, larger: str, same: str) -> str:
+    """``ratio`` (teacher / student) in words: "**3.2x** fewer parameters than the teacher", "**1.5x** more
+    parameters than the teacher" (a larger student), or, within 5%, where "1.0x fewer" would mislead, "about
+    as many parameters as the teacher"."""
+    if abs(ratio - 1.0) < 0.05:
+        return f"About {same} as the teacher"
+    if ratio > 1:
+        return f"**{ratio:.1f}x** {smaller} than the teacher"
+    return f"**{1 / ratio:.1f}x** {larger} than the teacher"
 
 
 def _terms_table(terms: list[dict[str, Any]]) -> list[str]:
@@ -272,6 +304,8 @@ def write_report(run_dir: str | Path) -> Path:
         "Accuracy and macro-F1 on the test split; size = safetensors file; MFLOPs per sample; "
         f"latency = median per batch{' on ' + '; '.join(latency_where) if latency_where else ''}.",
     ]
+    if summary.get("seeds"):
+        lines += ["", *_seeds_table(summary["seeds"])]
     derived = _derived_lines(summary.get("models") or {})
     if derived:
         lines += ["", *derived]
@@ -292,8 +326,18 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"{skipped} malformed line(s) in metrics.jsonl were skipped.", ""]
     if not records:
         lines.append("metrics.jsonl is missing or empty, so the training-curve plots are skipped.")
-    if make_plot(plot_training_curves, records, plots_dir / "training_curves.png"):
-        lines += ["Loss terms per stage against step (log scale); black markers: test cross-entropy.", ""]
+    distill_weights = {
+        "distill": {
+            term.get("name") or term.get("loss"): term.get("weight") for term in summary.get("terms") or []
+        }
+    }
+    curves = partial(plot_training_curves, weights=distill_weights)
+    if make_plot(curves, records, plots_dir / "training_curves.png"):
+        lines += [
+            "Loss terms per stage against step (log scale where they span a decade), each as weighted in the total (`0.1 x ce`); "
+            "black markers: test cross-entropy.",
+            "",
+        ]
         lines += ["![training curves](plots/training_curves.png)", ""]
     if make_plot(plot_accuracy_curves, records, plots_dir / "accuracy_curves.png"):
         lines += ["![test accuracy per epoch](plots/accuracy_curves.png)", ""]

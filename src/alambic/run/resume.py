@@ -21,8 +21,8 @@ DATA_ACCESS = ("data_dir", "num_workers", "eval_batch_size")
 # the folders of a run directory that hold a trained (or training) model, by the stage that writes them
 _STAGE_FOLDERS = (
     (re.compile(r"teacher(_\d+)?"), "teacher"),
-    (re.compile(r"baseline"), "baseline"),
-    (re.compile(r"student|generation_\d+|assistant_\d+|peer_\d+"), "distill"),
+    (re.compile(r"baseline(-seed\d+)?"), "baseline"),  # -seedS: one more seed (alambic.run.seeds)
+    (re.compile(r"student(-seed\d+)?|generation_\d+|assistant_\d+|peer_\d+"), "distill"),
 )
 
 

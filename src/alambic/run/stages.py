@@ -35,6 +35,13 @@ from alambic.run.lm_distill import on_policy_data, on_policy_loader, sequence_kd
 MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
 
 
+def stage_folder(stage: str) -> str:
+    """The run-directory folder of ``stage``: ``student`` for ``distill``, ``student-seed1`` for
+    ``distill-seed1`` (one more seed, see :mod:`alambic.run.seeds`), the stage's name otherwise."""
+    base, separator, seed = stage.partition("-seed")
+    return MODEL_DIRS.get(base, base) + separator + seed
+
+
 @dataclass
 class RunContext:
     """What every stage of one run shares."""
@@ -68,7 +75,7 @@ def train_stage(
     teacher's generations); ``wrap_loader(prepared_loader, model)``: the loader as the stage wants it
     (on-policy batches)."""
     accelerator = context.accelerator
-    folder = context.run_dir / MODEL_DIRS.get(stage, stage)
+    folder = context.run_dir / stage_folder(stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     loader = make_loader(
         stage_train_set(
@@ -134,7 +141,7 @@ def load_or_train(
     """
     set_seed(context.config.seed)
     model = build()
-    weights = context.run_dir / MODEL_DIRS.get(stage, stage) / "model.safetensors"
+    weights = context.run_dir / stage_folder(stage) / "model.safetensors"
     if weights.is_file():
         load_finished_stage(model, weights, stage)
         return model
