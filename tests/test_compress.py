@@ -232,7 +232,8 @@ def test_qat_compress_exports_the_qat_trained_weights(run_dir, tmp_path):
     assert [export["model"] for export in summary["exports"]] == ["qat", "qat"]
     assert summary["int8_export"]["quantized_from"] == "qat"
     report = (out / "report.md").read_text()
-    assert "safetensors (row qat)" in report and "quantized from qat" in report
+    assert "| safetensors | qat |" in report and "| onnx int8 | int8 |" in report
+    assert "the float ONNX file of qat" in report
 
 
 def test_export_and_compress_errors_are_one_line(run_dir, tmp_path):
