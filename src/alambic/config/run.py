@@ -129,6 +129,11 @@ class RunConfig(StrictModel):
             return self
         if self.teacher.model.arch == "derive:teacher":
             raise ValueError("teacher.model.arch: derive:teacher is for the student (it copies the teacher)")
+        if self.teacher.model.lora is not None:
+            raise ValueError(
+                "teacher.model.lora: LoRA adapts students (the teacher stays frozen while they learn); "
+                "move it to student.model.lora"
+            )
         if self.student.model.arch.startswith("derive:"):
             if self.student.model.arch != "derive:teacher":
                 raise ValueError(f"student.model.arch {self.student.model.arch!r}: write derive:teacher")
