@@ -69,7 +69,7 @@ def with_lora(
         return peft.get_peft_model(model, config)
     except ValueError as error:  # unknown target names, or no default for the model's type
         raise ConfigError(
-            f"cannot add LoRA adapters to {type(model).__name__}: {first_line(error)}; set lora.target_modules "
+            f"cannot add LoRA adapters to {type(model).__name__}: {first_line(error).rstrip('.')}; set lora.target_modules "
             f"to names of its linear layers (q_proj, v_proj, ...) or {ALL_LINEAR!r}"
         ) from None
 
