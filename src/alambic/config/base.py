@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -83,16 +83,33 @@ class Term(StrictModel):
         return f"{self.loss}:{self.student}"
 
 
+class LoraSettings(StrictModel):
+    """LoRA adapters on a model (:func:`alambic.models.lora.with_lora`): its weights frozen, low-rank
+    updates of ``target_modules`` trained; merged into plain weights on export."""
+
+    r: int = Field(8, ge=1)  # rank
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # linear layers' names (q_proj, v_proj, c_attn, ...), "all-linear", or None: peft's default for the model type
+    target_modules: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | Literal["all-linear"]
+        | None
+    ) = None
+
+
 class ModelConfig(StrictModel):
     """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, a
     Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.models.hf.load_hf_model`: task, ...), a
     llama2.c checkpoint ``llama2c:PATH`` (a ``.bin`` loaded as a Hugging Face Llama; no kwargs), or,
     for the student, ``derive:teacher``: fewer of the trained teacher's layers, initialised from them
-    (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.models.hf.derive_student`)."""
+    (kwargs ``layers``, ``keep`` or ``every`` go to :func:`alambic.models.hf.derive_student`). ``lora``
+    adapts the built model (after its checkpoint is loaded) with LoRA (:class:`LoraSettings`)."""
 
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None  # weights to load (safetensors, or a torch checkpoint read weights_only)
+    lora: LoraSettings | None = None  # adapt the model with LoRA: only the adapters train (students)
 
 
 class LoopSettings(StrictModel):

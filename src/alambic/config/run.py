@@ -20,6 +20,7 @@ from alambic.config.strategies import TEACHER_FREE_STRATEGIES, Strategy
 from alambic.losses import get_loss_spec
 
 LANGUAGE_MODEL_DATASETS = ("text", "jsonl")
+HUGGING_FACE_ARCHS = ("hf:", "hf-config", "llama2c:")  # teachers built as transformers models (derivable)
 LANGUAGE_MODEL_TERMS = {
     "teacher": [{"loss": "lm_ce"}],
     "baseline": [{"loss": "lm_ce"}],
@@ -140,12 +141,18 @@ class RunConfig(StrictModel):
             return self
         if self.teacher.model.arch == "derive:teacher":
             raise ValueError("teacher.model.arch: derive:teacher is for the student (it copies the teacher)")
+        if self.teacher.model.lora is not None:
+            raise ValueError(
+                "teacher.model.lora: LoRA adapts students (the teacher stays frozen while they learn); "
+                "move it to student.model.lora"
+            )
         if self.student.model.arch.startswith("derive:"):
             if self.student.model.arch != "derive:teacher":
                 raise ValueError(f"student.model.arch {self.student.model.arch!r}: write derive:teacher")
-            if not self.teacher.model.arch.startswith("hf:"):
+            if not self.teacher.model.arch.startswith(HUGGING_FACE_ARCHS):
                 raise ValueError(
-                    "student.model.arch derive:teacher needs a Hugging Face teacher (arch: hf:PATH)"
+                    "student.model.arch derive:teacher needs a Hugging Face teacher "
+                    "(arch: hf:PATH, hf-config or llama2c:PATH)"
                 )
             given = {
                 key for key in ("layers", "keep", "every") if self.student.model.kwargs.get(key) is not None

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from alambic.core.batches import call_model, logits_of
 from alambic.errors import ConfigError
+from alambic.models.lora import is_lora
 
 IGNORE_INDEX = -100
 
@@ -82,9 +83,11 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 renames past_ke
 
 def cache_argument(model: nn.Module) -> str | None:
     """The key/value cache argument of ``model``'s forward (``cache`` or ``past_key_values``, taken with
-    ``use_cache``), or None when it has none."""
+    ``use_cache``), or None when it has none. A LoRA model's forward passes its keyword arguments on to the
+    model it adapts, whose signature says."""
+    forward = model.get_base_model().forward if is_lora(model) else model.forward
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return None
     if "use_cache" not in parameters:

@@ -8,6 +8,7 @@ Example:
 
 from alambic.models.cifar_resnet import CifarResNet, WideCifarResNet
 from alambic.models.loading import load_weights
+from alambic.models.lora import merge_lora, trainable_parameters, with_lora
 from alambic.models.text import init_from_teacher_embeddings, teacher_embedding_table
 from alambic.models.zoo import build_factory_model, build_model, list_models, model_options, register_model
 
@@ -19,7 +20,10 @@ __all__ = [
     "init_from_teacher_embeddings",
     "list_models",
     "load_weights",
+    "merge_lora",
     "model_options",
     "register_model",
     "teacher_embedding_table",
+    "trainable_parameters",
+    "with_lora",
 ]

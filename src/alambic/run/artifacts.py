@@ -21,6 +21,7 @@ from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.data import build_datasets
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
+from alambic.models.lora import merge_lora
 from alambic.models.surgery import load_resized
 from alambic.run.building import build_named_model, build_run_datasets, derive_from_teacher, run_tokenizer
 from alambic.run.rundir import (
@@ -104,9 +105,17 @@ def load_run_model(
         raise AlambicError(f"{source} does not exist; pass a run directory or a .safetensors checkpoint")
     if weights.suffix != ".safetensors":
         raise AlambicError(f"{weights}: export reads safetensors weights; convert it with alambic first")
-    load_resized(built, student_state_dict(weights))
+    built = load_saved(built, weights)
     description = {"arch": model_config.arch, "kwargs": model_config.kwargs, "weights": str(weights)}
+    if model_config.lora is not None:
+        description["lora"] = model_config.lora.model_dump()
     return LoadedModel(built.eval(), info, train_set, test_set, description, tokenizer)
+
+
+def load_saved(model: nn.Module, weights: Path) -> nn.Module:
+    """``model`` (its architecture rebuilt) with a run's saved ``weights``; a LoRA student comes back as the
+    plain model its adapters merge into, which is what is exported, compressed and measured."""
+    return merge_lora(load_resized(model, student_state_dict(weights)))
 
 
 def build_run_architecture(config: Any, model: str, info: Any) -> nn.Module:

@@ -28,6 +28,7 @@ from alambic.models import (
 )
 from alambic.models.hf import build_hf_model, derive_student, load_hf_model
 from alambic.models.llama2c import load_llama2c
+from alambic.models.lora import with_lora
 
 
 def build_named_model(
@@ -61,7 +62,14 @@ def build_named_model(
         init_from_teacher_embeddings(model, teacher_embedding_table(teacher))
     if model_config.checkpoint:
         load_weights(model, model_config.checkpoint)
-    return model
+    return adapt(model, model_config)
+
+
+def adapt(model: nn.Module, model_config) -> nn.Module:
+    """``model`` with the LoRA adapters its config asks for (``model.lora``), else ``model`` itself."""
+    if model_config.lora is None:
+        return model
+    return with_lora(model, **model_config.lora.model_dump())
 
 
 def wants_teacher_embeddings(model_config, side: str = "student") -> bool:
@@ -118,7 +126,7 @@ def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
     student, _report = derive_student(teacher, **model_config.kwargs)
     if model_config.checkpoint:
         load_weights(student, model_config.checkpoint)
-    return student
+    return adapt(student, model_config)
 
 
 @torch.no_grad()

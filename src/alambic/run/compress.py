@@ -49,8 +49,7 @@ from alambic.core.lock import run_lock
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json
-from alambic.models.surgery import load_resized
-from alambic.run.artifacts import build_run_architecture, student_state_dict
+from alambic.run.artifacts import build_run_architecture, load_saved
 from alambic.run.building import RunData, build_named_model, build_run_data, run_tokenizer
 from alambic.run.compress_report import write_compress_report
 from alambic.run.pipeline import run
@@ -116,7 +115,7 @@ def _load_models(context: _Context) -> dict[str, nn.Module]:
         weights = context.run_dir / folder / "model.safetensors"
         if weights.is_file():
             model = build_run_architecture(config, name, context.info)
-            models[name] = load_resized(model, student_state_dict(weights)).eval()
+            models[name] = load_saved(model, weights).eval()
         elif name == "teacher" and model_config.checkpoint:
             models[name] = build_named_model(model_config, context.info, task=context.config.task).eval()
     if "distilled" not in models:

@@ -15,6 +15,7 @@ from alambic.config import RunConfig
 from alambic.core.batches import real_inputs
 from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.core.evaluate_lm import evaluate_causal_lm, generation_speed, sample_texts
+from alambic.models.lora import is_lora, trainable_parameters
 
 SAMPLE_PROMPTS = 3  # fixed prompts sampled from every model of a language-model run (report.md)
 SAMPLE_PROMPT_TOKENS = 16
@@ -75,6 +76,8 @@ def summary_metrics(
         repeats=evaluation.latency_repeats,
         threads=evaluation.latency_threads,
     )
+    if is_lora(model):  # parameters counts the frozen weights and the adapters; these alone trained
+        profile["trainable_parameters"] = trainable_parameters(model)[0]
     if config.task == "causal-lm":
         prompts = example_prompts(dataset)
         threads = evaluation.latency_threads or 1
