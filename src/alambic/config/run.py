@@ -17,6 +17,7 @@ from alambic.config.sections import (
     TeacherConfig,
 )
 from alambic.config.strategies import TEACHER_FREE_STRATEGIES, Strategy
+from alambic.config.tracking import TrackingConfig
 from alambic.losses import get_loss_spec
 
 LANGUAGE_MODEL_DATASETS = ("text", "jsonl")
@@ -36,7 +37,8 @@ class RunConfig(StrictModel):
     task: Literal["classification", "causal-lm"] = "classification"
     seed: int = Field(0, ge=0, le=2**32 - 1)  # NumPy's seeds are 32-bit
     precision: Literal["no", "bf16", "fp16"] = "no"
-    tensorboard: bool = False
+    tensorboard: bool = False  # short for tracking: [tensorboard]
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # experiment trackers (Accelerate)
     stages: list[Literal["teacher", "baseline", "distill", "evaluate", "report"]] = Field(
         default_factory=lambda: list(STAGES)
     )
@@ -64,6 +66,12 @@ class RunConfig(StrictModel):
             elif value is None and section in ("baseline", "distill"):
                 data[section] = {"terms": terms}
         return data
+
+    @model_validator(mode="after")
+    def _tensorboard_is_a_tracker(self) -> RunConfig:
+        if self.tensorboard and "tensorboard" not in self.tracking.trackers:
+            self.tracking.trackers.append("tensorboard")
+        return self
 
     @model_validator(mode="after")
     def _task_data(self) -> RunConfig:
