@@ -22,7 +22,14 @@ from rich.table import Table
 
 from alambic import __version__
 from alambic.config import ModelConfig, load_config
-from alambic.console import ProgressBar, console, print_compress_summary, print_summary, print_tune_trials
+from alambic.console import (
+    ProgressBar,
+    console,
+    print_compress_summary,
+    print_summary,
+    print_table,
+    print_tune_trials,
+)
 from alambic.core.cache import cache_size_bytes
 from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
@@ -212,7 +219,7 @@ def recipes(debug: Debug = False) -> None:
     for path in sorted(folder.rglob("*.yaml")):
         if "data" not in path.relative_to(folder).parts:
             table.add_row(str(path.relative_to(folder).with_suffix("")), recipe_purpose(path))
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -285,7 +292,7 @@ def losses(
         table.add_column(column, overflow="fold")
     for spec in list_losses():
         table.add_row(spec.name, spec.inputs, spec.description, spec.paper)
-    console.print(table)
+    print_table(table)
 
 
 @app.command(name="eval")
@@ -360,7 +367,7 @@ def inspect(
     for row in module_table(model, torch.zeros(1, *shape), max_depth=depth):
         shown = "x".join(map(str, row.output_shape)) if row.output_shape else "-"
         table.add_row(row.path, row.kind, shown, f"{row.parameters:,}")
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
