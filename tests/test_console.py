@@ -1,5 +1,6 @@
 """What the command line shows away from a terminal (nohup, SLURM, CI): one plain line per epoch with its
-ETA, tables at full width; and on a terminal, the live bar's ETA."""
+ETA, tables at full width; and on a terminal, the live bar's ETA. (The redirected run also tracks to
+TensorBoard from its config.)"""
 
 import io
 import os
@@ -67,7 +68,7 @@ def test_a_redirected_run_writes_epoch_lines_and_whole_tables(tmp_path):
     env |= {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "alambic.cli", "run", str(ROOT / "recipes" / "digits.yaml"), "--out",
                str(tmp_path / "run"), "--set", "teacher.train.epochs=2", "--set", "distill.train.epochs=2",
-               "--set", "evaluate.latency_repeats=2", "--set", "name=a-run-name-long-enough-to-widen-the-table-title"]  # fmt: skip
+               "--set", "evaluate.latency_repeats=2", "--set", "name=a-run-name-long-enough-to-widen-the-table-title", "--set", "tracking=[tensorboard]"]  # fmt: skip
     with open(tmp_path / "out.txt", "w") as stdout:  # a file, as nohup and SLURM give
         result = subprocess.run(
             command, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=600
@@ -83,3 +84,5 @@ def test_a_redirected_run_writes_epoch_lines_and_whole_tables(tmp_path):
     assert "…" not in text  # nothing cut
     table = [line for line in text.splitlines() if line.startswith("│ distilled")]
     assert table and len(table[0]) > 80 and re.search(r"│ +\d+\.\d\d │", table[0])
+    for stage in ("teacher", "baseline", "distill"):  # tracking from the run config: one run per stage
+        assert list((tmp_path / "run" / "tracking" / stage).glob("a-run-name-*/events.out.tfevents.*")), stage
