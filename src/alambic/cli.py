@@ -35,12 +35,7 @@ from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
 from alambic.losses import get_loss_spec, list_losses
 from alambic.models.hf import derive_to_folder
-from alambic.packaged import (
-    demo_overrides,
-    packaged_recipes,
-    recipe_path,
-    recipe_purpose,
-)
+from alambic.packaged import demo_overrides, packaged_recipes, recipe_path, recipe_purpose
 from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.building import build_named_model
 from alambic.run.compress import compress_run
