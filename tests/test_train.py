@@ -230,15 +230,3 @@ def test_bf16_autocast_trains_on_cpu():
 
     distill(teacher, Recording(), _loader(dataset), epochs=1, precision="bf16")
     assert torch.bfloat16 in seen  # the forward pass really ran under bf16 autocast
-
-
-def test_metrics_log_writes_tensorboard_events(tmp_path):
-    pytest.importorskip(
-        "tensorboard", reason="tensorboard is an optional extra: pip install alambic[tensorboard]"
-    )
-    from alambic.core.monitor import MetricsLog
-
-    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path / "tb")
-    log.write({"stage": "distill", "kind": "train", "epoch": 1, "step": 5, "lr": 0.1, "losses": {"kd": 0.5}})
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["losses"] == {"kd": 0.5}
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

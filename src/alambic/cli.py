@@ -22,18 +22,20 @@ from rich.table import Table
 
 from alambic import __version__
 from alambic.config import ModelConfig, load_config
-from alambic.console import ProgressBar, console, print_compress_summary, print_summary, print_tune_trials
+from alambic.console import (
+    ProgressBar,
+    console,
+    print_compress_summary,
+    print_summary,
+    print_table,
+    print_tune_trials,
+)
 from alambic.core.cache import cache_size_bytes
 from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
 from alambic.losses import get_loss_spec, list_losses
 from alambic.models.hf import derive_to_folder
-from alambic.packaged import (
-    demo_overrides,
-    packaged_recipes,
-    recipe_path,
-    recipe_purpose,
-)
+from alambic.packaged import demo_overrides, packaged_recipes, recipe_path, recipe_purpose
 from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.building import build_named_model
 from alambic.run.compress import compress_run
@@ -212,7 +214,7 @@ def recipes(debug: Debug = False) -> None:
     for path in sorted(folder.rglob("*.yaml")):
         if "data" not in path.relative_to(folder).parts:
             table.add_row(str(path.relative_to(folder).with_suffix("")), recipe_purpose(path))
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -285,7 +287,7 @@ def losses(
         table.add_column(column, overflow="fold")
     for spec in list_losses():
         table.add_row(spec.name, spec.inputs, spec.description, spec.paper)
-    console.print(table)
+    print_table(table)
 
 
 @app.command(name="eval")
@@ -360,7 +362,7 @@ def inspect(
     for row in module_table(model, torch.zeros(1, *shape), max_depth=depth):
         shown = "x".join(map(str, row.output_shape)) if row.output_shape else "-"
         table.add_row(row.path, row.kind, shown, f"{row.parameters:,}")
-    console.print(table)
+    print_table(table)
 
 
 @app.command()

@@ -1,11 +1,24 @@
-"""What the command line shows: the live progress bar of a run's stages and the table of its models."""
+"""What the command line shows: the progress of a run's stages (a live bar on a terminal, one plain line
+per epoch elsewhere) and the tables of its models."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from alambic.run.compress_report import export_checks, latency_sizes, number_cell
@@ -14,34 +27,130 @@ from alambic.run.seeds import format_mean
 console = Console()
 
 
+def print_table(table: Table) -> None:
+    """A table on the console; written to a file or a pipe (nohup, SLURM, CI), at its full width, where
+    Rich would cut it at 80 columns ("98.…")."""
+    if console.is_terminal or console.is_jupyter:
+        console.print(table)
+    else:
+        Console(width=100_000, file=console.file).print(table)
+
+
+def shown_values(values: dict) -> str:
+    return " ".join(f"{key} {value:.4g}" for key, value in values.items())
+
+
 class ProgressBar:
-    """A Rich progress bar per training stage, fed by the loop's ``progress`` callback."""
+    """The loop's ``progress`` callback ``(stage, step, total_steps, values)``: on a terminal (or in Jupyter),
+    a live Rich bar per stage with its elapsed time and ETA; otherwise :class:`EpochLines`."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+        self.live = console.is_terminal or console.is_jupyter
         self.progress = Progress(
             TextColumn("[bold]{task.description:<9}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[values]}"),
             console=console,
         )
+        self.lines = EpochLines()
         self.tasks: dict[str, Any] = {}
+        self.shown: dict[str, dict] = {}  # per stage: the last train values and test metrics
 
     def __call__(self, stage: str, step: int, total: int, values: dict) -> None:
+        if not self.live:
+            self.lines(stage, step, total, values)
+            return
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, values="")
-        shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
-        self.progress.update(self.tasks[stage], completed=step, values=shown)
+        shown = self.shown.setdefault(stage, {})
+        if any(key.startswith("test_") for key in values):
+            shown.update(values)
+        else:  # train values replace the previous ones; the last test metric stays in view
+            self.shown[stage] = shown = values | {k: v for k, v in shown.items() if k.startswith("test_")}
+        self.progress.update(self.tasks[stage], completed=step, values=shown_values(shown))
 
     def __enter__(self) -> ProgressBar:
-        self.progress.start()
+        if self.live:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
+        else:
+            self.lines.finish()
+
+
+@dataclass
+class StageClock:
+    """One stage as :class:`EpochLines` follows it: its pace and the epoch not yet printed."""
+
+    stage: str
+    total: int  # optimizer steps
+    started: float  # monotonic time of the stage's first report
+    first_step: int
+    step: int = 0
+    epoch: int | None = None
+    steps_per_epoch: float | None = None  # known after an evaluation (which ends an epoch)
+    losses: dict = field(default_factory=dict)
+    tests: dict = field(default_factory=dict)
+    printed: bool = True  # the current epoch's line is written
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.started
+        done = self.step - self.first_step
+        eta = (self.total - self.step) * elapsed / done if done > 0 else None
+        epochs = round(self.total / self.steps_per_epoch) if self.steps_per_epoch else None
+        epoch = "" if self.epoch is None else f"epoch {self.epoch}" + (f"/{epochs}" if epochs else "") + "  "
+        return (
+            f"{self.stage:<9} {epoch}step {self.step}/{self.total}  {shown_values(self.losses | self.tests)}  "
+            f"elapsed {timedelta(seconds=round(elapsed))}  ETA {'?' if eta is None else timedelta(seconds=round(eta))}"
+        )
+
+
+class EpochLines:
+    """Progress where no live bar can be drawn (nohup, SLURM, CI logs): one plain, flushed line per epoch
+    (stage, epoch / epochs, step, train losses, test metric, elapsed time and ETA), written when its
+    evaluation is in, else at the next epoch's first report. Elapsed time counts from the stage's first
+    report (``log_every`` steps in), the ETA from the pace since. The first process only."""
+
+    def __init__(self) -> None:
+        self.clocks: dict[str, StageClock] = {}
+        self.current: StageClock | None = None
+        self.enabled = int(os.environ.get("RANK", "0")) == 0
+
+    def __call__(self, stage: str, step: int, total: int, values: dict) -> None:
+        now = time.monotonic()
+        values = dict(values)
+        epoch = values.pop("epoch", None)
+        clock = self.clocks.setdefault(stage, StageClock(stage, total, now, step))
+        if self.current is not None and (self.current is not clock or (epoch or 0) > (clock.epoch or 0)):
+            self.write(self.current, now)
+        self.current, clock.step, clock.epoch = clock, step, epoch
+        tests = {key: value for key, value in values.items() if key.startswith("test_")}
+        if tests:  # an evaluation ends its epoch: the line is complete
+            clock.tests, clock.printed = tests, False
+            if epoch:
+                clock.steps_per_epoch = step / epoch
+            self.write(clock, now)
+        else:
+            if clock.printed:  # a new epoch
+                clock.tests = {}
+            clock.losses, clock.printed = values, False
+
+    def write(self, clock: StageClock, now: float) -> None:
+        if not clock.printed and self.enabled:
+            console.print(clock.line(now), highlight=False, markup=False, soft_wrap=True)
+            console.file.flush()
+        clock.printed = True
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.write(self.current, time.monotonic())
 
 
 def print_summary(summary: dict) -> None:
@@ -74,7 +183,7 @@ def print_summary(summary: dict) -> None:
             f"{m['flops'] / 1e6:.3g}",
             *(f"{latency.get(size, float('nan')):.3g}" for size in batch_sizes),
         )
-    console.print(table)
+    print_table(table)
     if summary.get("seeds"):
         print_seed_statistics(summary["seeds"], language)
 
@@ -128,7 +237,7 @@ def print_tune_trials(study: Any, result: dict) -> None:
             ),
             note,
         )
-    console.print(table)
+    print_table(table)
 
 
 def print_compress_summary(summary: dict) -> None:
@@ -153,7 +262,7 @@ def print_compress_summary(summary: dict) -> None:
             *(number_cell(row["latency_ms"].get(size), ".3g") for size in sizes),
             *(number_cell(row["onnxruntime_latency_ms"].get(size), ".3g") for size in sizes),
         )
-    console.print(table)
+    print_table(table)
     checks = export_checks(summary)
     if not checks:
         return
@@ -169,4 +278,4 @@ def print_compress_summary(summary: dict) -> None:
             number_cell(check["prediction_agreement"], ".2f", 100),
             check["against"],
         )
-    console.print(files)
+    print_table(files)

@@ -39,6 +39,7 @@ from alambic.config.strategies import (
     SelfDistillStrategy,
     Strategy,
 )
+from alambic.config.tracking import TRACKERS, TrackingConfig
 
 __all__ = [
     "AssistantsStrategy",
@@ -63,6 +64,8 @@ __all__ = [
     "StudentConfig",
     "TEACHER_FREE_STRATEGIES",
     "TeacherConfig",
+    "TRACKERS",
+    "TrackingConfig",
     "Term",
     "TrainConfig",
     "LoopSettings",

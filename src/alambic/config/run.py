@@ -17,6 +17,7 @@ from alambic.config.sections import (
     TeacherConfig,
 )
 from alambic.config.strategies import TEACHER_FREE_STRATEGIES, Strategy
+from alambic.config.tracking import TrackingConfig
 from alambic.losses import get_loss_spec
 
 LANGUAGE_MODEL_DATASETS = ("text", "jsonl")
@@ -40,7 +41,8 @@ class RunConfig(StrictModel):
     # summary.json and the tables give each metric's mean, standard deviation and n over them
     seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] | None = Field(None, min_length=1)
     precision: Literal["no", "bf16", "fp16"] = "no"
-    tensorboard: bool = False
+    tensorboard: bool = False  # short for tracking: [tensorboard]
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # experiment trackers (Accelerate)
     stages: list[Literal["teacher", "baseline", "distill", "evaluate", "report"]] = Field(
         default_factory=lambda: list(STAGES)
     )
@@ -75,6 +77,12 @@ class RunConfig(StrictModel):
             raise ValueError(f"seeds {self.seeds} repeat a seed: give distinct ones, e.g. [0, 1, 2]")
         if self.seeds is not None and self.strategy is not None:
             raise ValueError("seeds repeats the plain baseline and distill stages; remove it or the strategy")
+        return self
+
+    @model_validator(mode="after")
+    def _tensorboard_is_a_tracker(self) -> RunConfig:
+        if self.tensorboard and "tensorboard" not in self.tracking.trackers:
+            self.tracking.trackers.append("tensorboard")
         return self
 
     @model_validator(mode="after")

@@ -17,12 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from alambic.config.base import LoopSettings, Term, TrainConfig, format_validation_error
+from alambic.config.tracking import TrackingConfig
 from alambic.core.cache import CachedTeacher
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.evaluate import evaluate_classifier
 from alambic.core.lock import run_lock
 from alambic.core.loop import fit
-from alambic.core.monitor import MetricsLog
+from alambic.core.monitor import MetricsLog, Trackers
 from alambic.core.optim import make_accelerator
 from alambic.core.trainable import Trainable
 from alambic.errors import ConfigError
@@ -57,6 +58,7 @@ def distill(
     accelerator: Any = None,
     teacher_vocab_size: int | None = None,
     teacher_dtype: torch.dtype | None = None,
+    tracking: TrackingConfig | dict | list[str] | str | None = None,
     **train: Any,
 ) -> nn.Module:
     """Distill ``teacher`` into ``student`` and return the trained student.
@@ -79,6 +81,10 @@ def distill(
         grad_accum: micro-batches per optimizer step.
         seed: seeds Python, NumPy and torch before training (None leaves them alone).
         teacher_dtype: run a copy of the teacher in this dtype (``torch.bfloat16``: half the memory).
+        tracking: experiment trackers, through Accelerate: ``["tensorboard", "wandb"]``, or
+            ``{"trackers": [...], "project": ..., "run_name": ..., "init_kwargs": {"wandb": {...}}}``
+            (:class:`alambic.config.TrackingConfig`); their files go under ``run_dir/tracking`` (``./tracking``
+            without a run_dir). It builds the accelerator: not with ``accelerator``.
         teacher_vocab_size: slice the teacher's logits to this many entries, for a student of the same
             tokenizer whose vocabulary is not padded as the teacher's (a warning says so).
         **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
@@ -106,18 +112,59 @@ def distill(
         )
     if seed is not None:
         set_seed(seed)
-    accelerator = accelerator or make_accelerator(precision)
-    accelerator.gradient_accumulation_steps = grad_accum
-    return train_module(
-        Distiller(student, terms),
-        train_loader,
-        settings.loop(),
-        accelerator=accelerator,
-        teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
-        eval_loader=eval_loader,
-        num_classes=num_classes,
-        run_dir=run_dir,
+    tracking = tracking_settings(tracking, accelerator)
+    logging_dir = Path(run_dir or ".") / "tracking"
+    accelerator = accelerator or make_accelerator(
+        precision, log_with=tracking.trackers, logging_dir=logging_dir
     )
+    accelerator.gradient_accumulation_steps = grad_accum
+    config = {"terms": [term.model_dump() for term in terms], **settings.model_dump()}
+    with distill_log(accelerator, tracking, run_dir, logging_dir, config) as log:
+        return train_module(
+            Distiller(student, terms),
+            train_loader,
+            settings.loop(),
+            accelerator=accelerator,
+            teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
+            eval_loader=eval_loader,
+            num_classes=num_classes,
+            run_dir=run_dir,
+            log=log,
+        )
+
+
+def tracking_settings(tracking: Any, accelerator: Any) -> TrackingConfig:
+    """``distill(tracking=...)`` as a :class:`TrackingConfig`, or a one-line error."""
+    try:
+        settings = (
+            tracking
+            if isinstance(tracking, TrackingConfig)
+            else TrackingConfig.model_validate(tracking or [])
+        )
+    except ValidationError as error:
+        raise ConfigError(f"tracking: {format_validation_error(error)}") from None
+    if settings.trackers and accelerator is not None:
+        raise ConfigError(
+            "distill(tracking=...) builds its accelerator with log_with; leave accelerator out, or log "
+            "from your own (Accelerator(log_with=...)) yourself"
+        )
+    return settings
+
+
+def distill_log(accelerator: Accelerator, tracking: TrackingConfig, run_dir, logging_dir: Path, config: dict):
+    """``distill()``'s :class:`MetricsLog`: ``run_dir/metrics.jsonl`` (when given) and the trackers."""
+    trackers = None
+    if tracking.trackers:
+        trackers = Trackers(
+            accelerator,
+            tracking,
+            project=tracking.project or "alambic",
+            run_name=tracking.run_name or (Path(run_dir).name if run_dir else "distill"),
+            logging_dir=logging_dir,
+            config=config,
+        )
+    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    return MetricsLog(path, enabled=accelerator.is_main_process, trackers=trackers)
 
 
 def train_settings(**settings: Any) -> TrainConfig:

@@ -232,7 +232,7 @@ def train_epoch(state: LoopState, epoch: int) -> None:
                 state.log.write({"stage": state.stage, "kind": "train", "epoch": epoch + 1, "step": state.step,
                                  "lr": lr, "losses": means})  # fmt: skip
                 if state.progress:
-                    state.progress(state.stage, state.step, state.total_steps, means)
+                    state.progress(state.stage, state.step, state.total_steps, means | {"epoch": epoch + 1})
 
 
 def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], epoch: int) -> None:
@@ -243,7 +243,9 @@ def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], ep
     state.log.write({"stage": state.stage, "kind": "eval", "epoch": epoch + 1, "step": state.step, **shown})
     if state.progress:
         key = "perplexity" if "perplexity" in metrics else "accuracy"
-        state.progress(state.stage, state.step, state.total_steps, {f"test_{key}": metrics[key]})
+        state.progress(
+            state.stage, state.step, state.total_steps, {f"test_{key}": metrics[key], "epoch": epoch + 1}
+        )
 
 
 def prepare_module(

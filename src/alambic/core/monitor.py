@@ -1,5 +1,5 @@
-"""What the loop records: ``metrics.jsonl`` (and TensorBoard) lines, and the non-finite watch over every
-step's losses (:class:`FiniteGuard`)."""
+"""What the loop records: ``metrics.jsonl`` lines and the experiment trackers' runs (:class:`Trackers`,
+through Accelerate's tracking API), and the non-finite watch over every step's losses (:class:`FiniteGuard`)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,134 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 
+from alambic.config.tracking import TrackingConfig
 from alambic.core.checkpoint import (
     atomic_write_text,
 )
-from alambic.errors import NonFiniteLossError
+from alambic.errors import ConfigError, NonFiniteLossError
 from alambic.files import dumps_json, writing
+
+PIP_NAMES = {"mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}  # else the tracker's own name
+
+
+def check_trackers_installed(names: list[str]) -> None:
+    """A one-line error naming what to ``pip install`` for the first tracker whose package is missing
+    (Accelerate would silently log nothing to it)."""
+    available = {str(tracker) for tracker in get_available_trackers()}
+    missing = [name for name in names if name not in available]
+    if missing:
+        package = PIP_NAMES.get(missing[0], missing[0])
+        raise ConfigError(
+            f"tracking with {missing[0]} needs the {package} package, which is not installed: pip install {package}"
+        )
+
+
+def tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """A ``metrics.jsonl`` record as tracker scalars: ``train/<term>``, ``train/lr``, ``eval/<metric>``, ``epoch``."""
+    kind = record["kind"]
+    values = {f"{kind}/{name}": value for name, value in record.get("losses", {}).items()}
+    for name, value in record.items():
+        if name not in ("stage", "kind", "step", "losses") and isinstance(value, int | float):
+            values["epoch" if name == "epoch" else f"{kind}/{name}"] = value
+    return values
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"distill.train.lr": 0.05, ...}``: what every tracker stores as hyper-parameters (lists as JSON text)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            plain = isinstance(value, bool | int | float | str)
+            flat[f"{prefix}{key}"] = value if plain else json.dumps(value)
+    return flat
+
+
+class Trackers:
+    """Experiment-tracker runs through Accelerate (``init_trackers``, ``log``): one per training stage.
+
+    The accelerator must have been built with ``log_with`` (:func:`~alambic.core.optim.make_accelerator`).
+    Each stage's run is named ``run_name/stage`` and grouped by ``run_name`` (W&B ``group``, MLflow tags);
+    TensorBoard writes under ``logging_dir/stage``, W&B under ``logging_dir/stage/wandb``. Accelerate
+    logs from the main process only.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        tracking: TrackingConfig,
+        *,
+        project: str,
+        run_name: str,
+        logging_dir: str | Path,
+        config: dict[str, Any] | None = None,
+    ):
+        self.accelerator, self.tracking, self.project, self.run_name = (
+            accelerator,
+            tracking,
+            project,
+            run_name,
+        )
+        self.logging_dir, self.config = Path(logging_dir), flat_config(config or {})
+        self.stage: str | None = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Log a ``metrics.jsonl`` record to its stage's tracker run (started at the stage's first record)."""
+        if record["stage"] != self.stage:
+            self.finish()
+            self.start(record["stage"])
+        self.accelerator.log(tracker_values(record), step=record["step"])
+
+    def start(self, stage: str) -> None:
+        directory = self.logging_dir / stage
+        directory.mkdir(parents=True, exist_ok=True)
+        # Accelerate hands its logging_dir to the trackers that write files (TensorBoard: DIR/project)
+        self.accelerator.project_configuration.logging_dir = str(directory)
+        name = f"{self.run_name}/{stage}"
+        ours = {
+            "wandb": {"name": name, "group": self.run_name, "job_type": stage, "dir": str(directory)},
+            "mlflow": {"run_name": name, "tags": {"alambic.run": self.run_name, "alambic.stage": stage}},
+        }
+        init_kwargs = {
+            tracker: ours.get(tracker, {}) | self.tracking.init_kwargs.get(tracker, {})
+            for tracker in self.tracking.trackers
+        }
+        self.accelerator.init_trackers(self.project, config=self.config, init_kwargs=init_kwargs)
+        self.stage = stage
+
+    def finish(self) -> None:
+        """End the stage's tracker runs. Not ``Accelerator.end_training``: it also destroys the process
+        group, which the next stage (and the evaluation after training) still uses."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
+        self.stage = None
 
 
 class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` (main process only) and, optionally, to TensorBoard."""
+    """Appends JSON lines to ``metrics.jsonl`` and logs them to the experiment trackers (main process only).
 
-    def __init__(
-        self, path: str | Path | None, *, enabled: bool = True, tensorboard_dir: str | Path | None = None
-    ):
+    Close it (``with MetricsLog(...) as log:``) to end the last stage's tracker runs.
+    """
+
+    def __init__(self, path: str | Path | None, *, enabled: bool = True, trackers: Trackers | None = None):
         self.path = Path(path) if path and enabled else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # distill(run_dir="runs/new") creates it
-        self.writer = None
-        if tensorboard_dir and enabled:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency: alambic[tensorboard]
+        self.trackers = trackers if enabled else None
 
-            self.writer = SummaryWriter(str(tensorboard_dir))
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.finish()
 
     def drop_after(self, stage: str, step: int) -> None:
         """Forget ``stage``'s records past ``step`` (a resumed run logs those steps again)."""
@@ -51,13 +157,8 @@ class MetricsLog:
         if self.path is not None:
             with writing(self.path), open(self.path, "a") as handle:
                 handle.write(dumps_json(record) + "\n")
-        if self.writer is not None:
-            scalars = record.get("losses", {}) | {
-                k: v for k, v in record.items() if k in ("accuracy", "lr", "macro_f1", "loss", "perplexity")
-            }
-            for key, value in scalars.items():
-                self.writer.add_scalar(f"{record['stage']}/{record['kind']}/{key}", value, record["step"])
-            self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
 
 class FiniteGuard:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from alambic.core.monitor import check_trackers_installed
 
-def make_accelerator(precision: str = "no") -> Accelerator:
+
+def make_accelerator(
+    precision: str = "no", *, log_with: Sequence[str] = (), logging_dir: str | Path | None = None
+) -> Accelerator:
     """The run's Accelerator: one process here; GPUs and several processes under ``accelerate launch``/``torchrun``.
 
     Without CUDA, several launched processes need ``cpu=True`` for Accelerate to form a gloo group.
+    ``log_with``: experiment trackers (``tensorboard``, ``wandb``, ``mlflow``, ...; one-line error when one's
+    package is missing), writing their files under ``logging_dir`` (see :class:`~alambic.core.monitor.Trackers`).
     """
     from accelerate.state import AcceleratorState
 
@@ -22,7 +30,13 @@ def make_accelerator(precision: str = "no") -> Accelerator:
         # Accelerate keeps one process-wide state; a second run in the same Python process with
         # another precision (distill(..., precision="bf16") after a float32 one) needs it reset.
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=several and not torch.cuda.is_available())
+    check_trackers_installed(list(log_with))
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=several and not torch.cuda.is_available(),
+        log_with=list(log_with) or None,
+        project_dir=str(logging_dir) if log_with and logging_dir is not None else None,
+    )
 
 
 def make_optimizer(

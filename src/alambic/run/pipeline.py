@@ -21,7 +21,7 @@ from alambic.config import RunConfig, load_config
 from alambic.core.batches import example_input
 from alambic.core.checkpoint import atomic_write_text
 from alambic.core.lock import run_lock
-from alambic.core.monitor import MetricsLog
+from alambic.core.monitor import MetricsLog, Trackers
 from alambic.core.optim import make_accelerator
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError, first_line
@@ -73,7 +73,9 @@ def run(
     """
     run_dir = run_directory(config, run_dir)
     check_run_dir_state(config, run_dir, resume=resume)  # cheap checks first
-    accelerator = make_accelerator(config.precision)
+    accelerator = make_accelerator(
+        config.precision, log_with=config.tracking.trackers, logging_dir=run_dir / "tracking"
+    )
     datasets = datasets or build_run_datasets(config)
     # every model built, every term tried on real data: nothing is written before this passes
     preflight(config, *datasets, teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file())
@@ -122,10 +124,11 @@ def _execute(
         log = MetricsLog(
             run_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
-            tensorboard_dir=run_dir / "tensorboard" if config.tensorboard else None,
+            trackers=_trackers(config, run_dir, accelerator),
         )
         context = RunContext(config, run_dir, accelerator, train_set, test_set, info, log, progress)
-        models = _run_stages(context)
+        with log:  # ends the last stage's tracker runs
+            models = _run_stages(context)
         if "evaluate" in config.stages:
             write_status(run_dir, accelerator, state="running", stage="evaluate")
             write_summary(context, models)
@@ -139,6 +142,22 @@ def _execute(
             write_status(run_dir, accelerator, state=state, error=message, error_type=type(error).__name__)
         raise
     write_status(run_dir, accelerator, state="completed")
+
+
+def _trackers(config: RunConfig, run_dir: Path, accelerator: Accelerator) -> Trackers | None:
+    """The run's experiment trackers (an accelerator made with ``log_with``): one tracker run per stage,
+    in the project ``tracking.project`` (default: the run's name), files under ``RUN_DIR/tracking``."""
+    if not accelerator.log_with:  # no tracking, or re-evaluating a run (alambic eval)
+        return None
+    tracking = config.tracking
+    return Trackers(
+        accelerator,
+        tracking,
+        project=tracking.project or config.name,
+        run_name=tracking.run_name or run_dir.name,
+        logging_dir=run_dir / "tracking",
+        config=config.model_dump(mode="json", exclude={"tracking", "compress"}),
+    )
 
 
 def _run_stages(context: RunContext) -> dict[str, nn.Module]:

@@ -4,7 +4,7 @@ Each training stage's result depends on a part of the config (its *settings*, :f
 ``--resume`` with a config that differs from the stored one is accepted when every stage that has
 started (a ``model.safetensors`` or checkpoints in its folder) keeps its settings: finished stages are
 then loaded, not retrained, and the stages that had not started run with the new config. Settings that
-never change what trains (``name``, ``output_dir``, ``stages``, ``tensorboard``, ``evaluate``,
+never change what trains (``name``, ``output_dir``, ``stages``, ``tensorboard``, ``tracking``, ``evaluate``,
 ``compress``, ``data.data_dir``, ``data.num_workers``, ``data.eval_batch_size``) may always change.
 """
 
