@@ -23,8 +23,9 @@ consecutive words (n uniform in ``1..max_ngram``), the text between them kept as
 
 Every number is drawn from ``numpy.random.default_rng([seed, index])`` of the sentence's index, all of
 them whatever the probabilities, so the output depends on the seed and the sentence alone: not on the
-thread count or the other sentences. Neighbours are ranked in float64 rounded to 1e-9, ties broken by
-token id, so BLAS rounding differences across CPUs and thread counts do not change them.
+thread count or the other sentences. Neighbours are shortlisted in float32 and ranked in float64 rounded
+to 1e-9, ties broken by token id, so BLAS rounding differences across CPUs and thread counts do not
+change them.
 
 The output holds the new sentences only: a draw equal to any input sentence, or to an earlier draw, is
 dropped (the labelled set already holds the originals), so a sentence yields *up to* ``copies`` lines.
@@ -91,18 +92,20 @@ def nearest_neighbours(
     """
     table = np.asarray(embeddings, dtype=np.float64)
     table = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)  # rows of norm 1
-    candidate_rows = table[candidates]  # [C, D]
-    # a margin beyond k for the partial sort, so that ties at the k-th place are ordered by id below
+    candidate_rows = table[candidates].astype(np.float32)  # [C, D]
+    # a float32 product shortlists k + 8 candidates; their float64 similarities, rounded, then decide
+    # (ties by id), so BLAS rounding in the last bits of either never changes the neighbours
     shortlist = min(k + 8, len(candidates) - 1)
     found = np.empty((len(queries), k), dtype=np.int64)
     for begin in range(0, len(queries), chunk):
         ids = queries[begin : begin + chunk]
-        similarity = np.round(table[ids] @ candidate_rows.T, RANK_DECIMALS)  # [c, C]
+        similarity = table[ids].astype(np.float32) @ candidate_rows.T  # [c, C]
         similarity[ids[:, None] == candidates[None, :]] = -np.inf  # not its own neighbour
-        best = np.argpartition(-similarity, shortlist, axis=1)[:, : shortlist + 1]  # [c, shortlist + 1]
-        for row, columns in enumerate(best):
-            order = np.lexsort((candidates[columns], -similarity[row, columns]))  # similarity, then id
-            found[begin + row] = candidates[columns[order[:k]]]
+        best = candidates[np.argpartition(-similarity, shortlist, axis=1)[:, : shortlist + 1]]  # [c, s]
+        exact = np.round(np.einsum("cd,csd->cs", table[ids], table[best]), RANK_DECIMALS)  # [c, s]
+        exact[best == ids[:, None]] = -np.inf
+        order = np.lexsort((best, -exact), axis=-1)[:, :k]  # by similarity, then by id
+        found[begin : begin + len(ids)] = np.take_along_axis(best, order, axis=1)
     return found
 
 
