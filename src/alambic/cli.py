@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from alambic import __version__
+from alambic.commands.augment import augment
 from alambic.config import ModelConfig, load_config
 from alambic.console import (
     ProgressBar,
@@ -401,6 +402,9 @@ def derive(
         f"{report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,}); "
         f"tokenizer {report['tokenizer']}; wrote {out}"
     )
+
+
+app.command()(user_errors(augment))
 
 
 @app.command(name="cache-teacher")

@@ -1,8 +1,10 @@
-"""What alambic writes: strict JSON (no bare NaN), and one line for an operating-system fault on a write.
+"""What alambic writes: strict JSON (no bare NaN), atomic files, and one line for an operating-system fault.
 
 ``json.dumps`` writes ``NaN`` and ``Infinity`` by default, which no strict JSON reader accepts; every
 JSON file alambic writes goes through :func:`dumps_json`, which stores non-finite numbers as ``null``
 and passes ``allow_nan=False`` so a missed one fails loudly instead of writing invalid JSON.
+:func:`atomic_write_text` writes a file all or nothing (a temporary file, fsynced, then renamed); it lives
+here, at the bottom layer, so data writers can use it as well as checkpoints and run directories.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,3 +75,39 @@ def writing(path: str | Path) -> Iterator[None]:
         yield
     except OSError as error:
         raise OutputError(os_error_message(path, error)) from error
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: all or nothing."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+            try:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except BaseException:  # no half-written temporary file left behind; the old file stays
+                handle.close()
+                os.unlink(handle.name)
+                raise
+        try:
+            os.replace(handle.name, path)
+        except BaseException:  # a signal or an error between the write and the rename
+            Path(handle.name).unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode())

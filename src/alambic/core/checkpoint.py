@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alambic.errors import AlambicError, ConfigError, first_line
-from alambic.files import dumps_json, writing
+from alambic.files import atomic_write_text, dumps_json, fsync_dir, writing
 from alambic.models import load_weights
 
 LATEST = "latest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename: all or nothing."""
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            try:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            except BaseException:  # no half-written temporary file left behind; the old file stays
-                handle.close()
-                os.unlink(handle.name)
-                raise
-        try:
-            os.replace(handle.name, path)
-        except BaseException:  # a signal or an error between the write and the rename
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,7 +51,7 @@ def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] |
         except BaseException:  # the previous file stays intact, no half-written one is left
             temporary.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def load_weights_file(module: nn.Module, path: str | Path, *, fix: str) -> None:
@@ -232,7 +197,7 @@ def _write_staged(
                 os.fsync(handle.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         atomic_write_text(
             directory / LATEST, dumps_json({"checkpoint": final.name, "epoch": epoch, "step": step})
         )

@@ -45,18 +45,45 @@ class TokenizedDataset(Dataset):
         )
 
 
+def read_tsv_rows(path: Path, columns: set[str]) -> list[dict[str, str]]:
+    """The rows of a TSV file with a header row holding ``columns`` (GLUE's format: no quoting)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows or not columns <= set(rows[0]):
+        raise DataError(f"{path}: expected a header with {' and '.join(map(repr, sorted(columns)))} columns")
+    return rows
+
+
 def read_labelled_tsv(path: Path) -> tuple[list[str], list[int]]:
     """The ``sentence`` and ``label`` columns of a GLUE-style TSV file with a header row."""
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass the folder holding train.tsv and dev.tsv as data_dir")
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows or not {"sentence", "label"} <= set(rows[0]):
-        raise DataError(f"{path}: expected a header with 'sentence' and 'label' columns")
+    rows = read_tsv_rows(path, {"sentence", "label"})
     try:
         return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
     except (TypeError, ValueError):
         raise DataError(f"{path}: every label must be an integer") from None
+
+
+def read_sentences(path: str | Path) -> list[str]:
+    """The sentences of a text file (one per line, blank lines skipped) or of a ``.tsv`` file's ``sentence``
+    column (SST-2's format: a header row, labels ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist; pass a .txt file (one sentence a line) or an SST-2 style .tsv"
+        )
+    try:
+        if path.suffix.lower() == ".tsv":
+            sentences = [(row["sentence"] or "").strip() for row in read_tsv_rows(path, {"sentence"})]
+        else:
+            sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; pass a .txt or .tsv file") from None
+    sentences = [sentence for sentence in sentences if sentence]
+    if not sentences:
+        raise DataError(f"{path} holds no sentences")
+    return sentences
 
 
 def load_tokenizer(name_or_path: str):
