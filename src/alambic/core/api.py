@@ -25,6 +25,7 @@ from alambic.core.loop import fit
 from alambic.core.monitor import MetricsLog
 from alambic.core.optim import make_accelerator
 from alambic.core.trainable import Trainable
+from alambic.data.transfer import find_transfer
 from alambic.errors import ConfigError
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
@@ -68,7 +69,8 @@ def distill(
         student: the module to train; it must predict the teacher's number of classes.
         train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key; ``(inputs,
             labels, index)`` (see :class:`alambic.data.IndexedDataset`) for losses that keep per-sample
-            state such as ``crd``.
+            state such as ``crd``. A loader over an :class:`alambic.data.TransferDataset` (unlabelled rows
+            that only the teacher labels) has its label terms skip those rows.
         terms: the distillation terms; default Hinton KD: ``ce * 0.1 + kd(temperature=4) * 0.9``.
         epochs: passes over ``train_loader``.
         eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.
@@ -109,7 +111,9 @@ def distill(
     accelerator = accelerator or make_accelerator(precision)
     accelerator.gradient_accumulation_steps = grad_accum
     return train_module(
-        Distiller(student, terms),
+        Distiller(
+            student, terms, unlabelled_rows=find_transfer(getattr(train_loader, "dataset", None)) is not None
+        ),
         train_loader,
         settings.loop(),
         accelerator=accelerator,
