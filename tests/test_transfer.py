@@ -36,14 +36,15 @@ def test_label_terms_average_over_the_labelled_rows_and_teacher_terms_over_every
     student = nn.Linear(6, 5)
     inputs, labels, teacher_logits = _batch()
     labels[[1, 4, 5]] = UNLABELLED
-    module = Distiller(student, TERMS, unlabelled_rows=True)
+    module = Distiller(student, [*TERMS, Term(loss="tf_kd")], unlabelled_rows=True)
     losses = module(inputs, labels, {"logits": teacher_logits})
     logits = student(inputs).detach()
     kept = labels != UNLABELLED
     ce = 0.5 * F.cross_entropy(logits[kept], labels[kept])
+    tf_kd = get_loss("tf_kd")(logits[kept], None, labels=labels[kept])  # has no ignore_index of its own
     kd = get_loss("kd")(logits, teacher_logits, temperature=2.0)  # every row
-    torch.testing.assert_close(losses["ce"].detach(), ce, **close(ce))
-    torch.testing.assert_close(losses["kd"].detach(), kd, **close(kd))
+    for name, expected in (("ce", ce), ("tf_kd", tf_kd), ("kd", kd)):
+        torch.testing.assert_close(losses[name].detach(), expected, **close(expected))
 
 
 def test_a_batch_without_labelled_rows_gives_zero_for_label_terms_and_still_trains_on_the_teacher():
