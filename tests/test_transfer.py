@@ -117,7 +117,9 @@ def test_distill_from_python_skips_labels_of_transfer_rows(tmp_path):
     trained = distill(teacher, student, loader, epochs=2, lr=0.1, log_every=1, run_dir=tmp_path)
     assert trained is student
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 16 and all(math.isfinite(value) for r in records for value in r.get("losses", {}).values())
+    assert len(records) == 16 and all(
+        math.isfinite(value) for r in records for value in r.get("losses", {}).values()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,7 +299,12 @@ def test_text_transfer_rows_take_the_training_sets_columns_and_width(tmp_path):
     (tmp_path / "lines.txt").write_text("the film was good\n\n" + "the plot was bad " * 10 + "\n")
     rows = build_transfer_rows(train, tmp_path / "lines.txt", tokenizer=str(folder))
     assert len(rows) == 2 and set(rows.columns) == set(train.columns)
-    assert rows.columns["input_ids"].shape[1] == train.columns["input_ids"].shape[1]  # padded, or cut
+    width = train.columns["input_ids"].shape[1]
+    assert rows.columns["input_ids"].shape[1] == width  # the long line cut to the training set's width
+    (tmp_path / "short.txt").write_text("good\nbad\n")
+    short = build_transfer_rows(train, tmp_path / "short.txt", tokenizer=str(folder))
+    assert short.columns["input_ids"].shape[1] == width  # short lines padded to it
+    assert short.columns["attention_mask"].sum(1).tolist() == [3, 3]  # [CLS] word [SEP]
     assert (rows.labels == UNLABELLED).all()
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(ConfigError, match="holds no examples"):
