@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import save_file
 from tolerance import close
 from torch import nn
+from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from alambic.config import Term, config_from_dict
@@ -111,7 +112,8 @@ def test_distill_from_python_skips_labels_of_transfer_rows(tmp_path):
 
     torch.manual_seed(0)
     teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
-    labelled, unlabelled = _tensors(4, 0), _tensors(60, 1)
+    labelled = TensorDataset(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))
+    unlabelled = TensorDataset(torch.randn(60, 4))  # inputs alone, as one-tuples
     loader = make_loader(TransferDataset(labelled, unlabelled), batch_size=8, shuffle=True)
     # most batches hold no labelled row: a mean over none would be NaN and stop the run
     trained = distill(teacher, student, loader, epochs=2, lr=0.1, log_every=1, run_dir=tmp_path)

@@ -299,9 +299,7 @@ class Distiller(nn.Module):
             student_value = self.connectors[str(index)](student_value)
         teacher_value = _pick(teacher_outputs, term.teacher) if spec.needs_teacher else None
         if labelled is not None and spec.needs_labels:
-            if (
-                labelled.numel() == 0
-            ):  # no labelled row: nothing to average (0, not the NaN of a mean of none)
+            if labelled.numel() == 0:  # nothing to average: 0, not the NaN of a mean over no row
                 return torch.zeros((), device=labels.device)
             student_value, teacher_value, labels, sample_index, mask = (
                 _rows(value, labelled) for value in (student_value, teacher_value, labels, sample_index, mask)

@@ -113,9 +113,10 @@ def _part_batch(dataset: Dataset, indices: Tensor) -> tuple[Any, Any]:
     if hasattr(dataset, "get_batch"):
         return dataset.get_batch(indices.tolist())
     items = [dataset[index] for index in indices.tolist()]
-    if not isinstance(items[0], (tuple, list)):
-        return default_collate(items), None
-    return default_collate([tuple(item[:2]) for item in items])
+    inputs = default_collate([_without_label(item) for item in items])
+    if isinstance(items[0], (tuple, list)) and len(items[0]) >= 2:
+        return inputs, default_collate([item[1] for item in items])
+    return inputs, None  # bare inputs, or TensorDataset's one-tuples
 
 
 def _join(first: Any, second: Any, inverse: Tensor) -> Any:
