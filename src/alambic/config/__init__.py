@@ -29,6 +29,7 @@ from alambic.config.sections import (
     EvaluateConfig,
     StudentConfig,
     TeacherConfig,
+    TransferConfig,
 )
 from alambic.config.strategies import (
     TEACHER_FREE_STRATEGIES,
@@ -68,6 +69,7 @@ __all__ = [
     "TrackingConfig",
     "Term",
     "TrainConfig",
+    "TransferConfig",
     "LoopSettings",
     "apply_overrides",
     "config_from_dict",

@@ -131,6 +131,23 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _transfer_set(self) -> RunConfig:
+        if self.data.transfer is None:
+            return self
+        if self.task != "classification":
+            raise ValueError(
+                "data.transfer adds unlabelled classification inputs; remove it for task causal-lm"
+            )
+        kind = self.strategy.kind if self.strategy is not None else None
+        if kind in TEACHER_FREE_STRATEGIES:
+            raise ValueError(f"data.transfer rows are labelled by a teacher, and strategy {kind!r} has none")
+        if not any(get_loss_spec(term.loss).needs_teacher for term in self.distill.terms):
+            raise ValueError(
+                "data.transfer rows are labelled only by the teacher, but no distill term reads it; add one (kd)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _stage_augmentation(self) -> RunConfig:
         trains = [self.teacher.train if self.teacher else None, self.baseline.train, self.distill.train]
         trains += [getattr(self.strategy, "train", None)]

@@ -14,6 +14,21 @@ def _default_ce() -> list[Term]:
     return [Term(loss="ce")]
 
 
+class TransferConfig(StrictModel):
+    """A transfer set: inputs without labels that only the teacher labels, seen by the distill stage only.
+
+    ``path``: a ``.txt`` / ``.jsonl`` file for text-classification sets; a ``.npy`` / ``.npz`` array or a
+    folder of images for image sets (:mod:`alambic.data.transfer_files`). ``ratio``: transfer rows per
+    labelled row in an epoch (``1.0``: as many as the training set has); null: every transfer row once
+    per epoch."""
+
+    path: str
+    ratio: float | None = Field(None, gt=0)
+    max_rows: int | None = Field(None, ge=1)  # the file's first rows only
+    field: str = "text"  # .jsonl: the key holding each example's text
+    key: str | None = None  # .npz: the array holding the inputs (default: its only array)
+
+
 class DataConfig(StrictModel):
     """Which data set, where it lies, and how it is batched."""
 
@@ -37,6 +52,7 @@ class DataConfig(StrictModel):
     block_size: int = Field(128, ge=2)  # tokens per training window
     stride: int | None = Field(None, ge=1)  # tokens between window starts; default block_size
     packing: bool = False  # jsonl: rows concatenated into blocks of block_size instead of padded
+    transfer: TransferConfig | None = None  # unlabelled inputs the teacher labels (distill stage only)
 
 
 class TeacherConfig(StrictModel):

@@ -26,6 +26,7 @@ from alambic.core.loop import fit
 from alambic.core.monitor import MetricsLog, Trackers
 from alambic.core.optim import make_accelerator
 from alambic.core.trainable import Trainable
+from alambic.data.transfer import find_transfer
 from alambic.errors import ConfigError
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
@@ -70,7 +71,8 @@ def distill(
         student: the module to train; it must predict the teacher's number of classes.
         train_loader: yields ``(inputs, labels)`` tuples or dicts with a ``labels`` key; ``(inputs,
             labels, index)`` (see :class:`alambic.data.IndexedDataset`) for losses that keep per-sample
-            state such as ``crd``.
+            state such as ``crd``. A loader over an :class:`alambic.data.TransferDataset` (unlabelled rows
+            that only the teacher labels) has its label terms skip those rows.
         terms: the distillation terms; default Hinton KD: ``ce * 0.1 + kd(temperature=4) * 0.9``.
         epochs: passes over ``train_loader``.
         eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.
@@ -121,7 +123,9 @@ def distill(
     config = {"terms": [term.model_dump() for term in terms], **settings.model_dump()}
     with distill_log(accelerator, tracking, run_dir, logging_dir, config) as log:
         return train_module(
-            Distiller(student, terms),
+            Distiller(
+                student, terms, unlabelled_rows=find_transfer(getattr(train_loader, "dataset", None)) is not None
+            ),
             train_loader,
             settings.loop(),
             accelerator=accelerator,

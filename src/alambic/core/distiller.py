@@ -24,6 +24,7 @@ from alambic.core.batches import (  # noqa: F401  (split_batch re-exported)
 )
 from alambic.core.connectors import make_connector
 from alambic.core.hooks import capture_features, unwrap_model
+from alambic.data.transfer import UNLABELLED
 from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.losses import build_loss, get_loss_spec
 
@@ -44,6 +45,13 @@ def _pick(outputs: dict[str, Tensor], value: str | list[str]) -> Tensor | list[T
 def _attention_mask(inputs: Any) -> Tensor | None:
     """The batch's ``attention_mask`` (1 = real token) when its inputs are a dict that has one."""
     return inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+
+
+def _rows(value: Any, rows: Tensor) -> Any:
+    """Rows ``rows`` (positions in the batch) of a tensor, of each tensor of a list; None stays None."""
+    if isinstance(value, list):
+        return [_rows(item, rows) for item in value]
+    return value.index_select(0, rows) if isinstance(value, Tensor) else value
 
 
 def _shape(value: Tensor | list[Tensor]) -> tuple[int, ...] | list[tuple[int, ...]]:
@@ -180,13 +188,19 @@ class Distiller(nn.Module):
     by one probing pass (:meth:`build_modules`); they train and are checkpointed with the student but
     are never part of it.
 
+    ``unlabelled_rows``: the batches may hold rows without labels (a transfer set, label
+    :data:`~alambic.data.transfer.UNLABELLED`): terms that need labels then average over the labelled
+    rows only (0 for a batch without any), and teacher terms over every row. Finding the rows costs a
+    host-device sync per step, so it is on only for such data (:func:`alambic.core.api.distill` and the
+    run's distill stage turn it on when the training set holds a transfer set).
+
     Example:
         >>> module = Distiller(student, [Term(loss="ce", weight=0.1), Term(loss="kd", weight=0.9)])
         >>> losses = module(images, labels, teacher(images))
         >>> losses["total"].backward()
     """
 
-    def __init__(self, student: nn.Module, terms: Sequence[Term]):
+    def __init__(self, student: nn.Module, terms: Sequence[Term], *, unlabelled_rows: bool = False):
         super().__init__()
         if not terms:
             raise ConfigError("a distillation setup needs at least one term (for example ce and kd)")
@@ -201,6 +215,13 @@ class Distiller(nn.Module):
         self.student_paths = feature_paths(self.terms, "student")
         self.specs = [get_loss_spec(term.loss) for term in self.terms]  # looked up once, not every step
         self.needs_teacher = any(spec.needs_teacher for spec in self.specs)
+        if unlabelled_rows and not self.needs_teacher:
+            raise ConfigError(
+                "the training data holds rows without labels (a transfer set) that only a teacher labels, but "
+                "no term reads the teacher; add one (kd) or remove the transfer set"
+            )
+        # rows without labels are dropped from label terms only when the data may hold some and a term needs labels
+        self.unlabelled_rows = unlabelled_rows and any(spec.needs_labels for spec in self.specs)
         self.has_token_terms = any(spec.inputs == "tokens" for spec in self.specs)
         self.uses_mask = any(spec.takes_mask for spec in self.specs)
 
@@ -271,14 +292,22 @@ class Distiller(nn.Module):
         epoch: float | None = None,
         sample_index: Tensor | None = None,
         mask: Tensor | None = None,
+        labelled: Tensor | None = None,
     ) -> Tensor:
         """The unweighted value of term ``index`` (through its connector); losses that ask get the epoch,
-        the sample indices, the attention mask."""
+        the sample indices, the attention mask. ``labelled`` (:meth:`labelled_rows`): a term that needs
+        labels sees only those rows, and is 0 when there are none."""
         term, spec, key = self.terms[index], self.specs[index], str(index)
         student_value = _pick(student_outputs, term.student)
         if key in self.connectors:
             student_value = self.connectors[key](student_value)
         teacher_value = _pick(teacher_outputs, term.teacher) if spec.needs_teacher else None
+        if labelled is not None and spec.needs_labels:
+            if labelled.numel() == 0:  # nothing to average: 0, not the NaN of a mean over no row
+                return torch.zeros((), device=labels.device)
+            student_value, teacher_value, labels, sample_index, mask = (
+                _rows(value, labelled) for value in (student_value, teacher_value, labels, sample_index, mask)
+            )
         if not (spec.needs_epoch or spec.needs_index or spec.takes_mask or spec.learned):
             return spec.fn(student_value, teacher_value, labels=labels, **term.params)  # most terms
         state = {"epoch": epoch} if spec.needs_epoch else {}
@@ -291,6 +320,13 @@ class Distiller(nn.Module):
                 raise ConfigError(f"term {term.name!r} is a learned loss: call build_modules before training")
             return self.learned_losses[key](student_value, teacher_value, labels=labels, **state)
         return spec.fn(student_value, teacher_value, labels=labels, **state, **term.params)
+
+    def labelled_rows(self, labels: Tensor | None) -> Tensor | None:
+        """The batch positions of the rows that have labels, when some may not (``unlabelled_rows``) and a
+        term needs them; None: every row counts."""
+        if not self.unlabelled_rows or labels is None or labels.dim() != 1:
+            return None
+        return (labels != UNLABELLED).nonzero().squeeze(1)  # [L]; a host-device sync on a GPU
 
     def forward(
         self,
@@ -314,10 +350,11 @@ class Distiller(nn.Module):
         if callable(teacher_outputs):
             teacher_outputs = teacher_outputs()
         mask = _attention_mask(inputs) if self.uses_mask else None
+        labelled = self.labelled_rows(labels)
         losses, total = {}, None
         for index, (term, spec, name) in enumerate(zip(self.terms, self.specs, self.names)):
             value = term.weight * self.term_value(
-                index, student_outputs, teacher_outputs, labels, epoch, sample_index, mask
+                index, student_outputs, teacher_outputs, labels, epoch, sample_index, mask, labelled
             )
             if token_scale is not None and spec.inputs == "tokens":
                 value = value * token_scale
@@ -387,6 +424,7 @@ class Distiller(nn.Module):
                         epoch=1.0,
                         sample_index=sample_index,
                         mask=_attention_mask(inputs),
+                        labelled=self.labelled_rows(labels),
                     )
                 except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
                     message = first_line(error)

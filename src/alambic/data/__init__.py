@@ -13,6 +13,7 @@ from alambic.data.lm import TextBlocks, TokenRows, build_lm_datasets
 from alambic.data.loaders import IndexedDataset, dataset_fingerprint, make_loader
 from alambic.data.readers import cache_dir, read_idx
 from alambic.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from alambic.data.transfer import UNLABELLED, TransferDataset, TransferSampler, find_transfer
 
 __all__ = [
     "DATASETS",
@@ -23,6 +24,9 @@ __all__ = [
     "LMDatasetInfo",
     "TextBlocks",
     "TokenRows",
+    "TransferDataset",
+    "TransferSampler",
+    "UNLABELLED",
     "ByteTokenizer",
     "CharTokenizer",
     "HFTokenizer",
@@ -33,5 +37,6 @@ __all__ = [
     "cache_dir",
     "make_loader",
     "dataset_fingerprint",
+    "find_transfer",
     "read_idx",
 ]

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from alambic.data.datasets import InMemoryDataset
+from alambic.data.transfer import find_transfer
 from alambic.errors import DataError
 
 
@@ -41,13 +42,18 @@ def make_loader(
 
     A data set with ``get_batch`` (alambic's in-memory sets) returns whole batches, gathered from its
     tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
-    in page-locked memory when a GPU is there to receive them.
+    in page-locked memory when a GPU is there to receive them. A data set holding a
+    :class:`~alambic.data.transfer.TransferDataset` is sampled by its ratio (its ``sampler``).
     """
     batched = hasattr(dataset, "get_batch")
+    transfer = find_transfer(dataset)
+    sampler = (
+        EpochSampler(len(dataset), seed, shuffle) if transfer is None else transfer.sampler(seed, shuffle)
+    )
     return DataLoader(
         BatchedView(dataset) if batched else dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, shuffle),
+        sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=already_batched if batched else None,
@@ -124,7 +130,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     For an :class:`InMemoryDataset` it hashes the stored tensors' shapes and dtypes, all labels, up to
     256 evenly spaced inputs and the normalisation; augmentation is deliberately left out (it is not
     part of the data), so a cache of teacher outputs must check augmentation itself. For any other
-    dataset it hashes the length and up to 32 evenly spaced samples as returned by ``dataset[i]``.
+    dataset it hashes the length and up to 32 evenly spaced samples as returned by ``dataset[i]``; for a
+    ``ConcatDataset`` (a :class:`~alambic.data.transfer.TransferDataset`) it hashes each part's fingerprint.
 
     Example:
         >>> train, test, info = build_datasets("digits")
@@ -134,6 +141,10 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     while isinstance(dataset, (IndexedDataset, BatchedView)):  # the data, not how it is served
         dataset = dataset.dataset
     digest = hashlib.sha256()
+    if isinstance(dataset, ConcatDataset):  # a training set and its transfer rows: each part as itself
+        for part in dataset.datasets:
+            digest.update(dataset_fingerprint(part).encode())
+        return digest.hexdigest()
     length = len(dataset)
     digest.update(f"len={length}".encode())
     if isinstance(dataset, InMemoryDataset):

@@ -15,8 +15,9 @@ from torch import nn
 
 from alambic.config import RunConfig
 from alambic.core.batches import call_model, logits_of
-from alambic.data import build_datasets
+from alambic.data import TransferDataset, build_datasets
 from alambic.data.datasets import take_train_subset
+from alambic.data.transfer_files import build_transfer_rows
 from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.models import (
     build_factory_model,
@@ -198,6 +199,25 @@ def build_run_datasets(
         stride=data.stride,
         packing=data.packing,
     )
+
+
+def build_run_transfer(config: RunConfig, train_set: Any) -> TransferDataset | None:
+    """The distill stage's training set with ``data.transfer``'s rows after the training set's; None without one.
+
+    Read (and tokenized) once per run; every problem with the file is a one-line :class:`ConfigError`.
+    """
+    transfer = config.data.transfer
+    if transfer is None:
+        return None
+    rows = build_transfer_rows(
+        train_set,
+        transfer.path,
+        field=transfer.field,
+        key=transfer.key,
+        max_rows=transfer.max_rows,
+        tokenizer=run_tokenizer(config),
+    )
+    return TransferDataset(train_set, rows, ratio=transfer.ratio)
 
 
 def run_tokenizer(config: RunConfig) -> str | None:

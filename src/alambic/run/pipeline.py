@@ -29,6 +29,7 @@ from alambic.files import dumps_json, finite_json, writing
 from alambic.run.building import (
     build_named_model,
     build_run_datasets,
+    build_run_transfer,
     check_num_classes,
     derive_from_teacher,
     wants_teacher_embeddings,
@@ -50,6 +51,7 @@ from alambic.run.stages import (
     language_model_distill_data,
     load_or_train,
     stage_folder,
+    transfer_data,
 )
 from alambic.run.strategy_stages import run_strategy_stages
 
@@ -77,8 +79,11 @@ def run(
         config.precision, log_with=config.tracking.trackers, logging_dir=run_dir / "tracking"
     )
     datasets = datasets or build_run_datasets(config)
+    # data.transfer read once, for the distill stage (the only one that sees it)
+    transfer = build_run_transfer(config, datasets[0]) if "distill" in config.stages else None
     # every model built, every term tried on real data: nothing is written before this passes
-    preflight(config, *datasets, teacher_trained=(run_dir / "teacher" / "model.safetensors").is_file())
+    teacher_trained = (run_dir / "teacher" / "model.safetensors").is_file()
+    preflight(config, *datasets, teacher_trained=teacher_trained, transfer=transfer)
     with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
         prepare_run_dir(
             config,
@@ -88,7 +93,7 @@ def run(
             barrier=accelerator.wait_for_everyone,
         )
         accelerator.wait_for_everyone()
-        _execute(config, run_dir, accelerator, progress, datasets)
+        _execute(config, run_dir, accelerator, progress, datasets, transfer)
     return run_dir
 
 
@@ -112,7 +117,12 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | None = None, progress: 
 
 
 def _execute(
-    config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: Any, datasets: tuple | None = None
+    config: RunConfig,
+    run_dir: Path,
+    accelerator: Accelerator,
+    progress: Any,
+    datasets: tuple | None = None,
+    transfer: Any = None,
 ) -> None:
     write_status(run_dir, accelerator, state="running", stage="data")
     try:
@@ -126,7 +136,9 @@ def _execute(
             enabled=accelerator.is_main_process,
             trackers=_trackers(config, run_dir, accelerator),
         )
-        context = RunContext(config, run_dir, accelerator, train_set, test_set, info, log, progress)
+        context = RunContext(
+            config, run_dir, accelerator, train_set, test_set, info, log, progress, transfer=transfer
+        )
         with log:  # ends the last stage's tracker runs
             models = _run_stages(context)
         if "evaluate" in config.stages:
@@ -213,8 +225,8 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
                 build_student,
                 config.distill.terms,
                 config.distill.train,
-                make_teacher=lambda: distill_teacher(config, models["teacher"], context.train_set),
-                **language_model_distill_data(seeded, lambda: models["teacher"]),
+                make_teacher=lambda: distill_teacher(config, models["teacher"], context.distill_set),
+                **(transfer_data(seeded) or language_model_distill_data(seeded, lambda: models["teacher"])),
             )
         if suffix:
             context.architectures |= {

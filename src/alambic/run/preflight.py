@@ -19,6 +19,7 @@ from torch import nn
 from alambic.config import RunConfig, Term, TrainConfig
 from alambic.core.batches import example_input, index_of, split_batch
 from alambic.core.distiller import Distiller, Teacher
+from alambic.data import find_transfer
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
 from alambic.run.building import (
@@ -42,11 +43,14 @@ def preflight(
     info: Any,
     *,
     teacher_trained: bool = False,
+    transfer: Any = None,
 ) -> None:
     """Build every model of ``config`` and run every stage's terms on one real batch; raise a one-line
     :class:`~alambic.errors.ConfigError` for the first thing that would fail once training has begun.
 
     ``teacher_trained``: a resumed run directory holds the teacher its teacher stage trained.
+    ``transfer``: the distill stage's training set with its transfer rows (``data.transfer``); the
+    distill terms also run on a batch of transfer rows alone.
     """
     _check_teacher_source(config, teacher_trained)
     set_seed(config.seed)
@@ -71,6 +75,11 @@ def preflight(
         if teacher is not None and module.needs_probe:
             module.build_modules(inputs, teacher, num_samples=len(dataset), sample_index=index_of(batch))
         module.check(inputs, labels, teacher, index_of(batch))
+        combined = find_transfer(dataset)
+        if combined is not None:  # transfer rows alone: the teacher labels them, label terms give 0
+            first = len(combined.labelled)
+            batch = dataset.get_batch(list(range(first, min(len(dataset), first + loader.batch_size))))
+            module.check(*split_batch(batch), teacher, index_of(batch))
 
     derived = config.student.model.arch == "derive:teacher"
     embeddings = _check_teacher_embeddings(config)
@@ -95,12 +104,13 @@ def preflight(
     elif "distill" in stages and teacher is not None:
         # the teacher built here has the stage's weights when they come from its checkpoint (not trained here)
         loaded = bool(config.teacher.model.checkpoint) and not teacher_trained
-        live_or_cached = distill_teacher(config, teacher, train_set, check_weights=loaded, preload=False)
+        distill_set = train_set if transfer is None else transfer
+        live_or_cached = distill_teacher(config, teacher, distill_set, check_weights=loaded, preload=False)
         probe(
-            Distiller(student, config.distill.terms),
+            Distiller(student, config.distill.terms, unlabelled_rows=transfer is not None),
             config.distill.train,
             live_or_cached,
-            data=language_model_probe_set(config, teacher, train_set),
+            data=language_model_probe_set(config, teacher, train_set) if transfer is None else transfer,
             on_policy=config.distill.on_policy,
         )
 

@@ -31,7 +31,8 @@ def stage_settings(config: dict, stage: str) -> dict:
 
     ``stage`` is ``teacher``, ``baseline`` or ``distill`` (which covers a strategy's own folders).
     """
-    data = {key: value for key, value in config["data"].items() if key not in DATA_ACCESS}
+    # the transfer set is the distill stage's alone: the teacher and the baseline never see it
+    data = {key: value for key, value in config["data"].items() if key not in (*DATA_ACCESS, "transfer")}
     teacher_arch = ((config.get("teacher") or {}).get("model") or {}).get("arch") or ""
     # the tokenizer the data is read with: data.tokenizer, else the hf: teacher's own (as the run resolves it)
     tokenizer = data.get("tokenizer") or (
@@ -59,7 +60,14 @@ def stage_settings(config: dict, stage: str) -> dict:
             "terms": baseline["terms"],
             "train": baseline["train"] or config["distill"]["train"],
         }
-    return {**student, "teacher_stage": teacher, "distill": config["distill"], "strategy": strategy}
+    transfer = config["data"].get("transfer")
+    return {
+        **student,
+        "teacher_stage": teacher,
+        "distill": config["distill"],
+        "strategy": strategy,
+        "transfer": transfer,
+    }
 
 
 def differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -25,7 +25,7 @@ from alambic.core.cache import CachedTeacher
 from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.monitor import MetricsLog
-from alambic.data import IndexedDataset
+from alambic.data import IndexedDataset, find_transfer
 from alambic.data.loaders import make_loader
 from alambic.data.mixing import MixedDataset
 from alambic.files import dumps_json
@@ -55,6 +55,14 @@ class RunContext:
     log: MetricsLog
     progress: Any
     architectures: dict[str, str] = field(default_factory=dict)  # summary names beyond the three (strategies)
+    transfer: Any = (
+        None  # data.transfer: the training set followed by its transfer rows (distill stages only)
+    )
+
+    @property
+    def distill_set(self) -> Any:
+        """What the stages that learn from a teacher train on: the training set, with its transfer rows."""
+        return self.train_set if self.transfer is None else self.transfer
 
 
 def train_stage(
@@ -77,10 +85,11 @@ def train_stage(
     accelerator = context.accelerator
     folder = context.run_dir / stage_folder(stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
+    stage_set = stage_train_set(
+        context.train_set if train_set is None else train_set, train.augment, train.mix, train.mix_alpha
+    )
     loader = make_loader(
-        stage_train_set(
-            context.train_set if train_set is None else train_set, train.augment, train.mix, train.mix_alpha
-        ),
+        stage_set,
         batch_size=train.batch_size,
         shuffle=True,
         seed=context.config.seed,
@@ -90,7 +99,9 @@ def train_stage(
         loader = wrap_loader(accelerator.prepare(loader), model)
     test_loader = make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
     student = train_module(
-        module if module is not None else Distiller(model, terms),
+        module
+        if module is not None
+        else Distiller(model, terms, unlabelled_rows=find_transfer(stage_set) is not None),
         loader,
         train.loop(),
         accelerator=accelerator,
@@ -209,6 +220,11 @@ def distill_teacher(
         )
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
     return Teacher(model, distill.terms, dtype=dtype)
+
+
+def transfer_data(context: RunContext) -> dict[str, Any]:
+    """``make_train_set`` of a stage that learns from a teacher, when the run has a transfer set; else empty."""
+    return {} if context.transfer is None else {"make_train_set": lambda: context.transfer}
 
 
 def language_model_distill_data(context: RunContext, teacher: Callable[[], nn.Module]) -> dict[str, Any]:

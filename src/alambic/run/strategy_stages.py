@@ -25,7 +25,14 @@ from alambic.errors import ConfigError
 from alambic.losses import get_loss_spec
 from alambic.run.building import build_named_model, check_num_classes
 from alambic.run.rundir import write_status
-from alambic.run.stages import RunContext, add_timing, load_finished_stage, load_or_train, train_stage
+from alambic.run.stages import (
+    RunContext,
+    add_timing,
+    load_finished_stage,
+    load_or_train,
+    train_stage,
+    transfer_data,
+)
 from alambic.strategies.ensemble import EnsembleModel, average_weights
 from alambic.strategies.online import MutualDistiller, SelfDistiller
 
@@ -77,7 +84,13 @@ def run_strategy_stages(context: RunContext) -> dict[str, nn.Module]:
             write_status(context.run_dir, context.accelerator, state="running", stage=name)
             train = getattr(strategy, "train", None) or config.distill.train
             teacher = models[name] = load_or_train(
-                context, name, build, config.distill.terms, train, Teacher(teacher, config.distill.terms)
+                context,
+                name,
+                build,
+                config.distill.terms,
+                train,
+                Teacher(teacher, config.distill.terms),
+                **transfer_data(context),
             )
             context.architectures[name] = arch
         write_status(context.run_dir, context.accelerator, state="running", stage="distill")
@@ -88,6 +101,7 @@ def run_strategy_stages(context: RunContext) -> dict[str, nn.Module]:
             config.distill.terms,
             config.distill.train,
             Teacher(teacher, config.distill.terms),
+            **transfer_data(context),
         )
     elif strategy.kind == "mutual":
         models.update(_mutual(context, build_student, builder))

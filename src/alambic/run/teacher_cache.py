@@ -12,10 +12,8 @@ from alambic.core.cache import cache_teacher
 from alambic.core.distiller import feature_paths
 from alambic.errors import ConfigError
 from alambic.losses import get_loss_spec
-from alambic.run.building import build_named_model, build_run_datasets
-from alambic.run.stages import (
-    stage_train_set,
-)
+from alambic.run.building import build_named_model, build_run_datasets, build_run_transfer
+from alambic.run.stages import stage_train_set
 
 
 def cache_teacher_outputs(
@@ -24,7 +22,8 @@ def cache_teacher_outputs(
     """``alambic cache-teacher``: run the config's trained teacher once over its training set; returns the manifest.
 
     Stores the logits and every teacher feature the distill terms compare. The teacher comes from
-    ``teacher.model.checkpoint`` (a run's ``teacher/model.safetensors`` works).
+    ``teacher.model.checkpoint`` (a run's ``teacher/model.safetensors`` works). With ``data.transfer``
+    the transfer rows are cached too, after the training set's (their indices continue from its size).
     """
     trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
     if config.teacher is None or not (
@@ -39,9 +38,10 @@ def cache_teacher_outputs(
     teacher = build_named_model(config.teacher.model, info, "teacher", config.task)
     terms = [term for term in config.distill.terms if get_loss_spec(term.loss).needs_teacher]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    transfer = build_run_transfer(config, train_set)
     return cache_teacher(
         teacher,
-        stage_train_set(train_set, config.distill.train.augment),
+        stage_train_set(train_set if transfer is None else transfer, config.distill.train.augment),
         out_dir,
         features=list(dict.fromkeys(feature_paths(terms, "teacher"))),
         top_k=top_k,
