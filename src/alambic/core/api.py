@@ -124,7 +124,9 @@ def distill(
     with distill_log(accelerator, tracking, run_dir, logging_dir, config) as log:
         return train_module(
             Distiller(
-                student, terms, unlabelled_rows=find_transfer(getattr(train_loader, "dataset", None)) is not None
+                student,
+                terms,
+                unlabelled_rows=find_transfer(getattr(train_loader, "dataset", None)) is not None,
             ),
             train_loader,
             settings.loop(),
