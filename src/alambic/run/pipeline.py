@@ -222,6 +222,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     if accelerator.is_main_process:
         timings_path = context.run_dir / "timings.json"
         memory_path = context.run_dir / "peak_memory.json"
+        stopping_path = context.run_dir / "stopping.json"
         summary = {
             "run_name": config.name,
             "dataset": config.data.dataset,
@@ -234,6 +235,8 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "models": summary_models,
             "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
             "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
+            # train.early_stopping / train.keep_best: the epoch a stage stopped at, the epoch it kept
+            "stages_stopping": json.loads(stopping_path.read_text()) if stopping_path.is_file() else {},
             "terms": [term.model_dump() for term in config.distill.terms],
         }
         # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
