@@ -105,10 +105,11 @@ def test_a_monitor_without_an_evaluation_or_unknown_is_one_line():
 
 
 def test_history_keeps_train_losses_without_evaluation_and_matches_the_log(tmp_path):
-    student, history = distill(
-        _mlp(16, 1), _mlp(8, 2), _loader(_data()), epochs=3, run_dir=tmp_path, log_every=1,
-        return_history=True, progress=False,
-    )  # fmt: skip
+    def run(**kwargs):
+        return distill(_mlp(16, 1), _mlp(8, 2), _loader(_data()), epochs=3, progress=False, **kwargs)
+
+    run(run_dir=tmp_path, log_every=1)  # every step's losses in metrics.jsonl
+    student, history = run(log_every=3, return_history=True)  # 4 steps an epoch: means of 3 and of 1 step
     assert isinstance(student, nn.Module) and isinstance(history, History)
     assert [record["epoch"] for record in history.records] == [1, 2, 3]
     assert set(history.records[0]) == {"epoch", "train_total", "train_ce", "train_kd"}
