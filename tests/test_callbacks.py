@@ -2,6 +2,7 @@
 optimizer and scheduler."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,11 +10,21 @@ from tolerance import close
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from alambic import BestWeights, Callback, EarlyStopping, History, TrainConfig, distill, train_module
+from alambic import (
+    BestWeights,
+    Callback,
+    EarlyStopping,
+    History,
+    TrainConfig,
+    distill,
+    load_config,
+    train_module,
+)
 from alambic.core.api import as_terms
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.optim import make_accelerator
 from alambic.errors import ConfigError
+from alambic.run.pipeline import run
 
 
 def _data(n=128, features=10, classes=3, seed=0):
@@ -234,3 +245,25 @@ def test_wrong_optimizer_and_scheduler_types_are_one_line_errors():
         run(scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
     with pytest.raises(ConfigError, match="invalid training setting: early_stopping.patience"):
         run(early_stopping={"monitor": "accuracy", "patience": 0})
+
+
+@pytest.mark.slow  # a whole (tiny) run: about 5 s
+def test_a_run_config_stops_early_keeps_the_best_and_says_so_in_its_summary(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(
+        root / "recipes" / "digits.yaml",
+        [
+            "teacher.train.epochs=1",
+            "distill.train.epochs=6",
+            "stages=[teacher, distill, evaluate]",
+            # nothing beats the first evaluation by a whole unit of accuracy: stopped after epoch 2
+            "distill.train.early_stopping={monitor: accuracy, patience: 1, min_delta: 1.0}",
+            "distill.train.keep_best=accuracy",
+        ],
+    )
+    summary = json.loads((run(config, run_dir=tmp_path / "run") / "summary.json").read_text())
+    stopping = summary["stages_stopping"]["distill"]
+    assert stopping["early_stopping"] == {"monitor": "accuracy", "stopped_epoch": 2}
+    assert stopping["keep_best"]["monitor"] == "accuracy" and stopping["keep_best"]["epoch"] in (1, 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["epoch"] for r in records if r["stage"] == "distill") == 2
