@@ -8,6 +8,7 @@ Example:
 from alambic.config import LoopSettings, RunConfig, Term, TrainConfig, load_config
 from alambic.core.api import distill, train_module
 from alambic.core.cache import CachedTeacher
+from alambic.core.callbacks import BestWeights, Callback, EarlyStopping, History
 from alambic.core.distiller import Distiller, Teacher
 from alambic.data import IndexedDataset
 from alambic.errors import AlambicError, ConfigError, DataError
@@ -17,10 +18,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlambicError",
+    "BestWeights",
     "CachedTeacher",
+    "Callback",
     "ConfigError",
     "DataError",
     "Distiller",
+    "EarlyStopping",
+    "History",
     "IndexedDataset",
     "LoopSettings",
     "RunConfig",

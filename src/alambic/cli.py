@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect as pyinspect
 import json
 import signal
 import sys
@@ -15,14 +14,15 @@ from typing import Annotated, Any
 
 import torch
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from alambic import __version__
 from alambic.commands.augment import augment
-from alambic.config import ModelConfig, load_config
+from alambic.commands.explore import inspect, losses
+from alambic.commands.options import Debug, yaml_mapping
+from alambic.config import load_config
 from alambic.console import (
     ProgressBar,
     console,
@@ -32,13 +32,10 @@ from alambic.console import (
     print_tune_trials,
 )
 from alambic.core.cache import cache_size_bytes
-from alambic.core.hooks import module_table
 from alambic.errors import AlambicError
-from alambic.losses import get_loss_spec, list_losses
 from alambic.models.hf import derive_to_folder
 from alambic.packaged import demo_overrides, packaged_recipes, recipe_path, recipe_purpose
 from alambic.run.artifacts import evaluate_checkpoint, export_run
-from alambic.run.building import build_named_model
 from alambic.run.compress import compress_run
 from alambic.run.pipeline import evaluate_run, run
 from alambic.run.report import write_report
@@ -65,7 +62,6 @@ def _options(
 
 
 error_console = Console(stderr=True)
-Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
 
 def user_errors(command):
@@ -193,17 +189,6 @@ def run_command(
     _run_and_report(load_config(recipe_path(config), set_ or []), resume or out, resume is not None)
 
 
-def yaml_mapping(text: str, option: str) -> dict:
-    """An option's YAML mapping (``'{hidden: [64]}'``), or a one-line error."""
-    try:
-        value = yaml.safe_load(text) or {}
-    except yaml.YAMLError:
-        value = None
-    if not isinstance(value, dict):
-        raise AlambicError(f"{option} must be a YAML mapping like '{{hidden: [64]}}', got {text!r}")
-    return value
-
-
 @app.command()
 @user_errors
 def recipes(debug: Debug = False) -> None:
@@ -260,37 +245,6 @@ def tune(
         )
 
 
-@app.command()
-@user_errors
-def losses(
-    name: Annotated[
-        str | None, typer.Argument(help="a loss: its parameters, formula, inputs and paper")
-    ] = None,
-    debug: Debug = False,
-) -> None:
-    """List every registered loss with a one-line description and its paper, or show one loss whole."""
-    if name is not None:
-        spec = get_loss_spec(name)  # an unknown name: one line with the close matches
-        console.print(f"[bold]{escape(spec.name)}[/]: {escape(spec.description)}")
-        console.print(f"compares: {spec.inputs}; paper: {escape(spec.paper)}")
-        needs = [word for word, flag in (("a teacher", spec.needs_teacher), ("labels", spec.needs_labels),
-                                          ("sample indices", spec.needs_index)) if flag]  # fmt: skip
-        console.print(f"needs: {', '.join(needs) or 'nothing beyond the student'}")
-        if spec.hyper_parameters:
-            shown = ", ".join(f"{key} = {value!r}" for key, value in spec.hyper_parameters.items())
-            console.print(f"parameters (defaults): {escape(shown)}")
-        else:
-            console.print("parameters: none")
-        console.print(escape(pyinspect.getdoc(spec.fn) or ""), highlight=False)
-        return
-    table = Table(title="registered losses")
-    for column in ("name", "compares", "description", "paper"):
-        table.add_column(column, overflow="fold")
-    for spec in list_losses():
-        table.add_row(spec.name, spec.inputs, spec.description, spec.paper)
-    print_table(table)
-
-
 @app.command(name="eval")
 @user_errors
 def eval_command(
@@ -335,39 +289,6 @@ def report(
 
 @app.command()
 @user_errors
-def inspect(
-    arch: Annotated[str, typer.Argument(help="zoo name (resnet20, mlp, ...) or package.module:function")],
-    input_shape: Annotated[str, typer.Option(help="one sample's shape, e.g. 3,32,32 or 784")] = "3,32,32",
-    num_classes: Annotated[int, typer.Option(help="classes of a zoo model")] = 10,
-    kwargs: Annotated[str, typer.Option(help="model arguments as YAML, e.g. '{hidden: [64]}'")] = "{}",
-    depth: Annotated[int | None, typer.Option(help="show modules at most this deep")] = None,
-    debug: Debug = False,
-) -> None:
-    """Print a model's modules with their output shapes: the names terms can compare."""
-    import torch
-
-    try:
-        shape = tuple(int(size) for size in input_shape.split(","))
-    except ValueError:
-        raise AlambicError(f"--input-shape takes sizes like 3,32,32, got {input_shape!r}") from None
-    model_kwargs = yaml_mapping(kwargs, "--kwargs")
-    from types import SimpleNamespace
-
-    model = build_named_model(
-        ModelConfig(arch=arch, kwargs=model_kwargs),
-        SimpleNamespace(num_classes=num_classes, input_shape=shape),
-    )
-    table = Table(title=f"{arch}: modules and output shapes for one input of shape {shape}")
-    for column in ("module", "type", "output shape", "params"):
-        table.add_column(column, justify="right" if column == "params" else "left")
-    for row in module_table(model, torch.zeros(1, *shape), max_depth=depth):
-        shown = "x".join(map(str, row.output_shape)) if row.output_shape else "-"
-        table.add_row(row.path, row.kind, shown, f"{row.parameters:,}")
-    print_table(table)
-
-
-@app.command()
-@user_errors
 def derive(
     teacher: Annotated[str, typer.Argument(help="a Hugging Face model folder (or hub id)")],
     out: Annotated[Path, typer.Option(help="new folder for the student")],
@@ -405,6 +326,8 @@ def derive(
 
 
 app.command()(user_errors(augment))
+app.command()(user_errors(losses))
+app.command()(user_errors(inspect))
 
 
 @app.command(name="cache-teacher")

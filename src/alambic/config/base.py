@@ -144,6 +144,16 @@ class LoopSettings(StrictModel):
         return self
 
 
+class EarlyStoppingConfig(StrictModel):
+    """``train.early_stopping``: stop when ``monitor`` (an evaluation metric, or ``train_total``) has not
+    improved by more than ``min_delta`` for ``patience`` evaluations."""
+
+    monitor: str = "loss"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    mode: Literal["auto", "max", "min"] = "auto"  # auto: max for accuracy, F1, AUC; min otherwise
+
+
 class TrainConfig(LoopSettings):
     """One training stage of a run config: the loop's settings (:class:`LoopSettings`) and how its
     batches are made (size, accumulation, augmentation, mixing)."""
@@ -155,6 +165,10 @@ class TrainConfig(LoopSettings):
     # mixup / cutmix of each sample with a random partner (teacher and student see the same mixed view)
     mix: Literal["none", "mixup", "cutmix"] = "none"
     mix_alpha: float = Field(1.0, gt=0)  # lam ~ Beta(mix_alpha, mix_alpha)
+    early_stopping: EarlyStoppingConfig | None = None
+    # an evaluation metric (accuracy, loss, perplexity, ...): the student returned and saved is the
+    # one of the epoch where it was best
+    keep_best: str | None = None
 
     def loop(self, **changes: Any) -> LoopSettings:
         """The loop's part of these settings (with ``changes``, e.g. ``lr=...``), as ``fit`` takes them."""

@@ -4,6 +4,7 @@ and :func:`train_module`, the one function every training stage goes through."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from alambic.config.base import LoopSettings, Term, TrainConfig, format_validation_error
 from alambic.config.tracking import TrackingConfig
 from alambic.core.cache import CachedTeacher
+from alambic.core.callbacks import Callback, History, PrintProgress, config_callbacks
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.evaluate import evaluate_classifier
 from alambic.core.lock import run_lock
@@ -28,6 +30,7 @@ from alambic.core.optim import make_accelerator
 from alambic.core.trainable import Trainable
 from alambic.data.transfer import find_transfer
 from alambic.errors import ConfigError
+from alambic.models.keras import KerasModule, as_torch_module
 
 HINTON_TERMS = ({"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}})
 
@@ -60,9 +63,14 @@ def distill(
     teacher_vocab_size: int | None = None,
     teacher_dtype: torch.dtype | None = None,
     tracking: TrackingConfig | dict | list[str] | str | None = None,
+    optimizer: str | Callable[[list], torch.optim.Optimizer] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool | Callable[[str, int, int, dict], None] | None = None,
+    return_history: bool = False,
     **train: Any,
-) -> nn.Module:
-    """Distill ``teacher`` into ``student`` and return the trained student.
+) -> nn.Module | tuple[nn.Module, History]:
+    """Distill ``teacher`` into ``student`` and return the trained student (and its history).
 
     Args:
         teacher: any module mapping inputs to logits (or an output with ``.logits``); frozen here.
@@ -89,6 +97,19 @@ def distill(
             without a run_dir). It builds the accelerator: not with ``accelerator``.
         teacher_vocab_size: slice the teacher's logits to this many entries, for a student of the same
             tokenizer whose vocabulary is not padded as the teacher's (a warning says so).
+        optimizer: ``"sgd"`` (default) or ``"adamw"`` with ``lr``, ``momentum``, ``weight_decay``; or a
+            function of the parameters that returns your optimizer (it must take every parameter it is
+            given: connectors and learned losses exist only after a first probing batch), e.g.
+            ``lambda params: torch.optim.AdamW(params, lr=3e-4)``.
+        scheduler: a function of the optimizer returning an ``LRScheduler``, stepped once per optimizer
+            step (``OneCycleLR(opt, max_lr=..., total_steps=epochs * len(train_loader))``); without it
+            the named ``schedule`` applies (default cosine; ``schedule="constant"`` keeps your lr).
+        callbacks: :class:`~alambic.core.callbacks.Callback` s (``EarlyStopping``, ``BestWeights``,
+            ``History`` or your own); ``early_stopping={...}`` and ``keep_best="accuracy"`` add the first two.
+        progress: one line per epoch on stdout; default on in a terminal or notebook, False for silence,
+            or a ``progress(stage, step, total_steps, values)`` function called at every logged step.
+        return_history: return ``(student, history)``, the per-epoch train losses and evaluations
+            (:class:`~alambic.core.callbacks.History`), kept also without ``eval_loader``.
         **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
             (``optimizer``, ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``schedule``,
             ``warmup_epochs``, ``milestones``, ``gamma``, ``grad_clip``, ``log_every``, ...).
@@ -104,7 +125,18 @@ def distill(
             "distill() takes no augment or mix: augment in your dataset or DataLoader (run configs have "
             "data.augment and train.mix; alambic.strategies.MixedDataset wraps a data set)"
         )
+    factory = None
+    if optimizer is not None and not isinstance(optimizer, str):
+        factory = optimizer if callable(optimizer) else _refuse_optimizer(optimizer)
+        if given := sorted(set(train) & {"lr", "momentum", "nesterov", "weight_decay"}):
+            raise ConfigError(f"{', '.join(given)}: set them in your optimizer function, not in distill()")
+    elif optimizer is not None:
+        train["optimizer"] = optimizer
     settings = train_settings(epochs=epochs, grad_accum=grad_accum, **train)
+    callbacks = [*config_callbacks(settings), *callbacks]
+    history = History() if return_history else None
+    progress = _interactive() if progress is None else progress
+    callbacks += [item for item in (history, PrintProgress() if progress is True else None) if item]
     terms = as_terms(terms)
     if teacher_vocab_size is not None:
         warnings.warn(
@@ -122,21 +154,40 @@ def distill(
     accelerator.gradient_accumulation_steps = grad_accum
     config = {"terms": [term.model_dump() for term in terms], **settings.model_dump()}
     with distill_log(accelerator, tracking, run_dir, logging_dir, config) as log:
-        return train_module(
+        trained = train_module(
             Distiller(
-                student,
+                as_torch_module(student),
                 terms,
                 unlabelled_rows=find_transfer(getattr(train_loader, "dataset", None)) is not None,
             ),
             train_loader,
             settings.loop(),
             accelerator=accelerator,
-            teacher=_as_teacher(teacher, terms, teacher_vocab_size, teacher_dtype),
+            teacher=_as_teacher(as_torch_module(teacher), terms, teacher_vocab_size, teacher_dtype),
             eval_loader=eval_loader,
             num_classes=num_classes,
             run_dir=run_dir,
             log=log,
+            progress=progress if callable(progress) else None,
+            callbacks=callbacks,
+            optimizer=factory,
+            scheduler=scheduler,
         )
+    trained = trained.model if isinstance(trained, KerasModule) else trained
+    return (trained, history) if history is not None else trained
+
+
+def _interactive() -> bool:
+    """Whether a person is likely watching: stdout is a terminal, or this is a Jupyter kernel."""
+    return sys.stdout.isatty() or "ipykernel" in sys.modules
+
+
+def _refuse_optimizer(optimizer: Any) -> Any:
+    raise ConfigError(
+        f"optimizer must be 'sgd', 'adamw' or a function of the parameters, got a {type(optimizer).__name__} "
+        "(the optimizer must also hold connector parameters built after a first batch); pass "
+        "optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4)"
+    )
 
 
 def tracking_settings(tracking: Any, accelerator: Any) -> TrackingConfig:
@@ -196,6 +247,9 @@ def train_module(
     checkpoint_dir: str | Path | None = None,
     stage: str = "distill",
     progress: Callable[[str, int, int, dict], None] | None = None,
+    callbacks: Sequence[Callback] = (),
+    optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> nn.Module:
     """Train one stage: ``module`` on ``train_loader`` through the one loop; returns its trained student.
 
@@ -204,6 +258,7 @@ def train_module(
     ``num_classes``) measures test accuracy after each evaluated epoch (or pass ``evaluate(student)``).
     ``run_dir`` holds ``metrics.jsonl`` and ``checkpoints/`` (created when missing) under an exclusive
     lock, so a second writer is refused; without it, ``log`` and ``checkpoint_dir`` say where to write.
+    ``callbacks``, ``optimizer`` and ``scheduler`` (factories) go to :func:`~alambic.core.loop.fit`.
 
     Example:
         >>> student = train_module(Distiller(student, terms), loader, TrainConfig(epochs=5).loop(),
@@ -233,6 +288,9 @@ def train_module(
             log=log,
             stage=stage,
             progress=progress,
+            callbacks=callbacks,
+            optimizer=optimizer,
+            scheduler=scheduler,
         )
 
 

@@ -146,10 +146,13 @@ def save_training_state(
     step: int,
     process_index: int = 0,
     barrier: Any = None,
+    extra: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``directory/ckpt-EPOCH`` atomically; every process writes its own RNG state.
 
-    ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called between the phases when several
+    ``extra`` (JSON values) and ``extra_tensors`` are the loop's own state (callbacks, a stop), read
+    back by :func:`load_extra`. ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called between the phases when several
     processes take part; with one process it may be None.
     """
     directory = Path(directory)
@@ -169,7 +172,10 @@ def save_training_state(
             save_file(rng, staging / f"rng-{process_index}.safetensors")
         barrier()
         if process_index == 0:
-            _write_staged(directory, staging, final, module, optimizer, scheduler, epoch, step)
+            if extra_tensors:
+                with writing(staging):
+                    save_file(extra_tensors, staging / "extra.safetensors")
+            _write_staged(directory, staging, final, module, optimizer, scheduler, epoch, step, extra)
     except BaseException:  # a full disk, SIGTERM: the previous checkpoint stays, no half-written one is left
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -178,7 +184,7 @@ def save_training_state(
 
 
 def _write_staged(
-    directory: Path, staging: Path, final: Path, module, optimizer, scheduler, epoch: int, step: int
+    directory: Path, staging: Path, final: Path, module, optimizer, scheduler, epoch: int, step: int, extra
 ) -> None:
     with writing(staging):
         save_file(_state_dict_for_save(module), staging / "model.safetensors")
@@ -190,6 +196,7 @@ def _write_staged(
             "optimizer": optimizer_plain,
             "scheduler": scheduler.state_dict(),
             "rng": _python_rng_state(),
+            "extra": extra or {},
         }
         (staging / "state.json").write_text(dumps_json(state))
         for file in staging.iterdir():
@@ -244,6 +251,18 @@ def load_training_state(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return epoch, step
+
+
+def load_extra(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``extra`` values and tensors a checkpoint was saved with (empty for older checkpoints)."""
+    path = Path(path)
+    fix = f"delete {path.parent} to train this stage again from its start with --resume"
+    try:
+        extra = json.loads(_checkpoint_file(path, "state.json", fix).read_text()).get("extra", {})
+    except ValueError as error:
+        raise AlambicError(f"{path}/state.json is damaged ({first_line(error)}); {fix}") from None
+    tensors = _read_tensors(path / "extra.safetensors", fix) if (path / "extra.safetensors").is_file() else {}
+    return extra, tensors
 
 
 def _checkpoint_file(path: Path, name: str, fix: str) -> Path:

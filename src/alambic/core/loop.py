@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader
 
 from alambic.config.base import LoopSettings
 from alambic.core.batches import index_of, split_batch
-from alambic.core.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from alambic.core.callbacks import Callback, pack_states, train_metrics, unpack_states, wants_steps
+from alambic.core.checkpoint import latest_checkpoint, load_extra, load_training_state, save_training_state
 from alambic.core.distiller import Teacher
 from alambic.core.monitor import FiniteGuard, MetricsLog
-from alambic.core.optim import lr_factor, make_optimizer
+from alambic.core.optim import lr_factor, make_optimizer, user_optimizer, user_scheduler
 from alambic.core.trainable import Trainable
 
 
@@ -83,29 +84,45 @@ def fit(
     log: MetricsLog | None = None,
     stage: str = "distill",
     progress: Callable[[str, int, int, dict], None] | None = None,  # (stage, step, total_steps, values)
+    callbacks: Sequence[Callback] = (),
+    optimizer: Callable[[list], Any] | None = None,
+    scheduler: Callable[[Any], Any] | None = None,
 ) -> nn.Module:
     """Train ``module`` (student + what trains with it) on its terms; resumes from ``checkpoint_dir``.
 
     ``settings`` are the loop's (:class:`~alambic.config.LoopSettings`); ``grad_accum`` and ``precision``
     live on the ``accelerator``. ``teacher``: a :class:`~alambic.core.distiller.Teacher` or a cached one.
     ``evaluate(student)`` returns a dict with at least ``accuracy``; it runs every ``eval_every`` epochs
-    and after the last. Returns the trained student (unwrapped).
+    and after the last. ``callbacks``: :class:`~alambic.core.callbacks.Callback` s (a stop ends training
+    after its epoch). ``optimizer(params)`` / ``scheduler(optimizer)``: the user's factories, instead of
+    ``settings.optimizer`` / ``settings.schedule``; the scheduler is stepped once per optimizer step.
+    Returns the trained student (unwrapped).
     """
     log = log or MetricsLog(None)
     prepare_module(module, teacher, train_loader, settings, accelerator)
-    optimizer = make_optimizer(
-        module.parameters(),
-        **settings.model_dump(include={"optimizer", "lr", "momentum", "nesterov", "weight_decay"}),
-        fused=accelerator.device.type == "cuda",
-    )
+    if optimizer is not None:
+        optimizer = user_optimizer(optimizer, [p for p in module.parameters() if p.requires_grad])
+    else:
+        optimizer = make_optimizer(
+            module.parameters(),
+            **settings.model_dump(include={"optimizer", "lr", "momentum", "nesterov", "weight_decay"}),
+            fused=accelerator.device.type == "cuda",
+        )
     # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
     # must be counted on the prepared (sharded) loader, not on the one given.
     loader = accelerator.prepare(train_loader)
     steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
-    scheduler = make_scheduler(optimizer, settings, steps_per_epoch)
+    if scheduler is not None:
+        scheduler = user_scheduler(scheduler, optimizer)
+    else:
+        scheduler = make_scheduler(optimizer, settings, steps_per_epoch)
     if teacher is not None:
         teacher.to(accelerator.device)
-    start_epoch, step = resume(checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage)
+    start_epoch, step, stopped = resume(
+        checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage, callbacks
+    )
+    if stopped:  # a callback stopped this stage before it was interrupted: it is done
+        start_epoch = settings.epochs
     model, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     state = LoopState(
@@ -124,24 +141,63 @@ def fit(
         total_steps=settings.epochs * steps_per_epoch,
         side_stream=side_stream(settings, accelerator, teacher),
         step=step,
+        callbacks=list(callbacks),
+        step_callbacks=[callback for callback in callbacks if wants_steps(callback)],
+        evaluates=evaluate is not None,
+        stop=stopped,
     )
     if start_epoch == 0:  # no checkpoint: one-line errors before step 0, on a real batch
         first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
         unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
+    for callback in state.callbacks:
+        callback.on_fit_start(state)
     for epoch in range(start_epoch, settings.epochs):
         set_epoch(loader, train_loader.sampler, epoch)
         train_epoch(state, epoch)
-        state.guard.check(epoch + 1)  # before evaluating or checkpointing weights a non-finite step touched
+        # before evaluating or checkpointing weights a non-finite step touched
+        losses = train_metrics(epoch_losses(state, epoch))
         last = epoch + 1 == settings.epochs
+        metrics = {}
         if evaluate is not None and (
             (settings.eval_every and (epoch + 1) % settings.eval_every == 0) or last
         ):
-            evaluate_and_log(state, evaluate, epoch)
-        if checkpoint_dir and ((epoch + 1) % settings.checkpoint_every == 0 or last):
-            save_training_state(checkpoint_dir, module=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                                epoch=epoch, step=state.step, process_index=accelerator.process_index,
-                                barrier=accelerator.wait_for_everyone)  # fmt: skip
+            metrics = evaluate_and_log(state, evaluate, epoch)
+        for callback in state.callbacks:
+            callback.on_epoch_end(state, epoch + 1, {**metrics, **losses})
+        if checkpoint_dir and ((epoch + 1) % settings.checkpoint_every == 0 or last or state.stop):
+            save_checkpoint(state, checkpoint_dir, optimizer, epoch)
+        if state.stop:
+            break
+    for callback in state.callbacks:
+        callback.on_fit_end(state)
     return unwrapped.student
+
+
+def save_checkpoint(state: LoopState, checkpoint_dir: str | Path, optimizer: Any, epoch: int) -> None:
+    """A resumable checkpoint after ``epoch``: weights, optimizer, schedule, RNG, callbacks and a stop."""
+    plain, tensors = pack_states(state.callbacks)
+    save_training_state(checkpoint_dir, module=state.unwrapped, optimizer=optimizer, scheduler=state.scheduler,
+                        epoch=epoch, step=state.step, process_index=state.accelerator.process_index,
+                        barrier=state.accelerator.wait_for_everyone,
+                        extra={"stopped": state.stop, "callbacks": plain}, extra_tensors=tensors)  # fmt: skip
+
+
+def epoch_losses(state: LoopState, epoch: int) -> dict[str, float]:
+    """Check the last steps for non-finite losses and return the epoch's mean losses (per micro-batch)."""
+    check_losses(state, epoch)
+    sums, count = state.epoch_sums, state.epoch_rows
+    state.epoch_sums, state.epoch_rows = {}, 0
+    return {name: total / count for name, total in sums.items()} if count else {}
+
+
+def check_losses(state: LoopState, epoch: int) -> dict[str, float]:
+    """:meth:`FiniteGuard.check`, whose means are also summed into the epoch's."""
+    rows = state.guard.count
+    means = state.guard.check(epoch + 1)
+    for name, value in means.items():
+        state.epoch_sums[name] = state.epoch_sums.get(name, 0.0) + value * rows
+    state.epoch_rows += rows if means else 0
+    return means
 
 
 @dataclass
@@ -198,6 +254,17 @@ class LoopState:
     total_steps: int
     side_stream: Any  # a CUDA stream for the teacher's forward (overlap_teacher), else None
     step: int  # optimizer steps taken
+    callbacks: list[Callback] = field(default_factory=list)
+    step_callbacks: list[Callback] = field(default_factory=list)  # those that override on_step_end
+    evaluates: bool = False  # whether an evaluation runs (at least after the last epoch)
+    stop: bool = False  # set by a callback: training ends after this epoch
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # the epoch's losses, summed over rows
+    epoch_rows: int = 0
+
+    @property
+    def student(self) -> nn.Module:
+        """The student being trained (unwrapped)."""
+        return self.unwrapped.student
 
 
 def train_epoch(state: LoopState, epoch: int) -> None:
@@ -226,8 +293,11 @@ def train_epoch(state: LoopState, epoch: int) -> None:
         if synced:
             state.scheduler.step()
             state.step += 1
+            if state.step_callbacks:
+                for callback in state.step_callbacks:
+                    callback.on_step_end(state)
             if state.step % state.settings.log_every == 0:
-                means = state.guard.check(epoch + 1)
+                means = check_losses(state, epoch)
                 lr = state.scheduler.get_last_lr()[0]
                 state.log.write({"stage": state.stage, "kind": "train", "epoch": epoch + 1, "step": state.step,
                                  "lr": lr, "losses": means})  # fmt: skip
@@ -235,9 +305,9 @@ def train_epoch(state: LoopState, epoch: int) -> None:
                     state.progress(state.stage, state.step, state.total_steps, means | {"epoch": epoch + 1})
 
 
-def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], epoch: int) -> None:
-    """Evaluate the student after ``epoch`` and log its accuracy, macro-F1, loss (and a language model's
-    perplexity)."""
+def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], epoch: int) -> dict:
+    """Evaluate the student after ``epoch``, log its accuracy, macro-F1, loss (and a language model's
+    perplexity), and return the evaluation."""
     metrics = evaluate(state.unwrapped.student)
     shown = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in metrics}
     state.log.write({"stage": state.stage, "kind": "eval", "epoch": epoch + 1, "step": state.step, **shown})
@@ -246,6 +316,7 @@ def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], ep
         state.progress(
             state.stage, state.step, state.total_steps, {f"test_{key}": metrics[key], "epoch": epoch + 1}
         )
+    return metrics
 
 
 def prepare_module(
@@ -287,12 +358,20 @@ def make_scheduler(optimizer: Any, settings: LoopSettings, steps_per_epoch: int)
 
 
 def resume(
-    checkpoint_dir, module, optimizer, scheduler, accelerator: Accelerator, log: MetricsLog, stage: str
+    checkpoint_dir,
+    module,
+    optimizer,
+    scheduler,
+    accelerator: Accelerator,
+    log: MetricsLog,
+    stage: str,
+    callbacks: Sequence[Callback] = (),
 ):
-    """``(first epoch, optimizer steps taken)``: from the latest checkpoint in ``checkpoint_dir``, else (0, 0)."""
+    """``(first epoch, optimizer steps taken, stopped by a callback)``: from the latest checkpoint in
+    ``checkpoint_dir`` (the callbacks' states restored), else ``(0, 0, False)``."""
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if latest is None:
-        return 0, 0
+        return 0, 0, False
     last_epoch, step = load_training_state(
         latest,
         module=module,
@@ -301,7 +380,9 @@ def resume(
         process_index=accelerator.process_index,
     )
     log.drop_after(stage, step)  # records of the interrupted epoch are logged again
-    return last_epoch + 1, step
+    extra, tensors = load_extra(latest)
+    unpack_states(callbacks, extra.get("callbacks", {}), tensors)
+    return last_epoch + 1, step, bool(extra.get("stopped", False))
 
 
 def side_stream(settings: LoopSettings, accelerator: Accelerator, teacher: Any) -> Any:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from alambic.core.monitor import check_trackers_installed
+from alambic.errors import ConfigError
 
 
 def make_accelerator(
@@ -76,3 +78,48 @@ def lr_factor(
     if schedule == "step":
         return gamma ** sum(step >= milestone for milestone in milestones)
     return 1.0
+
+
+def user_optimizer(
+    factory: Callable[[list], Any], parameters: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """``factory(parameters)``: the user's optimizer over every trainable parameter (connectors included)."""
+    if not callable(factory):
+        raise ConfigError(
+            f"optimizer must be 'sgd', 'adamw' or a function of the parameters, got {type(factory).__name__}; "
+            "e.g. optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4)"
+        )
+    optimizer = factory(parameters)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"the optimizer function returned a {type(optimizer).__name__}, not a torch.optim.Optimizer; "
+            "e.g. optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4)"
+        )
+    given = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if given != {id(p) for p in parameters}:
+        raise ConfigError(
+            "the optimizer function must optimize the parameters it is given (student, connectors and "
+            "learned losses), not others: build it from its argument, e.g. lambda params: torch.optim.SGD(params, lr=0.1)"
+        )
+    return optimizer
+
+
+def user_scheduler(factory: Callable[[Any], Any], optimizer: torch.optim.Optimizer) -> Any:
+    """``factory(optimizer)``: the user's learning-rate scheduler, stepped once per optimizer step."""
+    if not callable(factory):
+        raise ConfigError(
+            f"scheduler must be a function of the optimizer, got {type(factory).__name__}; e.g. "
+            "scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=...) "
+            "(named schedules are schedule='cosine' | 'step' | 'constant')"
+        )
+    scheduler = factory(optimizer)
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) or not isinstance(
+        scheduler, torch.optim.lr_scheduler.LRScheduler
+    ):
+        raise ConfigError(
+            f"the scheduler function returned a {type(scheduler).__name__}; it must return a "
+            "torch.optim.lr_scheduler.LRScheduler stepped once per optimizer step (not ReduceLROnPlateau)"
+        )
+    if scheduler.optimizer is not optimizer:
+        raise ConfigError("the scheduler function must schedule the optimizer it is given (its argument)")
+    return scheduler

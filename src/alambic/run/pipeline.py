@@ -266,6 +266,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     if accelerator.is_main_process:
         timings_path = context.run_dir / "timings.json"
         memory_path = context.run_dir / "peak_memory.json"
+        stopping_path = context.run_dir / "stopping.json"
         summary = {
             "run_name": config.name,
             "dataset": config.data.dataset,
@@ -281,6 +282,8 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             # "name": the key its weighted values are logged under in metrics.jsonl
             **({"seeds": seed_statistics(summary_models, config.seeds)} if config.seeds else {}),
             "terms": [{"name": term.name, **term.model_dump()} for term in config.distill.terms],
+            # train.early_stopping / train.keep_best: the epoch a stage stopped at, the epoch it kept
+            "stages_stopping": json.loads(stopping_path.read_text()) if stopping_path.is_file() else {},
         }
         # a NaN in the test inputs gives non-finite metrics: written as null and listed by name
         summary["non_finite"] = finite_json(summary["models"], "models")[1]

@@ -22,6 +22,7 @@ from torch import nn
 from alambic.config import RunConfig, TrainConfig
 from alambic.core.api import train_module
 from alambic.core.cache import CachedTeacher
+from alambic.core.callbacks import callbacks_report, config_callbacks
 from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
 from alambic.core.distiller import Distiller, Teacher
 from alambic.core.monitor import MetricsLog
@@ -98,6 +99,7 @@ def train_stage(
     if wrap_loader is not None:  # around the prepared loader, so that each process keeps its shard
         loader = wrap_loader(accelerator.prepare(loader), model)
     test_loader = make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
+    callbacks = config_callbacks(train)  # train.early_stopping, train.keep_best
     student = train_module(
         module
         if module is not None
@@ -113,7 +115,10 @@ def train_stage(
         checkpoint_dir=folder / "checkpoints",
         stage=stage,
         progress=context.progress,
+        callbacks=callbacks,
     )
+    if report := callbacks_report(callbacks):
+        add_record(context, "stopping.json", stage, report)  # summary.json's stages_stopping
     if accelerator.is_main_process:
         save_weights(student, folder / "model.safetensors", metadata={"stage": stage})
     accelerator.wait_for_everyone()
