@@ -364,7 +364,8 @@ class CachedTeacher:
         if self.resident:  # indexing on the device: no copy to the host, no sync
             rows = index.detach().to(self.device, torch.int64, non_blocking=True)
             if self.device.type == "cpu":
-                self._check_range(int(rows.min()), int(rows.max()))
+                low, high = torch.aminmax(rows)  # one pass over the indices
+                self._check_range(int(low), int(high))
             else:  # checked on the device, without a sync (a negative index would wrap to wrong rows)
                 inside = ((rows >= 0) & (rows < self.manifest["num_samples"])).all()
                 torch._assert_async(inside, "sample index outside the teacher cache")

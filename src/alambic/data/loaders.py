@@ -90,6 +90,16 @@ class IndexedDataset(Dataset):
             raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs or dicts")
         return item[0], item[1], index
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's samples for a DataLoader (PyTorch fetches through here when it exists): the same as
+        ``[self[i] for i in indices]``, with the check made once a batch instead of a wrapper call per sample."""
+        items = [self.dataset[index] for index in indices]
+        if items and isinstance(items[0], Mapping):
+            return [{**item, "index": index} for item, index in zip(items, indices)]
+        if items and (not isinstance(items[0], (tuple, list)) or len(items[0]) != 2):
+            raise DataError("IndexedDataset wraps data sets that yield (input, label) pairs or dicts")
+        return [(item[0], item[1], index) for item, index in zip(items, indices)]
+
     def get_batch(self, indices: list[int]) -> tuple | dict:
         """A whole batch ``(inputs, labels, index)`` (or the dict with ``index``); batched by the wrapped
         set when it can."""
