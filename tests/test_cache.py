@@ -363,3 +363,46 @@ def test_configs_refuse_a_cache_with_mixing_or_strategies_and_alternation_with_a
     }
     with pytest.raises(ConfigError, match="grad_accum: 1"):
         config_from_dict(mutual)
+
+
+CACHE_TWO_PROCESSES = """
+import sys, accelerate, numpy as np, torch
+from torch import nn
+from alambic.core.cache import CachedTeacher, cache_teacher
+
+FOLDER = sys.argv[1]
+
+def run():
+    accelerator = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5))
+    data = torch.utils.data.TensorDataset(torch.randn(30, 6), torch.randint(0, 5, (30,)))
+    # 30 samples in shards of 7: shards 0, 2, 4 in process 0; 1, 3 in process 1
+    cache_teacher(teacher, data, FOLDER + "/shared", shard_size=7, batch_size=4,
+                  process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                  barrier=accelerator.wait_for_everyone)
+    assert accelerator.num_processes == 2
+    cached = CachedTeacher(FOLDER + "/shared", teacher=teacher, dataset=data)
+    replayed = cached(None, torch.arange(30))["logits"]
+    with torch.no_grad():
+        expected = teacher(data.tensors[0])
+    # the same rows by another batching: equal up to float32 rounding
+    torch.testing.assert_close(replayed, expected, rtol=1e-5, atol=1e-6)
+    print("OK", accelerator.process_index, sorted(p.name for p in __import__("pathlib").Path(FOLDER).iterdir()), flush=True)
+
+if __name__ == "__main__":
+    accelerate.debug_launcher(run, num_processes=2)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_shards_of_one_cache(tmp_path):
+    from subprocesses import run_two_process_script
+
+    output = run_two_process_script(CACHE_TWO_PROCESSES.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert "['shared']" in output  # one folder: no staging folder left behind
+    manifest = json.loads((tmp_path / "shared" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 30 and len(manifest["fields"]["logits"]["shards"]) == 5
+    assert sorted(p.name for p in (tmp_path / "shared").glob("logits-*.npy")) == [
+        f"logits-{n:05d}.npy" for n in range(5)
+    ]

@@ -343,13 +343,18 @@ def cache_teacher_command(
         typer.Option(help="store the k largest log-probabilities and the tail mass (LM vocabularies)"),
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float16 storage")] = "float32",
+    shard_size: Annotated[
+        int, typer.Option(help="samples per shard file; processes of a launch share the shards out")
+    ] = 50_000,
     debug: Debug = False,
 ) -> None:
     """Run the teacher once over the training set and store what the distill terms need (offline KD)."""
     import time
 
     started = time.perf_counter()
-    manifest = cache_teacher_outputs(load_config(config, set_ or []), out, top_k=top_k, dtype=dtype)
+    manifest = cache_teacher_outputs(
+        load_config(config, set_ or []), out, top_k=top_k, dtype=dtype, shard_size=shard_size
+    )
     console.print(
         f"cached {', '.join(manifest['fields'])} for {manifest['num_samples']:,} samples in "
         f"{time.perf_counter() - started:.1f} s ({cache_size_bytes(out) / 2**20:.1f} MiB, {manifest['dtype']}); "

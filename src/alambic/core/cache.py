@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from accelerate.utils import send_to_device
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from alambic.core.batches import split_batch
 from alambic.core.distiller import Teacher, feature_paths
@@ -83,8 +82,17 @@ def cache_teacher(
     batch_size: int = 256,
     shard_size: int = 50_000,
     device: str | torch.device = "cpu",
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier: Any = None,
 ) -> dict:
     """Run ``teacher`` once over ``dataset`` (in index order) and write a cache folder; returns its manifest.
+
+    With several processes (``accelerate launch`` / ``torchrun``: ``process_index`` of ``num_processes``,
+    ``barrier`` waiting for all of them) the shards are dealt out: process ``r`` computes and writes
+    shards ``r``, ``r + P``, ... into one staging folder (on a file system all processes share), and
+    process 0, which always holds shard 0, writes the one manifest and renames the folder when every
+    process is done. Each shard is the same whoever computes it, so the cache does not depend on ``P``.
 
     Args:
         teacher: the frozen teacher model.
@@ -95,7 +103,9 @@ def cache_teacher(
         dtype: ``float32`` or ``float16`` storage.
         batch_size: teacher batch size.
         shard_size: samples per shard file.
-        device: where the teacher runs.
+        device: where the teacher runs (each process's own GPU under a launcher).
+        process_index, num_processes, barrier: this process, how many share the work, and a function
+            that returns once every process has called it (Accelerate's ``wait_for_everyone``).
 
     Example:
         >>> manifest = cache_teacher(teacher, train_set, "cache/resnet56", batch_size=512)
@@ -109,30 +119,34 @@ def cache_teacher(
     if out_dir.exists():
         raise ConfigError(f"{out_dir} already exists; remove it or pick another --out")
     check_not_augmented(dataset)
+    barrier = barrier or (lambda: None)
     live = Teacher(teacher).to(device)
     live.feature_paths = list(features)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # one staging name every process agrees on (a temporary name would differ between processes)
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    if process_index == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # what an earlier, interrupted build left
+        staging.mkdir()
+    barrier()
     try:
-        writer = _ShardWriter(staging, shard_size, DTYPES[dtype])
         shapes: dict[str, list[int]] = {}
         vocab_size = None
-        for batch in loader:
-            inputs, _ = split_batch(batch)
-            outputs = live(send_to_device(inputs, device))
-            rows = {}
-            for name, value in outputs.items():
-                value = value.float()
-                if name == "logits" and top_k is not None:
-                    rows.update(_top_k(value, top_k))
-                    vocab_size = value.shape[-1]
-                else:
-                    rows[name] = value
-            for name, value in rows.items():
-                shapes[name] = list(value.shape[1:])
-            writer.add(rows)
-        writer.close()
+        for number in range(process_index, math.ceil(len(dataset) / shard_size), num_processes):
+            indices = range(number * shard_size, min((number + 1) * shard_size, len(dataset)))
+            loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+            parts: dict[str, list[np.ndarray]] = {}
+            for batch in loader:
+                rows, vocab_size = _teacher_rows(live, split_batch(batch)[0], device, top_k)
+                for name, value in rows.items():
+                    shapes[name] = list(value.shape[1:])
+                    array = value.cpu().numpy()
+                    parts.setdefault(name, []).append(
+                        array.astype(DTYPES[dtype]) if array.dtype.kind == "f" else array
+                    )
+            for name, arrays in parts.items():
+                np.save(staging / _shard_file(name, number), np.concatenate(arrays))
+        barrier()  # every shard written
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -144,16 +158,42 @@ def cache_teacher(
             "vocab_size": vocab_size,
             "shard_size": shard_size,
             "fields": {
-                name: {"shape": shape, "shards": writer.shards[name]} for name, shape in shapes.items()
+                name: {
+                    "shape": shape,
+                    "shards": [_shard_file(name, n) for n in range(math.ceil(len(dataset) / shard_size))],
+                }
+                for name, shape in shapes.items()
             },
             "features": list(features),
         }
-        (staging / "manifest.json").write_text(dumps_json(manifest, indent=2))
-        staging.rename(out_dir)
+        if process_index == 0:  # it computed shard 0, so it knows every field's shape
+            (staging / "manifest.json").write_text(dumps_json(manifest, indent=2))
+            staging.rename(out_dir)
+        barrier()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _shard_file(name: str, number: int) -> str:
+    return f"{name}-{number:05d}.npy"
+
+
+def _teacher_rows(
+    live: Teacher, inputs: Any, device: Any, top_k: int | None
+) -> tuple[dict[str, Tensor], Any]:
+    """What is stored for one batch (float32 outputs; top-k log-probabilities for ``top_k``) and the
+    vocabulary size when the logits were reduced to their top k."""
+    rows, vocab_size = {}, None
+    for name, value in live(send_to_device(inputs, device)).items():
+        value = value.float()
+        if name == "logits" and top_k is not None:
+            rows.update(_top_k(value, top_k))
+            vocab_size = value.shape[-1]
+        else:
+            rows[name] = value
+    return rows, vocab_size
 
 
 def _top_k(logits: Tensor, k: int) -> dict[str, Tensor]:
@@ -162,36 +202,6 @@ def _top_k(logits: Tensor, k: int) -> dict[str, Tensor]:
     values, ids = log_probs.topk(min(k, logits.shape[-1]), dim=-1)  # [..., k]
     tail = (1 - values.exp().sum(-1)).clamp_min(0)  # [...]
     return {"topk_log_probs": values, "topk_ids": ids.to(torch.int32), "tail_mass": tail}
-
-
-class _ShardWriter:
-    """Collects rows per field and writes ``NAME-NNNNN.npy`` files of ``shard_size`` rows."""
-
-    def __init__(self, folder: Path, shard_size: int, dtype: Any):
-        self.folder, self.shard_size, self.dtype = folder, shard_size, dtype
-        self.pending: dict[str, list[np.ndarray]] = {}
-        self.shards: dict[str, list[str]] = {}
-
-    def add(self, rows: dict[str, Tensor]) -> None:
-        for name, value in rows.items():
-            array = value.cpu().numpy()
-            if array.dtype.kind == "f":
-                array = array.astype(self.dtype)
-            self.pending.setdefault(name, []).append(array)
-            while sum(len(part) for part in self.pending[name]) >= self.shard_size:
-                self._flush(name, self.shard_size)
-
-    def _flush(self, name: str, count: int) -> None:
-        joined = np.concatenate(self.pending[name])
-        file = f"{name}-{len(self.shards.get(name, [])):05d}.npy"
-        np.save(self.folder / file, joined[:count])
-        self.shards.setdefault(name, []).append(file)
-        self.pending[name] = [joined[count:]] if len(joined) > count else []
-
-    def close(self) -> None:
-        for name in list(self.pending):
-            if self.pending[name]:
-                self._flush(name, sum(len(part) for part in self.pending[name]))
 
 
 _REBUILD = "remove the folder and rebuild it with cache-teacher"
