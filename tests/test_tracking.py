@@ -4,6 +4,7 @@ tracker run per stage."""
 
 import glob
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,11 @@ def test_wandb_offline_writes_one_run_per_stage_under_the_run_dir(tmp_path, monk
         (record_file,) = glob.glob(
             str(tmp_path / "tracking" / stage / "wandb" / "offline-run-*" / "run-*.wandb")
         )
-        data = Path(record_file).read_bytes()  # the run's records (protobuf): names and keys in plain bytes
+        # the run's records (protobuf: names and keys in plain bytes); W&B's service process may still be
+        # writing the last run's file when finish() returns on a loaded machine: wait for it a little
+        deadline = time.monotonic() + 60
+        while b"eval/loss" not in (data := Path(record_file).read_bytes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         for text in (
             f"run/{stage}",
             "train/total",
