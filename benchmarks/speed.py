@@ -34,7 +34,6 @@ whole-e / whole-a, the cold start, the cache's build time and the epochs it take
     OMP_NUM_THREADS=1 python benchmarks/speed.py cifar-resnet --data-dir ../shared/data/cifar10-jpeg --subset 2048
 
 On a machine with CUDA everything runs on the GPU (batches copied from pinned memory, as alambic does).
-
 Models are randomly initialised: speed does not depend on the weights. Speed lives here, never in tests.
 """
 
