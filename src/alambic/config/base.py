@@ -131,6 +131,9 @@ class LoopSettings(StrictModel):
     log_every: int = Field(20, ge=1)  # optimizer steps
     checkpoint_every: int = Field(1, ge=1)  # epochs
     compile: bool = False  # torch.compile the student's (and teacher's) forward pass
+    # CUDA graphs (torch.compile mode reduce-overhead) over the whole loss, a live teacher and the
+    # optimizer step: for small, host-bound steps on a GPU; needs CUDA, one process, grad_accum 1
+    cuda_graphs: bool = False
     channels_last: bool = False  # NHWC memory format for convnets (faster on GPUs, and with bf16)
     # a live teacher's forward on a second CUDA stream, overlapping the student's (no effect on CPU)
     overlap_teacher: bool = False

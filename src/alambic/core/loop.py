@@ -25,6 +25,7 @@ from alambic.core.batches import index_of, split_batch
 from alambic.core.callbacks import Callback, pack_states, train_metrics, unpack_states, wants_steps
 from alambic.core.checkpoint import latest_checkpoint, load_extra, load_training_state, save_training_state
 from alambic.core.distiller import Teacher
+from alambic.core.graphs import CompiledStep, check_cuda_graphs, graph_modules, tensor_learning_rates
 from alambic.core.monitor import FiniteGuard, MetricsLog
 from alambic.core.optim import lr_factor, make_optimizer, user_optimizer, user_scheduler
 from alambic.core.trainable import Trainable
@@ -99,6 +100,7 @@ def fit(
     Returns the trained student (unwrapped).
     """
     log = log or MetricsLog(None)
+    check_cuda_graphs(settings, accelerator)
     prepare_module(module, teacher, train_loader, settings, accelerator)
     if optimizer is not None:
         optimizer = user_optimizer(optimizer, [p for p in module.parameters() if p.requires_grad])
@@ -106,8 +108,11 @@ def fit(
         optimizer = make_optimizer(
             module.parameters(),
             **settings.model_dump(include={"optimizer", "lr", "momentum", "nesterov", "weight_decay"}),
-            fused=accelerator.device.type == "cuda",
+            # compiled (cuda_graphs), the multi-tensor step is what the compiler fuses
+            fused=accelerator.device.type == "cuda" and not settings.cuda_graphs,
         )
+    if settings.cuda_graphs:
+        tensor_learning_rates(optimizer)  # before the scheduler keeps the initial rates
     # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
     # must be counted on the prepared (sharded) loader, not on the one given.
     loader = accelerator.prepare(train_loader)
@@ -125,12 +130,17 @@ def fit(
         start_epoch = settings.epochs
     model, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    calls = StepCalls.choose(accelerator, model, optimizer)
+    if (
+        settings.cuda_graphs
+    ):  # one process, no accumulation, no loss scaler: Accelerate's wrapper has nothing to do
+        calls.optimizer = CompiledStep(getattr(optimizer, "optimizer", optimizer))
     state = LoopState(
         model=model,
         unwrapped=unwrapped,
         teacher=teacher,
         loader=loader,
-        calls=StepCalls.choose(accelerator, model, optimizer),
+        calls=calls,
         scheduler=scheduler,
         guard=FiniteGuard(accelerator, stage),
         settings=settings,
@@ -298,7 +308,7 @@ def train_epoch(state: LoopState, epoch: int) -> None:
                     callback.on_step_end(state)
             if state.step % state.settings.log_every == 0:
                 means = check_losses(state, epoch)
-                lr = state.scheduler.get_last_lr()[0]
+                lr = float(state.scheduler.get_last_lr()[0])  # a tensor with cuda_graphs
                 state.log.write({"stage": state.stage, "kind": "train", "epoch": epoch + 1, "step": state.step,
                                  "lr": lr, "losses": means})  # fmt: skip
                 if state.progress:
@@ -336,7 +346,11 @@ def prepare_module(
         module.student.to(memory_format=torch.channels_last)
         if isinstance(teacher, Teacher):
             teacher.model.to(memory_format=torch.channels_last)
-    if settings.compile:  # in place, so parameter names (checkpoints, exports) stay those of the plain module
+    if settings.cuda_graphs:  # the whole loss (student, connectors, terms) and a live teacher, as CUDA graphs
+        graph_modules(module, teacher.model if isinstance(teacher, Teacher) else None)
+    elif (
+        settings.compile
+    ):  # in place, so parameter names (checkpoints, exports) stay those of the plain module
         module.student.compile(dynamic=False)
         if isinstance(teacher, Teacher):
             teacher.model.compile(dynamic=False)
