@@ -347,7 +347,7 @@ class Distiller(nn.Module):
         gradient-accumulation window (the loop computes it).
         """
         student_outputs = self.student_outputs(inputs)
-        if callable(teacher_outputs):
+        if teacher_outputs is not None and not isinstance(teacher_outputs, Mapping):  # a deferred one
             teacher_outputs = teacher_outputs()
         mask = _attention_mask(inputs) if self.uses_mask else None
         labelled = self.labelled_rows(labels)
