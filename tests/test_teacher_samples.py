@@ -72,6 +72,8 @@ def test_teacher_samples_follow_the_seed_and_settings(tmp_path):
     assert torch.equal(first.columns["input_ids"], again.columns["input_ids"])
     assert not torch.equal(first.columns["input_ids"], other.columns["input_ids"])
     assert (greedy.columns["input_ids"] == greedy.columns["input_ids"][0]).all()  # one greedy story
+    train, valid, _ = build_run_datasets(_config(tmp_path, "data.teacher_samples.samples=8"))
+    assert not torch.equal(train.columns["input_ids"], valid.columns["input_ids"])  # another random stream
 
 
 def test_teacher_samples_need_a_teacher_that_exists_before_the_run(tmp_path):
@@ -83,3 +85,12 @@ def test_teacher_samples_need_a_teacher_that_exists_before_the_run(tmp_path):
         build_run_datasets(_config(tmp_path, "data.teacher_samples.new_tokens=40"))
     with pytest.raises(ConfigError, match="cannot generate 1 \\+ 9 tokens from prompt \\[40\\]"):
         build_run_datasets(_config(tmp_path, "data.teacher_samples.prompt=[40]"))  # past its 32 tokens
+
+
+def test_a_pretrained_causal_lm_is_the_trained_teacher_without_a_teacher_stage(tmp_path):
+    demo = RECIPE.parents[1] / "lm-demo.yaml"
+    hf_teacher = ["teacher.model.arch=hf:some/folder", "teacher.model.kwargs={}"]
+    assert _config(tmp_path).loads_teacher()  # llama2c:, no teacher stage
+    assert load_config(demo, [*hf_teacher, "stages=[baseline,distill]"]).loads_teacher()
+    assert not load_config(demo, hf_teacher).loads_teacher()  # with the stage: fine-tuned first
+    assert not load_config(demo, ["stages=[baseline,distill]"]).loads_teacher()  # hf-config: random weights

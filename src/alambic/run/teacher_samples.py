@@ -4,7 +4,7 @@ A teacher without a tokenizer (a llama2.c checkpoint works on token ids) can sti
 own training text. Every row is ``prompt`` (default: the teacher's BOS token) continued by ``new_tokens``
 tokens sampled through its key/value cache (:func:`alambic.core.llm.teacher_generations`), the prompt's
 labels ``-100``. ``samples`` training rows come from the seed, ``validation`` held-out rows from another
-random stream (seed + 2^32, never a training seed), so the validation rows are fresh samples.
+random stream (seed + 2^31 mod 2^32, never the training rows' own), so the validation rows are fresh samples.
 
 They are generated once per run: :func:`teacher_sample_datasets` reads them back from
 ``RUN/teacher_samples/`` (``samples.safetensors``: ``train`` ``[N, P + M]`` and ``validation``; and
@@ -34,7 +34,9 @@ from alambic.run.lm_distill import stored_settings
 
 SAMPLES_DIR = "teacher_samples"
 SAMPLES_FILE = "samples.safetensors"
-VALIDATION_SEED_OFFSET = 2**32  # run seeds are < 2^32: a validation stream is never a training one
+# torch's CPU generator keeps 32 bits of a seed: the validation rows use seed + 2^31 (mod 2^32), never the
+# training rows' stream of the same seed
+VALIDATION_SEED_OFFSET = 2**31
 
 
 def sample_settings(settings: Any, seed: int, teacher: nn.Module) -> dict:
@@ -73,7 +75,7 @@ def generate_rows(teacher: nn.Module, wanted: dict) -> dict[str, Tensor]:
     rows = {}
     for split, count, seed in (
         ("train", wanted["samples"], wanted["seed"]),
-        ("validation", wanted["validation"], wanted["seed"] + VALIDATION_SEED_OFFSET),
+        ("validation", wanted["validation"], (wanted["seed"] + VALIDATION_SEED_OFFSET) % 2**32),
     ):
         prompts = torch.tensor([wanted["prompt"]], dtype=torch.long).repeat(count, 1)  # [N, P]
         try:
