@@ -6,10 +6,10 @@ bias, and the teacher's logits ``[B, T, V]``, then its gradient with respect to 
 
   naive        ``logits = hidden @ W.T + b``, then log_softmax on the whole logits, no chunks
   checkpoint   the chunked loss as it was before (each chunk under activation checkpointing)
-  chunked-C    ``alambic.losses.get_loss("forward_kl")(logits, ..., chunk_size=C)`` (default: None, 64
-               tokens at this vocabulary; 4096 was the default before)
+  chunked-C    ``alambic.losses.get_loss("forward_kl")(logits, ..., chunk_size=C)`` (default: None, 32
+               tokens at this vocabulary; 64, then 4096, were the defaults before)
   fused-C      ``fused_linear_token_loss(hidden, W, teacher_logits, bias=b, chunk_size=C)``: the
-               student's logits exist one chunk at a time
+               student's logits exist one chunk at a time (default: 64 tokens at this vocabulary)
   fused-both-C the same from the teacher's hidden states and head (its logits one chunk at a time too)
 
 Memory: each variant runs in a fresh process whose large allocations are all mmap'd
@@ -41,7 +41,8 @@ from alambic.losses.token_chunks import fused_linear_token_loss
 
 TEMPERATURE = 2.0
 # the loss alone, from the student's logits (a leaf: the model that made them is not measured)
-LOSS_VARIANTS = ["naive", "checkpoint-1024", "chunked-4096", "chunked-1024", "chunked-256", "chunked-default"]
+LOSS_VARIANTS = ["naive", "checkpoint-1024", "chunked-4096", "chunked-1024", "chunked-256", "chunked-64",
+                 "chunked-default"]  # fmt: skip
 # the output projection and the loss, from the student's last hidden states
 PROJECTION_VARIANTS = ["projection+naive", "projection+chunked-default", "fused-1024", "fused-256", "fused-default",
                        "fused-both-256"]  # fmt: skip

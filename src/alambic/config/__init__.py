@@ -29,6 +29,7 @@ from alambic.config.sections import (
     EvaluateConfig,
     StudentConfig,
     TeacherConfig,
+    TeacherSamplesConfig,
     TransferConfig,
 )
 from alambic.config.strategies import (
@@ -65,6 +66,7 @@ __all__ = [
     "StudentConfig",
     "TEACHER_FREE_STRATEGIES",
     "TeacherConfig",
+    "TeacherSamplesConfig",
     "TRACKERS",
     "TrackingConfig",
     "Term",

@@ -29,6 +29,22 @@ class TransferConfig(StrictModel):
     key: str | None = None  # .npz: the array holding the inputs (default: its only array)
 
 
+class TeacherSamplesConfig(StrictModel):
+    """``data.dataset: teacher-samples``: a causal-LM data set made of the teacher's own generations (a
+    teacher without a tokenizer, such as a llama2.c checkpoint, works on token ids). Each row is ``prompt``
+    (default: the teacher's BOS token) continued by ``new_tokens`` sampled tokens; ``samples`` rows train,
+    ``validation`` fresh rows (another seed) are held out. Written once to ``RUN/teacher_samples/``."""
+
+    samples: int = Field(2000, ge=1)
+    validation: int = Field(200, ge=1)
+    new_tokens: int = Field(255, ge=1)
+    prompt: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)  # None: [bos_token_id]
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)  # None: the run's seed
+    batch_size: int = Field(64, ge=1)  # rows generated at once
+
+
 class DataConfig(StrictModel):
     """Which data set, where it lies, and how it is batched."""
 
@@ -53,6 +69,7 @@ class DataConfig(StrictModel):
     stride: int | None = Field(None, ge=1)  # tokens between window starts; default block_size
     packing: bool = False  # jsonl: rows concatenated into blocks of block_size instead of padded
     transfer: TransferConfig | None = None  # unlabelled inputs the teacher labels (distill stage only)
+    teacher_samples: TeacherSamplesConfig | None = None  # dataset teacher-samples: how they are generated
 
 
 class TeacherConfig(StrictModel):

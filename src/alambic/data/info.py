@@ -33,8 +33,10 @@ class DatasetInfo:
 @dataclass
 class LMDatasetInfo(DatasetInfo):
     """A language-model data set's :class:`DatasetInfo`: ``num_classes`` is the vocabulary size,
-    ``class_names`` is empty, and ``unit`` (``"byte"`` or ``"char"``) is what bits-per-unit metrics divide by.
+    ``class_names`` is empty, and ``unit`` (``"byte"`` or ``"char"``; ``"token"`` for token ids without a
+    tokenizer, such as teacher samples) is what bits-per-unit metrics divide by.
     """
 
     unit: str = "byte"
     tokenizer: Any = None  # the data's tokenizer (alambic.data.tokenizers), saved with a run and its exports
+    generated: Any = None  # data made in the run (teacher samples): what the run directory keeps of it

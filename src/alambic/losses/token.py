@@ -53,7 +53,7 @@ def forward_kl_loss(
         student: student logits ``[B, T, V]``; teacher: teacher logits, same shape.
         labels: ``[B, T]`` with ``-100`` where tokens do not count, or None (all count).
         temperature: T; shift_labels: labels are the inputs' ids (HF convention).
-        chunk_size: tokens per chunk; None: as many as make 2**21 logits (64 at a 32k vocabulary).
+        chunk_size: tokens per chunk; None: as many as make 2**20 logits (32 at a 32k vocabulary).
     """
     return temperature**2 * chunked_token_mean(
         lambda s, t: _kl(_log_probs(t, temperature), _log_probs(s, temperature)),

@@ -26,9 +26,13 @@ from alambic.errors import ConfigError
 from alambic.losses.registry import check_hyper_parameters, get_loss, get_loss_spec, list_losses
 
 IGNORE_INDEX = -100
-# tokens per chunk when chunk_size is None: as many as make 2**21 logits (8 MiB in fp32 per [chunk, V]
-# tensor; 64 tokens at a 32k vocabulary), the size measured in BENCHMARKS.md ("Token-level KD memory")
-CHUNK_LOGITS = 2**21
+# tokens per chunk when chunk_size is None: as many as make 2**20 logits (4 MiB in fp32 per [chunk, V]
+# tensor; 32 tokens at a 32k vocabulary). Peak memory is the logits' gradient plus about eight such
+# tensors of one chunk's work, and smaller chunks cost no time at this size (BENCHMARKS.md, "Token-level
+# KD memory": 2**21 held 63 MiB of work beside a 250 MiB gradient, 3.98x less than the naive loss)
+CHUNK_LOGITS = 2**20
+# the fused projection + loss: its chunks also run a [chunk, H] x [H, V] matmul, which small chunks slow
+FUSED_CHUNK_LOGITS = 2**21
 PerToken = Callable[[Tensor, Tensor], Tensor]  # (student rows [n, V], teacher rows [n, V]) -> [n]
 
 
@@ -54,9 +58,9 @@ def counted_positions(shape: torch.Size, labels: Tensor | None, shift_labels: bo
     return tuple(keep.nonzero().unbind(1))  # (batch index [N], position [N])
 
 
-def _tokens_per_chunk(chunk_size: int | None, vocabulary: int) -> int:
-    if chunk_size is None:
-        return max(1, CHUNK_LOGITS // vocabulary)
+def _tokens_per_chunk(chunk_size: int | None, vocabulary: int, logits: int | None = None) -> int:
+    if chunk_size is None:  # the module's constant read at call time (tests patch it)
+        return max(1, (CHUNK_LOGITS if logits is None else logits) // vocabulary)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
     return chunk_size
@@ -137,7 +141,7 @@ def chunked_token_mean(
         student: logits ``[B, T, V]`` or ``[N, V]``; teacher: the same shape (detached here).
         labels: ``[B, T]`` (or ``[N]``), ``-100`` where a token does not count, or None.
         shift_labels: position ``t`` counts when ``labels[t + 1]`` does.
-        chunk_size: tokens per chunk; None: ``CHUNK_LOGITS // V`` (64 at a 32k vocabulary).
+        chunk_size: tokens per chunk; None: ``CHUNK_LOGITS // V`` (32 at a 32k vocabulary).
     """
     if student.shape != teacher.shape:
         raise ValueError(
@@ -227,8 +231,8 @@ def fused_linear_token_loss(
             ``teacher_bias``) the teacher's last hidden states ``[B, T, H_t]``.
         loss: a registered token divergence (forward_kl, reverse_kl, jsd, tvd, skew_kl,
             skew_reverse_kl); params: its hyper-parameters (``temperature``, ``beta``, ``alpha``).
-        labels, shift_labels, chunk_size: as the token losses (256 tokens ran 13% faster than the
-            default 64 at a 32k vocabulary and hidden size 512, for 2.5 times the memory).
+        labels, shift_labels, chunk_size: as the token losses, but None is ``FUSED_CHUNK_LOGITS // V``
+            (64 at a 32k vocabulary; 256 tokens ran 13% faster at hidden size 512, for 2.5x the memory).
 
     Example:
         >>> hidden = model.model(input_ids).last_hidden_state
@@ -250,7 +254,9 @@ def fused_linear_token_loss(
             "give chunk_size and shift_labels as arguments of fused_linear_token_loss, not in params"
         )
     chunk_size = _tokens_per_chunk(
-        chunk_size, teacher.shape[-1] if teacher_weight is None else teacher_weight.shape[0]
+        chunk_size,
+        teacher.shape[-1] if teacher_weight is None else teacher_weight.shape[0],
+        FUSED_CHUNK_LOGITS,
     )
     project_teacher = (lambda rows: rows) if teacher_weight is None else (
         lambda rows: F.linear(rows, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())

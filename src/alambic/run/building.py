@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from alambic.config import RunConfig
+from alambic.config.run import TEACHER_SAMPLES
 from alambic.core.batches import call_model, logits_of
-from alambic.data import TransferDataset, build_datasets
+from alambic.data import LMDatasetInfo, TransferDataset, build_datasets
 from alambic.data.datasets import take_train_subset
 from alambic.data.transfer_files import build_transfer_rows
 from alambic.errors import AlambicError, ConfigError, first_line
@@ -30,6 +32,7 @@ from alambic.models import (
 from alambic.models.hf import build_hf_model, derive_student, load_hf_model
 from alambic.models.llama2c import load_llama2c
 from alambic.models.lora import with_lora
+from alambic.run.teacher_samples import teacher_sample_datasets
 
 
 def build_named_model(
@@ -173,14 +176,24 @@ def _vocabulary_mismatch(side: str, vocabulary: int, tokens: int) -> None:
 
 
 def build_run_datasets(
-    config: RunConfig, *, data_dir: str | None = None, augment: bool | None = None, subset: bool = True
+    config: RunConfig,
+    *,
+    data_dir: str | None = None,
+    augment: bool | None = None,
+    subset: bool = True,
+    run_dir: Path | None = None,
 ) -> tuple[Any, Any, Any]:
     """The train and test sets of a run config, and their info.
 
     ``data_dir`` overrides ``data.data_dir``; ``augment`` overrides ``data.augment``; ``subset=False``
-    ignores ``data.train_subset`` (the whole training set, e.g. for calibration).
+    ignores ``data.train_subset`` (the whole training set, e.g. for calibration). ``run_dir``: where
+    ``data.dataset: teacher-samples`` reads the samples a run generated (else they are generated).
     """
     data = config.data
+    if data.dataset == TEACHER_SAMPLES:
+        return teacher_sample_datasets(
+            sampling_teacher(config), data.teacher_samples, seed=config.seed, run_dir=run_dir
+        )
     return build_datasets(
         data.dataset,
         data_dir=data_dir or data.data_dir,
@@ -199,6 +212,14 @@ def build_run_datasets(
         stride=data.stride,
         packing=data.packing,
     )
+
+
+def sampling_teacher(config: RunConfig) -> nn.Module:
+    """The pretrained teacher that generates ``data.dataset: teacher-samples`` (its vocabulary is the data's:
+    an ``hf-config`` teacher with a checkpoint gives it as ``kwargs.vocab_size``)."""
+    vocabulary = config.teacher.model.kwargs.get("vocab_size", 0)
+    info = LMDatasetInfo(TEACHER_SAMPLES, vocabulary, (1,), [], None, None)
+    return build_named_model(config.teacher.model, info, "teacher", config.task)
 
 
 def build_run_transfer(config: RunConfig, train_set: Any) -> TransferDataset | None:

@@ -92,10 +92,10 @@ def sequence_kd_set(
     )
 
 
-def stored_settings(folder: Path) -> dict | None:
-    """The settings of a complete generations folder, or None."""
+def stored_settings(folder: Path, data_file: str = "generations.safetensors") -> dict | None:
+    """The settings of a complete generations folder (``settings.json`` beside ``data_file``), or None."""
     path = folder / "settings.json"
-    if not (path.is_file() and (folder / "generations.safetensors").is_file()):
+    if not (path.is_file() and (folder / data_file).is_file()):
         return None
     try:
         return json.loads(path.read_text())

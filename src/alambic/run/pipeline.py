@@ -54,6 +54,7 @@ from alambic.run.stages import (
     transfer_data,
 )
 from alambic.run.strategy_stages import run_strategy_stages
+from alambic.run.teacher_samples import write_teacher_samples
 
 
 def run(
@@ -78,7 +79,7 @@ def run(
     accelerator = make_accelerator(
         config.precision, log_with=config.tracking.trackers, logging_dir=run_dir / "tracking"
     )
-    datasets = datasets or build_run_datasets(config)
+    datasets = datasets or build_run_datasets(config, run_dir=run_dir)
     # data.transfer read once, for the distill stage (the only one that sees it)
     transfer = build_run_transfer(config, datasets[0]) if "distill" in config.stages else None
     # every model built, every term tried on real data: nothing is written before this passes
@@ -126,11 +127,14 @@ def _execute(
 ) -> None:
     write_status(run_dir, accelerator, state="running", stage="data")
     try:
-        train_set, test_set, info = datasets or build_run_datasets(config)
+        train_set, test_set, info = datasets or build_run_datasets(config, run_dir=run_dir)
         tokenizer = getattr(info, "tokenizer", None)
         if tokenizer is not None and accelerator.is_main_process:  # a language model's, kept with its run
             with writing(run_dir / "tokenizer"):
                 tokenizer.save(run_dir / "tokenizer")
+        generated = getattr(info, "generated", None)
+        if generated is not None and accelerator.is_main_process:  # teacher samples, reused on resume
+            write_teacher_samples(run_dir, generated)
         log = MetricsLog(
             run_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
@@ -199,7 +203,7 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
     needs_teacher = from_teacher or "teacher" in stages or "distill" in stages or "evaluate" in stages
     if needs_teacher:
         teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
-        if config.teacher.model.checkpoint and not teacher_trained:
+        if config.loads_teacher() and not teacher_trained:  # its own weights: a checkpoint, llama2c:, hf:
             models["teacher"] = build_teacher()
         elif "teacher" in stages or teacher_trained:
             write_status(context.run_dir, context.accelerator, state="running", stage="teacher")
@@ -208,7 +212,8 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
             )
         else:
             raise ConfigError(
-                "distill needs a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
+                "distill needs a teacher: add the 'teacher' stage, give teacher.model.checkpoint, or load "
+                "a pretrained causal LM (llama2c:PATH, hf:PATH)"
             )
     for suffix, seeded in seed_contexts(context):  # one pass, or one per seed (``seeds``)
         if "baseline" in stages or _finished(context, "baseline" + suffix):

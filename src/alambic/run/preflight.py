@@ -103,7 +103,7 @@ def preflight(
         _strategy_preflight(config, student, teacher, build, probe, example)
     elif "distill" in stages and teacher is not None:
         # the teacher built here has the stage's weights when they come from its checkpoint (not trained here)
-        loaded = bool(config.teacher.model.checkpoint) and not teacher_trained
+        loaded = config.loads_teacher() and not teacher_trained
         distill_set = train_set if transfer is None else transfer
         live_or_cached = distill_teacher(config, teacher, distill_set, check_weights=loaded, preload=False)
         probe(
@@ -124,9 +124,10 @@ def _check_teacher_source(config: RunConfig, teacher_trained: bool) -> None:
         config.student.model
     )
     wanted = {"distill", "evaluate"} & set(config.stages) or from_teacher
-    if wanted and not (config.teacher.model.checkpoint or "teacher" in config.stages or teacher_trained):
+    if wanted and not (config.loads_teacher() or "teacher" in config.stages or teacher_trained):
         raise ConfigError(
-            "distill and evaluate need a teacher: add the 'teacher' stage or give teacher.model.checkpoint"
+            "distill and evaluate need a teacher: add the 'teacher' stage, give teacher.model.checkpoint, "
+            "or load a pretrained causal LM (llama2c:PATH, hf:PATH)"
         )
 
 

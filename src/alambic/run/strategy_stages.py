@@ -117,7 +117,7 @@ def _done(context: RunContext, folder: str) -> bool:
 def _single_teacher(context: RunContext, models: dict, build: Callable[[], nn.Module]) -> None:
     """One teacher, as the plain pipeline has it: loaded from its checkpoint, or trained in the run."""
     config = context.config
-    if config.teacher.model.checkpoint and not _done(context, "teacher"):
+    if config.loads_teacher() and not _done(context, "teacher"):
         models["teacher"] = build()
     elif "teacher" in config.stages or _done(context, "teacher"):
         write_status(context.run_dir, context.accelerator, state="running", stage="teacher")

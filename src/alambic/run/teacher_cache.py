@@ -34,7 +34,7 @@ def cache_teacher_outputs(
     trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
     if config.teacher is None or not (
         config.teacher.model.checkpoint
-        or (config.teacher.model.arch.startswith("hf:") and not trained_in_run)
+        or (config.teacher.model.arch.startswith(("hf:", "llama2c:")) and not trained_in_run)
     ):
         raise ConfigError(
             "cache-teacher needs a trained teacher: give teacher.model.checkpoint "
