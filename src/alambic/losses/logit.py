@@ -14,6 +14,12 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}; Hinton et al. use 1 to 20 (try 4)")
 
 
+def _rows_of(logits: Tensor) -> Tensor:
+    """Logits ``[..., C]`` as float32 rows ``[N, C]`` (no new tensor when they already are)."""
+    logits = logits.float()
+    return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+
+
 def _check_same_shape(student: Tensor, teacher: Tensor) -> None:
     if student.shape != teacher.shape:
         raise ValueError(
@@ -42,9 +48,8 @@ def kd_loss(
     _check_temperature(temperature)
     _check_same_shape(student, teacher)
     teacher = teacher.detach()  # a target: no gradient into the teacher, even when it is still training
-    num_classes = student.shape[-1]
-    log_p_student = F.log_softmax(student.float().reshape(-1, num_classes) / temperature, dim=-1)  # [N, C]
-    log_p_teacher = F.log_softmax(teacher.float().reshape(-1, num_classes) / temperature, dim=-1)  # [N, C]
+    log_p_student = F.log_softmax(_rows_of(student) / temperature, dim=-1)  # [N, C]
+    log_p_teacher = F.log_softmax(_rows_of(teacher) / temperature, dim=-1)  # [N, C]
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -71,9 +76,10 @@ def cross_entropy_loss(
         raise ValueError("the 'ce' loss needs labels; the batch has none")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    num_classes = student.shape[-1]
     return F.cross_entropy(
-        student.float().reshape(-1, num_classes), labels.reshape(-1), label_smoothing=label_smoothing
+        _rows_of(student),
+        labels if labels.dim() == 1 else labels.reshape(-1),
+        label_smoothing=label_smoothing,
     )
 
 
