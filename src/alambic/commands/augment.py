@@ -20,7 +20,7 @@ def augment(
     teacher: Annotated[
         str, typer.Option(help="hf:FOLDER_OR_HUB_ID or a run directory: its tokenizer and embedding table")
     ],
-    out: Annotated[Path, typer.Option(help="the .txt file to write (a transfer set: data.transfer)")],
+    out: Annotated[Path, typer.Option(help="the .txt file to write (a transfer set: data.transfer.path)")],
     copies: Annotated[
         int, typer.Option(help="draws per sentence, duplicates dropped (Tang et al.: 20)")
     ] = 20,
@@ -49,5 +49,5 @@ def augment(
     console.print(
         f"wrote {counts['written']:,} sentences from {counts['inputs']:,} inputs to {out} "
         f"({counts['dropped']:,} of {counts['drawn']:,} draws dropped as duplicates or unchanged) "
-        f"in {time.perf_counter() - started:.1f} s; train with --set data.transfer={out}"
+        f"in {time.perf_counter() - started:.1f} s; train with --set data.transfer.path={out}"
     )
