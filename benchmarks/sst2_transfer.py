@@ -39,7 +39,13 @@ from alambic.models.hf import load_hf_model
 from alambic.models.text import init_from_teacher_embeddings, teacher_embedding_table
 from alambic.models.zoo import build_model
 
-TEACHER_SETTINGS = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "warmup_epochs": 0.1, "log_every": 50}
+TEACHER_SETTINGS = {
+    "optimizer": "adamw",
+    "lr": 1e-4,
+    "weight_decay": 0.01,
+    "warmup_epochs": 0.1,
+    "log_every": 50,
+}
 KD = {"loss": "kd", "params": {"temperature": 2.0}}
 VARIANTS = {  # name -> (terms, uses the transfer set)
     "alone (ce)": ([{"loss": "ce"}], False),
@@ -67,7 +73,10 @@ def subset(path: Path, size: int, seed: int = 0) -> tuple[list[str], list[int]]:
 
 def teacher_model(args, model_path: str, train_set, dev_loader, tag: str):
     """The fine-tuned teacher, trained once and kept as ``teacher-TAG.safetensors`` (+ its record)."""
-    weights, record_path = args.cache_dir / f"teacher-{tag}.safetensors", args.cache_dir / f"teacher-{tag}.json"
+    weights, record_path = (
+        args.cache_dir / f"teacher-{tag}.safetensors",
+        args.cache_dir / f"teacher-{tag}.json",
+    )
     torch.manual_seed(0)
     teacher = load_hf_model(model_path, num_labels=2, local_files_only=True)
     if weights.exists() and record_path.exists():
@@ -76,7 +85,14 @@ def teacher_model(args, model_path: str, train_set, dev_loader, tag: str):
         return teacher.eval(), json.loads(record_path.read_text())
     loader = make_loader(train_set, batch_size=32, shuffle=True, seed=0)
     teacher, seconds = timed(
-        distill, None, teacher, loader, terms=[{"loss": "ce"}], epochs=args.teacher_epochs, seed=0, **TEACHER_SETTINGS
+        distill,
+        None,
+        teacher,
+        loader,
+        terms=[{"loss": "ce"}],
+        epochs=args.teacher_epochs,
+        seed=0,
+        **TEACHER_SETTINGS,
     )
     accuracy = evaluate_classifier(teacher, dev_loader, num_classes=2)["accuracy"]
     record = {"seconds": seconds, "dev_accuracy": accuracy}
@@ -179,7 +195,9 @@ def main() -> None:
 
     example = {key: value[:1] for key, value in tokenize(tokenizer, ["a gorgeous , witty , seductive movie ."], [1],
                                                           max_length=args.max_length).columns.items()}  # fmt: skip
-    key = f"{tag}-c{args.copies}-m{len(rows)}-e{args.student_epochs}-b{args.student_batch}-lr{args.student_lr}"
+    key = (
+        f"{tag}-c{args.copies}-m{len(rows)}-e{args.student_epochs}-b{args.student_batch}-lr{args.student_lr}"
+    )
     table = [("MiniLM-L6 teacher, fine-tuned", [teacher_record["dev_accuracy"]], *profile(teacher, example),
               teacher_record["seconds"])]  # fmt: skip
     found: dict[tuple[str, str], list[dict]] = {}
@@ -203,7 +221,9 @@ def main() -> None:
         table.append((f"{arch} {variant}", accuracies, *profile(model, example), seconds))
     print(f"\nsteps (s): {json.dumps({name: round(value) for name, value in steps.items()})}")
     print(f"transfer set: {len(rows)} augmented sentences (of {record['counts']['written']} written)\n")
-    print("| model | dev accuracy % (mean ± std, n) | params | size MB | latency ms (batch 1, 1 thread) | train s |")
+    print(
+        "| model | dev accuracy % (mean ± std, n) | params | size MB | latency ms (batch 1, 1 thread) | train s |"
+    )
     print("|---|---|---|---|---|---|")
     for name, accuracies, params, size, latency, seconds in table:
         values = [100 * value for value in accuracies]
