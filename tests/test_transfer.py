@@ -314,3 +314,71 @@ def test_text_transfer_rows_take_the_training_sets_columns_and_width(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"other": 1}\n')
     with pytest.raises(ConfigError, match="row 2 has no text field 'text'"):
         build_transfer_rows(train, tmp_path / "bad.jsonl", tokenizer=str(folder))
+
+
+def _augment_config(tmp_path, data, folder, augment):
+    train = {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.003, "log_every": 1}
+    return {
+        "name": "sst2", "stages": ["teacher", "distill"],
+        "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 16, "transfer": {"augment": augment}},
+        "teacher": {"model": {"arch": f"hf:{folder}", "kwargs": {"local_files_only": True}}, "train": train},
+        "student": {"model": {"arch": "bilstm", "kwargs": {"embedding_dim": 8, "hidden": 4,
+                                                           "init_embeddings": "teacher"}}},
+        "distill": {"train": train},
+    }  # fmt: skip
+
+
+def test_a_text_run_augments_its_training_sentences_once_with_the_trained_teacher(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from test_transformers import _tiny_sst2
+
+    import alambic.data.augment as augment
+    from alambic.cli import app
+    from alambic.data.augment import sidecar_path
+    from alambic.data.text import load_tokenizer
+    from alambic.models.hf import load_hf_model
+
+    folder, data = _tiny_sst2(tmp_path)
+    augment_settings = {"copies": 3, "mask": 0.3, "neighbours": 0.3, "ngram": 0.0, "k": 2, "seed": 0}
+    (tmp_path / "sst2.yaml").write_text(
+        yaml.safe_dump(_augment_config(tmp_path, data, folder, augment_settings))
+    )
+    command = ["run", str(tmp_path / "sst2.yaml"), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run" / "transfer" / "augmented.txt"
+    lines = out.read_text().splitlines()
+    record = json.loads(sidecar_path(out).read_text())
+    assert record["key"]["settings"]["copies"] == 3 and record["counts"]["inputs"] == 96
+    assert 0 < len(lines) == record["counts"]["written"] and "[MASK]" in out.read_text()
+    # 96 labelled rows and every augmented line (ratio null) in batches of 32; the teacher saw the 96 alone
+    assert _steps(tmp_path / "run") == {"teacher": 3, "distill": math.ceil((96 + len(lines)) / 32)}
+    # augmented with the trained teacher's embedding table, not the pretrained one
+    pretrained = load_hf_model(str(folder), num_labels=2).get_input_embeddings().weight.detach().numpy()
+    fingerprint = augment.teacher_fingerprint(load_tokenizer(str(folder)), pretrained)
+    assert record["key"]["teacher"]["embeddings_sha256"] != fingerprint["embeddings_sha256"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("augmented again")
+
+    monkeypatch.setattr(augment, "augment_texts", fail)  # a resumed run reuses the file
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "sst2.yaml"), "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert out.read_text().splitlines() == lines
+
+
+def test_transfer_augment_is_one_line_where_it_cannot_work(tmp_path):
+    from alambic.run.pipeline import run
+
+    with pytest.raises(ConfigError, match="one source: path .* or augment"):
+        config_from_dict(_digits_config(tmp_path, {"path": "x.npy", "augment": {}}))
+    with pytest.raises(ConfigError, match="one source"):
+        config_from_dict(_digits_config(tmp_path, {"ratio": 1.0}))
+    with pytest.raises(ConfigError, match="distill.teacher_cache; augment first"):
+        config_from_dict(_digits_config(tmp_path, {"augment": {}}, distill={"teacher_cache": "cache"}))
+    with pytest.raises(ConfigError, match=r"augment.mask: .*less than or equal to 1"):
+        config_from_dict(_digits_config(tmp_path, {"augment": {"mask": 2}}))
+    with pytest.raises(ConfigError, match="data set 'digits' holds none") as error:
+        run(config_from_dict(_digits_config(tmp_path, {"augment": {}})))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()

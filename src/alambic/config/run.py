@@ -174,6 +174,14 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "data.transfer rows are labelled only by the teacher, but no distill term reads it; add one (kd)"
             )
+        if self.data.transfer.augment is not None and (
+            self.strategy is not None or self.distill.teacher_cache
+        ):
+            raise ValueError(
+                "data.transfer.augment builds its sentences during the run, for the distill stage of a run "
+                "without strategy or distill.teacher_cache; augment first (alambic augment) and give "
+                "data.transfer.path instead"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from alambic.config.augment import AugmentSettings
 from alambic.config.base import ModelConfig, StrictModel, Term, TrainConfig
 from alambic.losses import get_loss_spec
 
@@ -20,13 +21,27 @@ class TransferConfig(StrictModel):
     ``path``: a ``.txt`` / ``.jsonl`` file for text-classification sets; a ``.npy`` / ``.npz`` array or a
     folder of images for image sets (:mod:`alambic.data.transfer_files`). ``ratio``: transfer rows per
     labelled row in an epoch (``1.0``: as many as the training set has); null: every transfer row once
-    per epoch."""
+    per epoch.
 
-    path: str
+    ``augment`` (instead of ``path``, text sets only): the training sentences augmented with the teacher's
+    tokenizer and embedding table once the teacher exists (:mod:`alambic.data.augment`), written to
+    ``RUN_DIR/transfer/augmented.txt`` with its sidecar and reused by a resumed run."""
+
+    path: str | None = None
+    augment: AugmentSettings | None = None
     ratio: float | None = Field(None, gt=0)
     max_rows: int | None = Field(None, ge=1)  # the file's first rows only
     field: str = "text"  # .jsonl: the key holding each example's text
     key: str | None = None  # .npz: the array holding the inputs (default: its only array)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TransferConfig:
+        if (self.path is None) == (self.augment is None):
+            raise ValueError(
+                "give data.transfer one source: path (a file or folder) or augment (the training sentences "
+                "augmented with the teacher's vocabulary)"
+            )
+        return self
 
 
 class TeacherSamplesConfig(StrictModel):

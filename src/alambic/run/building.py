@@ -226,9 +226,11 @@ def build_run_transfer(config: RunConfig, train_set: Any) -> TransferDataset | N
     """The distill stage's training set with ``data.transfer``'s rows after the training set's; None without one.
 
     Read (and tokenized) once per run; every problem with the file is a one-line :class:`ConfigError`.
+    None for ``data.transfer.augment`` too: :func:`alambic.run.augment.augmented_transfer` builds it after
+    the teacher stage.
     """
     transfer = config.data.transfer
-    if transfer is None:
+    if transfer is None or transfer.augment is not None:  # augment: built once the teacher exists
         return None
     rows = build_transfer_rows(
         train_set,

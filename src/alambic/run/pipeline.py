@@ -26,6 +26,7 @@ from alambic.core.optim import make_accelerator
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.files import dumps_json, finite_json, writing
+from alambic.run.augment import augment_probe_set, augmented_transfer
 from alambic.run.building import (
     build_named_model,
     build_run_datasets,
@@ -84,7 +85,8 @@ def run(
     transfer = build_run_transfer(config, datasets[0]) if "distill" in config.stages else None
     # every model built, every term tried on real data: nothing is written before this passes
     teacher_trained = (run_dir / "teacher" / "model.safetensors").is_file()
-    preflight(config, *datasets, teacher_trained=teacher_trained, transfer=transfer)
+    probe_transfer = augment_probe_set(config, datasets[0]) if _augments(config) else transfer
+    preflight(config, *datasets, teacher_trained=teacher_trained, transfer=probe_transfer)
     with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
         prepare_run_dir(
             config,
@@ -215,6 +217,10 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
                 "distill needs a teacher: add the 'teacher' stage, give teacher.model.checkpoint, or load "
                 "a pretrained causal LM (llama2c:PATH, hf:PATH)"
             )
+    if _augments(config):  # the training sentences augmented with the teacher's vocabulary, written once
+        context.transfer = augmented_transfer(
+            config, context.run_dir, context.train_set, models["teacher"], context.accelerator
+        )
     for suffix, seeded in seed_contexts(context):  # one pass, or one per seed (``seeds``)
         if "baseline" in stages or _finished(context, "baseline" + suffix):
             write_status(context.run_dir, context.accelerator, state="running", stage="baseline" + suffix)
@@ -238,6 +244,12 @@ def _run_stages(context: RunContext) -> dict[str, nn.Module]:
                 f"{name}{suffix}": config.student.model.arch for name in ("baseline", "distilled")
             }
     return models
+
+
+def _augments(config: RunConfig) -> bool:
+    """Whether the distill stage trains on ``data.transfer.augment``'s sentences."""
+    transfer = config.data.transfer
+    return transfer is not None and transfer.augment is not None and "distill" in config.stages
 
 
 def _finished(context: RunContext, stage: str) -> bool:
