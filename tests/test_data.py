@@ -496,3 +496,33 @@ def test_cifar_batches_refuse_pickled_code():
         _unpickle(pickle.dumps({b"data": Evil()}), "data_batch_1")
     batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}
     assert _unpickle(pickle.dumps(batch), "data_batch_1")[b"labels"] == [0, 1]
+
+
+def test_a_users_dataloader_over_indexed_dataset_fetches_whole_batches_with_their_indices():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from alambic.data import IndexedDataset
+
+    inputs, labels = torch.arange(40.0).reshape(20, 2), torch.arange(20) % 3
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(
+        IndexedDataset(TensorDataset(inputs, labels)), batch_size=6, shuffle=True, generator=generator
+    )
+    seen = []
+    for batch_inputs, batch_labels, index in loader:  # each row is the sample its index names
+        assert torch.equal(batch_inputs, inputs[index]) and torch.equal(batch_labels, labels[index])
+        seen += index.tolist()
+    assert sorted(seen) == list(range(20)) and seen != list(range(20))
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.full((3,), i), "labels": torch.tensor(i)}
+
+    (batch,) = DataLoader(IndexedDataset(Tokens()), batch_size=5)
+    assert batch["index"].tolist() == [0, 1, 2, 3, 4] and batch["input_ids"][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+    with pytest.raises(DataError, match="pairs or dicts"):
+        next(iter(DataLoader(IndexedDataset(torch.arange(4.0)), batch_size=2)))
