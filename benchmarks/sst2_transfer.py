@@ -35,7 +35,7 @@ from alambic.data import IndexedDataset, TransferDataset, make_loader
 from alambic.data.augment import write_augmented
 from alambic.data.text import load_tokenizer, read_labelled_tsv, tokenize
 from alambic.data.transfer_files import build_transfer_rows
-from alambic.models.hf import load_hf_model
+from alambic.models.hf import derive_student, load_hf_model
 from alambic.models.text import init_from_teacher_embeddings, teacher_embedding_table
 from alambic.models.zoo import build_model
 
@@ -47,6 +47,7 @@ TEACHER_SETTINGS = {
     "log_every": 50,
 }
 KD = {"loss": "kd", "params": {"temperature": 2.0}}
+DERIVED = {"derived3": 3, "derived2": 2}  # students derived from the teacher: name -> layers kept
 VARIANTS = {  # name -> (terms, uses the transfer set)
     "alone (ce)": ([{"loss": "ce"}], False),
     "+ KD": ([{"loss": "ce", "weight": 0.5}, {**KD, "weight": 0.5}], False),
@@ -111,16 +112,21 @@ def student_result(args, arch, variant, seed, teacher, train_set, combined, cach
             return row, None
     terms, with_transfer = VARIANTS[variant]
     data = combined if with_transfer else train_set
-    loader = make_loader(IndexedDataset(data), batch_size=args.student_batch, shuffle=True, seed=seed)
+    derived = arch in DERIVED
+    loader = make_loader(IndexedDataset(data), batch_size=args.derived_batch if derived else args.student_batch,
+                         shuffle=True, seed=seed, dynamic_padding=derived)  # fmt: skip
     torch.manual_seed(seed)
-    student = build_model(arch, num_classes=2, input_shape=(train_set.columns["input_ids"].shape[1],),
-                          vocab_size=args.vocab_size)  # fmt: skip
-    init_from_teacher_embeddings(student, teacher_embedding_table(teacher))
+    student = new_student(args, arch, teacher, train_set.columns["input_ids"].shape[1])
     needs_teacher = any(term["loss"] != "ce" for term in terms)
-    student, seconds = timed(
-        distill, cached if needs_teacher else None, student, loader, terms=terms, epochs=args.student_epochs,
-        seed=seed, optimizer="adamw", lr=args.student_lr, weight_decay=0.0, log_every=200,
+    settings = (
+        {**TEACHER_SETTINGS, "epochs": args.derived_epochs, "lr": args.derived_lr}
+        if derived
+        else {"epochs": args.student_epochs, "optimizer": "adamw", "lr": args.student_lr, "weight_decay": 0.0,
+              "log_every": 200}
     )  # fmt: skip
+    student, seconds = timed(
+        distill, cached if needs_teacher else None, student, loader, terms=terms, seed=seed, **settings
+    )
     accuracy = evaluate_classifier(student.eval(), dev_loader, num_classes=2)["accuracy"]
     row = {"arch": arch, "variant": variant, "seed": seed, "dev_accuracy": accuracy, "seconds": seconds,
            "rows_per_epoch": len(loader.sampler)}  # fmt: skip
@@ -128,6 +134,16 @@ def student_result(args, arch, variant, seed, teacher, train_set, combined, cach
         handle.write(json.dumps(row) + "\n")
     log(f"{arch} {variant} seed {seed}: dev accuracy {100 * accuracy:.2f}%, {seconds:.0f} s")
     return row, student
+
+
+def new_student(args, arch: str, teacher, width: int) -> torch.nn.Module:
+    """A student: derived from the teacher (``derived3`` / ``derived2``: that many of its layers, spread,
+    weights copied), or from the zoo with the teacher's embeddings projected to its width."""
+    if arch in DERIVED:
+        return derive_student(teacher, layers=DERIVED[arch])[0]
+    student = build_model(arch, num_classes=2, input_shape=(width,), vocab_size=args.vocab_size)
+    init_from_teacher_embeddings(student, teacher_embedding_table(teacher))
+    return student
 
 
 def profile(model, example) -> tuple[int, float, float]:
@@ -150,6 +166,9 @@ def main() -> None:
     parser.add_argument("--student-epochs", type=int, default=3)
     parser.add_argument("--student-batch", type=int, default=64)
     parser.add_argument("--student-lr", type=float, default=1e-3)
+    parser.add_argument("--derived-epochs", type=int, default=1, help="derived students (Transformers)")
+    parser.add_argument("--derived-lr", type=float, default=1e-4)
+    parser.add_argument("--derived-batch", type=int, default=32)
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -198,6 +217,10 @@ def main() -> None:
     key = (
         f"{tag}-c{args.copies}-m{len(rows)}-e{args.student_epochs}-b{args.student_batch}-lr{args.student_lr}"
     )
+    derived_key = (
+        f"{tag}-c{args.copies}-m{len(rows)}-derived-e{args.derived_epochs}-b{args.derived_batch}"
+        f"-lr{args.derived_lr}-dynamic"
+    )
     table = [("MiniLM-L6 teacher, fine-tuned", [teacher_record["dev_accuracy"]], *profile(teacher, example),
               teacher_record["seconds"])]  # fmt: skip
     found: dict[tuple[str, str], list[dict]] = {}
@@ -206,16 +229,15 @@ def main() -> None:
         for seed in args.seeds:  # every variant of a seed before the next seed: a cut run stays balanced
             for variant in VARIANTS:
                 row, student = student_result(
-                    args, arch, variant, seed, teacher, train_set, combined, cached, dev_loader, key
-                )
+                    args, arch, variant, seed, teacher, train_set, combined, cached, dev_loader,
+                    derived_key if arch in DERIVED else key,
+                )  # fmt: skip
                 found.setdefault((arch, variant), []).append(row)
                 if student is not None:
                     models.setdefault((arch, variant), student)
     for (arch, variant), rows_done in found.items():
         # every seed reused: a fresh model of the same shape for size and latency
-        model = models.get((arch, variant)) or build_model(
-            arch, num_classes=2, input_shape=(args.max_length,), vocab_size=args.vocab_size
-        )
+        model = models.get((arch, variant)) or new_student(args, arch, teacher, args.max_length)
         accuracies = [row["dev_accuracy"] for row in rows_done]
         seconds = statistics.mean(row["seconds"] for row in rows_done)
         table.append((f"{arch} {variant}", accuracies, *profile(model, example), seconds))

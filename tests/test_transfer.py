@@ -382,3 +382,20 @@ def test_transfer_augment_is_one_line_where_it_cannot_work(tmp_path):
         run(config_from_dict(_digits_config(tmp_path, {"augment": {}})))
     assert "\n" not in str(error.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_augment_with_a_teacher_without_an_embedding_table_fails_before_the_teacher_trains(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from test_transformers import _tiny_sst2
+
+    from alambic.run.pipeline import run
+
+    folder, data = _tiny_sst2(tmp_path)
+    config = _augment_config(tmp_path, data, folder, {"copies": 2})
+    config["student"]["model"]["kwargs"].pop("init_embeddings")  # only the augmentation reads the table
+    config["output_dir"] = str(tmp_path / "runs")
+    monkeypatch.setattr(transformers.BertForSequenceClassification, "get_input_embeddings", lambda self: None)
+    with pytest.raises(ConfigError, match="has no input-embedding table .* data.transfer.path") as error:
+        run(config_from_dict(config))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run directory

@@ -76,6 +76,8 @@ class DataConfig(StrictModel):
     # language-model sets (text, jsonl): also "bytes" or "chars" (built in, for small models)
     tokenizer: str | None = None
     max_length: int = Field(128, ge=2)
+    # token batches cut to their longest row (trailing padding dropped): text and language-model sets
+    dynamic_padding: bool = False
     # language-model sets: dataset text (plain text cut into blocks) or jsonl (prompt / completion, chat)
     train_file: str | None = None
     valid_file: str | None = None  # else the last valid_fraction of the training text

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -389,7 +389,7 @@ class CachedTeacher:
             outputs[name] = self._rows(name, rows).to(self.device, torch.float32, non_blocking=True)
         if "topk_log_probs" in self.arrays:
             outputs["logits"] = self._dense(rows)
-        return outputs
+        return _cut_to_width(outputs, inputs)
 
     def _check_range(self, low: int, high: int) -> None:
         if low < 0 or high >= self.manifest["num_samples"]:
@@ -407,6 +407,22 @@ class CachedTeacher:
         fill = torch.log(tail.clamp_min(1e-12) / others).unsqueeze(-1)  # [..., 1]
         dense = fill.expand(*values.shape[:-1], self.vocab_size).clone()  # [..., V]
         return dense.scatter_(-1, ids, values)
+
+
+def _cut_to_width(outputs: dict[str, Tensor], inputs: Any) -> dict[str, Tensor]:
+    """Per-token outputs cut to the batch's token width when the loader trimmed its padding
+    (``dynamic_padding``): ``[B, T, ...]`` to ``[B, W, ...]``, attention maps ``[B, H, T, T]`` to
+    ``[B, H, W, W]``. The cut columns were padding in every row of the batch, so nothing real is lost."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return outputs
+    width = mask.shape[1]
+    for name, value in outputs.items():
+        if value.dim() == 4 and value.shape[-1] > width and value.shape[-1] == value.shape[-2]:
+            outputs[name] = value[..., :width, :width]
+        elif value.dim() >= 3 and value.shape[1] > width:
+            outputs[name] = value[:, :width]
+    return outputs
 
 
 PRELOAD_LIMIT = 2**30  # caches up to this size are held where training runs (see CachedTeacher)

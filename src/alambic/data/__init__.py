@@ -10,7 +10,7 @@ Example:
 from alambic.data.datasets import DATASETS, Augmentation, DatasetInfo, InMemoryDataset, build_datasets
 from alambic.data.info import LMDatasetInfo
 from alambic.data.lm import TextBlocks, TokenRows, build_lm_datasets
-from alambic.data.loaders import IndexedDataset, dataset_fingerprint, make_loader
+from alambic.data.loaders import IndexedDataset, dataset_fingerprint, make_loader, trim_padding
 from alambic.data.readers import cache_dir, read_idx
 from alambic.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from alambic.data.transfer import UNLABELLED, TransferDataset, TransferSampler, find_transfer
@@ -36,6 +36,7 @@ __all__ = [
     "load_tokenizer",
     "cache_dir",
     "make_loader",
+    "trim_padding",
     "dataset_fingerprint",
     "find_transfer",
     "read_idx",

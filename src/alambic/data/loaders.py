@@ -36,7 +36,13 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loader(
-    dataset, *, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+    dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    dynamic_padding: bool = False,
 ) -> DataLoader:
     """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`).
 
@@ -44,21 +50,64 @@ def make_loader(
     tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
     in page-locked memory when a GPU is there to receive them. A data set holding a
     :class:`~alambic.data.transfer.TransferDataset` is sampled by its ratio (its ``sampler``).
+    ``dynamic_padding`` cuts each batch of token inputs to its longest row (see :func:`trim_padding`).
     """
     batched = hasattr(dataset, "get_batch")
     transfer = find_transfer(dataset)
     sampler = (
         EpochSampler(len(dataset), seed, shuffle) if transfer is None else transfer.sampler(seed, shuffle)
     )
+    collate = already_batched if batched else default_collate
     return DataLoader(
         BatchedView(dataset) if batched else dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        collate_fn=already_batched if batched else None,
+        collate_fn=PaddingTrimmer(collate) if dynamic_padding else collate,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def trim_padding(batch: Any) -> Any:
+    """A batch of token inputs cut to its longest row ("dynamic padding").
+
+    Text sets are tokenized once, padded to their longest sentence; most batches are far shorter (SST-2:
+    64 token columns, about 13 tokens a sentence). The trailing columns where ``attention_mask`` is 0 in
+    every row are dropped from every ``[B, T]`` tensor of the inputs (``input_ids``, ``attention_mask``,
+    ``token_type_ids``; and ``labels`` of language-model dicts). Only padding goes, and positions do not
+    move, so a model that honours its attention mask gives the same outputs. Batches without an
+    ``attention_mask`` (images, left-padded rows ending in a real token) come back unchanged.
+    """
+    inputs = batch if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) else None
+    if not isinstance(inputs, Mapping) or not isinstance(inputs.get("attention_mask"), torch.Tensor):
+        return batch
+    mask = inputs["attention_mask"]
+    if mask.dim() != 2:
+        return batch
+    used = mask.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    if width == mask.shape[1]:
+        return batch
+    trimmed = {
+        key: value[:, :width].contiguous()
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == mask.shape
+        else value
+        for key, value in inputs.items()
+    }
+    if isinstance(batch, Mapping):
+        return trimmed
+    return type(batch)([trimmed, *batch[1:]]) if isinstance(batch, list) else (trimmed, *batch[1:])
+
+
+class PaddingTrimmer:
+    """A collate function followed by :func:`trim_padding` (a class, so worker processes can pickle it)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: Any) -> Any:
+        return trim_padding(self.collate(samples))
 
 
 def already_batched(batch: Any) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from torch import nn
 
@@ -46,10 +47,21 @@ def teacher_vocabulary(teacher: str) -> tuple[Any, np.ndarray]:
 
 def embedding_table(model: nn.Module, name: str) -> np.ndarray:
     """The teacher's input-embedding table ``[V, D]`` (float32), or a one-line error naming it."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is None:
-        raise ConfigError(f"the teacher {name} has no input-embedding table to find neighbours in")
-    return embeddings.weight.detach().float().cpu().numpy()
+    return input_embeddings(model, name).weight.detach().float().cpu().numpy()
+
+
+def input_embeddings(model: nn.Module, name: str) -> nn.Module:
+    """The teacher's input-embedding layer, or a one-line error: the pre-flight calls it before the teacher
+    stage, so a teacher without one fails before it is trained, not after."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if not isinstance(getattr(embeddings, "weight", None), torch.Tensor):
+        raise ConfigError(
+            f"the teacher {name} ({type(model).__name__}) has no input-embedding table to find neighbours in; "
+            "data.transfer.augment needs a teacher with one (a Hugging Face model, hf:...), or give the "
+            "augmented sentences as data.transfer.path"
+        )
+    return embeddings
 
 
 def augment_file(source: str | Path, out: str | Path, *, teacher: str, settings: AugmentSettings) -> dict:

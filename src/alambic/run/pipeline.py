@@ -260,7 +260,12 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     """Evaluate every model on the test split and profile it; writes ``summary.json``."""
     accelerator, config, info = context.accelerator, context.config, context.info
     test_loader = accelerator.prepare(
-        make_loader(context.test_set, batch_size=config.data.eval_batch_size, shuffle=False)
+        make_loader(
+            context.test_set,
+            batch_size=config.data.eval_batch_size,
+            shuffle=False,
+            dynamic_padding=config.data.dynamic_padding,
+        )
     )
     example = example_input(context.test_set)
     architectures = {

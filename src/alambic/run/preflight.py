@@ -22,6 +22,7 @@ from alambic.core.distiller import Distiller, Teacher
 from alambic.data import find_transfer
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
+from alambic.run.augment import input_embeddings
 from alambic.run.building import (
     build_named_model,
     check_num_classes,
@@ -67,7 +68,12 @@ def preflight(
     ) -> None:
         data = train_set if data is None else data
         dataset = stage_train_set(data, terms_train.augment, terms_train.mix, terms_train.mix_alpha)
-        loader = make_loader(dataset, batch_size=min(terms_train.batch_size, PROBE_BATCH), shuffle=False)
+        loader = make_loader(
+            dataset,
+            batch_size=min(terms_train.batch_size, PROBE_BATCH),
+            shuffle=False,
+            dynamic_padding=config.data.dynamic_padding,
+        )
         batch = next(iter(loader))
         if on_policy is not None:  # the student's samples, as the stage will make them
             batch = on_policy_loader([batch], module.student, on_policy, config.seed).on_policy(batch)
@@ -90,6 +96,8 @@ def preflight(
         or config.strategy is not None
     )
     teacher = build(config.teacher.model, "teacher") if config.teacher is not None and wanted else None
+    if teacher is not None and config.data.transfer is not None and config.data.transfer.augment is not None:
+        input_embeddings(teacher, "of the run")  # data.transfer.augment finds neighbours in its table
     if config.teacher is not None and config.teacher.train is not None and "teacher" in stages:
         probe(Distiller(teacher, config.teacher.terms), config.teacher.train, None)
     if derived:

@@ -95,10 +95,16 @@ def train_stage(
         shuffle=True,
         seed=context.config.seed,
         num_workers=context.config.data.num_workers,
+        dynamic_padding=context.config.data.dynamic_padding,
     )
     if wrap_loader is not None:  # around the prepared loader, so that each process keeps its shard
         loader = wrap_loader(accelerator.prepare(loader), model)
-    test_loader = make_loader(context.test_set, batch_size=context.config.data.eval_batch_size, shuffle=False)
+    test_loader = make_loader(
+        context.test_set,
+        batch_size=context.config.data.eval_batch_size,
+        shuffle=False,
+        dynamic_padding=context.config.data.dynamic_padding,
+    )
     callbacks = config_callbacks(train)  # train.early_stopping, train.keep_best
     student = train_module(
         module

@@ -135,7 +135,13 @@ def _teacher(
         train = config.teacher.train
         model = train_module(
             Distiller(model, config.teacher.terms),
-            make_loader(fit_set, batch_size=train.batch_size, shuffle=True, seed=config.seed),
+            make_loader(
+                fit_set,
+                batch_size=train.batch_size,
+                shuffle=True,
+                seed=config.seed,
+                dynamic_padding=config.data.dynamic_padding,
+            ),
             train.loop(),
             accelerator=accelerator,
             stage="teacher",
@@ -235,7 +241,12 @@ def tune(
 
     accelerator = make_accelerator(config.precision)
     log = MetricsLog(study_dir / "metrics.jsonl")
-    val_loader = make_loader(val_set, batch_size=config.data.eval_batch_size, shuffle=False)
+    val_loader = make_loader(
+        val_set,
+        batch_size=config.data.eval_batch_size,
+        shuffle=False,
+        dynamic_padding=config.data.dynamic_padding,
+    )
     teacher_model = _teacher(config, study_dir, build, fit_set, val_loader, accelerator, log)
     train = config.distill.train
 
@@ -278,7 +289,13 @@ def tune(
         try:
             train_module(
                 Distiller(student, terms),
-                make_loader(fit_set, batch_size=train.batch_size, shuffle=True, seed=config.seed),
+                make_loader(
+                    fit_set,
+                    batch_size=train.batch_size,
+                    shuffle=True,
+                    seed=config.seed,
+                    dynamic_padding=config.data.dynamic_padding,
+                ),
                 train.loop(lr=params["lr"], eval_every=1),
                 accelerator=accelerator,
                 teacher=Teacher(teacher_model, terms),

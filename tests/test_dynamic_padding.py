@@ -1,0 +1,156 @@
+"""Dynamic padding (``data.dynamic_padding``, ``make_loader(dynamic_padding=True)``): token batches cut to
+their longest row, the same outputs for models that honour their attention mask, cached teachers cut to
+the batch's width."""
+
+import pytest
+import torch
+from tolerance import close
+
+from alambic.data import IndexedDataset, TransferDataset, make_loader, trim_padding
+from alambic.data.text import TokenizedDataset
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+
+def _token_set(lengths, width=12, vocab=40, seed=0, label=None):
+    """Right-padded rows of the given lengths (token 0 is padding), labels 0/1 unless ``label`` is given."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=generator)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    labels = torch.arange(len(lengths)) % 2 if label is None else torch.full((len(lengths),), label)
+    return TokenizedDataset({"input_ids": ids, "attention_mask": mask, "token_type_ids": 0 * ids}, labels)
+
+
+def test_trim_padding_drops_only_the_columns_that_are_padding_in_every_row():
+    data = _token_set([3, 5, 2], width=9)
+    inputs, labels = data.get_batch([0, 1, 2])
+    trimmed, trimmed_labels = trim_padding((inputs, labels))
+    assert {key: value.shape for key, value in trimmed.items()} == {key: (3, 5) for key in inputs}
+    for key in inputs:
+        assert torch.equal(trimmed[key], inputs[key][:, :5])
+        assert inputs[key][:, 5:].count_nonzero() == 0  # what went was padding
+    assert torch.equal(trimmed_labels, labels)
+    # an index column ([B]) and list batches keep their form
+    index = torch.tensor([0, 1, 2])
+    as_list = trim_padding([inputs, labels, index])
+    assert isinstance(as_list, list) and as_list[0]["input_ids"].shape == (3, 5) and as_list[2] is index
+    # language-model dicts: labels [B, T] are cut with the tokens, the index is not
+    lm = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": inputs["input_ids"], "index": index}  # fmt: skip
+    cut = trim_padding(lm)
+    assert cut["labels"].shape == (3, 5) and cut["index"] is index
+
+
+def test_trim_padding_leaves_full_left_padded_and_maskless_batches_alone():
+    full = _token_set([4, 4], width=4).get_batch([0, 1])
+    assert trim_padding(full) is full
+    left = {"input_ids": torch.tensor([[0, 0, 7], [0, 6, 7]]), "attention_mask": torch.tensor([[0, 0, 1], [0, 1, 1]])}
+    assert trim_padding(left) is left  # the last column is a real token in every row
+    images = (torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+    assert trim_padding(images) is images
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_a_bert_gives_the_same_logits_and_real_token_states_on_a_trimmed_batch():
+    model = _tiny_bert()
+    inputs, _ = _token_set([3, 6, 2, 5], width=14).get_batch([0, 1, 2, 3])
+    trimmed = trim_padding((inputs, None))[0]
+    assert trimmed["input_ids"].shape == (4, 6)
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True)
+        short = model(**trimmed, output_hidden_states=True)
+    torch.testing.assert_close(short.logits, full.logits, **close(full.logits))
+    real = inputs["attention_mask"][:, :6].bool()
+    last_full, last_short = full.hidden_states[-1][:, :6][real], short.hidden_states[-1][real]
+    torch.testing.assert_close(last_short, last_full, **close(last_full))
+
+
+def test_a_loader_with_dynamic_padding_cuts_each_batch_to_its_longest_row_transfer_rows_included():
+    labelled = _token_set([2, 3, 4, 2, 3, 9], width=12, seed=0)
+    transfer = _token_set([5, 2, 3, 2], width=12, seed=1, label=-100)
+    combined = TransferDataset(labelled, transfer, ratio=None)
+    lengths = combined_lengths = [2, 3, 4, 2, 3, 9, 5, 2, 3, 2]
+    loader = make_loader(IndexedDataset(combined), batch_size=3, shuffle=True, seed=0, dynamic_padding=True)
+    widths = []
+    for inputs, labels, index in loader:
+        longest = max(combined_lengths[i] for i in index.tolist())
+        assert inputs["input_ids"].shape == (len(index), longest)
+        for row, i in enumerate(index.tolist()):  # the real tokens are the row's own
+            source = (labelled if i < len(labelled) else transfer).columns["input_ids"][i % len(labelled) if i < len(labelled) else i - len(labelled)]  # fmt: skip
+            assert torch.equal(inputs["input_ids"][row, : lengths[i]], source[: lengths[i]])
+        widths.append(longest)
+    assert max(widths) == 9 and min(widths) < 9  # some batches were cut
+    plain = make_loader(IndexedDataset(combined), batch_size=3, shuffle=True, seed=0)
+    assert {batch[0]["input_ids"].shape[1] for batch in plain} == {12}
+
+
+def test_a_cached_teacher_cuts_per_token_outputs_to_the_trimmed_batch(tmp_path):
+    from alambic.core.cache import CachedTeacher, cache_teacher
+
+    data = _token_set([3, 6, 2, 5, 4, 2], width=10)
+    teacher = _tiny_bert()
+    cache_teacher(teacher, data, tmp_path / "cache", features=["hidden_states.2"], batch_size=4)
+    cached = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=data)
+    index = torch.tensor([0, 2, 5])  # lengths 3, 2, 2
+    inputs, _ = data.get_batch(index.tolist())
+    full = cached(inputs, index)
+    assert full["hidden_states.2"].shape == (3, 10, 16)
+    trimmed = trim_padding((inputs, None))[0]
+    cut = cached(trimmed, index)
+    assert cut["hidden_states.2"].shape == (3, 3, 16)
+    torch.testing.assert_close(cut["hidden_states.2"], full["hidden_states.2"][:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(cut["logits"], full["logits"], rtol=0, atol=0)
+
+
+def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from test_transformers import _tiny_sst2
+
+    import alambic.data.loaders as loaders
+    from alambic.config import config_from_dict
+    from alambic.run.pipeline import run
+
+    folder, data = _tiny_sst2(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    for name, count in (("train.tsv", 64), ("dev.tsv", 16)):  # sentences of 1 to 4 clauses: widths vary
+        rows = ["sentence\tlabel"]
+        for _ in range(count):
+            label = int(torch.randint(0, 2, (1,), generator=generator))
+            clauses = int(torch.randint(1, 5, (1,), generator=generator))
+            word = ("good", "bad")[1 - label]
+            rows.append(" and ".join([f"the film was {word}"] * clauses) + f"\t{label}")
+        (data / name).write_text("\n".join(rows) + "\n")
+    widths = []
+
+    def recording(batch):
+        out = trim_padding(batch)
+        widths.append(out[0]["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(loaders, "trim_padding", recording)
+    trained = {}
+    for dynamic in (False, True):
+        config = config_from_dict({
+            "name": "sst2", "output_dir": str(tmp_path / "runs"), "stages": ["teacher"],
+            "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 32, "dynamic_padding": dynamic},
+            # without dropout: its random masks follow the batch's shape
+            "teacher": {"model": {"arch": f"hf:{folder}", "kwargs": {
+                "local_files_only": True, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+                        "train": {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05}},
+            "student": {"model": {"arch": "derive:teacher", "kwargs": {"layers": 1}}},
+        })  # fmt: skip
+        run_dir = run(config, run_dir=tmp_path / f"run-{dynamic}")
+        trained[dynamic] = load_file(str(run_dir / "teacher" / "model.safetensors"))
+    assert widths and min(widths) < max(widths) == 21  # 4 clauses: [CLS], 19 words, [SEP]; shorter batches cut
+    # padding was all that went: the same training, to float rounding over 8 steps (SGD: Adam would blow
+    # up rounding differences in near-zero gradients)
+    for key, value in trained[False].items():
+        torch.testing.assert_close(trained[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
