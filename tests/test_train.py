@@ -230,3 +230,28 @@ def test_bf16_autocast_trains_on_cpu():
 
     distill(teacher, Recording(), _loader(dataset), epochs=1, precision="bf16")
     assert torch.bfloat16 in seen  # the forward pass really ran under bf16 autocast
+
+
+def test_each_epoch_reads_the_samplers_order_for_that_epoch_from_the_users_loader():
+    from alambic.core.loop import DeviceLoader, training_loader
+    from alambic.core.optim import make_accelerator
+
+    inputs, labels = _data().tensors
+    seen = []
+
+    class Recording(TensorDataset):
+        def __getitem__(self, index):
+            seen.append(index)
+            return super().__getitem__(index)
+
+    dataset = Recording(inputs, labels)
+    loader = _loader(dataset, seed=3)
+    # one process: the epochs iterate the user's own DataLoader (no Accelerate DataLoaderShard around it)
+    assert isinstance(training_loader(loader, make_accelerator("no")), DeviceLoader)
+    distill(_mlp(16, 0), _mlp(8, 1), loader, epochs=3, lr=1e-2)
+    expected = []
+    for epoch in range(3):
+        sampler = EpochSampler(len(dataset), 3)
+        sampler.set_epoch(epoch)
+        expected += list(sampler)
+    assert seen[-len(expected) :] == expected
