@@ -53,13 +53,12 @@ def one_run(name: str, overrides: list[str], out: Path) -> dict:
         config = load_config(RECIPE, [*overrides, f"output_dir={out}"])
         run(config, run_dir=run_dir, resume=run_dir.exists())
     record = json.loads(summary.read_text())
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_steps = max((row["step"] for row in steps if row.get("stage") == "distill" and row.get("kind") == "train"),
-                      default=None)  # fmt: skip
+    # the optimizer steps taken, from the stage's last checkpoint (metrics.jsonl logs every log_every steps)
+    steps = json.loads((run_dir / "student" / "checkpoints" / "latest.json").read_text())["step"]
     return {
         "accuracy": record["models"]["distilled"]["accuracy"],
         "seconds": record["stages_seconds"].get("distill"),
-        "steps": train_steps,
+        "steps": steps,
         "teacher": record["models"].get("teacher", {}).get("accuracy"),
     }
 

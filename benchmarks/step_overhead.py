@@ -45,15 +45,21 @@ def per_call_us(function, calls: int) -> float:
     return (time.process_time() - started) / calls * 1e6
 
 
-def step_rows(rounds: int) -> dict[str, float]:
+def tiny_pair():
+    """Teacher, student, Distiller, Teacher wrapper, watch and one batch, the same for every row."""
     torch.manual_seed(0)
     teacher, student = mlp(128), mlp(32)
     teacher.eval().requires_grad_(False)
     terms = [Term(loss="ce", weight=0.1), Term(loss="kd", weight=0.9, params={"temperature": 4.0})]
     distiller, live = Distiller(student, terms), Teacher(teacher, terms)
     guard = FiniteGuard(make_accelerator("no"), "bench", capacity=4096)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     images, labels = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    return teacher, student, distiller, live, guard, images, labels
+
+
+def step_rows(rounds: int) -> dict[str, float]:
+    teacher, student, distiller, live, guard, images, labels = tiny_pair()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
 
     def hand():
         with torch.no_grad():
@@ -83,13 +89,7 @@ def step_rows(rounds: int) -> dict[str, float]:
 
 def breakdown_rows(rounds: int) -> dict[str, tuple[float, float]]:
     """The step's pieces, each as written by hand and as alambic runs it: (hand us, alambic us), min CPU."""
-    torch.manual_seed(0)
-    teacher, student = mlp(128), mlp(32)
-    teacher.eval().requires_grad_(False)
-    terms = [Term(loss="ce", weight=0.1), Term(loss="kd", weight=0.9, params={"temperature": 4.0})]
-    distiller, live = Distiller(student, terms), Teacher(teacher, terms)
-    guard = FiniteGuard(make_accelerator("no"), "bench", capacity=4096)
-    images, labels = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    teacher, student, distiller, live, guard, images, labels = tiny_pair()
     with torch.no_grad():
         teacher_logits = teacher(images)
     teacher_outputs = live(images, None)

@@ -135,13 +135,7 @@ def _teacher(
         train = config.teacher.train
         model = train_module(
             Distiller(model, config.teacher.terms),
-            make_loader(
-                fit_set,
-                batch_size=train.batch_size,
-                shuffle=True,
-                seed=config.seed,
-                dynamic_padding=config.data.dynamic_padding,
-            ),
+            _fit_loader(fit_set, train, config),
             train.loop(),
             accelerator=accelerator,
             stage="teacher",
@@ -289,13 +283,7 @@ def tune(
         try:
             train_module(
                 Distiller(student, terms),
-                make_loader(
-                    fit_set,
-                    batch_size=train.batch_size,
-                    shuffle=True,
-                    seed=config.seed,
-                    dynamic_padding=config.data.dynamic_padding,
-                ),
+                _fit_loader(fit_set, train, config),
                 train.loop(lr=params["lr"], eval_every=1),
                 accelerator=accelerator,
                 teacher=Teacher(teacher_model, terms),
@@ -358,3 +346,14 @@ def _summary(study: Any, config: RunConfig, study_dir: Path, states: Any) -> dic
             best_value=best.value, best_params=best.params, best_student=student, best_config=str(path)
         )
     return result
+
+
+def _fit_loader(fit_set: Any, train: Any, config: RunConfig) -> Any:
+    """The shuffled training loader of a study's teacher or trial."""
+    return make_loader(
+        fit_set,
+        batch_size=train.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        dynamic_padding=config.data.dynamic_padding,
+    )
