@@ -44,7 +44,10 @@ def test_trim_padding_drops_only_the_columns_that_are_padding_in_every_row():
 def test_trim_padding_leaves_full_left_padded_and_maskless_batches_alone():
     full = _token_set([4, 4], width=4).get_batch([0, 1])
     assert trim_padding(full) is full
-    left = {"input_ids": torch.tensor([[0, 0, 7], [0, 6, 7]]), "attention_mask": torch.tensor([[0, 0, 1], [0, 1, 1]])}
+    left = {
+        "input_ids": torch.tensor([[0, 0, 7], [0, 6, 7]]),
+        "attention_mask": torch.tensor([[0, 0, 1], [0, 1, 1]]),
+    }
     assert trim_padding(left) is left  # the last column is a real token in every row
     images = (torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
     assert trim_padding(images) is images
@@ -77,15 +80,15 @@ def test_a_loader_with_dynamic_padding_cuts_each_batch_to_its_longest_row_transf
     labelled = _token_set([2, 3, 4, 2, 3, 9], width=12, seed=0)
     transfer = _token_set([5, 2, 3, 2], width=12, seed=1, label=-100)
     combined = TransferDataset(labelled, transfer, ratio=None)
-    lengths = combined_lengths = [2, 3, 4, 2, 3, 9, 5, 2, 3, 2]
+    lengths = [2, 3, 4, 2, 3, 9, 5, 2, 3, 2]  # the labelled rows', then the transfer rows'
+    sources = torch.cat([labelled.columns["input_ids"], transfer.columns["input_ids"]])  # rows by index
     loader = make_loader(IndexedDataset(combined), batch_size=3, shuffle=True, seed=0, dynamic_padding=True)
     widths = []
-    for inputs, labels, index in loader:
-        longest = max(combined_lengths[i] for i in index.tolist())
+    for inputs, _labels, index in loader:
+        longest = max(lengths[i] for i in index.tolist())
         assert inputs["input_ids"].shape == (len(index), longest)
         for row, i in enumerate(index.tolist()):  # the real tokens are the row's own
-            source = (labelled if i < len(labelled) else transfer).columns["input_ids"][i % len(labelled) if i < len(labelled) else i - len(labelled)]  # fmt: skip
-            assert torch.equal(inputs["input_ids"][row, : lengths[i]], source[: lengths[i]])
+            assert torch.equal(inputs["input_ids"][row, : lengths[i]], sources[i, : lengths[i]])
         widths.append(longest)
     assert max(widths) == 9 and min(widths) < 9  # some batches were cut
     plain = make_loader(IndexedDataset(combined), batch_size=3, shuffle=True, seed=0)
@@ -149,7 +152,9 @@ def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(t
         })  # fmt: skip
         run_dir = run(config, run_dir=tmp_path / f"run-{dynamic}")
         trained[dynamic] = load_file(str(run_dir / "teacher" / "model.safetensors"))
-    assert widths and min(widths) < max(widths) == 21  # 4 clauses: [CLS], 19 words, [SEP]; shorter batches cut
+    assert (
+        widths and min(widths) < max(widths) == 21
+    )  # 4 clauses: [CLS], 19 words, [SEP]; shorter batches cut
     # padding was all that went: the same training, to float rounding over 8 steps (SGD: Adam would blow
     # up rounding differences in near-zero gradients)
     for key, value in trained[False].items():

@@ -72,8 +72,8 @@ def make_loader(
 def trim_padding(batch: Any) -> Any:
     """A batch of token inputs cut to its longest row ("dynamic padding").
 
-    Text sets are tokenized once, padded to their longest sentence; most batches are far shorter (SST-2:
-    66 token columns, 13 tokens a sentence on average). The trailing columns where ``attention_mask`` is 0 in
+    Text sets are tokenized once, padded to their longest sentence; most batches are far shorter (SST-2's first
+    2,000 sentences: 56 token columns, 41.5 for a random batch of 32 on average). The trailing columns where ``attention_mask`` is 0 in
     every row are dropped from every ``[B, T]`` tensor of the inputs (``input_ids``, ``attention_mask``,
     ``token_type_ids``; and ``labels`` of language-model dicts). Only padding goes, and positions do not
     move, so a model that honours its attention mask gives the same outputs. Batches without an
