@@ -87,7 +87,7 @@ def teacher_model(args, model_path: str, train_set, dev_loader, tag: str):
         load_model(teacher, weights)
         log(f"teacher reused from {weights}")
         return teacher.eval(), json.loads(record_path.read_text())
-    loader = make_loader(train_set, batch_size=32, shuffle=True, seed=0)
+    loader = make_loader(train_set, batch_size=32, shuffle=True, seed=0, group_by_length=args.group_by_length)
     teacher, seconds = timed(
         distill,
         None,
@@ -117,7 +117,7 @@ def student_result(args, arch, variant, seed, teacher, train_set, combined, cach
     data = combined if with_transfer else train_set
     derived = arch in DERIVED
     loader = make_loader(IndexedDataset(data), batch_size=args.derived_batch if derived else args.student_batch,
-                         shuffle=True, seed=seed, dynamic_padding=derived)  # fmt: skip
+                         shuffle=True, seed=seed, dynamic_padding=derived, group_by_length=args.group_by_length)  # fmt: skip
     torch.manual_seed(seed)
     student = new_student(args, arch, teacher, train_set.columns["input_ids"].shape[1])
     needs_teacher = any(term["loss"] != "ce" for term in terms)
@@ -172,6 +172,10 @@ def main() -> None:
     parser.add_argument("--derived-epochs", type=int, default=1, help="derived students (Transformers)")
     parser.add_argument("--derived-lr", type=float, default=1e-4)
     parser.add_argument("--derived-batch", type=int, default=32)
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="batches of rows of similar length, cut to their longest (teacher, cache, students)")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="transfer rows per labelled row in an epoch (default: every transfer row once)")
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -188,7 +192,7 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {date.today()}; SST-2 train subset "
         f"{len(texts)} (width {train_set.columns['input_ids'].shape[1]}), dev {len(dev_set)}"
     )
-    tag = f"n{args.train_subset}-e{args.teacher_epochs}-l{args.max_length}"
+    tag = f"n{args.train_subset}-e{args.teacher_epochs}-l{args.max_length}" + ("-g" if args.group_by_length else "")
     teacher, teacher_record = teacher_model(args, model_path, train_set, dev_loader, tag)
     steps = {"teacher fine-tuning": teacher_record["seconds"]}
 
@@ -204,11 +208,12 @@ def main() -> None:
     seconds_file = args.cache_dir / f"augment-{tag}-c{args.copies}.seconds"
     steps["augmentation"] = float(seconds_file.read_text()) if seconds_file.exists() else seconds
     rows = build_transfer_rows(train_set, augmented, max_rows=args.transfer_rows, tokenizer=model_path)
-    combined = TransferDataset(train_set, rows, ratio=None)  # every transfer row once per epoch
+    combined = TransferDataset(train_set, rows, ratio=args.ratio)  # None: every transfer row once per epoch
 
     logits = args.cache_dir / f"logits-{tag}-c{args.copies}-m{len(rows)}"
     if not logits.exists():
-        _, seconds = timed(cache_teacher, teacher, combined, logits, batch_size=128)
+        _, seconds = timed(cache_teacher, teacher, combined, logits, batch_size=128,
+                           dynamic_padding=args.group_by_length)  # fmt: skip
         (logits / "seconds.txt").write_text(f"{seconds}")
         log(f"teacher logits cached for {len(combined)} rows in {seconds:.0f} s")
     steps["teacher logits cache"] = float((logits / "seconds.txt").read_text())
@@ -219,10 +224,11 @@ def main() -> None:
                                                           max_length=args.max_length).columns.items()}  # fmt: skip
     key = (
         f"{tag}-c{args.copies}-m{len(rows)}-e{args.student_epochs}-b{args.student_batch}-lr{args.student_lr}"
+        + (f"-r{args.ratio}" if args.ratio else "")
     )
     derived_key = (
         f"{tag}-c{args.copies}-m{len(rows)}-derived-e{args.derived_epochs}-b{args.derived_batch}"
-        f"-lr{args.derived_lr}-dynamic"
+        f"-lr{args.derived_lr}-dynamic" + (f"-r{args.ratio}" if args.ratio else "")
     )
     table = [("MiniLM-L6 teacher, fine-tuned", [teacher_record["dev_accuracy"]], *profile(teacher, example),
               teacher_record["seconds"])]  # fmt: skip

@@ -113,17 +113,13 @@ def test_a_cached_teacher_cuts_per_token_outputs_to_the_trimmed_batch(tmp_path):
     torch.testing.assert_close(cut["logits"], full["logits"], rtol=0, atol=0)
 
 
-def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
+def _varied_sst2(tmp_path):
+    """A tiny BERT folder and an SST-2 folder whose sentences hold 1 to 4 clauses (their widths vary)."""
     from test_transformers import _tiny_sst2
-
-    import alambic.data.loaders as loaders
-    from alambic.config import config_from_dict
-    from alambic.run.pipeline import run
 
     folder, data = _tiny_sst2(tmp_path)
     generator = torch.Generator().manual_seed(1)
-    for name, count in (("train.tsv", 64), ("dev.tsv", 16)):  # sentences of 1 to 4 clauses: widths vary
+    for name, count in (("train.tsv", 64), ("dev.tsv", 16)):
         rows = ["sentence\tlabel"]
         for _ in range(count):
             label = int(torch.randint(0, 2, (1,), generator=generator))
@@ -131,6 +127,32 @@ def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(t
             word = ("good", "bad")[1 - label]
             rows.append(" and ".join([f"the film was {word}"] * clauses) + f"\t{label}")
         (data / name).write_text("\n".join(rows) + "\n")
+    return folder, data
+
+
+def _teacher_run(tmp_path, folder, data, name, **data_settings):
+    """A run that trains only the teacher (1 epoch, SGD, no dropout) on the tiny SST-2; its run folder."""
+    from alambic.config import config_from_dict
+    from alambic.run.pipeline import run
+
+    config = config_from_dict({
+        "name": "sst2", "output_dir": str(tmp_path / "runs"), "stages": ["teacher"],
+        "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 32, **data_settings},
+        # without dropout: its random masks follow the batch's shape
+        "teacher": {"model": {"arch": f"hf:{folder}", "kwargs": {
+            "local_files_only": True, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+                    "train": {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05}},
+        "student": {"model": {"arch": "derive:teacher", "kwargs": {"layers": 1}}},
+    })  # fmt: skip
+    return run(config, run_dir=tmp_path / name)
+
+
+def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import alambic.data.loaders as loaders
+
+    folder, data = _varied_sst2(tmp_path)
     widths = []
 
     def recording(batch):
@@ -141,16 +163,7 @@ def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(t
     monkeypatch.setattr(loaders, "trim_padding", recording)
     trained = {}
     for dynamic in (False, True):
-        config = config_from_dict({
-            "name": "sst2", "output_dir": str(tmp_path / "runs"), "stages": ["teacher"],
-            "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 32, "dynamic_padding": dynamic},
-            # without dropout: its random masks follow the batch's shape
-            "teacher": {"model": {"arch": f"hf:{folder}", "kwargs": {
-                "local_files_only": True, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
-                        "train": {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05}},
-            "student": {"model": {"arch": "derive:teacher", "kwargs": {"layers": 1}}},
-        })  # fmt: skip
-        run_dir = run(config, run_dir=tmp_path / f"run-{dynamic}")
+        run_dir = _teacher_run(tmp_path, folder, data, f"run-{dynamic}", dynamic_padding=dynamic)
         trained[dynamic] = load_file(str(run_dir / "teacher" / "model.safetensors"))
     assert (
         widths and min(widths) < max(widths) == 21
@@ -159,3 +172,100 @@ def test_a_run_with_dynamic_padding_trains_the_same_teacher_on_shorter_batches(t
     # up rounding differences in near-zero gradients)
     for key, value in trained[False].items():
         torch.testing.assert_close(trained[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_token_lengths_reads_the_attention_mask_through_views_and_refuses_data_without_one():
+    from torch.utils.data import Subset
+
+    from alambic.data import token_lengths
+    from alambic.errors import ConfigError
+
+    labelled = _token_set([2, 3, 4], width=6)
+    transfer = _token_set([5, 1], width=6, seed=1, label=-100)
+    combined = IndexedDataset(TransferDataset(labelled, transfer, ratio=None))
+    assert token_lengths(combined).tolist() == [2, 3, 4, 5, 1]
+    assert token_lengths(Subset(labelled, [2, 0])).tolist() == [4, 2]
+    images = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.zeros(4))
+    with pytest.raises(ConfigError, match="group_by_length: false"):
+        token_lengths(images)
+
+
+def test_group_by_length_serves_every_row_once_an_epoch_in_batches_of_similar_length():
+    from alambic.data import LengthGroupedSampler, token_lengths
+
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 41, (203,), generator=generator).tolist()
+    data = _token_set(lengths, width=40)
+    grouped = make_loader(IndexedDataset(data), batch_size=8, shuffle=True, seed=0, group_by_length=True)
+    random = make_loader(IndexedDataset(data), batch_size=8, shuffle=True, seed=0, dynamic_padding=True)
+    assert isinstance(grouped.sampler, LengthGroupedSampler)
+    orders = []
+    for epoch in (0, 1):
+        grouped.sampler.set_epoch(epoch)
+        random.sampler.set_epoch(epoch)
+        seen, widths = [], []
+        for inputs, _labels, index in grouped:
+            assert len(index) == 8 or len(seen) + len(index) == 203  # only the last batch is short
+            assert inputs["input_ids"].shape[1] == max(lengths[i] for i in index.tolist())  # cut to its longest
+            seen += index.tolist()
+            widths.append(inputs["input_ids"].shape[1])
+        assert sorted(seen) == list(range(203))  # every row once
+        orders.append(seen)
+        random_widths = [batch[0]["input_ids"].shape[1] for batch in random]
+        # 203 rows fit in one group of 50 batches: each batch holds neighbours in length order
+        assert sum(widths) < 0.6 * sum(random_widths)
+    assert orders[0] != orders[1]  # a new order each epoch, the same for the same (seed, epoch)
+    again = LengthGroupedSampler(random.sampler, token_lengths(data), 8, seed=0)
+    again.set_epoch(1)
+    assert list(again) == orders[1]
+    # a shuffled transfer set keeps its rows per epoch (ratio) under grouping
+    transfer = TransferDataset(data, _token_set([3] * 50, width=40, seed=1, label=-100), ratio=0.1)
+    mixed = make_loader(IndexedDataset(transfer), batch_size=8, shuffle=True, seed=0, group_by_length=True)
+    rows = [i for batch in mixed for i in batch[2].tolist()]
+    assert len(rows) == 203 + 20 and sorted(i for i in rows if i < 203) == list(range(203))
+
+
+def test_the_teacher_cache_with_dynamic_padding_matches_the_full_width_cache(tmp_path):
+    from alambic.core.cache import CachedTeacher, cache_teacher
+
+    data = _token_set([3, 9, 2, 5, 4, 2, 7, 1], width=10)
+    teacher = _tiny_bert()
+    paths = {}
+    for dynamic in (False, True):
+        paths[dynamic] = tmp_path / f"cache-{dynamic}"
+        cache_teacher(teacher, data, paths[dynamic], features=["hidden_states.2"], batch_size=3,
+                      shard_size=5, dynamic_padding=dynamic)  # fmt: skip
+    index = torch.arange(8)
+    inputs, _ = data.get_batch(index.tolist())
+    full = CachedTeacher(paths[False], teacher=teacher, dataset=data)(inputs, index)
+    short = CachedTeacher(paths[True], teacher=teacher, dataset=data)(inputs, index)
+    torch.testing.assert_close(short["logits"], full["logits"], **close(full["logits"]))
+    states, reference = short["hidden_states.2"], full["hidden_states.2"]
+    assert states.shape == reference.shape == (8, 10, 16)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(states[real], reference[real], **close(reference))  # every real token
+    # the columns cut from every batch (no row is 10 tokens long) hold zeros; the full-width cache, the
+    # teacher's outputs at padding
+    assert states[:, 9].count_nonzero() == 0 and reference[:, 9].count_nonzero() > 0
+
+
+def test_a_run_grouping_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypatch):
+    import alambic.data.loaders as loaders
+
+    folder, data = _varied_sst2(tmp_path)
+    widths: dict[bool, list[int]] = {False: [], True: []}
+    grouped = False
+
+    def recording(batch):
+        out = trim_padding(batch)
+        widths[grouped].append(out[0]["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(loaders, "trim_padding", recording)
+    for grouped in (False, True):
+        settings = {"group_by_length": True} if grouped else {"dynamic_padding": True}
+        run_dir = _teacher_run(tmp_path, folder, data, f"run-{grouped}", **settings)
+        assert (run_dir / "teacher" / "model.safetensors").is_file()
+    # 64 rows in 8 training batches; the evaluation batches (16 rows), cut in both runs, are recorded too
+    assert sum(widths[True]) < sum(widths[False])
+    assert max(widths[True]) == max(widths[False]) == 21

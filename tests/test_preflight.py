@@ -58,6 +58,8 @@ MALFORMED = [
     ("eval-batch-sizes-empty", ["evaluate.batch_sizes=[]"]),
     ("latency-repeats-zero", ["evaluate.latency_repeats=0"]),
     ("latency-threads-zero", ["evaluate.latency_threads=0"]),
+    ("group-by-length-without-tokens", ["data.group_by_length=true"]),
+    ("cuda-graphs-with-dynamic-padding", ["data.dynamic_padding=true", "distill.train.cuda_graphs=true"]),
     ("epochs-zero", ["distill.train.epochs=0"]),
     ("batch-size-zero", ["teacher.train.batch_size=0"]),
     ("train-subset-zero", ["data.train_subset=0"]),

@@ -196,6 +196,18 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _one_batch_shape_for_cuda_graphs(self) -> RunConfig:
+        trains = [self.teacher.train if self.teacher else None, self.baseline.train, self.distill.train]
+        trains += [getattr(self.strategy, "train", None)]
+        graphs = any(train is not None and train.cuda_graphs for train in trains)
+        if graphs and (self.data.dynamic_padding or self.data.group_by_length):
+            raise ValueError(
+                "train.cuda_graphs replays one batch shape, and data.dynamic_padding / group_by_length "
+                "change the width of every batch (a new graph each): turn one of them off"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _derived_student(self) -> RunConfig:
         if self.teacher is None:
             if self.student.model.arch.startswith("derive:"):

@@ -78,6 +78,8 @@ class DataConfig(StrictModel):
     max_length: int = Field(128, ge=2)
     # token batches cut to their longest row (trailing padding dropped): text and language-model sets
     dynamic_padding: bool = False
+    # training batches drawn from rows of similar length (then cut): far less padding; implies dynamic_padding
+    group_by_length: bool = False
     # language-model sets: dataset text (plain text cut into blocks) or jsonl (prompt / completion, chat)
     train_file: str | None = None
     valid_file: str | None = None  # else the last valid_fraction of the training text
@@ -87,6 +89,13 @@ class DataConfig(StrictModel):
     packing: bool = False  # jsonl: rows concatenated into blocks of block_size instead of padded
     transfer: TransferConfig | None = None  # unlabelled inputs the teacher labels (distill stage only)
     teacher_samples: TeacherSamplesConfig | None = None  # dataset teacher-samples: how they are generated
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grouping_cuts_padding(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("group_by_length") is True:  # grouping pays only when batches are cut
+            return {**data, "dynamic_padding": True}
+        return data
 
 
 class TeacherConfig(StrictModel):

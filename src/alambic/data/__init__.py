@@ -9,6 +9,7 @@ Example:
 
 from alambic.data.datasets import DATASETS, Augmentation, DatasetInfo, InMemoryDataset, build_datasets
 from alambic.data.info import LMDatasetInfo
+from alambic.data.lengths import LengthGroupedSampler, token_lengths
 from alambic.data.lm import TextBlocks, TokenRows, build_lm_datasets
 from alambic.data.loaders import IndexedDataset, dataset_fingerprint, make_loader, trim_padding
 from alambic.data.readers import cache_dir, read_idx
@@ -22,6 +23,7 @@ __all__ = [
     "InMemoryDataset",
     "IndexedDataset",
     "LMDatasetInfo",
+    "LengthGroupedSampler",
     "TextBlocks",
     "TokenRows",
     "TransferDataset",
@@ -37,6 +39,7 @@ __all__ = [
     "cache_dir",
     "make_loader",
     "trim_padding",
+    "token_lengths",
     "dataset_fingerprint",
     "find_transfer",
     "read_idx",

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from alambic.data.datasets import InMemoryDataset
+from alambic.data.lengths import LengthGroupedSampler, token_lengths
 from alambic.data.transfer import find_transfer
 from alambic.errors import DataError
 
@@ -43,6 +44,7 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     dynamic_padding: bool = False,
+    group_by_length: bool = False,
 ) -> DataLoader:
     """A DataLoader whose shuffling is reproducible per epoch (see :class:`EpochSampler`).
 
@@ -50,13 +52,17 @@ def make_loader(
     tensors in one indexing operation instead of one sample at a time and a collate; batches are pinned
     in page-locked memory when a GPU is there to receive them. A data set holding a
     :class:`~alambic.data.transfer.TransferDataset` is sampled by its ratio (its ``sampler``).
-    ``dynamic_padding`` cuts each batch of token inputs to its longest row (see :func:`trim_padding`).
+    ``dynamic_padding`` cuts each batch of token inputs to its longest row (see :func:`trim_padding`);
+    ``group_by_length`` (shuffled loaders) also draws each batch from rows of similar length (see
+    :class:`~alambic.data.lengths.LengthGroupedSampler`) and implies ``dynamic_padding``.
     """
     batched = hasattr(dataset, "get_batch")
     transfer = find_transfer(dataset)
     sampler = (
         EpochSampler(len(dataset), seed, shuffle) if transfer is None else transfer.sampler(seed, shuffle)
     )
+    if group_by_length and shuffle:
+        sampler = LengthGroupedSampler(sampler, token_lengths(dataset), batch_size, seed)
     collate = already_batched if batched else default_collate
     return DataLoader(
         BatchedView(dataset) if batched else dataset,
@@ -64,7 +70,7 @@ def make_loader(
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        collate_fn=PaddingTrimmer(collate) if dynamic_padding else collate,
+        collate_fn=PaddingTrimmer(collate) if dynamic_padding or group_by_length else collate,
         pin_memory=torch.cuda.is_available(),
     )
 

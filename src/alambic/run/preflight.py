@@ -19,7 +19,7 @@ from torch import nn
 from alambic.config import RunConfig, Term, TrainConfig
 from alambic.core.batches import example_input, index_of, split_batch
 from alambic.core.distiller import Distiller, Teacher
-from alambic.data import find_transfer
+from alambic.data import find_transfer, token_lengths
 from alambic.data.loaders import make_loader
 from alambic.errors import ConfigError
 from alambic.run.augment import input_embeddings
@@ -68,6 +68,8 @@ def preflight(
     ) -> None:
         data = train_set if data is None else data
         dataset = stage_train_set(data, terms_train.augment, terms_train.mix, terms_train.mix_alpha)
+        if config.data.group_by_length:
+            token_lengths(dataset)  # a ConfigError for data without an attention mask, before any stage
         loader = make_loader(
             dataset,
             batch_size=min(terms_train.batch_size, PROBE_BATCH),

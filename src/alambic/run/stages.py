@@ -96,6 +96,7 @@ def train_stage(
         seed=context.config.seed,
         num_workers=context.config.data.num_workers,
         dynamic_padding=context.config.data.dynamic_padding,
+        group_by_length=context.config.data.group_by_length,
     )
     if wrap_loader is not None:  # around the prepared loader, so that each process keeps its shard
         loader = wrap_loader(accelerator.prepare(loader), model)

@@ -60,4 +60,5 @@ def cache_teacher_outputs(
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
+        dynamic_padding=config.data.dynamic_padding,
     )

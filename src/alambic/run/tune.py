@@ -356,4 +356,5 @@ def _fit_loader(fit_set: Any, train: Any, config: RunConfig) -> Any:
         shuffle=True,
         seed=config.seed,
         dynamic_padding=config.data.dynamic_padding,
+        group_by_length=config.data.group_by_length,
     )
