@@ -53,7 +53,9 @@ def main() -> None:
     }
     loaders = {name: make_loader(train, batch_size=args.batch_size, shuffle=True, seed=0, **options)
                for name, options in settings.items()}  # fmt: skip
-    widths = {name: [inputs["input_ids"].shape[1] for inputs, _ in loader] for name, loader in loaders.items()}
+    widths = {
+        name: [inputs["input_ids"].shape[1] for inputs, _ in loader] for name, loader in loaders.items()
+    }
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, loader in loaders.items():
@@ -70,8 +72,10 @@ def main() -> None:
     padded = next(iter(settings))
     for name in settings:
         width = sum(widths[name]) / len(widths[name])
-        print(f"{name}: mean width {width:.1f} tokens over an epoch, {best[name]:.2f} ms CPU per sentence "
-              f"({best[padded] / best[name]:.2f}x)")
+        print(
+            f"{name}: mean width {width:.1f} tokens over an epoch, {best[name]:.2f} ms CPU per sentence "
+            f"({best[padded] / best[name]:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -172,10 +172,22 @@ def main() -> None:
     parser.add_argument("--derived-epochs", type=int, default=1, help="derived students (Transformers)")
     parser.add_argument("--derived-lr", type=float, default=1e-4)
     parser.add_argument("--derived-batch", type=int, default=32)
-    parser.add_argument("--group-by-length", action="store_true",
-                        help="batches of rows of similar length, cut to their longest (teacher, cache, students)")
-    parser.add_argument("--ratio", type=float, default=None,
-                        help="transfer rows per labelled row in an epoch (default: every transfer row once)")
+    parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batches of rows of similar length, cut to their longest (teacher, cache, students)",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="stop once the teacher, the augmented file and the logits cache exist",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=None,
+        help="transfer rows per labelled row in an epoch (default: every transfer row once)",
+    )
     args = parser.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -192,7 +204,9 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {date.today()}; SST-2 train subset "
         f"{len(texts)} (width {train_set.columns['input_ids'].shape[1]}), dev {len(dev_set)}"
     )
-    tag = f"n{args.train_subset}-e{args.teacher_epochs}-l{args.max_length}" + ("-g" if args.group_by_length else "")
+    tag = f"n{args.train_subset}-e{args.teacher_epochs}-l{args.max_length}" + (
+        "-g" if args.group_by_length else ""
+    )
     teacher, teacher_record = teacher_model(args, model_path, train_set, dev_loader, tag)
     steps = {"teacher fine-tuning": teacher_record["seconds"]}
 
@@ -217,6 +231,9 @@ def main() -> None:
         (logits / "seconds.txt").write_text(f"{seconds}")
         log(f"teacher logits cached for {len(combined)} rows in {seconds:.0f} s")
     steps["teacher logits cache"] = float((logits / "seconds.txt").read_text())
+    if args.prepare_only:
+        print(f"steps (s): {json.dumps({name: round(value) for name, value in steps.items()})}")
+        return
     # rows 0..N-1 of the combined set are the labelled rows, in order: the labelled-only KD reads them too
     cached = CachedTeacher(logits, teacher=teacher, dataset=combined)
 

@@ -206,7 +206,9 @@ def test_group_by_length_serves_every_row_once_an_epoch_in_batches_of_similar_le
         seen, widths = [], []
         for inputs, _labels, index in grouped:
             assert len(index) == 8 or len(seen) + len(index) == 203  # only the last batch is short
-            assert inputs["input_ids"].shape[1] == max(lengths[i] for i in index.tolist())  # cut to its longest
+            assert inputs["input_ids"].shape[1] == max(
+                lengths[i] for i in index.tolist()
+            )  # cut to its longest
             seen += index.tolist()
             widths.append(inputs["input_ids"].shape[1])
         assert sorted(seen) == list(range(203))  # every row once

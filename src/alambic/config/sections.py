@@ -93,7 +93,8 @@ class DataConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _grouping_cuts_padding(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("group_by_length") is True:  # grouping pays only when batches are cut
+        # grouping rows by length pays only when the batches are then cut to their longest row
+        if isinstance(data, dict) and data.get("group_by_length") is True:
             return {**data, "dynamic_padding": True}
         return data
 
