@@ -271,3 +271,17 @@ def test_a_run_grouping_by_length_trains_on_batches_of_similar_length(tmp_path, 
     # 64 rows in 8 training batches; the evaluation batches (16 rows), cut in both runs, are recorded too
     assert sum(widths[True]) < sum(widths[False])
     assert max(widths[True]) == max(widths[False]) == 21
+
+
+def test_the_teacher_cache_with_dynamic_padding_leaves_data_without_a_mask_in_index_order(tmp_path):
+    from alambic.core.cache import CachedTeacher, cache_teacher
+
+    images = torch.utils.data.TensorDataset(torch.randn(6, 5), torch.zeros(6, dtype=torch.long))
+    teacher = torch.nn.Linear(5, 3)
+    cache_teacher(teacher, images, tmp_path / "cache", batch_size=4, dynamic_padding=True)
+    cached = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=images)
+    index = torch.arange(6)
+    with torch.no_grad():
+        expected = teacher(images.tensors[0])
+    logits = cached(images.tensors[0], index)["logits"]
+    torch.testing.assert_close(logits, expected, **close(expected))

@@ -108,7 +108,7 @@ def cache_teacher(
         device: where the teacher runs (each process's own GPU under a launcher).
         process_index, num_processes, barrier: this process, how many share the work, and a function
             that returns once every process has called it (Accelerate's ``wait_for_everyone``).
-        dynamic_padding: token rows (with an ``attention_mask``) run through the teacher longest first
+        dynamic_padding: token rows (with an ``attention_mask``; other data is left as it is) run through the teacher longest first
             within each shard, each batch cut to its longest row (:func:`alambic.data.trim_padding`), and
             are stored back in index order; per-token outputs are padded back to the data's width with
             zeros (columns that were padding in every row of their batch, which no loss reads). Outputs at
@@ -140,8 +140,8 @@ def cache_teacher(
     try:
         shapes: dict[str, list[int]] = {}
         vocab_size = None
-        lengths = token_lengths(dataset) if dynamic_padding else None
-        width = full_width(dataset) if dynamic_padding else 0
+        lengths = _row_lengths(dataset) if dynamic_padding else None
+        width = full_width(dataset) if lengths is not None else 0
         for number in range(process_index, math.ceil(len(dataset) / shard_size), num_processes):
             indices = torch.arange(number * shard_size, min((number + 1) * shard_size, len(dataset)))
             if lengths is not None:  # longest first: batches of similar widths, cut to their longest row
@@ -215,6 +215,14 @@ def _teacher_rows(
         else:
             rows[name] = value
     return rows, vocab_size
+
+
+def _row_lengths(dataset: Dataset) -> Tensor | None:
+    """Token rows' lengths, or None for data without an attention mask (images: nothing to cut)."""
+    try:
+        return token_lengths(dataset)
+    except ConfigError:
+        return None
 
 
 def full_width(dataset: Dataset) -> int:
