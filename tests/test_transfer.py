@@ -265,7 +265,8 @@ def test_an_image_run_with_a_folder_of_transfer_images_from_the_cli(tmp_path):
     assert _steps(tmp_path / "run") == {"teacher": 3, "distill": 4}  # 40 rows; 40 + 20 in batches of 16
 
 
-def test_a_text_run_with_transfer_lines_from_the_cli(tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "group-by-length"])
+def test_a_text_run_with_transfer_lines_from_the_cli(tmp_path, grouped):
     pytest.importorskip("transformers")
     from test_transformers import _tiny_sst2
 
@@ -277,7 +278,7 @@ def test_a_text_run_with_transfer_lines_from_the_cli(tmp_path):
     train = {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.003, "log_every": 1}
     config = {
         "name": "sst2", "stages": ["teacher", "distill"],
-        "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 16,
+        "data": {"dataset": "sst2", "data_dir": str(data), "max_length": 16, "group_by_length": grouped,
                  "transfer": {"path": str(tmp_path / "augmented.jsonl"), "field": "sentence"}},
         "teacher": {"model": {"arch": f"hf:{folder}", "kwargs": {"local_files_only": True}}, "train": train},
         "student": {"model": {"arch": "derive:teacher", "kwargs": {"layers": 1}}},
