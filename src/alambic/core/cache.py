@@ -108,12 +108,12 @@ def cache_teacher(
         device: where the teacher runs (each process's own GPU under a launcher).
         process_index, num_processes, barrier: this process, how many share the work, and a function
             that returns once every process has called it (Accelerate's ``wait_for_everyone``).
-        dynamic_padding: token rows (with an ``attention_mask``; other data is left as it is) run through the teacher longest first
-            within each shard, each batch cut to its longest row (:func:`alambic.data.trim_padding`), and
-            are stored back in index order; per-token outputs are padded back to the data's width with
-            zeros (columns that were padding in every row of their batch, which no loss reads). Outputs at
-            real tokens match the full-width run to float rounding; on SST-2 the teacher reads 13.3
-            tokens a row instead of up to 66.
+        dynamic_padding: token rows (with an ``attention_mask``; other data is left as it is) run
+            through the teacher longest first within each shard, each batch cut to its longest row
+            (:func:`alambic.data.trim_padding`), and are stored back in index order; per-token outputs
+            are padded back to the data's width with zeros (columns that were padding in every row of
+            their batch, which no loss reads). Outputs at real tokens match the full-width run to float
+            rounding.
 
     Example:
         >>> manifest = cache_teacher(teacher, train_set, "cache/resnet56", batch_size=512)
@@ -141,7 +141,7 @@ def cache_teacher(
         shapes: dict[str, list[int]] = {}
         vocab_size = None
         lengths = _row_lengths(dataset) if dynamic_padding else None
-        width = full_width(dataset) if lengths is not None else 0
+        width = _full_width(dataset) if lengths is not None else 0
         for number in range(process_index, math.ceil(len(dataset) / shard_size), num_processes):
             indices = torch.arange(number * shard_size, min((number + 1) * shard_size, len(dataset)))
             if lengths is not None:  # longest first: batches of similar widths, cut to their longest row
@@ -225,7 +225,7 @@ def _row_lengths(dataset: Dataset) -> Tensor | None:
         return None
 
 
-def full_width(dataset: Dataset) -> int:
+def _full_width(dataset: Dataset) -> int:
     """The token width of ``dataset``'s rows as stored (the width of its first row's attention mask)."""
     inputs = split_batch(default_collate([dataset[0]]))[0]
     return int(inputs["attention_mask"].shape[1])
