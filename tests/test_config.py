@@ -161,6 +161,15 @@ def test_stage_augmentation_needs_data_augmentation():
     assert config.distill.train.augment is False and config.teacher.train.augment is None
 
 
+def test_group_by_length_implies_dynamic_padding_and_refuses_it_turned_off():
+    config = config_from_dict(_config(data={"group_by_length": True}))
+    assert config.data.dynamic_padding is True
+    with pytest.raises(ConfigError, match=r"data: .*remove dynamic_padding: false"):
+        config_from_dict(_config(data={"group_by_length": True, "dynamic_padding": False}))
+    with pytest.raises(ConfigError, match="remove dynamic_padding: false"):
+        config_from_dict(_config(data={"dynamic_padding": False}), ["data.group_by_length=true"])
+
+
 @pytest.mark.parametrize("override", ["name.foo=1", "distill.terms.x.weight=1", "distill.terms.9.weight=1"])
 def test_overrides_that_do_not_fit_the_config_are_one_line_errors(override):
     with pytest.raises(ConfigError, match="--set"):

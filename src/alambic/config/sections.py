@@ -95,6 +95,11 @@ class DataConfig(StrictModel):
     def _grouping_cuts_padding(cls, data: Any) -> Any:
         # grouping rows by length pays only when the batches are then cut to their longest row
         if isinstance(data, dict) and data.get("group_by_length") is True:
+            if data.get("dynamic_padding") is False:
+                raise ValueError(
+                    "group_by_length: true cuts each batch to its longest row, which is dynamic_padding: "
+                    "remove dynamic_padding: false (or set group_by_length: false)"
+                )
             return {**data, "dynamic_padding": True}
         return data
 
