@@ -227,6 +227,32 @@ def test_group_by_length_serves_every_row_once_an_epoch_in_batches_of_similar_le
     assert len(rows) == 203 + 20 and sorted(i for i in rows if i < 203) == list(range(203))
 
 
+def test_accelerate_deals_whole_grouped_batches_to_each_process():
+    """Accelerate's sharding (as ``prepare`` does for 2 processes) gives process k grouped batches k, k+2, ...
+    of the one-process order, each still cut to its own longest row."""
+    from accelerate.data_loader import prepare_data_loader
+
+    lengths = torch.randint(1, 41, (203,), generator=torch.Generator().manual_seed(3)).tolist()
+    data = _token_set(lengths, width=40)
+
+    def loader():
+        return make_loader(IndexedDataset(data), batch_size=8, shuffle=True, seed=0, group_by_length=True)
+
+    whole = [batch[2].tolist() for batch in loader()]  # 26 batches, the last one 3 rows
+    seen = set()
+    for process in (0, 1):
+        shard = prepare_data_loader(loader(), num_processes=2, process_index=process, put_on_device=False)
+        batches = list(shard)
+        assert len(batches) == 13
+        for number, (inputs, _labels, index) in enumerate(batches):
+            rows = index.tolist()
+            if process + 2 * number < len(whole) - 1:  # every full batch intact, in its place
+                assert rows == whole[process + 2 * number]
+            assert inputs["input_ids"].shape[1] == max(lengths[i] for i in rows)
+            seen |= set(rows)
+    assert seen == set(range(203))  # the short last batch is filled up with rows from the start
+
+
 def test_the_teacher_cache_with_dynamic_padding_matches_the_full_width_cache(tmp_path):
     from alambic.core.cache import CachedTeacher, cache_teacher
 
