@@ -2,9 +2,12 @@
 their longest row, the same outputs for models that honour their attention mask, cached teachers cut to
 the batch's width."""
 
+import json
+
 import pytest
 import torch
 from tolerance import close
+from torch import nn
 
 from alambic.data import IndexedDataset, TransferDataset, make_loader, trim_padding
 from alambic.data.text import TokenizedDataset
@@ -275,6 +278,111 @@ def test_the_teacher_cache_with_dynamic_padding_matches_the_full_width_cache(tmp
     # the columns cut from every batch (no row is 10 tokens long) hold zeros; the full-width cache, the
     # teacher's outputs at padding
     assert states[:, 9].count_nonzero() == 0 and reference[:, 9].count_nonzero() > 0
+    fields = json.loads((paths[True] / "manifest.json").read_text())["fields"]
+    assert {name: field["token_axes"] for name, field in fields.items()} == {
+        "logits": [],
+        "hidden_states.2": [0],
+    }
+
+
+class _TokenLM(nn.Module):
+    """Next-token logits ``[B, T, V]`` from an embedding and a causal convolution (no attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(40, 8), nn.Linear(8, 40)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.out(self.embed(input_ids).cumsum(1))
+
+
+class _TokenCNN(nn.Module):
+    """A Kim-style classifier: its ``conv`` output ``[B, 12, T - 2]`` has more channels than tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv, self.head = nn.Embedding(40, 8), nn.Conv1d(8, 12, 3), nn.Linear(12, 2)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.head(self.conv(self.embed(input_ids).transpose(1, 2)).amax(-1))
+
+
+@pytest.mark.parametrize("kind", ["top-k language model", "convolution over tokens"])
+def test_a_cache_finds_each_outputs_token_axes_and_pads_and_cuts_only_those(tmp_path, kind):
+    """Top-k log-probabilities (``tail_mass`` is ``[B, T]``) and a ``[B, C, T - 2]`` feature map with more
+    channels than tokens: cached on cut batches they are padded back along their token axis only, and
+    read back for a narrower batch they are cut along it (not along the channels)."""
+    from alambic.core.cache import CachedTeacher, cache_teacher
+
+    lengths = [3, 9, 3, 5, 4, 3, 7, 4]
+    data = _token_set(lengths, width=10)
+    torch.manual_seed(0)
+    teacher, settings = (
+        (_TokenLM(), {"top_k": 4}) if kind.startswith("top-k") else (_TokenCNN(), {"features": ["conv"]})
+    )
+    paths = {}
+    for dynamic in (False, True):
+        paths[dynamic] = tmp_path / f"cache-{dynamic}"
+        manifest = cache_teacher(
+            teacher, data, paths[dynamic], batch_size=3, dynamic_padding=dynamic, **settings
+        )
+        axes = {name: field["token_axes"] for name, field in manifest["fields"].items()}
+        if kind.startswith("top-k"):
+            assert axes == {"topk_log_probs": [0], "topk_ids": [0], "tail_mass": [0]}
+        else:
+            assert axes == {"logits": [], "conv": [1]} and manifest["fields"]["conv"]["shape"] == [12, 8]
+    index = torch.arange(8)
+    inputs, _ = data.get_batch(index.tolist())
+    inputs = trim_padding((inputs, None))[0]  # 9 columns: one cut
+    outputs = {
+        dynamic: CachedTeacher(paths[dynamic], teacher=teacher, dataset=data)(inputs, index)
+        for dynamic in paths
+    }
+    name = "logits" if kind.startswith("top-k") else "conv"
+    full, short = outputs[False][name], outputs[True][name]
+    assert full.shape == short.shape == ((8, 9, 40) if name == "logits" else (8, 12, 7))
+    for row, length in enumerate(lengths):  # every output that sees only real tokens (and their padding)
+        real = full[row, :length] if name == "logits" else full[row, :, : length - 2]
+        cut = short[row, :length] if name == "logits" else short[row, :, : length - 2]
+        torch.testing.assert_close(cut, real, **close(real))
+    if name == "conv":  # and the feature map is the teacher's own on the cut batch
+        with torch.no_grad():
+            live = teacher.conv(teacher.embed(inputs["input_ids"]).transpose(1, 2))
+        torch.testing.assert_close(full, live, **close(live))
+
+
+def test_a_cache_without_token_axes_is_read_by_shape_and_a_teacher_that_needs_full_width_is_refused(tmp_path):
+    from alambic.core.cache import CachedTeacher, cache_teacher
+
+    data = _token_set([3, 9, 2, 5], width=10)
+    teacher = _tiny_bert()
+    cache_teacher(teacher, data, tmp_path / "cache", features=["hidden_states.2"], batch_size=2)
+    index = torch.arange(4)
+    inputs = trim_padding((data.get_batch(index.tolist())[0], None))[0]
+    recorded = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=data)(inputs, index)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    for field in manifest["fields"].values():  # as a cache written before the axes were recorded
+        del field["token_axes"]
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    by_shape = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=data)(inputs, index)
+    assert recorded["hidden_states.2"].shape == by_shape["hidden_states.2"].shape == (4, 9, 16)
+    assert torch.equal(recorded["hidden_states.2"], by_shape["hidden_states.2"])
+
+    class FullWidthOnly(_TokenCNN):
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            if input_ids.shape[1] != 10:
+                raise ValueError("expects 10 tokens")
+            return super().forward(input_ids)
+
+    from alambic.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="cannot run on batches cut to their longest row .*expects 10 tokens"
+    ):
+        cache_teacher(FullWidthOnly(), data, tmp_path / "refused", batch_size=2, dynamic_padding=True)
+    assert not (tmp_path / "refused").exists()
+    manifest = cache_teacher(FullWidthOnly(), data, tmp_path / "full", batch_size=2)  # full width: cached
+    assert "token_axes" not in manifest["fields"]["logits"]
 
 
 def test_a_run_grouping_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypatch):

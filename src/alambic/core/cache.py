@@ -141,7 +141,8 @@ def cache_teacher(
         shapes: dict[str, list[int]] = {}
         vocab_size = None
         lengths = _row_lengths(dataset) if dynamic_padding else None
-        width = _full_width(dataset) if lengths is not None else 0
+        width = _mask_width(dataset)  # token rows' stored width; None for data without an attention mask
+        token_axes = _token_axes(live, dataset, device, top_k, strict=lengths is not None) if width else None
         for number in range(process_index, math.ceil(len(dataset) / shard_size), num_processes):
             indices = torch.arange(number * shard_size, min((number + 1) * shard_size, len(dataset)))
             if lengths is not None:  # longest first: batches of similar widths, cut to their longest row
@@ -157,7 +158,7 @@ def cache_teacher(
                 inputs = split_batch(batch)[0]
                 rows, vocab_size = _teacher_rows(live, inputs, device, top_k)
                 if lengths is not None:
-                    rows = _pad_to_width(rows, inputs["attention_mask"].shape[1], width)
+                    rows = _pad_to_width(rows, token_axes, width - inputs["attention_mask"].shape[1])
                 for name, value in rows.items():
                     shapes[name] = list(value.shape[1:])
                     array = value.cpu().numpy()
@@ -182,10 +183,12 @@ def cache_teacher(
                 name: {
                     "shape": shape,
                     "shards": [_shard_file(name, n) for n in range(math.ceil(len(dataset) / shard_size))],
+                    **({"token_axes": token_axes[name]} if token_axes is not None else {}),
                 }
                 for name, shape in shapes.items()
             },
             "features": list(features),
+            "width": width,
         }
         if process_index == 0:  # it computed shard 0, so it knows every field's shape
             (staging / "manifest.json").write_text(dumps_json(manifest, indent=2))
@@ -225,24 +228,73 @@ def _row_lengths(dataset: Dataset) -> Tensor | None:
         return None
 
 
-def _full_width(dataset: Dataset) -> int:
-    """The token width of ``dataset``'s rows as stored (the width of its first row's attention mask)."""
+def _mask_width(dataset: Dataset) -> int | None:
+    """The token width of ``dataset``'s rows as stored (its first row's ``attention_mask``), or None for data
+    without one (images, fixed-length language-model blocks)."""
     inputs = split_batch(default_collate([dataset[0]]))[0]
-    return int(inputs["attention_mask"].shape[1])
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return int(mask.shape[1]) if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def _pad_to_width(rows: dict[str, Tensor], width: int, full: int) -> dict[str, Tensor]:
-    """Per-token outputs of a batch cut to ``width`` tokens padded back to ``full`` with zeros: ``[B, W, ...]``
-    to ``[B, T, ...]``, attention maps ``[B, H, W, W]`` to ``[B, H, T, T]`` (the inverse of
-    :func:`_cut_to_width`)."""
-    if width == full:
+def _narrow(inputs: Mapping, width: int) -> dict:
+    """Token inputs cut to their first ``width`` columns (every tensor shaped like the attention mask)."""
+    shape = inputs["attention_mask"].shape
+    return {
+        key: value[:, :width] if isinstance(value, Tensor) and value.shape[:2] == shape else value
+        for key, value in inputs.items()
+    }
+
+
+def _token_axes(
+    live: Teacher, dataset: Dataset, device: Any, top_k: int | None, *, strict: bool
+) -> dict[str, list[int]] | None:
+    """Which axes of each stored row grow with the number of tokens (hidden states ``[T, D]``: ``[0]``;
+    attention maps ``[H, T, T]``: ``[1, 2]``; a convolution over tokens ``[C, T - k + 1]``: ``[1]``; logits
+    of a classifier: ``[]``), found by running the teacher on two rows at the data's full width and one
+    token narrower: those axes are cut when a batch is narrower, and padded back when it is cached so.
+    A teacher that cannot run one token narrower gives None (then the row shapes are read as before:
+    :func:`_cut_to_width`'s fallback), unless the cache itself runs on cut batches (``strict``)."""
+    inputs = split_batch(default_collate([dataset[0], dataset[min(1, len(dataset) - 1)]]))[0]
+    width = int(inputs["attention_mask"].shape[1])
+    full, _ = _teacher_rows(live, inputs, device, top_k)
+    if width < 2:  # no batch can be narrower
+        return {name: [] for name in full}
+    try:
+        narrow, _ = _teacher_rows(live, _narrow(inputs, width - 1), device, top_k)
+    except Exception as error:  # noqa: BLE001 - any failure of the teacher on the narrower probe
+        if strict:
+            raise ConfigError(
+                f"the teacher cannot run on batches cut to their longest row ({first_line(error)}); "
+                "cache it without dynamic padding"
+            ) from None
+        return None
+    axes = {}
+    for name, value in full.items():
+        row, cut = value.shape[1:], narrow[name].shape[1:]
+        axes[name] = [axis for axis, (a, b) in enumerate(zip(row, cut)) if a != b]
+        if len(row) != len(cut) or any(row[a] - cut[a] != 1 for a in axes[name]):
+            if strict:
+                raise ConfigError(
+                    f"teacher output {name!r} ({list(row)} at {width} tokens, {list(cut)} at {width - 1}) "
+                    "does not shrink by one per token; cache it without dynamic padding"
+                )
+            return None
+    return axes
+
+
+def _pad_to_width(
+    rows: dict[str, Tensor], token_axes: dict[str, list[int]], missing: int
+) -> dict[str, Tensor]:
+    """Outputs of a batch cut ``missing`` tokens short padded back with zeros along their token axes
+    (:func:`_token_axes`), so every batch of a shard has the stored shape."""
+    if missing == 0:
         return rows
-    for name, value in rows.items():
-        if value.dim() == 4 and value.shape[-1] == value.shape[-2] == width:
-            rows[name] = torch.nn.functional.pad(value, (0, full - width, 0, full - width))
-        elif value.dim() >= 3 and value.shape[1] == width:
-            padding = [0, 0] * (value.dim() - 2) + [0, full - width]
-            rows[name] = torch.nn.functional.pad(value, padding)
+    for name, axes in token_axes.items():
+        value = rows[name]
+        padding = [0] * (2 * value.dim())
+        for axis in axes:  # F.pad lists (left, right) pairs from the last dimension backwards
+            padding[2 * (value.dim() - 2 - axis) + 1] = missing
+        rows[name] = torch.nn.functional.pad(value, padding)
     return rows
 
 
@@ -261,6 +313,7 @@ class _FieldEntry(BaseModel):
     model_config = ConfigDict(strict=True)
     shape: list[int]
     shards: list[str] = Field(min_length=1)
+    token_axes: list[int] | None = None  # the row axes that grow with the tokens (caches of token data)
 
 
 class _Manifest(BaseModel):
@@ -275,6 +328,7 @@ class _Manifest(BaseModel):
     fields: dict[str, _FieldEntry] = Field(min_length=1)
     features: list[str]
     vocab_size: int | None = None
+    width: int | None = None  # token data: the rows' stored width
 
 
 def read_manifest(path: Path) -> dict:
@@ -374,6 +428,12 @@ class CachedTeacher:
         self.feature_paths = list(self.manifest["features"])
         self._check_terms(terms)
         self.vocab_size = self.manifest.get("vocab_size")
+        fields = self.manifest["fields"]
+        self.token_axes: dict[str, list[int]] | None = None  # None: a cache written before they were recorded
+        if all(field.get("token_axes") is not None for field in fields.values()):
+            self.token_axes = {name: field["token_axes"] for name, field in fields.items()}
+            if "topk_log_probs" in fields:  # the replayed logits have the top-k's token axes
+                self.token_axes["logits"] = fields["topk_log_probs"]["token_axes"]
         self.shard_size = self.manifest["shard_size"]
         self.arrays = {
             name: _open_shards(self.folder, name, field, self.manifest["num_samples"], self.shard_size)
@@ -439,7 +499,7 @@ class CachedTeacher:
             outputs[name] = self._rows(name, rows).to(self.device, torch.float32, non_blocking=True)
         if "topk_log_probs" in self.arrays:
             outputs["logits"] = self._dense(rows)
-        return _cut_to_width(outputs, inputs)
+        return _cut_to_width(outputs, inputs, self.token_axes, self.manifest.get("width"))
 
     def _check_range(self, low: int, high: int) -> None:
         if low < 0 or high >= self.manifest["num_samples"]:
@@ -459,14 +519,25 @@ class CachedTeacher:
         return dense.scatter_(-1, ids, values)
 
 
-def _cut_to_width(outputs: dict[str, Tensor], inputs: Any) -> dict[str, Tensor]:
-    """Per-token outputs cut to the batch's token width when the loader trimmed its padding
-    (``dynamic_padding``): ``[B, T, ...]`` to ``[B, W, ...]``, attention maps ``[B, H, T, T]`` to
-    ``[B, H, W, W]``. The cut columns were padding in every row of the batch, so nothing real is lost."""
+def _cut_to_width(
+    outputs: dict[str, Tensor], inputs: Any, token_axes: dict[str, list[int]] | None, full: int | None
+) -> dict[str, Tensor]:
+    """Outputs cut to the batch's token width when the loader trimmed its padding (``dynamic_padding``):
+    each token axis (:func:`_token_axes`) loses as many entries as the batch lost columns. The cut
+    columns were padding in every row of the batch, so nothing real is lost. Caches written before the
+    token axes were recorded are read by shape: ``[B, T, ...]`` to ``[B, W, ...]``, attention maps
+    ``[B, H, T, T]`` to ``[B, H, W, W]``."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         return outputs
     width = mask.shape[1]
+    if token_axes is not None and full is not None:
+        if width < full:
+            for name in outputs:
+                for axis in token_axes[name]:
+                    size = outputs[name].shape[axis + 1] - (full - width)
+                    outputs[name] = outputs[name].narrow(axis + 1, 0, size)
+        return outputs
     for name, value in outputs.items():
         if value.dim() == 4 and value.shape[-1] > width and value.shape[-1] == value.shape[-2]:
             outputs[name] = value[..., :width, :width]
