@@ -81,13 +81,19 @@ def test_a_second_writer_is_refused_and_a_killed_holder_does_not_block(tmp_path)
     assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / LOCK_NAME).exists()
 
 
-def test_resume_of_a_running_run_is_refused(tmp_path):
+def test_resume_report_and_export_of_a_running_run_are_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(load_config(DIGITS)))
     holder = _hold(run_dir)
     try:
-        for command in (["run", DIGITS, "--resume", str(run_dir)], ["eval", str(run_dir)]):
+        commands = (
+            ["run", DIGITS, "--resume", str(run_dir)],
+            ["eval", str(run_dir)],
+            ["report", str(run_dir)],
+            ["export", str(run_dir)],
+        )
+        for command in commands:
             _one_line(runner.invoke(app, command, catch_exceptions=False), f"in use by process {holder.pid}")
     finally:
         _kill(holder)

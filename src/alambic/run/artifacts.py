@@ -6,6 +6,7 @@ directory (or a bare checkpoint); the formats themselves are written by :mod:`al
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from alambic.compress.export_hf import quiet_transformers
 from alambic.config import ModelConfig, load_config
 from alambic.core.batches import example_input, real_inputs
 from alambic.core.evaluate import evaluate_classifier, profile_model
+from alambic.core.lock import run_lock
 from alambic.data import build_datasets
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
@@ -165,23 +167,27 @@ def export_run(
     """
     if export_format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}")
-    loaded = load_run_model(source, model=model, data_dir=data_dir, arch=arch, dataset=dataset, kwargs=kwargs)
     source = Path(source)
-    if out is None:
-        folder = source / "export" if source.is_dir() else source.parent
-        stem = model if source.is_dir() else source.stem
-        out = default_export_path(folder, stem, export_format, loaded.model)
-    inputs = real_inputs(loaded.test_set, check_samples)
-    description = {**loaded.description, "input_shape": list(loaded.info.input_shape)}
-    description["num_classes"] = loaded.info.num_classes
-    report = export_model(
-        loaded.model,
-        inputs,
-        out,
-        export_format=export_format,
-        description=description,
-        tokenizer=loaded.tokenizer,
-    )
+    # one writer per run directory (its export/ folder is written here)
+    with run_lock(source) if source.is_dir() else contextlib.nullcontext():
+        loaded = load_run_model(
+            source, model=model, data_dir=data_dir, arch=arch, dataset=dataset, kwargs=kwargs
+        )
+        if out is None:
+            folder = source / "export" if source.is_dir() else source.parent
+            stem = model if source.is_dir() else source.stem
+            out = default_export_path(folder, stem, export_format, loaded.model)
+        inputs = real_inputs(loaded.test_set, check_samples)
+        description = {**loaded.description, "input_shape": list(loaded.info.input_shape)}
+        description["num_classes"] = loaded.info.num_classes
+        report = export_model(
+            loaded.model,
+            inputs,
+            out,
+            export_format=export_format,
+            description=description,
+            tokenizer=loaded.tokenizer,
+        )
     report["parameters"] = sum(parameter.numel() for parameter in loaded.model.parameters())
     report["model"] = model
     return report

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alambic.core.lock import run_lock
 from alambic.errors import AlambicError
 from alambic.files import writing
 from alambic.run.plots import (
@@ -273,6 +274,11 @@ def write_report(run_dir: str | Path) -> Path:
         >>> print(report_path.read_text()[:200])
     """
     run_dir = Path(run_dir)
+    with run_lock(run_dir):  # one writer per run directory: not while a run or another command writes it
+        return _write_report(run_dir)
+
+
+def _write_report(run_dir: Path) -> Path:
     summary = _load_summary(run_dir)
     records, skipped = _load_metrics(run_dir)
     models = _ordered_models(summary.get("models") or {})
