@@ -55,7 +55,13 @@ VARIANTS = {  # name -> (terms, uses the transfer set)
     "alone (ce)": ([{"loss": "ce"}], False),
     "+ KD": ([{"loss": "ce", "weight": 0.5}, {**KD, "weight": 0.5}], False),
     "+ KD + transfer set": ([{"loss": "ce", "weight": 0.5}, {**KD, "weight": 0.5}], True),
+    # Tang et al. 2019's distillation objective: the squared distance between the logits (not KL)
+    "+ logit MSE + transfer set": (
+        [{"loss": "ce", "weight": 0.5}, {"loss": "logit_mse", "weight": 0.5}],
+        True,
+    ),
 }
+DEFAULT_VARIANTS = ["alone (ce)", "+ KD", "+ KD + transfer set"]
 
 
 def log(message: str) -> None:
@@ -173,6 +179,9 @@ def main() -> None:
     parser.add_argument("--derived-lr", type=float, default=1e-4)
     parser.add_argument("--derived-batch", type=int, default=32)
     parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS, help="which rows to train"
+    )
+    parser.add_argument(
         "--group-by-length",
         action="store_true",
         help="batches of rows of similar length, cut to their longest (teacher, cache, students)",
@@ -253,7 +262,7 @@ def main() -> None:
     models: dict[tuple[str, str], torch.nn.Module] = {}
     for arch in args.students:
         for seed in args.seeds:  # every variant of a seed before the next seed: a cut run stays balanced
-            for variant in VARIANTS:
+            for variant in args.variants:
                 row, student = student_result(
                     args, arch, variant, seed, teacher, train_set, combined, cached, dev_loader,
                     derived_key if arch in DERIVED else key,
