@@ -140,3 +140,17 @@ def test_the_checks_can_fail(tmp_path):
     a = ast.parse("from alambic.b import thing\n")
     b = ast.parse("def late():\n    from alambic.a import other\n")
     assert _cycle(_import_graph({"alambic.a": a, "alambic.b": b})) == ["alambic.a", "alambic.b", "alambic.a"]
+
+
+def test_the_code_is_ruff_clean_and_ruff_formatted():
+    """``ruff check`` and ``ruff format --check`` (pyproject.toml's settings) pass on the package, the tests and
+    the benchmarks, so style stays a CI check and not a reviewer's chore."""
+    command = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(command).is_file():
+        pytest.skip("ruff is a dev dependency: pip install -e '.[dev]'")
+    folders = ["src", "tests", "benchmarks"]
+    for arguments in (["check", *folders], ["format", "--check", *folders]):
+        result = subprocess.run([command, *arguments], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, (
+            f"ruff {' '.join(arguments)}:\n{result.stdout[-3000:]}{result.stderr[-1000:]}"
+        )

@@ -385,7 +385,9 @@ def test_transfer_augment_is_one_line_where_it_cannot_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_augment_with_a_teacher_without_an_embedding_table_fails_before_the_teacher_trains(tmp_path, monkeypatch):
+def test_augment_with_a_teacher_without_an_embedding_table_fails_before_the_teacher_trains(
+    tmp_path, monkeypatch
+):
     transformers = pytest.importorskip("transformers")
     from test_transformers import _tiny_sst2
 

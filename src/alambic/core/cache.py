@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from alambic.core.batches import split_batch
+from alambic.core.cache_widths import cut_to_width, mask_width, pad_to_width, token_axes_of
 from alambic.core.distiller import Teacher, feature_paths
 from alambic.core.hooks import unwrap_model
 from alambic.data import dataset_fingerprint, token_lengths
@@ -141,8 +142,13 @@ def cache_teacher(
         shapes: dict[str, list[int]] = {}
         vocab_size = None
         lengths = _row_lengths(dataset) if dynamic_padding else None
-        width = _mask_width(dataset)  # token rows' stored width; None for data without an attention mask
-        token_axes = _token_axes(live, dataset, device, top_k, strict=lengths is not None) if width else None
+        width = mask_width(dataset)  # token rows' stored width; None for data without an attention mask
+
+        def stored(inputs: Any) -> dict[str, Tensor]:
+            return _teacher_rows(live, inputs, device, top_k)[0]
+
+        # which outputs grow with the tokens: probed on two rows, at full width and one token narrower
+        token_axes = token_axes_of(stored, dataset, strict=lengths is not None) if width else None
         for number in range(process_index, math.ceil(len(dataset) / shard_size), num_processes):
             indices = torch.arange(number * shard_size, min((number + 1) * shard_size, len(dataset)))
             if lengths is not None:  # longest first: batches of similar widths, cut to their longest row
@@ -158,7 +164,7 @@ def cache_teacher(
                 inputs = split_batch(batch)[0]
                 rows, vocab_size = _teacher_rows(live, inputs, device, top_k)
                 if lengths is not None:
-                    rows = _pad_to_width(rows, token_axes, width - inputs["attention_mask"].shape[1])
+                    rows = pad_to_width(rows, token_axes, width - inputs["attention_mask"].shape[1])
                 for name, value in rows.items():
                     shapes[name] = list(value.shape[1:])
                     array = value.cpu().numpy()
@@ -226,76 +232,6 @@ def _row_lengths(dataset: Dataset) -> Tensor | None:
         return token_lengths(dataset)
     except ConfigError:
         return None
-
-
-def _mask_width(dataset: Dataset) -> int | None:
-    """The token width of ``dataset``'s rows as stored (its first row's ``attention_mask``), or None for data
-    without one (images, fixed-length language-model blocks)."""
-    inputs = split_batch(default_collate([dataset[0]]))[0]
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    return int(mask.shape[1]) if isinstance(mask, Tensor) and mask.dim() == 2 else None
-
-
-def _narrow(inputs: Mapping, width: int) -> dict:
-    """Token inputs cut to their first ``width`` columns (every tensor shaped like the attention mask)."""
-    shape = inputs["attention_mask"].shape
-    return {
-        key: value[:, :width] if isinstance(value, Tensor) and value.shape[:2] == shape else value
-        for key, value in inputs.items()
-    }
-
-
-def _token_axes(
-    live: Teacher, dataset: Dataset, device: Any, top_k: int | None, *, strict: bool
-) -> dict[str, list[int]] | None:
-    """Which axes of each stored row grow with the number of tokens (hidden states ``[T, D]``: ``[0]``;
-    attention maps ``[H, T, T]``: ``[1, 2]``; a convolution over tokens ``[C, T - k + 1]``: ``[1]``; logits
-    of a classifier: ``[]``), found by running the teacher on two rows at the data's full width and one
-    token narrower: those axes are cut when a batch is narrower, and padded back when it is cached so.
-    A teacher that cannot run one token narrower gives None (then the row shapes are read as before:
-    :func:`_cut_to_width`'s fallback), unless the cache itself runs on cut batches (``strict``)."""
-    inputs = split_batch(default_collate([dataset[0], dataset[min(1, len(dataset) - 1)]]))[0]
-    width = int(inputs["attention_mask"].shape[1])
-    full, _ = _teacher_rows(live, inputs, device, top_k)
-    if width < 2:  # no batch can be narrower
-        return {name: [] for name in full}
-    try:
-        narrow, _ = _teacher_rows(live, _narrow(inputs, width - 1), device, top_k)
-    except Exception as error:  # noqa: BLE001 - any failure of the teacher on the narrower probe
-        if strict:
-            raise ConfigError(
-                f"the teacher cannot run on batches cut to their longest row ({first_line(error)}); "
-                "cache it without dynamic padding"
-            ) from None
-        return None
-    axes = {}
-    for name, value in full.items():
-        row, cut = value.shape[1:], narrow[name].shape[1:]
-        axes[name] = [axis for axis, (a, b) in enumerate(zip(row, cut)) if a != b]
-        if len(row) != len(cut) or any(row[a] - cut[a] != 1 for a in axes[name]):
-            if strict:
-                raise ConfigError(
-                    f"teacher output {name!r} ({list(row)} at {width} tokens, {list(cut)} at {width - 1}) "
-                    "does not shrink by one per token; cache it without dynamic padding"
-                )
-            return None
-    return axes
-
-
-def _pad_to_width(
-    rows: dict[str, Tensor], token_axes: dict[str, list[int]], missing: int
-) -> dict[str, Tensor]:
-    """Outputs of a batch cut ``missing`` tokens short padded back with zeros along their token axes
-    (:func:`_token_axes`), so every batch of a shard has the stored shape."""
-    if missing == 0:
-        return rows
-    for name, axes in token_axes.items():
-        value = rows[name]
-        padding = [0] * (2 * value.dim())
-        for axis in axes:  # F.pad lists (left, right) pairs from the last dimension backwards
-            padding[2 * (value.dim() - 2 - axis) + 1] = missing
-        rows[name] = torch.nn.functional.pad(value, padding)
-    return rows
 
 
 def _top_k(logits: Tensor, k: int) -> dict[str, Tensor]:
@@ -499,7 +435,7 @@ class CachedTeacher:
             outputs[name] = self._rows(name, rows).to(self.device, torch.float32, non_blocking=True)
         if "topk_log_probs" in self.arrays:
             outputs["logits"] = self._dense(rows)
-        return _cut_to_width(outputs, inputs, self.token_axes, self.manifest.get("width"))
+        return cut_to_width(outputs, inputs, self.token_axes, self.manifest.get("width"))
 
     def _check_range(self, low: int, high: int) -> None:
         if low < 0 or high >= self.manifest["num_samples"]:
@@ -517,33 +453,6 @@ class CachedTeacher:
         fill = torch.log(tail.clamp_min(1e-12) / others).unsqueeze(-1)  # [..., 1]
         dense = fill.expand(*values.shape[:-1], self.vocab_size).clone()  # [..., V]
         return dense.scatter_(-1, ids, values)
-
-
-def _cut_to_width(
-    outputs: dict[str, Tensor], inputs: Any, token_axes: dict[str, list[int]] | None, full: int | None
-) -> dict[str, Tensor]:
-    """Outputs cut to the batch's token width when the loader trimmed its padding (``dynamic_padding``):
-    each token axis (:func:`_token_axes`) loses as many entries as the batch lost columns. The cut
-    columns were padding in every row of the batch, so nothing real is lost. Caches written before the
-    token axes were recorded are read by shape: ``[B, T, ...]`` to ``[B, W, ...]``, attention maps
-    ``[B, H, T, T]`` to ``[B, H, W, W]``."""
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if not isinstance(mask, Tensor) or mask.dim() != 2:
-        return outputs
-    width = mask.shape[1]
-    if token_axes is not None and full is not None:
-        if width < full:
-            for name in outputs:
-                for axis in token_axes[name]:
-                    size = outputs[name].shape[axis + 1] - (full - width)
-                    outputs[name] = outputs[name].narrow(axis + 1, 0, size)
-        return outputs
-    for name, value in outputs.items():
-        if value.dim() == 4 and value.shape[-1] > width and value.shape[-1] == value.shape[-2]:
-            outputs[name] = value[..., :width, :width]
-        elif value.dim() >= 3 and value.shape[1] > width:
-            outputs[name] = value[:, :width]
-    return outputs
 
 
 PRELOAD_LIMIT = 2**30  # caches up to this size are held where training runs (see CachedTeacher)
