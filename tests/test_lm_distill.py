@@ -153,6 +153,35 @@ def test_a_top_k_teacher_cache_of_a_text_corpus_distills_a_student(trained, tmp_
     assert math.isfinite(distilled["perplexity"]) and math.isfinite(distilled["kl_to_teacher"])
 
 
+def test_a_top_k_cache_of_prompt_completion_rows_with_dynamic_padding_distills_a_student(trained, tmp_path):
+    """Padded jsonl rows (the corpus's characters, so the teacher's vocabulary), cached on batches cut to their longest row: the per-token top-k fields (``tail_mass``
+    ``[B, T]`` too) are padded back along their token axis and cut again for the student's trimmed batches."""
+    import random
+
+    from test_lm_run import WORDS
+
+    rng = random.Random(1)
+    words = lambda low, high: " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))  # noqa: E731
+    rows = [{"prompt": words(1, 3) + " ", "completion": words(1, 6) + "\n"} for _ in range(120)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    config = _distill_config(trained)
+    config.data.dataset, config.data.train_file, config.data.valid_file = "jsonl", str(path), str(path)
+    config.data.dynamic_padding = True
+    manifest = cache_teacher_outputs(config, tmp_path / "cache", top_k=4)
+    width = manifest["width"]
+    assert {name: (field["shape"], field["token_axes"]) for name, field in manifest["fields"].items()} == {
+        "topk_log_probs": ([width, 4], [0]),
+        "topk_ids": ([width, 4], [0]),
+        "tail_mass": ([width], [0]),
+    }
+    config.distill.teacher_cache = str(tmp_path / "cache")
+    config.stages = ["distill", "evaluate"]
+    run_dir = run(config, run_dir=tmp_path / "run")
+    distilled = json.loads((run_dir / "summary.json").read_text())["models"]["distilled"]
+    assert math.isfinite(distilled["perplexity"]) and math.isfinite(distilled["kl_to_teacher"])
+
+
 def test_the_hugging_face_export_of_an_lm_run_reloads_with_its_tokenizer(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
