@@ -161,13 +161,13 @@ def test_stage_augmentation_needs_data_augmentation():
     assert config.distill.train.augment is False and config.teacher.train.augment is None
 
 
-def test_group_by_length_implies_dynamic_padding_and_refuses_it_turned_off():
-    config = config_from_dict(_config(data={"group_by_length": True}))
-    assert config.data.dynamic_padding is True
-    with pytest.raises(ConfigError, match=r"data: .*remove dynamic_padding: false"):
-        config_from_dict(_config(data={"group_by_length": True, "dynamic_padding": False}))
-    with pytest.raises(ConfigError, match="remove dynamic_padding: false"):
-        config_from_dict(_config(data={"dynamic_padding": False}), ["data.group_by_length=true"])
+def test_group_by_length_turns_dynamic_padding_on_from_a_file_and_from_set():
+    for config in (
+        config_from_dict(_config(data={"group_by_length": True, "dynamic_padding": False})),
+        config_from_dict(_config(), ["data.group_by_length=true"]),  # over the resolved dynamic_padding: false
+    ):
+        assert config.data.group_by_length is True and config.data.dynamic_padding is True
+    assert config_from_dict(_config()).data.dynamic_padding is False
 
 
 @pytest.mark.parametrize("override", ["name.foo=1", "distill.terms.x.weight=1", "distill.terms.9.weight=1"])

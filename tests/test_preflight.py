@@ -134,6 +134,7 @@ def test_the_error_names_what_to_fix(tmp_path):
         "evaluate.batch_sizes=[0]": "batch_sizes",
         "distill.terms=[{loss: fitnet, student: hidden.7, teacher: hidden.1}]": "hidden.7",
         "teacher.model.checkpoint=/nonexistent/teacher.safetensors": "/nonexistent/teacher.safetensors",
+        "data.group_by_length=true": "set data.group_by_length: false",  # digits rows have no attention mask
     }
     for override, words in expected.items():
         result = runner.invoke(

@@ -93,13 +93,10 @@ class DataConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _grouping_cuts_padding(cls, data: Any) -> Any:
-        # grouping rows by length pays only when the batches are then cut to their longest row
+        # grouping rows by length pays only when the batches are then cut to their longest row. It turns
+        # dynamic_padding on whatever that says: a resolved config (run directories, --set) writes every
+        # default out, so a dynamic_padding: false there cannot be told from one a user wrote
         if isinstance(data, dict) and data.get("group_by_length") is True:
-            if data.get("dynamic_padding") is False:
-                raise ValueError(
-                    "group_by_length: true cuts each batch to its longest row, which is dynamic_padding: "
-                    "remove dynamic_padding: false (or set group_by_length: false)"
-                )
             return {**data, "dynamic_padding": True}
         return data
 
