@@ -164,7 +164,9 @@ def test_stage_augmentation_needs_data_augmentation():
 def test_group_by_length_turns_dynamic_padding_on_from_a_file_and_from_set():
     for config in (
         config_from_dict(_config(data={"group_by_length": True, "dynamic_padding": False})),
-        config_from_dict(_config(), ["data.group_by_length=true"]),  # over the resolved dynamic_padding: false
+        config_from_dict(
+            _config(), ["data.group_by_length=true"]
+        ),  # over the resolved dynamic_padding: false
     ):
         assert config.data.group_by_length is True and config.data.dynamic_padding is True
     assert config_from_dict(_config()).data.dynamic_padding is False

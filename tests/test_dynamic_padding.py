@@ -278,11 +278,8 @@ def test_the_teacher_cache_with_dynamic_padding_matches_the_full_width_cache(tmp
     # the columns cut from every batch (no row is 10 tokens long) hold zeros; the full-width cache, the
     # teacher's outputs at padding
     assert states[:, 9].count_nonzero() == 0 and reference[:, 9].count_nonzero() > 0
-    fields = json.loads((paths[True] / "manifest.json").read_text())["fields"]
-    assert {name: field["token_axes"] for name, field in fields.items()} == {
-        "logits": [],
-        "hidden_states.2": [0],
-    }
+    manifest = json.loads((paths[True] / "manifest.json").read_text())
+    assert manifest["token_axes"] == {"logits": [], "hidden_states.2": [0]} and manifest["width"] == 10
 
 
 class _TokenLM(nn.Module):
@@ -326,29 +323,31 @@ def test_a_cache_finds_each_outputs_token_axes_and_pads_and_cuts_only_those(tmp_
         manifest = cache_teacher(
             teacher, data, paths[dynamic], batch_size=3, dynamic_padding=dynamic, **settings
         )
-        axes = {name: field["token_axes"] for name, field in manifest["fields"].items()}
+        axes = manifest["token_axes"]
         if kind.startswith("top-k"):
             assert axes == {"topk_log_probs": [0], "topk_ids": [0], "tail_mass": [0]}
         else:
             assert axes == {"logits": [], "conv": [1]} and manifest["fields"]["conv"]["shape"] == [12, 8]
-    index = torch.arange(8)
-    inputs, _ = data.get_batch(index.tolist())
-    inputs = trim_padding((inputs, None))[0]  # 9 columns: one cut
-    outputs = {
-        dynamic: CachedTeacher(paths[dynamic], teacher=teacher, dataset=data)(inputs, index)
-        for dynamic in paths
-    }
     name = "logits" if kind.startswith("top-k") else "conv"
-    full, short = outputs[False][name], outputs[True][name]
-    assert full.shape == short.shape == ((8, 9, 40) if name == "logits" else (8, 12, 7))
-    for row, length in enumerate(lengths):  # every output that sees only real tokens (and their padding)
-        real = full[row, :length] if name == "logits" else full[row, :, : length - 2]
-        cut = short[row, :length] if name == "logits" else short[row, :, : length - 2]
-        torch.testing.assert_close(cut, real, **close(real))
-    if name == "conv":  # and the feature map is the teacher's own on the cut batch
-        with torch.no_grad():
-            live = teacher.conv(teacher.embed(inputs["input_ids"]).transpose(1, 2))
-        torch.testing.assert_close(full, live, **close(live))
+    cached = {dynamic: CachedTeacher(paths[dynamic], teacher=teacher, dataset=data) for dynamic in paths}
+    for rows, width in (([0, 1, 2, 3, 4, 5, 6, 7], 9), ([0, 2, 5], 3)):  # one column cut, then seven
+        index = torch.tensor(rows)
+        inputs = trim_padding((data.get_batch(rows)[0], None))[0]
+        assert inputs["input_ids"].shape[1] == width
+        full, short = (cached[dynamic](inputs, index)[name] for dynamic in (False, True))
+        assert (
+            full.shape
+            == short.shape
+            == ((len(rows), width, 40) if name == "logits" else (len(rows), 12, width - 2))
+        )
+        for row, length in enumerate(lengths[i] for i in rows):  # outputs that see only real tokens
+            real = full[row, :length] if name == "logits" else full[row, :, : length - 2]
+            cut = short[row, :length] if name == "logits" else short[row, :, : length - 2]
+            torch.testing.assert_close(cut, real, **close(real))
+        if name == "conv":  # and the feature map is the teacher's own on the cut batch
+            with torch.no_grad():
+                live = teacher.conv(teacher.embed(inputs["input_ids"]).transpose(1, 2))
+            torch.testing.assert_close(full, live, **close(live))
 
 
 def test_a_cache_without_token_axes_is_read_by_shape_and_a_teacher_that_needs_full_width_is_refused(tmp_path):
@@ -361,8 +360,7 @@ def test_a_cache_without_token_axes_is_read_by_shape_and_a_teacher_that_needs_fu
     inputs = trim_padding((data.get_batch(index.tolist())[0], None))[0]
     recorded = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=data)(inputs, index)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    for field in manifest["fields"].values():  # as a cache written before the axes were recorded
-        del field["token_axes"]
+    del manifest["token_axes"]  # as a cache written before the axes were recorded
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
     by_shape = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=data)(inputs, index)
     assert recorded["hidden_states.2"].shape == by_shape["hidden_states.2"].shape == (4, 9, 16)
@@ -382,7 +380,37 @@ def test_a_cache_without_token_axes_is_read_by_shape_and_a_teacher_that_needs_fu
         cache_teacher(FullWidthOnly(), data, tmp_path / "refused", batch_size=2, dynamic_padding=True)
     assert not (tmp_path / "refused").exists()
     manifest = cache_teacher(FullWidthOnly(), data, tmp_path / "full", batch_size=2)  # full width: cached
-    assert "token_axes" not in manifest["fields"]["logits"]
+    assert "token_axes" not in manifest  # read by shape
+
+
+class _StridedCNN(_TokenCNN):
+    """Its ``conv`` feature map has ``(T - 3) // 2 + 1`` columns: not one per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 12, 3, stride=2)
+
+
+def test_an_output_that_does_not_grow_one_entry_per_token_is_never_cut_wrongly(tmp_path):
+    from alambic.core.cache import CachedTeacher, cache_teacher
+    from alambic.errors import ConfigError
+
+    lengths = [3, 9, 3, 5, 4, 3, 7, 4]
+    # conv columns: 5 at 11 tokens, 4 at 10 (as if one per token), 2 at 5: only the second probe sees it
+    data = _token_set(lengths, width=11)
+    teacher = _StridedCNN()
+    manifest = cache_teacher(teacher, data, tmp_path / "cache", features=["conv"], batch_size=3)
+    assert manifest["token_axes"] == {"logits": [], "conv": None}
+    cached = CachedTeacher(tmp_path / "cache", teacher=teacher, dataset=data)
+    inputs = data.get_batch([0, 1])[0]
+    assert cached(inputs, torch.tensor([0, 1]))["conv"].shape == (2, 12, 5)  # full width: as stored
+    with pytest.raises(ConfigError, match="'conv' does not grow by one entry per token.*dynamic_padding"):
+        cached(trim_padding((inputs, None))[0], torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="'conv' .* does not grow by one entry per token"):
+        cache_teacher(teacher, data, tmp_path / "cut", features=["conv"], batch_size=3, dynamic_padding=True)
+    assert not (tmp_path / "cut").exists()
+    with pytest.raises(ConfigError, match="the data set to cache is empty"):
+        cache_teacher(teacher, torch.utils.data.Subset(data, []), tmp_path / "empty")
 
 
 def test_a_run_grouping_by_length_trains_on_batches_of_similar_length(tmp_path, monkeypatch):

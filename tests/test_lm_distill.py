@@ -170,7 +170,8 @@ def test_a_top_k_cache_of_prompt_completion_rows_with_dynamic_padding_distills_a
     config.data.dynamic_padding = True
     manifest = cache_teacher_outputs(config, tmp_path / "cache", top_k=4)
     width = manifest["width"]
-    assert {name: (field["shape"], field["token_axes"]) for name, field in manifest["fields"].items()} == {
+    axes = manifest["token_axes"]
+    assert {name: (field["shape"], axes[name]) for name, field in manifest["fields"].items()} == {
         "topk_log_probs": ([width, 4], [0]),
         "topk_ids": ([width, 4], [0]),
         "tail_mass": ([width], [0]),

@@ -201,3 +201,38 @@ def test_two_simultaneous_writers_never_both_run(tmp_path):
         assert len(keys) == len(set(keys))
     for r in range(2):
         assert json.loads((tmp_path / f"run{r}" / "status.json").read_text())["state"] == "completed"
+
+
+def test_report_of_a_missing_directory_creates_nothing_and_an_export_elsewhere_needs_no_lock(tmp_path):
+    missing = tmp_path / "no" / "such" / "run"
+    result = runner.invoke(app, ["report", str(missing)], catch_exceptions=False)
+    _one_line(result, f"run directory {missing} does not exist")
+    assert not (tmp_path / "no").exists()
+    from alambic.run.artifacts import export_run
+
+    run_dir = tmp_path / "kd"
+    _tiny_distill_run = runner.invoke(
+        app,
+        [
+            "run",
+            DIGITS,
+            "--set",
+            "stages=[teacher]",
+            "--set",
+            "teacher.train.epochs=1",
+            "--out",
+            str(run_dir),
+        ],
+        catch_exceptions=False,
+    )
+    assert _tiny_distill_run.exit_code == 0, _tiny_distill_run.output
+    holder = _hold(run_dir)
+    try:  # the run is busy: an export into it is refused, an export elsewhere only reads it
+        with pytest.raises(RunLockedError):
+            export_run(run_dir, model="teacher", export_format="safetensors")
+        report = export_run(
+            run_dir, tmp_path / "out" / "teacher.safetensors", model="teacher", export_format="safetensors"
+        )
+        assert Path(report["path"]).is_file() and not (run_dir / "export").exists()
+    finally:
+        _kill(holder)

@@ -127,6 +127,8 @@ def cache_teacher(
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if out_dir.exists():
         raise ConfigError(f"{out_dir} already exists; remove it or pick another --out")
+    if len(dataset) == 0:
+        raise ConfigError("the data set to cache is empty; check data.train_subset and the data files")
     check_not_augmented(dataset)
     barrier = barrier or (lambda: None)
     live = Teacher(teacher).to(device)
@@ -166,7 +168,11 @@ def cache_teacher(
                 if lengths is not None:
                     rows = pad_to_width(rows, token_axes, width - inputs["attention_mask"].shape[1])
                 for name, value in rows.items():
-                    shapes[name] = list(value.shape[1:])
+                    if shapes.setdefault(name, list(value.shape[1:])) != list(value.shape[1:]):
+                        raise ConfigError(
+                            f"teacher output {name!r} has rows of shape {shapes[name]} in one batch and "
+                            f"{list(value.shape[1:])} in another; cache a teacher whose outputs keep one shape"
+                        )
                     array = value.cpu().numpy()
                     parts.setdefault(name, []).append(
                         array.astype(DTYPES[dtype]) if array.dtype.kind == "f" else array
@@ -189,12 +195,12 @@ def cache_teacher(
                 name: {
                     "shape": shape,
                     "shards": [_shard_file(name, n) for n in range(math.ceil(len(dataset) / shard_size))],
-                    **({"token_axes": token_axes[name]} if token_axes is not None else {}),
                 }
                 for name, shape in shapes.items()
             },
             "features": list(features),
-            "width": width,
+            "width": width,  # token data: the rows' stored width
+            **({"token_axes": token_axes} if token_axes is not None else {}),
         }
         if process_index == 0:  # it computed shard 0, so it knows every field's shape
             (staging / "manifest.json").write_text(dumps_json(manifest, indent=2))
@@ -249,7 +255,6 @@ class _FieldEntry(BaseModel):
     model_config = ConfigDict(strict=True)
     shape: list[int]
     shards: list[str] = Field(min_length=1)
-    token_axes: list[int] | None = None  # the row axes that grow with the tokens (caches of token data)
 
 
 class _Manifest(BaseModel):
@@ -265,6 +270,8 @@ class _Manifest(BaseModel):
     features: list[str]
     vocab_size: int | None = None
     width: int | None = None  # token data: the rows' stored width
+    # token data: each field's row axes that grow with the tokens (None: a field that cannot be cut)
+    token_axes: dict[str, list[int] | None] | None = None
 
 
 def read_manifest(path: Path) -> dict:
@@ -364,12 +371,11 @@ class CachedTeacher:
         self.feature_paths = list(self.manifest["features"])
         self._check_terms(terms)
         self.vocab_size = self.manifest.get("vocab_size")
-        fields = self.manifest["fields"]
-        self.token_axes: dict[str, list[int]] | None = None  # None: a cache written before they were recorded
-        if all(field.get("token_axes") is not None for field in fields.values()):
-            self.token_axes = {name: field["token_axes"] for name, field in fields.items()}
-            if "topk_log_probs" in fields:  # the replayed logits have the top-k's token axes
-                self.token_axes["logits"] = fields["topk_log_probs"]["token_axes"]
+        # None: written before the axes were recorded, or by a teacher that could not run narrower
+        self.token_axes: dict[str, list[int] | None] | None = self.manifest.get("token_axes")
+        if self.token_axes is not None and "topk_log_probs" in self.token_axes:
+            # the replayed logits have the top-k's token axes
+            self.token_axes = {**self.token_axes, "logits": self.token_axes["topk_log_probs"]}
         self.shard_size = self.manifest["shard_size"]
         self.arrays = {
             name: _open_shards(self.folder, name, field, self.manifest["num_samples"], self.shard_size)

@@ -34,44 +34,53 @@ def narrow_inputs(inputs: Mapping, width: int) -> dict:
     }
 
 
-def token_axes_of(rows: Rows, dataset: Dataset, *, strict: bool) -> dict[str, list[int]] | None:
-    """Which axes of each stored row grow with the number of tokens (hidden states ``[T, D]``: ``[0]``;
-    attention maps ``[H, T, T]``: ``[1, 2]``; a convolution over tokens ``[C, T - k + 1]``: ``[1]``; logits
-    of a classifier: ``[]``), found by running the teacher (``rows``: token inputs to what is stored) on two
-    rows at the data's full width and one token narrower: those axes are cut when a batch is narrower, and
-    padded back when it is cached so. A teacher that cannot run one token narrower gives None (then the
-    row shapes are read as before: :func:`cut_to_width`'s fallback), unless the cache itself runs on cut
-    batches (``strict``)."""
+def token_axes_of(rows: Rows, dataset: Dataset, *, strict: bool) -> dict[str, list[int] | None] | None:
+    """Which axes of each stored row grow with the number of tokens, one entry per token (hidden states
+    ``[T, D]``: ``[0]``; attention maps ``[H, T, T]``: ``[1, 2]``; a convolution over tokens
+    ``[C, T - k + 1]``: ``[1]``; logits of a classifier: ``[]``). Found by running the teacher (``rows``:
+    token inputs to what is stored) on two rows at the data's full width ``T``, at ``T - 1`` and at
+    ``T // 2``: those axes are cut when a batch is narrower, and padded back when it is cached so.
+
+    An output that grows otherwise (a strided convolution over tokens) gets None: it cannot follow a cut
+    batch (:func:`cut_to_width` refuses, and so does caching on cut batches, ``strict``). A teacher that
+    cannot run narrower at all gives None for the whole cache (read by shape, as caches written before
+    the axes were recorded), unless the cache itself runs on cut batches (``strict``)."""
     inputs = split_batch(default_collate([dataset[0], dataset[min(1, len(dataset) - 1)]]))[0]
     width = int(inputs["attention_mask"].shape[1])
-    full = rows(inputs)
-    if width < 2:  # no batch can be narrower
-        return {name: [] for name in full}
+    full = {name: list(value.shape[1:]) for name, value in rows(inputs).items()}
+    probes = sorted({width - 1, width // 2} - {0}, reverse=True)  # narrower widths, none of them empty
     try:
-        narrow = rows(narrow_inputs(inputs, width - 1))
-    except Exception as error:  # noqa: BLE001 - any failure of the teacher on the narrower probe
+        narrow = {probe: rows(narrow_inputs(inputs, probe)) for probe in probes}
+    except Exception as error:  # noqa: BLE001 - any failure of the teacher on a narrower probe
         if strict:
             raise ConfigError(
                 f"the teacher cannot run on batches cut to their longest row ({first_line(error)}); "
                 "cache it without dynamic padding"
             ) from None
         return None
-    axes = {}
-    for name, value in full.items():
-        row, cut = value.shape[1:], narrow[name].shape[1:]
-        axes[name] = [axis for axis, (a, b) in enumerate(zip(row, cut)) if a != b]
-        if len(row) != len(cut) or any(row[a] - cut[a] != 1 for a in axes[name]):
-            if strict:
-                raise ConfigError(
-                    f"teacher output {name!r} ({list(row)} at {width} tokens, {list(cut)} at {width - 1}) "
-                    "does not shrink by one per token; cache it without dynamic padding"
-                )
-            return None
+    axes: dict[str, list[int] | None] = {}
+    for name, shape in full.items():
+        shapes = {probe: list(narrow[probe][name].shape[1:]) for probe in probes}
+        grows = [
+            axis for axis in range(len(shape)) if any(cut[axis] != shape[axis] for cut in shapes.values())
+        ]
+        one_per_token = all(
+            len(cut) == len(shape) and all(shape[axis] - cut[axis] == width - probe for axis in grows)
+            for probe, cut in shapes.items()
+        )
+        axes[name] = grows if one_per_token else None
+        if strict and not one_per_token:
+            seen = ", ".join(f"{cut} at {probe}" for probe, cut in shapes.items())
+            raise ConfigError(
+                f"teacher output {name!r} ({shape} at {width} tokens, {seen}) does not grow by one entry "
+                "per token, so it cannot be cached on batches cut to their longest row; cache it without "
+                "dynamic padding"
+            )
     return axes
 
 
 def pad_to_width(
-    rows: dict[str, Tensor], token_axes: dict[str, list[int]], missing: int
+    rows: dict[str, Tensor], token_axes: dict[str, list[int] | None], missing: int
 ) -> dict[str, Tensor]:
     """Outputs of a batch cut ``missing`` tokens short padded back with zeros along their token axes
     (:func:`token_axes_of`), so every batch of a shard has the stored shape."""
@@ -80,14 +89,16 @@ def pad_to_width(
     for name, axes in token_axes.items():
         value = rows[name]
         padding = [0] * (2 * value.dim())
-        for axis in axes:  # F.pad lists (left, right) pairs from the last dimension backwards
+        for axis in (
+            axes or ()
+        ):  # (None never reaches here: caching on cut batches refuses it)  # F.pad lists (left, right) pairs from the last dimension backwards
             padding[2 * (value.dim() - 2 - axis) + 1] = missing
         rows[name] = torch.nn.functional.pad(value, padding)
     return rows
 
 
 def cut_to_width(
-    outputs: dict[str, Tensor], inputs: Any, token_axes: dict[str, list[int]] | None, full: int | None
+    outputs: dict[str, Tensor], inputs: Any, token_axes: dict[str, list[int] | None] | None, full: int | None
 ) -> dict[str, Tensor]:
     """Outputs cut to the batch's token width when the loader trimmed its padding (``dynamic_padding``):
     each token axis (:func:`token_axes_of`) loses as many entries as the batch lost columns. The cut
@@ -101,6 +112,12 @@ def cut_to_width(
     if token_axes is not None and full is not None:
         if width < full:
             for name in outputs:
+                if token_axes[name] is None:
+                    raise ConfigError(
+                        f"the cached teacher output {name!r} does not grow by one entry per token, so it "
+                        "cannot be cut to batches trimmed of their padding; set data.dynamic_padding and "
+                        "data.group_by_length to false"
+                    )
                 for axis in token_axes[name]:
                     size = outputs[name].shape[axis + 1] - (full - width)
                     outputs[name] = outputs[name].narrow(axis + 1, 0, size)

@@ -168,8 +168,9 @@ def export_run(
     if export_format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}")
     source = Path(source)
-    # one writer per run directory (its export/ folder is written here)
-    with run_lock(source) if source.is_dir() else contextlib.nullcontext():
+    # one writer per run directory: locked when the export lands in it (by default, RUN_DIR/export/)
+    inside = source.is_dir() and (out is None or source.resolve() in Path(out).resolve().parents)
+    with run_lock(source) if inside else contextlib.nullcontext():
         loaded = load_run_model(
             source, model=model, data_dir=data_dir, arch=arch, dataset=dataset, kwargs=kwargs
         )

@@ -274,6 +274,8 @@ def write_report(run_dir: str | Path) -> Path:
         >>> print(report_path.read_text()[:200])
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():  # before the lock, which would create it
+        raise AlambicError(f"run directory {run_dir} does not exist; point to a finished run directory")
     with run_lock(run_dir):  # one writer per run directory: not while a run or another command writes it
         return _write_report(run_dir)
 
