@@ -161,7 +161,10 @@ def test_a_top_k_cache_of_prompt_completion_rows_with_dynamic_padding_distills_a
     from test_lm_run import WORDS
 
     rng = random.Random(1)
-    words = lambda low, high: " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))  # noqa: E731
+
+    def words(low, high):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
     rows = [{"prompt": words(1, 3) + " ", "completion": words(1, 6) + "\n"} for _ in range(120)]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))

@@ -211,21 +211,9 @@ def test_report_of_a_missing_directory_creates_nothing_and_an_export_elsewhere_n
     from alambic.run.artifacts import export_run
 
     run_dir = tmp_path / "kd"
-    _tiny_distill_run = runner.invoke(
-        app,
-        [
-            "run",
-            DIGITS,
-            "--set",
-            "stages=[teacher]",
-            "--set",
-            "teacher.train.epochs=1",
-            "--out",
-            str(run_dir),
-        ],
-        catch_exceptions=False,
-    )
-    assert _tiny_distill_run.exit_code == 0, _tiny_distill_run.output
+    sets = ["--set", "stages=[teacher]", "--set", "teacher.train.epochs=1"]
+    trained = runner.invoke(app, ["run", DIGITS, *sets, "--out", str(run_dir)], catch_exceptions=False)
+    assert trained.exit_code == 0, trained.output
     holder = _hold(run_dir)
     try:  # the run is busy: an export into it is refused, an export elsewhere only reads it
         with pytest.raises(RunLockedError):
