@@ -465,3 +465,24 @@ def test_sigterm_handler_is_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+# --------------------------------------------------------------------------------------------------
+# export and compress read a run's weights
+
+
+def _malicious_header(path: Path) -> None:
+    """A safetensors header that claims a tensor far past the file's end."""
+    header = json.dumps({"weight": {"dtype": "F32", "shape": [1 << 20], "data_offsets": [0, 4 << 20]}})
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + b"\0" * 16)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "text", "malicious"])
+def test_export_and_compress_of_damaged_weights_are_one_line_and_write_nothing(run_copy, how):
+    weights = run_copy / "student" / "model.safetensors"
+    _malicious_header(weights) if how == "malicious" else _damage(weights, how)
+    before = sorted(str(path) for path in run_copy.rglob("*"))
+    line = _one_line_error(_run("export", run_copy, "--format", "safetensors"), str(weights), "--resume")
+    assert f"alambic run {run_copy / 'config.yaml'} --resume {run_copy}" in line
+    _one_line_error(_run("compress", run_copy), str(weights), "--resume")
+    assert sorted(str(path) for path in run_copy.rglob("*")) == before  # nothing written

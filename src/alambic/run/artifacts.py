@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
 from alambic.data import build_datasets
 from alambic.data.loaders import make_loader
-from alambic.errors import AlambicError, ConfigError
+from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.models.lora import merge_lora
 from alambic.models.surgery import load_resized
 from alambic.run.building import build_named_model, build_run_datasets, derive_from_teacher, run_tokenizer
@@ -46,13 +47,32 @@ class LoadedModel:
 
 
 def student_state_dict(path: Path) -> dict[str, Tensor]:
-    """Weights of a saved model; a training checkpoint's connectors and learned losses are dropped."""
-    state = load_file(str(path))
+    """Weights of a saved model; a training checkpoint's connectors and learned losses are dropped.
+
+    A damaged (or malicious) file is refused in one line naming it and how to train it again.
+    """
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise AlambicError(
+            f"cannot read {path} ({first_line(error)}): the file is damaged or not safetensors; "
+            f"{retrain_hint(path)}"
+        ) from None
     if any(key.startswith("student.") for key in state):  # a Distiller checkpoint: student + connectors
         state = {
             key.removeprefix("student."): value for key, value in state.items() if key.startswith("student.")
         }
     return state
+
+
+def retrain_hint(path: Path) -> str:
+    """How to get a damaged ``path`` back: a run's stage weights are trained again with ``--resume``."""
+    run_dir = path.parent.parent
+    if path.name == "model.safetensors" and (run_dir / "config.yaml").is_file():
+        return (
+            f"delete it and train its stage again: alambic run {run_dir / 'config.yaml'} --resume {run_dir}"
+        )
+    return "save or export the weights again"
 
 
 def load_run_model(
