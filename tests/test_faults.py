@@ -486,3 +486,39 @@ def test_export_and_compress_of_damaged_weights_are_one_line_and_write_nothing(r
     assert f"alambic run {run_copy / 'config.yaml'} --resume {run_copy}" in line
     _one_line_error(_run("compress", run_copy), str(weights), "--resume")
     assert sorted(str(path) for path in run_copy.rglob("*")) == before  # nothing written
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.jsonl across a kill
+
+
+def _metric_keys(run_dir: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(record["stage"], record["kind"], record["step"]) for record in records]
+
+
+@pytest.mark.parametrize("saves_before_kill", [2, 3])  # distill killed before its first / after it
+def test_metrics_of_an_attempt_killed_before_its_checkpoint_are_not_kept(
+    setup_dir, tmp_path, monkeypatch, saves_before_kill
+):
+    import alambic.core.loop as loop_module
+
+    args = ["run", setup_dir / "tiny.yaml", "--set", "stages=[teacher,distill]"]
+    args += ["--set", "teacher.train.epochs=2", "--set", "distill.train.epochs=2"]
+    args += ["--set", "distill.train.log_every=1", "--set", "distill.train.eval_every=1"]
+    assert _run(*args, "--out", tmp_path / "whole").exit_code == 0
+    original, calls = loop_module.save_training_state, {"n": 0}
+
+    def die_at_a_save(*positional, **named):  # the teacher saves twice, then distill after each epoch
+        calls["n"] += 1
+        if calls["n"] > saves_before_kill:
+            raise KeyboardInterrupt  # killed as its checkpoint was about to be written
+        return original(*positional, **named)
+
+    monkeypatch.setattr(loop_module, "save_training_state", die_at_a_save)
+    assert runner.invoke(app, [str(arg) for arg in [*args, "--out", tmp_path / "killed"]]).exit_code == 130
+    monkeypatch.setattr(loop_module, "save_training_state", original)
+    killed = _metric_keys(tmp_path / "killed")
+    assert [key for key in killed if key[0] == "distill"]  # the killed attempt had logged distill rows
+    assert _run(*args, "--resume", tmp_path / "killed").exit_code == 0
+    assert _metric_keys(tmp_path / "killed") == _metric_keys(tmp_path / "whole")

@@ -385,6 +385,8 @@ def resume(
     ``checkpoint_dir`` (the callbacks' states restored), else ``(0, 0, False)``."""
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if latest is None:
+        if checkpoint_dir:  # an attempt killed before its first checkpoint: its records are logged again
+            log.drop_after(stage, None)
         return 0, 0, False
     last_epoch, step = load_training_state(
         latest,

@@ -138,20 +138,25 @@ class MetricsLog:
         if self.trackers is not None:
             self.trackers.finish()
 
-    def drop_after(self, stage: str, step: int) -> None:
-        """Forget ``stage``'s records past ``step`` (a resumed run logs those steps again)."""
+    def drop_after(self, stage: str, step: int | None) -> None:
+        """Forget ``stage``'s records past ``step``, or all of them when ``step`` is None.
+
+        A stage resumed from its checkpoint at ``step`` logs the later steps again; a stage that starts
+        from scratch (an attempt killed before its first checkpoint) logs all of its steps again.
+        """
         if self.path is None or not self.path.is_file():
             return
-
-        kept = []
-        for line in self.path.read_text().splitlines():
+        lines, kept = self.path.read_text().splitlines(), []
+        for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the kill
-            if not (record.get("stage") == stage and record.get("step", 0) > step):
+            later = step is None or record.get("step", 0) > step
+            if not (record.get("stage") == stage and later):
                 kept.append(line + "\n")
-        atomic_write_text(self.path, "".join(kept))
+        if len(kept) < len(lines):  # nothing to forget (a stage's first start): the file is left alone
+            atomic_write_text(self.path, "".join(kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
