@@ -2,12 +2,14 @@
 change when a run continues, stage by stage."""
 
 import copy
+from pathlib import Path
 
 import pytest
 
 from alambic.config import config_from_dict
 from alambic.run.resume import check_resumable, differences, stage_settings
 
+STRATEGIES = Path(__file__).resolve().parents[1] / "recipes" / "strategies"
 BASE = {
     "data": {"dataset": "digits"},
     "teacher": {"model": {"arch": "mlp"}, "train": {"epochs": 1}},
@@ -67,13 +69,31 @@ def test_the_tokenizer_an_hf_teacher_gives_the_data_is_part_of_every_stage():
 
 
 def test_started_folders_are_mapped_to_their_stage(tmp_path):
-    for folder in ("teacher_2", "generation_1", "peer_1"):
+    for folder in ("teacher", "student"):
         (tmp_path / folder / "checkpoints" / "epoch-0").mkdir(parents=True)
     before = _resolved()
     with pytest.raises(Exception, match="the teacher stage has started"):
         check_resumable(tmp_path, before, _resolved({"teacher.train.lr": 0.3}))
-    (tmp_path / "teacher_2" / "checkpoints" / "epoch-0").rmdir()
-    (tmp_path / "teacher_2" / "checkpoints").rmdir()
+    (tmp_path / "teacher" / "checkpoints" / "epoch-0").rmdir()
+    (tmp_path / "teacher" / "checkpoints").rmdir()
     with pytest.raises(Exception, match="the distill stage has started"):
         check_resumable(tmp_path, before, _resolved({"distill.terms": [{"loss": "kd"}]}))
     assert check_resumable(tmp_path, before, _resolved({"name": "renamed"})) == ["name: 'run' -> 'renamed'"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "folders"),
+    [
+        ("ensemble.yaml", {"teacher_1": "teacher", "teacher_2": "teacher", "student": "distill"}),
+        ("born-again.yaml", {"generation_1": "distill", "baseline": "baseline"}),
+        ("assistants.yaml", {"assistant_1": "distill", "teacher": "teacher"}),
+        ("mutual.yaml", {"peer_1": "distill", "student": "distill"}),
+    ],
+)
+def test_a_strategy_plans_the_folders_resume_reads(recipe, folders):
+    from alambic.config import load_config
+    from alambic.run.plan import settings_of_folders
+    from alambic.run.planners import plan
+
+    planned = settings_of_folders(plan(load_config(STRATEGIES / recipe)))
+    assert {folder: planned.get(folder) for folder in folders} == folders

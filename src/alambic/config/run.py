@@ -16,7 +16,7 @@ from alambic.config.sections import (
     StudentConfig,
     TeacherConfig,
 )
-from alambic.config.strategies import TEACHER_FREE_STRATEGIES, Strategy
+from alambic.config.strategies import Strategy
 from alambic.config.tracking import TrackingConfig
 from alambic.losses import get_loss_spec
 
@@ -167,9 +167,10 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "data.transfer adds unlabelled classification inputs; remove it for task causal-lm"
             )
-        kind = self.strategy.kind if self.strategy is not None else None
-        if kind in TEACHER_FREE_STRATEGIES:
-            raise ValueError(f"data.transfer rows are labelled by a teacher, and strategy {kind!r} has none")
+        if self.strategy is not None and self.strategy.teacher_free:
+            raise ValueError(
+                f"data.transfer rows are labelled by a teacher, and strategy {self.strategy.kind!r} has none"
+            )
         if not any(get_loss_spec(term.loss).needs_teacher for term in self.distill.terms):
             raise ValueError(
                 "data.transfer rows are labelled only by the teacher, but no distill term reads it; add one (kd)"
@@ -240,25 +241,27 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _teacher_source(self) -> RunConfig:
-        kind = self.strategy.kind if self.strategy is not None else None
+        strategy = self.strategy
+        kind = strategy.kind if strategy is not None else None
+        teacher_free = strategy is not None and strategy.teacher_free
+        brings_teachers = strategy is not None and strategy.brings_teachers
         if self.teacher is None:
-            if kind not in (*TEACHER_FREE_STRATEGIES, "ensemble"):
+            if not (teacher_free or brings_teachers):
                 raise ValueError(
                     "teacher: required key is missing (only mutual and self_distill runs go without)"
                 )
-            if "teacher" in self.stages and kind != "ensemble":
+            if "teacher" in self.stages and not brings_teachers:
                 raise ValueError("the 'teacher' stage needs a teacher section; remove the stage or add one")
-        elif kind == "ensemble":
-            raise ValueError("an ensemble's teachers are strategy.teachers; remove the teacher section")
+        elif brings_teachers:
+            raise ValueError(
+                f"strategy {kind!r} brings its own teachers (strategy.teachers); remove the teacher section"
+            )
         elif (
             "teacher" in self.stages and self.teacher.model.checkpoint is None and self.teacher.train is None
         ):
             raise ValueError("teacher: give model.checkpoint (load a trained teacher) or train (train one)")
-        untrained = kind == "ensemble" and any(model.checkpoint is None for model in self.strategy.teachers)
-        if untrained and "teacher" not in self.stages:
-            raise ValueError(
-                "strategy.teachers without a checkpoint train in the 'teacher' stage; add it to stages"
-            )
+        if strategy is not None:
+            strategy.check_run(self)
         if kind is not None and (self.distill.teacher_cache or self.distill.teacher_dtype != "float32"):
             raise ValueError(
                 f"distill.teacher_cache and teacher_dtype apply to plain KD; strategy {kind!r} builds its own "
@@ -276,16 +279,6 @@ class RunConfig(StrictModel):
                 "distill.teacher_cache replays one view per sample, but train.mix makes a new one each "
                 "epoch; use the live teacher with mixing (remove teacher_cache) or set train.mix: none"
             )
-        if kind == "mutual" and self.strategy.alternate and self.distill.train.grad_accum != 1:
-            raise ValueError(
-                "strategy.alternate takes one peer per optimizer step: set distill.train.grad_accum: 1"
-            )
         if kind is not None and self.student.model.arch.startswith("derive:"):
             raise ValueError("student.model.arch derive:teacher is for plain KD from a Hugging Face teacher")
-        if kind == "self_distill" and any(
-            get_loss_spec(term.loss).needs_teacher for term in self.distill.terms
-        ):
-            raise ValueError(
-                "self_distill: the deepest exit trains on teacher-free distill.terms, such as [ce]"
-            )
         return self

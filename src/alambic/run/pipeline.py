@@ -24,18 +24,12 @@ from alambic.core.lock import run_lock
 from alambic.core.monitor import MetricsLog, Trackers
 from alambic.core.optim import make_accelerator
 from alambic.data.loaders import make_loader
-from alambic.errors import AlambicError, ConfigError, first_line
+from alambic.errors import AlambicError, first_line
 from alambic.files import dumps_json, finite_json, writing
-from alambic.run.augment import augment_probe_set, augmented_transfer
-from alambic.run.building import (
-    build_named_model,
-    build_run_datasets,
-    build_run_transfer,
-    check_num_classes,
-    derive_from_teacher,
-    wants_teacher_embeddings,
-)
+from alambic.run.augment import augment_probe_set
+from alambic.run.building import build_run_datasets, build_run_transfer
 from alambic.run.evaluation import summary_metrics
+from alambic.run.planners import plan
 from alambic.run.preflight import preflight
 from alambic.run.report import write_report
 from alambic.run.rundir import (
@@ -45,16 +39,8 @@ from alambic.run.rundir import (
     run_directory,
     write_status,
 )
-from alambic.run.seeds import seed_contexts, seed_statistics
-from alambic.run.stages import (
-    RunContext,
-    distill_teacher,
-    language_model_distill_data,
-    load_or_train,
-    stage_folder,
-    transfer_data,
-)
-from alambic.run.strategy_stages import run_strategy_stages
+from alambic.run.seeds import seed_statistics
+from alambic.run.stages import RunContext, augments, run_plan
 from alambic.run.teacher_samples import write_teacher_samples
 
 
@@ -84,9 +70,8 @@ def run(
     # data.transfer read once, for the distill stage (the only one that sees it)
     transfer = build_run_transfer(config, datasets[0]) if "distill" in config.stages else None
     # every model built, every term tried on real data: nothing is written before this passes
-    teacher_trained = (run_dir / "teacher" / "model.safetensors").is_file()
-    probe_transfer = augment_probe_set(config, datasets[0]) if _augments(config) else transfer
-    preflight(config, *datasets, teacher_trained=teacher_trained, transfer=probe_transfer)
+    probe_transfer = augment_probe_set(config, datasets[0]) if augments(config) else transfer
+    preflight(config, *datasets, run_dir=run_dir, transfer=probe_transfer)
     with run_lock(run_dir, accelerator):  # one writer per run directory (a second one is refused)
         prepare_run_dir(
             config,
@@ -146,7 +131,7 @@ def _execute(
             config, run_dir, accelerator, train_set, test_set, info, log, progress, transfer=transfer
         )
         with log:  # ends the last stage's tracker runs
-            models = _run_stages(context)
+            models = run_plan(context, plan(config))
         if "evaluate" in config.stages:
             write_status(run_dir, accelerator, state="running", stage="evaluate")
             write_summary(context, models)
@@ -178,84 +163,6 @@ def _trackers(config: RunConfig, run_dir: Path, accelerator: Accelerator) -> Tra
     )
 
 
-def _run_stages(context: RunContext) -> dict[str, nn.Module]:
-    config, info = context.config, context.info
-    if config.strategy is not None:
-        return run_strategy_stages(context)
-    stages, models = config.stages, {}
-    example = example_input(context.test_set)
-
-    def build_teacher() -> nn.Module:
-        model = build_named_model(config.teacher.model, info, "teacher", config.task)
-        check_num_classes(model, example, info.num_classes, "teacher")
-        return model
-
-    def build_student() -> nn.Module:  # baseline and distilled students start from the same weights
-        if derived:  # from the trained teacher's layers (DistilBERT); a copy, so the teacher stays intact
-            model = derive_from_teacher(models["teacher"], config.student.model)
-        else:
-            model = build_named_model(
-                config.student.model, info, "student", config.task, teacher=models.get("teacher")
-            )
-        check_num_classes(model, example, info.num_classes, "student")
-        return model
-
-    derived = config.student.model.arch == "derive:teacher"
-    from_teacher = derived or wants_teacher_embeddings(config.student.model)  # built from the teacher
-    needs_teacher = from_teacher or "teacher" in stages or "distill" in stages or "evaluate" in stages
-    if needs_teacher:
-        teacher_trained = (context.run_dir / "teacher" / "model.safetensors").is_file()
-        if config.loads_teacher() and not teacher_trained:  # its own weights: a checkpoint, llama2c:, hf:
-            models["teacher"] = build_teacher()
-        elif "teacher" in stages or teacher_trained:
-            write_status(context.run_dir, context.accelerator, state="running", stage="teacher")
-            models["teacher"] = load_or_train(
-                context, "teacher", build_teacher, config.teacher.terms, config.teacher.train
-            )
-        else:
-            raise ConfigError(
-                "distill needs a teacher: add the 'teacher' stage, give teacher.model.checkpoint, or load "
-                "a pretrained causal LM (llama2c:PATH, hf:PATH)"
-            )
-    if _augments(config):  # the training sentences augmented with the teacher's vocabulary, written once
-        context.transfer = augmented_transfer(
-            config, context.run_dir, context.train_set, models["teacher"], context.accelerator
-        )
-    for suffix, seeded in seed_contexts(context):  # one pass, or one per seed (``seeds``)
-        if "baseline" in stages or _finished(context, "baseline" + suffix):
-            write_status(context.run_dir, context.accelerator, state="running", stage="baseline" + suffix)
-            train = config.baseline.train or config.distill.train
-            models["baseline" + suffix] = load_or_train(
-                seeded, "baseline" + suffix, build_student, config.baseline.terms, train
-            )
-        if "distill" in stages or _finished(context, "distill" + suffix):
-            write_status(context.run_dir, context.accelerator, state="running", stage="distill" + suffix)
-            models["distilled" + suffix] = load_or_train(
-                seeded,
-                "distill" + suffix,
-                build_student,
-                config.distill.terms,
-                config.distill.train,
-                make_teacher=lambda: distill_teacher(config, models["teacher"], context.distill_set),
-                **(transfer_data(seeded) or language_model_distill_data(seeded, lambda: models["teacher"])),
-            )
-        if suffix:
-            context.architectures |= {
-                f"{name}{suffix}": config.student.model.arch for name in ("baseline", "distilled")
-            }
-    return models
-
-
-def _augments(config: RunConfig) -> bool:
-    """Whether the distill stage trains on ``data.transfer.augment``'s sentences."""
-    transfer = config.data.transfer
-    return transfer is not None and transfer.augment is not None and "distill" in config.stages
-
-
-def _finished(context: RunContext, stage: str) -> bool:
-    return (context.run_dir / stage_folder(stage) / "model.safetensors").is_file()
-
-
 def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     """Evaluate every model on the test split and profile it; writes ``summary.json``."""
     accelerator, config, info = context.accelerator, context.config, context.info
@@ -268,12 +175,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
         )
     )
     example = example_input(context.test_set)
-    architectures = {
-        "teacher": config.teacher.model.arch if config.teacher else None,
-        "baseline": config.student.model.arch,
-        "distilled": config.student.model.arch,
-        **context.architectures,
-    }
+    architectures = context.architectures  # each model's, as its stage planned it
     teacher = models.get("teacher") if config.task == "causal-lm" else None  # every student's KL reference
     summary_models = {}
     for name, model in models.items():
@@ -283,7 +185,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             config, model, test_loader, context.test_set, info, accelerator, example, reference
         )
         if accelerator.is_main_process:
-            summary_models[name] = {"architecture": architectures[name], **metrics}
+            summary_models[name] = {"architecture": architectures.get(name), **metrics}
     summary = {}
     if accelerator.is_main_process:
         timings_path = context.run_dir / "timings.json"

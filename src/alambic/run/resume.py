@@ -10,20 +10,17 @@ never change what trains (``name``, ``output_dir``, ``stages``, ``tensorboard``,
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+from alambic.config import RunConfig
+from alambic.config.strategies import strategy_class
 from alambic.errors import ConfigError
+from alambic.run.plan import settings_of_folders
+from alambic.run.planners import plan
 
 # where the data lies and how it is read, not what it is: a moved data folder still continues a run
 DATA_ACCESS = ("data_dir", "num_workers", "eval_batch_size")
-# the folders of a run directory that hold a trained (or training) model, by the stage that writes them
-_STAGE_FOLDERS = (
-    (re.compile(r"teacher(_\d+)?"), "teacher"),
-    (re.compile(r"baseline(-seed\d+)?"), "baseline"),  # -seedS: one more seed (alambic.run.seeds)
-    (re.compile(r"student(-seed\d+)?|generation_\d+|assistant_\d+|peer_\d+"), "distill"),
-)
 
 
 def stage_settings(config: dict, stage: str) -> dict:
@@ -46,7 +43,7 @@ def stage_settings(config: dict, stage: str) -> dict:
     }
     strategy = config.get("strategy")
     teacher = {**common, "teacher": config.get("teacher")}
-    if strategy is not None and strategy["kind"] == "ensemble":
+    if strategy is not None and strategy_class(strategy["kind"]).brings_teachers:
         teacher["strategy"] = strategy  # its members train in the teacher stage
     if stage == "teacher":
         return teacher
@@ -80,11 +77,14 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path or '(config)'}: {old!r} -> {new!r}"]
 
 
-def started_stages(run_dir: Path) -> dict[str, list[Path]]:
-    """The stages that have begun in ``run_dir`` (a saved model or checkpoints), with their folders."""
+def started_stages(run_dir: Path, stored: dict) -> dict[str, list[Path]]:
+    """The stages that have begun in ``run_dir`` (a saved model or checkpoints), with their folders, by the
+    part of the config they train from (``teacher``, ``baseline``, ``distill``); the folders are those the
+    plan of the ``stored`` config (the run directory's, resolved) names."""
+    settings = settings_of_folders(plan(RunConfig.model_validate(stored)))
     started: dict[str, list[Path]] = {}
     for folder in sorted(path for path in run_dir.iterdir() if path.is_dir()):
-        stage = next((stage for pattern, stage in _STAGE_FOLDERS if pattern.fullmatch(folder.name)), None)
+        stage = settings.get(folder.name)
         checkpoints = folder / "checkpoints"
         begun = (folder / "model.safetensors").is_file() or (
             checkpoints.is_dir() and any(checkpoints.iterdir())
@@ -100,7 +100,7 @@ def check_resumable(run_dir: Path, stored: dict, wanted: dict) -> list[str]:
     Raises:
         ConfigError: naming the first such stage, what changed, and the two ways out.
     """
-    started = started_stages(run_dir)
+    started = started_stages(run_dir, stored)
     for stage in ("teacher", "baseline", "distill"):  # the order they train in
         folders = started.get(stage)
         if not folders:

@@ -1,12 +1,14 @@
-"""One training stage of a run: its data, its loop, its checkpoints and saved weights, its timing.
+"""The stages of a run executed: each one's data, loop, checkpoints, saved weights and timing.
 
-:func:`train_stage` is how every stage trains (the plain pipeline's teacher, baseline and distilled
-student, and every strategy's members and links); :func:`load_or_train` loads a finished stage instead.
+:func:`run_plan` walks a run's plan (:mod:`alambic.run.plan`): each stage is loaded when finished, trained
+when it runs, or used as built; :func:`train_stage` is how every stage trains (the plain pipeline's
+teacher, baseline and distilled student, and every strategy's members and links).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from torch import nn
 
 from alambic.config import RunConfig, TrainConfig
 from alambic.core.api import train_module
+from alambic.core.batches import example_input
 from alambic.core.cache import CachedTeacher
 from alambic.core.callbacks import callbacks_report, config_callbacks
 from alambic.core.checkpoint import atomic_write_text, load_weights_file, save_weights
@@ -29,18 +32,13 @@ from alambic.core.monitor import MetricsLog
 from alambic.data import IndexedDataset, find_transfer
 from alambic.data.loaders import make_loader
 from alambic.data.mixing import MixedDataset
+from alambic.errors import ConfigError
 from alambic.files import dumps_json
+from alambic.run.augment import augmented_transfer
 from alambic.run.evaluation import stage_evaluator
 from alambic.run.lm_distill import on_policy_data, on_policy_loader, sequence_kd_set
-
-MODEL_DIRS = {"teacher": "teacher", "baseline": "baseline", "distill": "student"}  # stage -> folder
-
-
-def stage_folder(stage: str) -> str:
-    """The run-directory folder of ``stage``: ``student`` for ``distill``, ``student-seed1`` for
-    ``distill-seed1`` (one more seed, see :mod:`alambic.run.seeds`), the stage's name otherwise."""
-    base, separator, seed = stage.partition("-seed")
-    return MODEL_DIRS.get(base, base) + separator + seed
+from alambic.run.plan import Builder, Stage
+from alambic.run.rundir import write_status
 
 
 @dataclass
@@ -55,7 +53,7 @@ class RunContext:
     info: Any
     log: MetricsLog
     progress: Any
-    architectures: dict[str, str] = field(default_factory=dict)  # summary names beyond the three (strategies)
+    architectures: dict[str, str] = field(default_factory=dict)  # each model's, by its summary name
     transfer: Any = (
         None  # data.transfer: the training set followed by its transfer rows (distill stages only)
     )
@@ -76,15 +74,16 @@ def train_stage(
     module: nn.Module | None = None,
     train_set: Any = None,
     wrap_loader: Callable[[Any, nn.Module], Any] | None = None,
+    folder: str | None = None,
 ) -> nn.Module:
     """Train ``model`` with ``terms`` (resuming from its checkpoints) and save it as ``model.safetensors``.
 
     ``module``: a trainable module of its own (a strategy's, with the Distiller interface) instead of
     ``Distiller(model, terms)``. ``train_set``: data of its own instead of the run's training set (the
     teacher's generations); ``wrap_loader(prepared_loader, model)``: the loader as the stage wants it
-    (on-policy batches)."""
+    (on-policy batches). ``folder``: the run-directory folder it saves in (default: the stage's name)."""
     accelerator = context.accelerator
-    folder = context.run_dir / stage_folder(stage)
+    folder = context.run_dir / (folder or stage)
     accelerator.gradient_accumulation_steps = train.grad_accum
     stage_set = stage_train_set(
         context.train_set if train_set is None else train_set, train.augment, train.mix, train.mix_alpha
@@ -145,41 +144,111 @@ def stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix
     return IndexedDataset(train_set)
 
 
-def load_or_train(
-    context: RunContext,
-    stage: str,
-    build,
-    terms,
-    train: TrainConfig,
-    teacher=None,
-    make_teacher=None,
-    make_train_set=None,
-    wrap_loader=None,
-) -> nn.Module:
-    """A finished stage's weights are loaded (this is how --resume skips it); otherwise the stage trains.
+def run_plan(context: RunContext, stages: list[Stage]) -> dict[str, nn.Module]:
+    """Execute a run's plan: each stage loaded (finished), trained, or used as built; returns every model
+    by its summary name (and records each one's architecture in ``context.architectures``)."""
+    builder = Builder(context.config, context.info, example_input(context.test_set))
+    models: dict[str, nn.Module] = {}
+    for stage in stages:
+        models.update(run_stage(context, stage, builder, models))
+    return models
 
-    ``make_teacher()`` builds the teacher only when the stage trains (a finished run re-evaluated
-    without its teacher cache folder still works); so does ``make_train_set()`` (the teacher's
-    generations). ``wrap_loader``: see :func:`train_stage`.
-    """
-    set_seed(context.config.seed)
-    model = build()
-    weights = context.run_dir / stage_folder(stage) / "model.safetensors"
-    if weights.is_file():
-        load_finished_stage(model, weights, stage)
-        return model
+
+def stage_finished(run_dir: Path, stage: Stage) -> bool:
+    """Whether every model of ``stage`` is saved in ``run_dir`` (a stage that saves none never is)."""
+    folders = stage.folders
+    return bool(folders) and all((run_dir / folder / "model.safetensors").is_file() for folder in folders)
+
+
+def run_stage(context: RunContext, stage: Stage, builder: Builder, models: dict) -> dict[str, nn.Module]:
+    """One stage: its models built (``stage.seed``), then loaded when finished, else trained when it runs;
+    a stage that neither ran nor finished gives nothing, or a one-line error when a later stage needs it."""
+    finished = stage_finished(context.run_dir, stage)
+    trains = stage.train is not None and not finished
+    if trains and not stage.runs:
+        if stage.required:
+            raise ConfigError(stage.missing)
+        return {}
+    if stage.folder is not None:
+        write_status(context.run_dir, context.accelerator, state="running", stage=stage.name)
+    set_seed(stage.seed)
+    model = stage.build(builder, models)
+    companions = []
+    for companion in stage.companions:
+        set_seed(companion.seed)
+        companions.append(companion.build(builder, models))
+    names = [stage.model, *(companion.model for companion in stage.companions)]
+    if finished:
+        for built, folder, name in zip([model, *companions], stage.folders, names):
+            load_finished_stage(built, context.run_dir / folder / "model.safetensors", name)
+    elif trains:
+        model = _train_planned(context, stage, model, companions, builder, models)
+    context.architectures[stage.model] = stage.architecture
+    for companion in stage.companions:
+        context.architectures[companion.model] = companion.architecture
+    return dict(zip(names, [model, *companions]))
+
+
+def _train_planned(
+    context: RunContext, stage: Stage, model: nn.Module, companions: list, builder: Builder, models: dict
+) -> nn.Module:
+    """Train a planned stage (and its companions), save its models, record its time and peak memory."""
+    seed = stage.seed if stage.train_seed is None else stage.train_seed
+    if stage.train_seed is not None:
+        set_seed(seed)  # an ensemble member: the shared initialisation, its own data order
+    if seed != context.config.seed:  # the loader's order and the stage's sampling follow the stage's seed
+        context = dataclasses.replace(context, config=context.config.model_copy(update={"seed": seed}))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    train_set = make_train_set() if make_train_set is not None else None  # before the teacher is cast
-    if make_teacher is not None:
-        teacher = make_teacher()
+    data = _stage_data(context, stage, models)
+    train_set = data["make_train_set"]() if "make_train_set" in data else None  # before the teacher is cast
+    teacher = None
+    if stage.teacher is not None:
+        teacher = distill_teacher(
+            context.config, models[stage.teacher], context.distill_set, terms=stage.terms
+        )
+    module = stage.trainable(model, companions, builder.example) if stage.trainable is not None else None
     model = train_stage(
-        context, stage, model, terms, train, teacher, train_set=train_set, wrap_loader=wrap_loader
+        context,
+        stage.name,
+        model,
+        stage.terms,
+        stage.train,
+        teacher,
+        module,
+        train_set=train_set,
+        wrap_loader=data.get("wrap_loader"),
+        folder=stage.folder,
     )
-    add_timing(context, stage, time.perf_counter() - started)
-    add_record(context, "peak_memory.json", stage, peak_memory())
+    if context.accelerator.is_main_process:
+        for companion, built in zip(stage.companions, companions):
+            path = context.run_dir / companion.model / "model.safetensors"
+            save_weights(built, path, metadata={"stage": companion.model})
+    context.accelerator.wait_for_everyone()
+    add_timing(context, stage.name, time.perf_counter() - started)
+    add_record(context, "peak_memory.json", stage.name, peak_memory())
     return model
+
+
+def _stage_data(context: RunContext, stage: Stage, models: dict) -> dict[str, Any]:
+    """``make_train_set`` / ``wrap_loader`` of a stage: the transfer set or the language-model recipe's data
+    for a stage that learns from a teacher (``data: distill``), else nothing (the training set)."""
+    if stage.data != "distill":
+        return {}
+    if augments(context.config) and context.transfer is None:  # written once, with the teacher's vocabulary
+        context.transfer = augmented_transfer(
+            context.config, context.run_dir, context.train_set, models["teacher"], context.accelerator
+        )
+    if context.transfer is not None:
+        return {"make_train_set": lambda: context.transfer}
+    return language_model_distill_data(context, lambda: models["teacher"])
+
+
+def augments(config: RunConfig) -> bool:
+    """Whether the distill stage trains on ``data.transfer.augment``'s sentences."""
+    transfer = config.data.transfer
+    return transfer is not None and transfer.augment is not None and "distill" in config.stages
 
 
 def load_finished_stage(model: nn.Module, weights: Path, stage: str) -> None:
@@ -218,25 +287,24 @@ def distill_teacher(
     *,
     check_weights: bool = True,
     preload: bool | None = None,
+    terms: list | None = None,
 ) -> Any:
     """The distill stage's teacher: live (in ``teacher_dtype``), or replayed from ``teacher_cache``, which is
-    checked against the stage's training data and (``check_weights``) against ``model``'s weights."""
+    checked against the stage's training data and (``check_weights``) against ``model``'s weights.
+
+    ``terms``: those it serves (default: ``distill.terms``)."""
     distill = config.distill
+    terms = distill.terms if terms is None else terms
     if distill.teacher_cache:
         return CachedTeacher(
             distill.teacher_cache,
             teacher=model if check_weights else None,
             dataset=stage_train_set(train_set, distill.train.augment),
-            terms=distill.terms,
+            terms=terms,
             preload=preload,
         )
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
-    return Teacher(model, distill.terms, dtype=dtype)
-
-
-def transfer_data(context: RunContext) -> dict[str, Any]:
-    """``make_train_set`` of a stage that learns from a teacher, when the run has a transfer set; else empty."""
-    return {} if context.transfer is None else {"make_train_set": lambda: context.transfer}
+    return Teacher(model, terms, dtype=dtype)
 
 
 def language_model_distill_data(context: RunContext, teacher: Callable[[], nn.Module]) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""A run's plan: the list of stages it executes, as data.
+
+:func:`alambic.run.planners.plan` turns a :class:`~alambic.config.RunConfig` into a list of
+:class:`Stage`: what model each stage builds (and from which earlier stage's model), which terms it trains
+with, its training settings, its teacher, its data and the trainable module a strategy wraps it in. Each
+strategy registers the planner of its ``strategy.kind`` with :func:`register_planner` (plain KD is the
+planner of ``None``). The pipeline executes the plan (:func:`alambic.run.stages.run_plan`), the pre-flight
+probes the same plan (:mod:`alambic.run.preflight`), and ``--resume`` reads which settings each stage folder
+trained from it (:mod:`alambic.run.resume`), so none of them can drift from what a run does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from alambic.config import ModelConfig, RunConfig, Term, TrainConfig
+from alambic.errors import ConfigError
+from alambic.run.building import (
+    build_named_model,
+    check_num_classes,
+    derive_from_teacher,
+    wants_teacher_embeddings,
+)
+
+Models = dict[str, nn.Module]  # the models the stages before have built, by their summary name
+
+
+@dataclass
+class Builder:
+    """Builds the models of a run's stages from their configs (the pipeline's and the pre-flight's)."""
+
+    config: RunConfig
+    info: Any
+    example: Any  # one test batch's inputs: each model built is run on it once (output size checked)
+
+    def named(self, model_config: ModelConfig, side: str, teacher: nn.Module | None = None) -> nn.Module:
+        """The model of ``model_config`` (its checkpoint loaded), its number of outputs checked."""
+        model = build_named_model(model_config, self.info, side, self.config.task, teacher=teacher)
+        check_num_classes(model, self.example, self.info.num_classes, side)
+        return model
+
+    def student(self, models: Models) -> nn.Module:
+        """The run's student: derived from the teacher's layers (``derive:teacher``), else built from its
+        config (with the teacher's embeddings when it asks for them); baseline and distilled start alike."""
+        model_config = self.config.student.model
+        if model_config.arch == "derive:teacher":  # a copy of the teacher's layers: the teacher stays intact
+            model = derive_from_teacher(models["teacher"], model_config)
+            check_num_classes(model, self.example, self.info.num_classes, "student")
+            return model
+        return self.named(model_config, "student", teacher=models.get("teacher"))
+
+
+Build = Callable[[Builder, Models], nn.Module]
+
+
+def build_config(model_config: ModelConfig, side: str) -> Build:
+    """The :class:`Stage` ``build`` of a model config (no other model needed)."""
+    return lambda builder, models: builder.named(model_config, side)
+
+
+def build_student(builder: Builder, models: Models) -> nn.Module:
+    """The :class:`Stage` ``build`` of the run's student."""
+    return builder.student(models)
+
+
+@dataclass
+class Companion:
+    """A model trained inside another stage's module and saved in its own folder (a mutual-learning peer)."""
+
+    model: str  # its name in summary.json and its folder
+    build: Build
+    seed: int  # set before it is built
+    architecture: str
+
+
+@dataclass
+class Stage:
+    """One stage of a run: a model built, then loaded (finished), trained, or used as built.
+
+    ``train`` None: the model is used as built (a checkpoint, a pretrained language model, a fused
+    ensemble) and never trained. ``runs``: the stage is in ``config.stages`` and trains when it has not
+    finished; otherwise a finished stage is loaded and an unfinished one skipped, or refused with
+    ``missing`` when a later stage needs it (``required``).
+    """
+
+    name: str  # in status.json, metrics.jsonl, timings.json: teacher, baseline-seed1, assistant_1, distill
+    model: str  # the model's name in summary.json: teacher, baseline, distilled, peer_1, ...
+    folder: str | None  # the run-directory folder of its model.safetensors; None: nothing saved
+    build: Build
+    architecture: str
+    settings: Literal["teacher", "baseline", "distill"] = "distill"  # the config part it trains from (resume)
+    terms: list[Term] = field(default_factory=list)
+    train: TrainConfig | None = None
+    teacher: str | None = None  # the model (by name) whose outputs it learns from
+    data: Literal["train", "distill"] = "train"  # distill: with the transfer rows or the LM recipe's data
+    seed: int = 0  # set before the model is built
+    train_seed: int | None = None  # set before it trains, when not ``seed`` (an ensemble member's data order)
+    runs: bool = True
+    required: bool = False
+    missing: str = ""
+    # the module trained instead of Distiller(model, terms): (model, companions, example inputs) -> module
+    trainable: Callable[[nn.Module, list[nn.Module], Any], nn.Module] | None = None
+    companions: list[Companion] = field(default_factory=list)
+    repeats: str | None = None  # the stage this one repeats with another seed (probed once, before a run)
+
+    @property
+    def folders(self) -> list[str]:
+        """Every folder the stage saves a model in: its own, then its companions'."""
+        own = [self.folder] if self.folder is not None else []
+        return own + [companion.model for companion in self.companions]
+
+
+Planner = Callable[[RunConfig], list[Stage]]
+_PLANNERS: dict[str | None, Planner] = {}
+
+
+def register_planner(kind: str | None) -> Callable[[Planner], Planner]:
+    """Register the planner of ``strategy.kind`` (``None``: plain KD, one frozen teacher)."""
+
+    def register(planner: Planner) -> Planner:
+        if kind in _PLANNERS:
+            raise ValueError(f"a planner for strategy {kind!r} is registered already")
+        _PLANNERS[kind] = planner
+        return planner
+
+    return register
+
+
+def planner_for(config: RunConfig) -> Planner:
+    """The registered planner of ``config``'s strategy."""
+    kind = config.strategy.kind if config.strategy is not None else None
+    if kind not in _PLANNERS:
+        raise ConfigError(f"strategy {kind!r} has no planner; known: {sorted(map(str, _PLANNERS))}")
+    return _PLANNERS[kind]
+
+
+def teacher_stage(config: RunConfig, *, required: bool = True) -> Stage | None:
+    """The single teacher of a run, when a stage needs it: from its own weights (a checkpoint, a
+    pretrained causal LM), or trained (or loaded, finished) in the ``teacher`` stage.
+
+    ``required``: a run without one is refused (``missing``); else (a teacher that a strategy only
+    evaluates) it is left out."""
+    if config.teacher is None:
+        return None
+    from_teacher = config.student.model.arch == "derive:teacher" or wants_teacher_embeddings(
+        config.student.model
+    )
+    if not (from_teacher or {"teacher", "distill", "evaluate"} & set(config.stages)):
+        return None
+    own_weights = config.loads_teacher()
+    return Stage(
+        name="teacher",
+        model="teacher",
+        folder="teacher",
+        build=build_config(config.teacher.model, "teacher"),
+        architecture=config.teacher.model.arch,
+        settings="teacher",
+        terms=config.teacher.terms,
+        train=None if own_weights else config.teacher.train,
+        seed=config.seed,
+        runs="teacher" in config.stages or own_weights,
+        required=required,
+        missing=(
+            "distill and evaluate need a teacher: add the 'teacher' stage, give teacher.model.checkpoint, "
+            "or load a pretrained causal LM (llama2c:PATH, hf:PATH)"
+        ),
+    )
+
+
+def baseline_stage(config: RunConfig, seed: int | None = None, suffix: str = "") -> Stage:
+    """The student trained alone on its labels (``baseline`` terms), from the distilled student's weights."""
+    return Stage(
+        name="baseline" + suffix,
+        model="baseline" + suffix,
+        folder="baseline" + suffix,
+        build=build_student,
+        architecture=config.student.model.arch,
+        settings="baseline",
+        terms=config.baseline.terms,
+        train=config.baseline.train or config.distill.train,
+        seed=config.seed if seed is None else seed,
+        runs="baseline" in config.stages,
+        repeats="baseline" if suffix else None,
+    )
+
+
+def distill_stage(config: RunConfig, teacher: str | None = "teacher", **fields: Any) -> Stage:
+    """The distilled student (folder ``student/``), learning from ``teacher`` with the ``distill`` terms."""
+    values = {
+        "name": "distill",
+        "model": "distilled",
+        "folder": "student",
+        "build": build_student,
+        "architecture": config.student.model.arch,
+        "terms": config.distill.terms,
+        "train": config.distill.train,
+        "teacher": teacher,
+        "data": "distill",
+        "seed": config.seed,
+        "runs": "distill" in config.stages,
+        **fields,
+    }
+    return Stage(**values)
+
+
+def settings_of_folders(stages: list[Stage]) -> dict[str, str]:
+    """``{folder: settings}``: which part of the config each folder of a run directory trained from."""
+    return {folder: stage.settings for stage in stages for folder in stage.folders}
