@@ -183,13 +183,64 @@ def test_damaged_training_checkpoint_names_the_file(tmp_path, damage, named):
     assert "\n" not in str(caught.value) and "--resume" in str(caught.value)
 
 
+def _flip_last_byte(path: Path) -> None:
+    """One bit of the file's last tensor flipped: still a valid safetensors file, silently other weights."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda ckpt: _flip_last_byte(ckpt / "model.safetensors"), "model.safetensors"),
+        (lambda ckpt: _flip_last_byte(ckpt / "optimizer.safetensors"), "optimizer.safetensors"),
+        (lambda ckpt: _flip_last_byte(ckpt / "rng-0.safetensors"), "rng-0.safetensors"),
+        (
+            lambda ckpt: (ckpt / "state.json").write_text(
+                (ckpt / "state.json").read_text().replace("3", "4")
+            ),
+            "state.json",
+        ),
+    ],
+)
+def test_checkpoint_whose_bytes_changed_is_refused_by_its_checksum(tmp_path, damage, named):
+    parts = _training_state(tmp_path)
+    save_training_state(tmp_path, epoch=0, step=3, **parts)
+    checkpoint = latest_checkpoint(tmp_path)
+    listed = json.loads((checkpoint / "checksums.json").read_text())["files"]
+    assert set(listed) == {"model.safetensors", "optimizer.safetensors", "rng-0.safetensors", "state.json"}
+    damage(checkpoint)
+    with pytest.raises(AlambicError, match=f"{named} does not match the checksum") as caught:
+        load_training_state(checkpoint, **_training_state(tmp_path))
+    assert "\n" not in str(caught.value) and f"delete {tmp_path}" in str(caught.value)
+
+
+def test_checkpoint_without_checksums_still_resumes(tmp_path):
+    """Checkpoints written before checksums.json existed load as before (unverified)."""
+    parts = _training_state(tmp_path)
+    save_training_state(tmp_path, epoch=0, step=3, **parts)
+    (tmp_path / "ckpt-0000" / "checksums.json").unlink()
+    restored = _training_state(tmp_path, width=4)
+    torch.nn.init.zeros_(restored["module"][0].weight)
+    assert load_training_state(tmp_path / "ckpt-0000", **restored) == (0, 3)
+    assert torch.equal(restored["module"][0].weight, parts["module"][0].weight)
+
+
 def test_checkpoint_of_another_shape_names_the_first_mismatching_tensor(tmp_path):
     save_training_state(tmp_path, epoch=0, step=3, **_training_state(tmp_path, width=4))
     with pytest.raises(AlambicError, match=r"0\.weight: expected \(5, 3\), got \(4, 3\)"):
         load_training_state(tmp_path / "ckpt-0000", **_training_state(tmp_path, width=5))
 
 
-def test_resume_from_a_damaged_checkpoint_is_one_line(finished_run, setup_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda ckpt: _damage(ckpt / "state.json", "truncated"), "state.json"),
+        (lambda ckpt: _flip_last_byte(ckpt / "model.safetensors"), "model.safetensors does not match"),
+    ],
+)
+def test_resume_from_a_damaged_checkpoint_is_one_line(finished_run, setup_dir, tmp_path, damage, named):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     args = ["--set", "teacher.train.epochs=2"]
@@ -200,9 +251,9 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(finished_run, setup_dir, t
         == 0
     )
     (run_dir / "teacher" / "model.safetensors").unlink()
-    _damage(run_dir / "teacher" / "checkpoints" / "ckpt-0001" / "state.json", "truncated")
+    damage(run_dir / "teacher" / "checkpoints" / "ckpt-0001")
     result = _run("run", setup_dir / "tiny.yaml", *args, "--set", "stages=[teacher]", "--resume", run_dir)
-    _one_line_error(result, "state.json", "--resume")
+    _one_line_error(result, named, "--resume")
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 
 

@@ -5,7 +5,10 @@ A training checkpoint is a directory ``ckpt-EPOCH/`` with:
 - ``model.safetensors``: the trainable module (student + connectors; never the teacher);
 - ``optimizer.safetensors`` + ``state.json``: optimizer tensors, and everything else (optimizer
   hyper-parameters, scheduler state, epoch, step, Python / NumPy RNG states) as JSON;
-- ``rng-RANK.safetensors``: each process's torch RNG state (and its GPU's, when it has one).
+- ``rng-RANK.safetensors``: each process's torch RNG state (and its GPU's, when it has one);
+- ``checksums.json``: the SHA-256 of every other file, verified before a resume reads them, so that bytes
+  changed after the checkpoint was written (a failing disk, a copy cut short, an edit) stop the resume
+  in one line instead of training on from them. Checkpoints written before it existed resume unverified.
 
 It is written into a temporary directory, every file fsynced, then renamed into place; ``latest.json``
 is then replaced atomically to point at it, and only then are older checkpoints removed.
@@ -13,6 +16,7 @@ is then replaced atomically to point at it, and only then are older checkpoints 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,6 +34,7 @@ from alambic.files import atomic_write_text, dumps_json, fsync_dir, writing
 from alambic.models import load_weights
 
 LATEST = "latest.json"
+CHECKSUMS = "checksums.json"
 
 
 def _state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -199,6 +204,7 @@ def _write_staged(
             "extra": extra or {},
         }
         (staging / "state.json").write_text(dumps_json(state))
+        (staging / CHECKSUMS).write_text(dumps_json(file_checksums(staging)))
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -228,6 +234,7 @@ def load_training_state(
     """
     path = Path(path)
     fix = f"delete {path.parent} to train this stage again from its start with --resume"
+    verify_checksums(path, fix)
     load_weights_file(module, path / "model.safetensors", fix=fix)
     try:
         state = json.loads(_checkpoint_file(path, "state.json", fix).read_text())
@@ -263,6 +270,41 @@ def load_extra(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         raise AlambicError(f"{path}/state.json is damaged ({first_line(error)}); {fix}") from None
     tensors = _read_tensors(path / "extra.safetensors", fix) if (path / "extra.safetensors").is_file() else {}
     return extra, tensors
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_checksums(directory: Path) -> dict[str, Any]:
+    """``{"algorithm": "sha256", "files": {name: hex}}`` over the files of a staged checkpoint."""
+    files = sorted(file for file in directory.iterdir() if file.is_file() and file.name != CHECKSUMS)
+    return {"algorithm": "sha256", "files": {file.name: file_sha256(file) for file in files}}
+
+
+def verify_checksums(path: Path, fix: str) -> None:
+    """Check every file ``checksums.json`` lists in checkpoint ``path``; one line naming the first that differs.
+
+    A checkpoint without ``checksums.json`` (written by an older alambic) is not verified.
+    """
+    listing = path / CHECKSUMS
+    if not listing.is_file():
+        return
+    try:
+        files = json.loads(listing.read_text())["files"]
+        expected = {str(name): str(digest) for name, digest in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        raise AlambicError(f"{listing} is damaged ({first_line(error)}); {fix}") from None
+    for name, digest in expected.items():
+        if Path(name).name != name:
+            raise AlambicError(f"{listing} names {name!r}, which is not a file of the checkpoint; {fix}")
+        if file_sha256(_checkpoint_file(path, name, fix)) != digest:
+            raise AlambicError(
+                f"checkpoint file {path / name} does not match the checksum written with it (its bytes "
+                f"changed after it was saved: a failing disk, a cut copy or an edit); {fix}"
+            )
 
 
 def _checkpoint_file(path: Path, name: str, fix: str) -> Path:
