@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from alambic.run.compress_report import export_checks, latency_sizes, number_cell
-from alambic.run.seeds import format_mean
+from alambic.run.numbers import format_mean
 
 console = Console()
 

@@ -8,11 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alambic.files import writing
-
-
-def is_number(value: Any) -> bool:
-    """True for a finite int or float (not bool, None or NaN)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+from alambic.run.numbers import is_number
 
 
 def _stages_in_order(records: list[dict[str, Any]], kind: str) -> dict[str, list[dict[str, Any]]]:

@@ -11,7 +11,6 @@ multiply-accumulate = 2 FLOPs, per sample), latency in milliseconds per batch.
 from __future__ import annotations
 
 import json
-import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from typing import Any
 from alambic.core.lock import run_lock
 from alambic.errors import AlambicError
 from alambic.files import writing
+from alambic.run.numbers import MISSING, format_mean, format_number, format_significant, is_number
 from alambic.run.plots import (
-    is_number,
     make_plot,
     plot_accuracy_curves,
     plot_accuracy_vs_latency,
@@ -28,13 +27,11 @@ from alambic.run.plots import (
     plot_training_curves,
 )
 from alambic.run.report_lm import language_model_lines, sample_lines
-from alambic.run.seeds import format_mean
 
 # The command that writes summary.json, named in the error raised when it is missing.
 SUMMARY_COMMAND = "alambic run CONFIG.yaml"
 # Models shown first, in this order; any other model key follows in the order of summary.json.
 PREFERRED_MODEL_ORDER = ("teacher", "baseline", "distilled")
-MISSING = "—"
 
 
 def _load_summary(run_dir: Path) -> dict[str, Any]:
@@ -82,25 +79,6 @@ def _ordered_models(models: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(name, models[name]) for name in names]
 
 
-def _format(value: Any, spec: str, scale: float = 1.0) -> str:
-    """Format ``value * scale`` with ``spec``, or a dash when the value is missing or not finite."""
-    if not is_number(value):
-        return MISSING
-    scaled = value * scale
-    return format(round(scaled) if spec.endswith("d") else scaled, spec)
-
-
-def _format_significant(value: Any, scale: float = 1.0) -> str:
-    """``value * scale`` with about 3 significant digits (0.00514, 0.313, 23.2, 557), or a dash."""
-    if not is_number(value):
-        return MISSING
-    scaled = value * scale
-    if scaled == 0 or abs(scaled) >= 100:
-        return f"{scaled:,.0f}"
-    decimals = 2 - math.floor(math.log10(abs(scaled)))
-    return f"{scaled:.{decimals}f}"
-
-
 def _latency_batch_sizes(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Every batch size any model was timed at, as strings, in increasing numeric order."""
     sizes = {str(key) for _, model in models for key in (model.get("latency_ms") or {})}
@@ -122,19 +100,19 @@ def _models_table(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
         if is_number(errors) and is_number(model.get("num_samples")):
             errors = f"{errors} / {model['num_samples']}"
         else:
-            errors = _format(errors, "d")
+            errors = format_number(errors, "d")
         cells = [
             name,
             str(model.get("architecture", MISSING)),
-            _format(model.get("accuracy"), ".2f", 100.0),
-            _format(model.get("macro_f1"), ".4f"),
-            *([_format(model.get("roc_auc"), ".4f")] if auc else []),
+            format_number(model.get("accuracy"), ".2f", 100.0),
+            format_number(model.get("macro_f1"), ".4f"),
+            *([format_number(model.get("roc_auc"), ".4f")] if auc else []),
             errors,
-            _format(model.get("parameters"), ",d"),
-            _format_significant(model.get("size_bytes"), 1e-6),
-            _format_significant(model.get("flops"), 1e-6),
+            format_number(model.get("parameters"), ",d"),
+            format_significant(model.get("size_bytes"), 1e-6),
+            format_significant(model.get("flops"), 1e-6),
         ]
-        cells += [_format_significant(latency.get(size)) for size in batch_sizes]
+        cells += [format_significant(latency.get(size)) for size in batch_sizes]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -250,7 +228,7 @@ def _per_class_table(models: list[tuple[str, dict[str, Any]]], summary: dict[str
     for index in range(num_classes):
         label = f"{index} ({class_names[index]})" if index < len(class_names) else str(index)
         cells = [
-            _format(values[index] if index < len(values) else None, ".2f", 100.0)
+            format_number(values[index] if index < len(values) else None, ".2f", 100.0)
             for _, values in with_classes
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alambic.run.plots import is_number
-
-MISSING = "—"
+from alambic.run.numbers import MISSING, is_number
 
 
 def language_model_lines(models: list[tuple[str, dict[str, Any]]]) -> list[str]:

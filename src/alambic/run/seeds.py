@@ -12,7 +12,7 @@ import statistics
 from dataclasses import replace
 from typing import Any
 
-from alambic.run.plots import is_number
+from alambic.run.numbers import is_number
 from alambic.run.stages import RunContext
 
 # the per-model metrics summarised over seeds (those a model has)
@@ -57,11 +57,3 @@ def seed_statistics(models: dict[str, dict], seeds: list[int]) -> dict[str, Any]
             if all(is_number(row.get(metric)) for row in rows)
         }
     return {"seeds": list(seeds), "models": grouped}
-
-
-def format_mean(stats: dict[str, Any] | None, spec: str, scale: float = 1.0) -> str:
-    """``90.12 ± 0.35`` (the standard deviation after ±; none for one seed), or a dash."""
-    if not stats:
-        return "—"
-    shown = format(stats["mean"] * scale, spec)
-    return shown if stats["std"] is None else f"{shown} ± {format(stats['std'] * scale, spec)}"
