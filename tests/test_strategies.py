@@ -21,6 +21,7 @@ from alambic.strategies import (
     SelfDistiller,
     average_weights,
     mutual_learning,
+    train_teacher_free,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,23 @@ def test_self_distillation_trains_exits_that_never_reach_the_student():
     losses["exit:1/kd"].backward()  # the deepest output is the target: no gradient reaches the head
     assert student[4].weight.grad is None and module.exits[0].weight.grad.abs().sum() > 0
     assert set(module.student.state_dict()) == keys
+
+
+def test_train_teacher_free_returns_the_student_and_the_old_name_warns():
+    import alambic
+    from alambic.strategies import online
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    module = SelfDistiller(student, ["1"], example_input=x[:1])
+    before = student[2].weight.detach().clone()
+    assert train_teacher_free(module, loader, epochs=1, lr=0.1) is student
+    assert not torch.equal(student[2].weight, before)
+    assert online.train_teacher_free is not alambic.train_module  # two functions, two names
+    with pytest.warns(DeprecationWarning, match="train_teacher_free"):
+        assert online.train_module(module, loader, epochs=1, lr=0.1) is student
 
 
 def test_mixed_views_are_convex_combinations_or_pasted_boxes():

@@ -8,6 +8,7 @@ the loop: the targets come from inside the module, detached.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ class SelfDistiller(_TeacherFreeModule):
 
     Example:
         >>> module = SelfDistiller(model, ["hidden.0", "hidden.1"], example_input=images[:1])
-        >>> student = train_module(module, loader, epochs=10)   # without the heads
+        >>> student = train_teacher_free(module, loader, epochs=10)   # without the heads
     """
 
     def __init__(
@@ -238,7 +239,7 @@ class SelfDistiller(_TeacherFreeModule):
         return losses
 
 
-def train_module(
+def train_teacher_free(
     module: nn.Module,
     train_loader: Any,
     *,
@@ -249,13 +250,14 @@ def train_module(
     seed: int | None = 0,
     **train: Any,
 ) -> nn.Module:
-    """Train a strategy's module (:class:`MutualDistiller`, :class:`SelfDistiller`) with the one loop.
+    """Train a module that brings its own targets (:class:`MutualDistiller`, :class:`SelfDistiller`) with the
+    one loop, no teacher given.
 
     ``train`` takes the settings of :class:`alambic.config.TrainConfig` (``optimizer``, ``lr``, ...);
     ``run_dir`` keeps ``metrics.jsonl`` and resumable checkpoints. Returns the module's ``student``.
 
     Example:
-        >>> student = train_module(SelfDistiller(model, ["hidden.0"], example_input=x[:1]), loader, epochs=5)
+        >>> student = train_teacher_free(SelfDistiller(model, ["hidden.0"], example_input=x[:1]), loader, epochs=5)
     """
     settings = train_settings(epochs=epochs, **train)
     if seed is not None:
@@ -293,7 +295,7 @@ def mutual_learning(
             teacher is ``peer_terms=[None, [{"loss": "ce"}]]`` (the teacher learns from labels only).
         alternate: update one peer per step, in turn, instead of all together (see :class:`MutualDistiller`).
         **train: ``epochs``, ``eval_loader``, ``num_classes``, ``run_dir``, ``seed`` and the settings of
-            :class:`alambic.config.TrainConfig`, as :func:`train_module` takes them.
+            :class:`alambic.config.TrainConfig`, as :func:`train_teacher_free` takes them.
 
     Example:
         >>> student, peer = mutual_learning([student, peer], loader, epochs=10, optimizer="adamw", lr=1e-3)
@@ -305,5 +307,20 @@ def mutual_learning(
         else None
     )
     module = MutualDistiller(peers, chosen_terms, chosen_peer_terms, alternate=alternate)
-    train_module(module, train_loader, **train)
+    train_teacher_free(module, train_loader, **train)
     return module.peers
+
+
+def train_module(*args: Any, **kwargs: Any) -> nn.Module:
+    """Deprecated: the old name of :func:`train_teacher_free`, kept because README.md shows it; it clashed with
+    :func:`alambic.train_module` (the one loop for every module), a different function.
+
+    Example:
+        >>> student = train_module(SelfDistiller(model, ["layer1"], example_input=x[:1]), loader)  # warns
+    """
+    warnings.warn(
+        "alambic.strategies.online.train_module is deprecated: call train_teacher_free (same arguments)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return train_teacher_free(*args, **kwargs)
