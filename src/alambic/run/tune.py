@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,97 +206,75 @@ def tune(
         >>> result["best_params"]["temperature"]
     """
     optuna = require("optuna", "tune", purpose="alambic tune")
-
     if config.strategy is not None or config.teacher is None:
         raise ConfigError("alambic tune searches plain teacher -> student distillation; remove strategy:")
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     methods = _check_methods(methods)
-    budget = max_size_mb is not None or max_latency_ms is not None
     study_dir = Path(study_dir)
+    budget = {"max_size_mb": max_size_mb, "max_latency_ms": max_latency_ms}
     settings = {
-        "config": dump_config(config),
-        "methods": methods,
-        "max_size_mb": max_size_mb,
-        "max_latency_ms": max_latency_ms,
-        "val_fraction": val_fraction,
-        "lr_range": lr_range,
-    }
-    if budget:
+        "config": dump_config(config), "methods": methods, **budget,
+        "val_fraction": val_fraction, "lr_range": lr_range,
+    }  # fmt: skip
+    if max_size_mb is not None or max_latency_ms is not None:
         student_space(optuna.trial.FixedTrial({"depth": 1, "width": 16}), config.student.model)  # arch check
     _check_study_dir(study_dir, settings)
-    train_set, _, info = build_run_datasets(config)
-    fit_set, val_set = _split(train_set, val_fraction, config.seed)
-    example = example_input(val_set)
+    search = _prepare_search(config, study_dir, methods, budget, val_fraction, lr_range)
+    study = _open_study(optuna, config, study_dir)
+    states = optuna.trial.TrialState
+    finished = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+    if trials > finished:
+        study.optimize(lambda trial: _run_trial(search, trial, optuna), n_trials=trials - finished)
+    return _summary(study, config, study_dir, states)
 
-    def build(model_config: ModelConfig) -> nn.Module:
-        model = build_named_model(model_config, info)
-        check_num_classes(model, example, info.num_classes, "model")
+
+@dataclass
+class _Search:
+    """What every trial of a study shares: its data, the teacher, the budget and where it logs."""
+
+    config: RunConfig
+    methods: list[str]
+    budget: dict  # max_size_mb, max_latency_ms (None: not limited)
+    lr_range: float
+    info: Any
+    fit_set: Any
+    val_loader: Any
+    example: Any
+    teacher: nn.Module
+    accelerator: Any
+    log: MetricsLog
+
+    def build(self, model_config: ModelConfig) -> nn.Module:
+        model = build_named_model(model_config, self.info)
+        check_num_classes(model, self.example, self.info.num_classes, "model")
         return model
 
-    accelerator = make_accelerator(config.precision)
-    log = MetricsLog(study_dir / "metrics.jsonl")
+
+def _prepare_search(
+    config: RunConfig, study_dir: Path, methods: list[str], budget: dict, val_fraction: float, lr_range: float
+) -> _Search:
+    """The validation split, the loaders and the study's teacher (trained once, or read back)."""
+    train_set, _, info = build_run_datasets(config)
+    fit_set, val_set = _split(train_set, val_fraction, config.seed)
     val_loader = make_loader(
         val_set,
         batch_size=config.data.eval_batch_size,
         shuffle=False,
         dynamic_padding=config.data.dynamic_padding,
     )
-    teacher_model = _teacher(config, study_dir, build, fit_set, val_loader, accelerator, log)
-    train = config.distill.train
+    search = _Search(
+        config, methods, budget, lr_range, info, fit_set, val_loader, example_input(val_set),
+        teacher=None, accelerator=make_accelerator(config.precision), log=MetricsLog(study_dir / "metrics.jsonl"),
+    )  # fmt: skip
+    search.teacher = _teacher(
+        config, study_dir, search.build, fit_set, val_loader, search.accelerator, search.log
+    )
+    return search
 
-    def objective(trial: Any) -> float:
-        params = {
-            "method": trial.suggest_categorical("method", methods),
-            "temperature": trial.suggest_float("temperature", 1.0, 10.0, log=True),
-            "ce_weight": trial.suggest_float("ce_weight", 0.0, 1.0),
-            "distill_weight": trial.suggest_float("distill_weight", 0.1, 10.0, log=True),
-            "lr": trial.suggest_float("lr", train.lr / lr_range, train.lr * lr_range, log=True),
-        }
-        student_config = student_space(trial, config.student.model) if budget else config.student.model
-        trial.set_user_attr("student", student_config.model_dump(mode="json"))
-        set_seed(config.seed)
-        student = build(student_config)
-        reason = over_budget(
-            student,
-            example,
-            max_size_mb=max_size_mb,
-            max_latency_ms=max_latency_ms,
-            repeats=config.evaluate.latency_repeats,
-        )
-        if reason is not None:
-            trial.set_user_attr("over_budget", reason)
-            raise optuna.TrialPruned(f"over budget: {reason}")
-        terms = best_config(config, params, None).distill.terms
-        scores: list[float] = []  # validation accuracy after each epoch
 
-        def evaluate_and_prune(model: nn.Module) -> dict:
-            metrics = evaluate_classifier(model, val_loader, num_classes=info.num_classes)
-            scores.append(metrics["accuracy"])
-            epoch = len(scores)
-            trial.report(metrics["accuracy"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"epoch {epoch}: validation accuracy {metrics['accuracy']:.4f} below the median"
-                )
-            return metrics
-
-        try:
-            train_module(
-                Distiller(student, terms),
-                _fit_loader(fit_set, train, config),
-                train.loop(lr=params["lr"], eval_every=1),
-                accelerator=accelerator,
-                teacher=Teacher(teacher_model, terms),
-                stage=f"trial_{trial.number}",
-                log=log,
-                evaluate=evaluate_and_prune,
-            )
-        except NonFiniteLossError as error:  # a diverging setting is a bad trial, not the end of the search
-            trial.set_user_attr("diverged", str(error))
-            raise optuna.TrialPruned(f"diverged: {error}") from None
-        return scores[-1]
-
+def _open_study(optuna: Any, config: RunConfig, study_dir: Path) -> Any:
+    """The study in ``study_dir/study.db``, new or resumed; a trial killed while running is marked failed."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=config.name,
@@ -308,10 +287,57 @@ def tune(
     states = optuna.trial.TrialState
     for stale in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
         study.tell(stale.number, state=states.FAIL)  # killed mid-trial: it is run again as a new trial
-    finished = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
-    if trials > finished:
-        study.optimize(objective, n_trials=trials - finished)
-    return _summary(study, config, study_dir, states)
+    return study
+
+
+def _run_trial(search: _Search, trial: Any, optuna: Any) -> float:
+    """One trial: propose settings (and a student in budget mode), discard it over budget, else distill it;
+    its score is the last epoch's validation accuracy."""
+    config, train = search.config, search.config.distill.train
+    params = {
+        "method": trial.suggest_categorical("method", search.methods),
+        "temperature": trial.suggest_float("temperature", 1.0, 10.0, log=True),
+        "ce_weight": trial.suggest_float("ce_weight", 0.0, 1.0),
+        "distill_weight": trial.suggest_float("distill_weight", 0.1, 10.0, log=True),
+        "lr": trial.suggest_float("lr", train.lr / search.lr_range, train.lr * search.lr_range, log=True),
+    }
+    limited = any(limit is not None for limit in search.budget.values())
+    student_config = student_space(trial, config.student.model) if limited else config.student.model
+    trial.set_user_attr("student", student_config.model_dump(mode="json"))
+    set_seed(config.seed)
+    student = search.build(student_config)
+    reason = over_budget(student, search.example, **search.budget, repeats=config.evaluate.latency_repeats)
+    if reason is not None:
+        trial.set_user_attr("over_budget", reason)
+        raise optuna.TrialPruned(f"over budget: {reason}")
+    terms = best_config(config, params, None).distill.terms
+    scores: list[float] = []  # validation accuracy after each epoch
+
+    def evaluate_and_prune(model: nn.Module) -> dict:
+        metrics = evaluate_classifier(model, search.val_loader, num_classes=search.info.num_classes)
+        scores.append(metrics["accuracy"])
+        trial.report(metrics["accuracy"], len(scores))
+        if trial.should_prune():
+            raise optuna.TrialPruned(
+                f"epoch {len(scores)}: validation accuracy {metrics['accuracy']:.4f} below the median"
+            )
+        return metrics
+
+    try:
+        train_module(
+            Distiller(student, terms),
+            _fit_loader(search.fit_set, train, config),
+            train.loop(lr=params["lr"], eval_every=1),
+            accelerator=search.accelerator,
+            teacher=Teacher(search.teacher, terms),
+            stage=f"trial_{trial.number}",
+            log=search.log,
+            evaluate=evaluate_and_prune,
+        )
+    except NonFiniteLossError as error:  # a diverging setting is a bad trial, not the end of the search
+        trial.set_user_attr("diverged", str(error))
+        raise optuna.TrialPruned(f"diverged: {error}") from None
+    return scores[-1]
 
 
 def _summary(study: Any, config: RunConfig, study_dir: Path, states: Any) -> dict:
