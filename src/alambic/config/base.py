@@ -98,6 +98,28 @@ class LoraSettings(StrictModel):
     ) = None
 
 
+HF_PREFIX = "hf:"  # a Hugging Face model: hf:FOLDER or hf:HUB_ID
+LLAMA2C_PREFIX = "llama2c:"  # a llama2.c checkpoint, loaded as a Hugging Face Llama
+HF_CONFIG = "hf-config"  # a Hugging Face model built from scratch from a config written in the YAML
+
+
+def hf_path(arch: str) -> str | None:
+    """The folder or hub id of an ``hf:`` architecture, else None."""
+    return arch.removeprefix(HF_PREFIX) if arch.startswith(HF_PREFIX) else None
+
+
+def is_pretrained_language_model(arch: str) -> bool:
+    """Whether ``arch`` loads a whole pretrained model from its own file (``hf:``, ``llama2c:``): in a
+    causal-LM run, the trained teacher unless the run has a teacher stage."""
+    return arch.startswith((HF_PREFIX, LLAMA2C_PREFIX))
+
+
+def is_transformers_model(arch: str) -> bool:
+    """Whether ``arch`` builds a ``transformers`` model (``hf:``, ``hf-config``, ``llama2c:``), which a
+    student can be derived from (``derive:teacher``)."""
+    return is_pretrained_language_model(arch) or arch == HF_CONFIG
+
+
 class ModelConfig(StrictModel):
     """A model: a zoo name (``resnet20``, ``mlp``), a user factory ``package.module:function``, a
     Hugging Face model ``hf:PATH_OR_ID`` (kwargs go to :func:`alambic.models.hf.load_hf_model`: task, ...), a

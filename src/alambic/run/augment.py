@@ -18,6 +18,7 @@ from torch import nn
 
 from alambic.config import RunConfig
 from alambic.config.augment import AugmentSettings
+from alambic.config.base import hf_path
 from alambic.data import TransferDataset
 from alambic.data.augment import write_augmented
 from alambic.data.text import TokenizedDataset, load_tokenizer, read_sentences
@@ -30,8 +31,8 @@ from alambic.run.building import run_tokenizer
 
 def teacher_vocabulary(teacher: str) -> tuple[Any, np.ndarray]:
     """The teacher's tokenizer and its input-embedding table ``[V, D]`` (float32)."""
-    if teacher.startswith("hf:"):
-        name = teacher.removeprefix("hf:")
+    name = hf_path(teacher)
+    if name is not None:
         model, tokenizer_name = load_hf_model(name, task="embedding"), name
     elif Path(teacher).is_dir():
         loaded = load_run_model(teacher, model="teacher")

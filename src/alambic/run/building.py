@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from alambic.config import RunConfig
+from alambic.config.base import HF_CONFIG, LLAMA2C_PREFIX, hf_path
 from alambic.config.run import TEACHER_SAMPLES
 from alambic.core.batches import call_model, logits_of
 from alambic.data import LMDatasetInfo, TransferDataset, build_datasets
@@ -90,13 +91,14 @@ def wants_teacher_embeddings(model_config, side: str = "student") -> bool:
 
 def _construct(model_config, info, task: str) -> nn.Module:
     kwargs = dict(model_config.kwargs)
-    if model_config.arch.startswith("hf:") or model_config.arch == "hf-config":
+    path = hf_path(model_config.arch)
+    if path is not None or model_config.arch == HF_CONFIG:
         kwargs.setdefault("task", "causal-lm" if task == "causal-lm" else "sequence-classification")
-    if model_config.arch.startswith("hf:"):  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
+    if path is not None:  # a Hugging Face model: folder or hub id, kwargs to load_hf_model
         if kwargs["task"] == "sequence-classification":
             kwargs.setdefault("num_labels", info.num_classes)
-        return load_hf_model(model_config.arch.removeprefix("hf:"), **kwargs)
-    if model_config.arch == "hf-config":  # built from scratch from a Hugging Face config written out
+        return load_hf_model(path, **kwargs)
+    if model_config.arch == HF_CONFIG:  # built from scratch from a Hugging Face config written out
         if "model_type" not in kwargs:
             raise ConfigError(
                 "arch hf-config needs kwargs.model_type (gpt2, llama, bert, ...) and the config's fields"
@@ -106,23 +108,18 @@ def _construct(model_config, info, task: str) -> nn.Module:
         elif kwargs["task"] == "sequence-classification":
             kwargs.setdefault("num_labels", info.num_classes)
         return build_hf_model(kwargs.pop("model_type"), **kwargs)
-    if model_config.arch.startswith("llama2c:"):  # a llama2.c checkpoint, as a Hugging Face Llama
+    if model_config.arch.startswith(LLAMA2C_PREFIX):  # a llama2.c checkpoint, as a Hugging Face Llama
         if model_config.kwargs:
             raise ConfigError(
                 f"llama2c: takes no kwargs, got {dict(model_config.kwargs)}; remove model.kwargs"
             )
-        return load_llama2c(model_config.arch.removeprefix("llama2c:"))
+        return load_llama2c(model_config.arch.removeprefix(LLAMA2C_PREFIX))
     if ":" in model_config.arch:  # a user's factory is called with exactly its kwargs
         return build_factory_model(model_config.arch, dict(model_config.kwargs))
     kwargs = {"num_classes": info.num_classes, **model_config.kwargs}  # kwargs may override the class count
     if getattr(info, "vocab_size", None) and "vocab_size" in model_options(model_config.arch):
         kwargs.setdefault("vocab_size", info.vocab_size)  # a text model over the data's tokenizer ids
     return build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
-
-
-def hf_path(arch: str) -> str | None:
-    """The folder or hub id of an ``hf:`` architecture, else None."""
-    return arch.removeprefix("hf:") if arch.startswith("hf:") else None
 
 
 def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:

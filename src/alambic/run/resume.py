@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from alambic.config import RunConfig
+from alambic.config.base import hf_path
 from alambic.config.strategies import strategy_class
 from alambic.errors import ConfigError
 from alambic.run.plan import settings_of_folders
@@ -32,9 +33,7 @@ def stage_settings(config: dict, stage: str) -> dict:
     data = {key: value for key, value in config["data"].items() if key not in (*DATA_ACCESS, "transfer")}
     teacher_arch = ((config.get("teacher") or {}).get("model") or {}).get("arch") or ""
     # the tokenizer the data is read with: data.tokenizer, else the hf: teacher's own (as the run resolves it)
-    tokenizer = data.get("tokenizer") or (
-        teacher_arch.removeprefix("hf:") if teacher_arch.startswith("hf:") else None
-    )
+    tokenizer = data.get("tokenizer") or hf_path(teacher_arch)
     common = {
         "seed": config["seed"],
         "precision": config["precision"],

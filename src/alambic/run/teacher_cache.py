@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alambic.config import RunConfig
+from alambic.config.base import is_pretrained_language_model
 from alambic.core.cache import cache_teacher
 from alambic.core.distiller import feature_paths
 from alambic.core.optim import make_accelerator
@@ -34,7 +35,7 @@ def cache_teacher_outputs(
     trained_in_run = config.teacher is not None and "teacher" in config.stages and config.teacher.train
     if config.teacher is None or not (
         config.teacher.model.checkpoint
-        or (config.teacher.model.arch.startswith(("hf:", "llama2c:")) and not trained_in_run)
+        or (is_pretrained_language_model(config.teacher.model.arch) and not trained_in_run)
     ):
         raise ConfigError(
             "cache-teacher needs a trained teacher: give teacher.model.checkpoint "
