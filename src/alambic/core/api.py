@@ -47,29 +47,17 @@ def as_terms(terms: Sequence[Term | dict] | None) -> list[Term]:
 
 
 def distill(
-    teacher: nn.Module | None,
-    student: nn.Module,
-    train_loader: DataLoader,
-    *,
-    terms: Sequence[Term | dict] | None = None,
-    epochs: int = 1,
-    eval_loader: DataLoader | None = None,
-    num_classes: int | None = None,
-    run_dir: str | Path | None = None,
-    precision: str = "no",
-    grad_accum: int = 1,
-    seed: int | None = 0,
-    accelerator: Any = None,
-    teacher_vocab_size: int | None = None,
-    teacher_dtype: torch.dtype | None = None,
+    teacher: nn.Module | None, student: nn.Module, train_loader: DataLoader, *,
+    terms: Sequence[Term | dict] | None = None, epochs: int = 1,
+    eval_loader: DataLoader | None = None, num_classes: int | None = None, run_dir: str | Path | None = None,
+    precision: str = "no", grad_accum: int = 1, seed: int | None = 0, accelerator: Any = None,
+    teacher_vocab_size: int | None = None, teacher_dtype: torch.dtype | None = None,
     tracking: TrackingConfig | dict | list[str] | str | None = None,
     optimizer: str | Callable[[list], torch.optim.Optimizer] | None = None,
-    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-    callbacks: Sequence[Callback] = (),
-    progress: bool | Callable[[str, int, int, dict], None] | None = None,
-    return_history: bool = False,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, callbacks: Sequence[Callback] = (),
+    progress: bool | Callable[[str, int, int, dict], None] | None = None, return_history: bool = False,
     **train: Any,
-) -> nn.Module | tuple[nn.Module, History]:
+) -> nn.Module | tuple[nn.Module, History]:  # fmt: skip
     """Distill ``teacher`` into ``student`` and return the trained student (and its history).
 
     Args:
@@ -120,6 +108,28 @@ def distill(
         ...                   terms=[{"loss": "ce", "weight": 0.1},
         ...                          {"loss": "kd", "weight": 0.9, "params": {"temperature": 4}}])
     """
+    factory, settings = distill_settings(epochs, grad_accum, optimizer, train)
+    callbacks, history, progress = distill_callbacks(settings, callbacks, return_history, progress)
+    terms = as_terms(terms)
+    accelerator, tracking, logging_dir = distill_accelerator(
+        accelerator, tracking, precision, grad_accum, seed, run_dir, teacher_vocab_size
+    )
+    config = {"terms": [term.model_dump() for term in terms], **settings.model_dump()}
+    with distill_log(accelerator, tracking, run_dir, logging_dir, config) as log:
+        trained = train_module(
+            distiller(student, terms, train_loader), train_loader, settings.loop(), accelerator=accelerator,
+            teacher=_as_teacher(as_torch_module(teacher), terms, teacher_vocab_size, teacher_dtype),
+            eval_loader=eval_loader, num_classes=num_classes, run_dir=run_dir, log=log, callbacks=callbacks,
+            progress=progress if callable(progress) else None, optimizer=factory, scheduler=scheduler,
+        )  # fmt: skip
+    trained = trained.model if isinstance(trained, KerasModule) else trained
+    return (trained, history) if history is not None else trained
+
+
+def distill_settings(
+    epochs: int, grad_accum: int, optimizer: Any, train: dict[str, Any]
+) -> tuple[Callable[[list], torch.optim.Optimizer] | None, TrainConfig]:
+    """``distill()``'s optimizer factory (None for a named optimizer) and training settings, or a one-line error."""
     if "augment" in train or "mix" in train:
         raise ConfigError(
             "distill() takes no augment or mix: augment in your dataset or DataLoader (run configs have "
@@ -132,17 +142,31 @@ def distill(
             raise ConfigError(f"{', '.join(given)}: set them in your optimizer function, not in distill()")
     elif optimizer is not None:
         train["optimizer"] = optimizer
-    settings = train_settings(epochs=epochs, grad_accum=grad_accum, **train)
+    return factory, train_settings(epochs=epochs, grad_accum=grad_accum, **train)
+
+
+def distill_callbacks(
+    settings: TrainConfig, callbacks: Sequence[Callback], return_history: bool, progress: Any
+) -> tuple[list[Callback], History | None, Any]:
+    """The callbacks of ``settings`` (early stopping, best weights), the user's, then the history and the
+    per-epoch progress lines; the history (or None) and ``progress`` decided (default: a person watches)."""
     callbacks = [*config_callbacks(settings), *callbacks]
     history = History() if return_history else None
     progress = _interactive() if progress is None else progress
     callbacks += [item for item in (history, PrintProgress() if progress is True else None) if item]
-    terms = as_terms(terms)
-    if teacher_vocab_size is not None:
+    return callbacks, history, progress
+
+
+def distill_accelerator(
+    accelerator: Any, tracking: Any, precision: str, grad_accum: int, seed: int | None, run_dir, vocab_size
+) -> tuple[Accelerator, TrackingConfig, Path]:
+    """The accelerator (the user's, or one built for ``precision`` and the trackers), the tracking
+    settings and the trackers' folder; the seed set and a sliced vocabulary warned about on the way."""
+    if vocab_size is not None:
         warnings.warn(
-            f"the teacher's logits are sliced to its first {teacher_vocab_size} vocabulary entries "
+            f"the teacher's logits are sliced to its first {vocab_size} vocabulary entries "
             "(teacher_vocab_size): valid only when teacher and student share one tokenizer",
-            stacklevel=2,
+            stacklevel=3,
         )
     if seed is not None:
         set_seed(seed)
@@ -152,29 +176,15 @@ def distill(
         precision, log_with=tracking.trackers, logging_dir=logging_dir
     )
     accelerator.gradient_accumulation_steps = grad_accum
-    config = {"terms": [term.model_dump() for term in terms], **settings.model_dump()}
-    with distill_log(accelerator, tracking, run_dir, logging_dir, config) as log:
-        trained = train_module(
-            Distiller(
-                as_torch_module(student),
-                terms,
-                unlabelled_rows=find_transfer(getattr(train_loader, "dataset", None)) is not None,
-            ),
-            train_loader,
-            settings.loop(),
-            accelerator=accelerator,
-            teacher=_as_teacher(as_torch_module(teacher), terms, teacher_vocab_size, teacher_dtype),
-            eval_loader=eval_loader,
-            num_classes=num_classes,
-            run_dir=run_dir,
-            log=log,
-            progress=progress if callable(progress) else None,
-            callbacks=callbacks,
-            optimizer=factory,
-            scheduler=scheduler,
-        )
-    trained = trained.model if isinstance(trained, KerasModule) else trained
-    return (trained, history) if history is not None else trained
+    return accelerator, tracking, logging_dir
+
+
+def distiller(student: Any, terms: list[Term], train_loader: Any) -> Distiller:
+    """The trainable :class:`Distiller` of ``student`` (a Keras model wrapped); label terms skip the rows of
+    a transfer set (:class:`alambic.data.TransferDataset`) under ``train_loader``."""
+    module = as_torch_module(student)
+    transfer = find_transfer(getattr(train_loader, "dataset", None))
+    return Distiller(module, terms, unlabelled_rows=transfer is not None)
 
 
 def _interactive() -> bool:

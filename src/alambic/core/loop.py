@@ -7,7 +7,6 @@ the dict), steps, logs, evaluates, checkpoints, resumes, and stops on a non-fini
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,16 @@ from alambic.core.checkpoint import latest_checkpoint, load_extra, load_training
 from alambic.core.distiller import Teacher
 from alambic.core.graphs import CompiledStep, check_cuda_graphs, graph_modules, tensor_learning_rates
 from alambic.core.monitor import FiniteGuard, MetricsLog
-from alambic.core.optim import lr_factor, make_optimizer, user_optimizer, user_scheduler
+from alambic.core.optim import (
+    StepCalls,
+    dynamo_marks_deferred,
+    lr_factor,
+    make_optimizer,
+    prepare_for_training,
+    unwrap_prepared,
+    user_optimizer,
+    user_scheduler,
+)
 from alambic.core.trainable import Trainable
 
 
@@ -101,9 +109,45 @@ def fit(
     """
     log = log or MetricsLog(None)
     check_cuda_graphs(settings, accelerator)
-    prepare_module(module, teacher, train_loader, settings, accelerator)
-    if optimizer is not None:
-        optimizer = user_optimizer(optimizer, [p for p in module.parameters() if p.requires_grad])
+    with dynamo_marks_deferred():  # no torch._dynamo import unless compile or cuda_graphs asks for it
+        prepare_module(module, teacher, train_loader, settings, accelerator)
+        optimizer = build_optimizer(module, settings, accelerator, optimizer)
+        # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
+        # must be counted on the prepared (sharded) loader, not on the one given.
+        loader = training_loader(train_loader, accelerator)
+        steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+        if scheduler is not None:
+            scheduler = user_scheduler(scheduler, optimizer)
+        else:
+            scheduler = make_scheduler(optimizer, settings, steps_per_epoch)
+        if teacher is not None:
+            teacher.to(accelerator.device)
+        start_epoch, step, stopped = resume(
+            checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage, callbacks
+        )
+        if stopped:  # a callback stopped this stage before it was interrupted: it is done
+            start_epoch = settings.epochs
+        model, optimizer = prepare_for_training(accelerator, module, optimizer)
+        calls = StepCalls.choose(accelerator, model, optimizer)
+        if settings.cuda_graphs:  # one process, no accumulation, no loss scaler: nothing for Accelerate to do
+            calls.optimizer = CompiledStep(getattr(optimizer, "optimizer", optimizer))
+        state = LoopState(model=model, unwrapped=unwrap_prepared(accelerator, model), teacher=teacher,
+                          loader=loader, calls=calls, scheduler=scheduler, guard=FiniteGuard(accelerator, stage),
+                          settings=settings, accelerator=accelerator, log=log, stage=stage, progress=progress,
+                          total_steps=settings.epochs * steps_per_epoch,
+                          side_stream=side_stream(settings, accelerator, teacher), step=step,
+                          callbacks=list(callbacks), step_callbacks=[c for c in callbacks if wants_steps(c)],
+                          evaluates=evaluate is not None, stop=stopped)  # fmt: skip
+        train_epochs(state, train_loader, start_epoch, evaluate, checkpoint_dir, optimizer)
+    return state.unwrapped.student
+
+
+def build_optimizer(
+    module: Trainable, settings: LoopSettings, accelerator: Accelerator, factory: Callable[[list], Any] | None
+) -> Any:
+    """The user's optimizer (``factory(params)``) or the one ``settings`` name, over the trainable parameters."""
+    if factory is not None:
+        optimizer = user_optimizer(factory, [p for p in module.parameters() if p.requires_grad])
     else:
         optimizer = make_optimizer(
             module.parameters(),
@@ -113,56 +157,26 @@ def fit(
         )
     if settings.cuda_graphs:
         tensor_learning_rates(optimizer)  # before the scheduler keeps the initial rates
-    # Batches per epoch *per process*: with N processes each sees 1/N of the data, so the schedule
-    # must be counted on the prepared (sharded) loader, not on the one given.
-    loader = training_loader(train_loader, accelerator)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
-    if scheduler is not None:
-        scheduler = user_scheduler(scheduler, optimizer)
-    else:
-        scheduler = make_scheduler(optimizer, settings, steps_per_epoch)
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    start_epoch, step, stopped = resume(
-        checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage, callbacks
-    )
-    if stopped:  # a callback stopped this stage before it was interrupted: it is done
-        start_epoch = settings.epochs
-    model, optimizer = accelerator.prepare(module, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    calls = StepCalls.choose(accelerator, model, optimizer)
-    if (
-        settings.cuda_graphs
-    ):  # one process, no accumulation, no loss scaler: Accelerate's wrapper has nothing to do
-        calls.optimizer = CompiledStep(getattr(optimizer, "optimizer", optimizer))
-    state = LoopState(
-        model=model,
-        unwrapped=unwrapped,
-        teacher=teacher,
-        loader=loader,
-        calls=calls,
-        scheduler=scheduler,
-        guard=FiniteGuard(accelerator, stage),
-        settings=settings,
-        accelerator=accelerator,
-        log=log,
-        stage=stage,
-        progress=progress,
-        total_steps=settings.epochs * steps_per_epoch,
-        side_stream=side_stream(settings, accelerator, teacher),
-        step=step,
-        callbacks=list(callbacks),
-        step_callbacks=[callback for callback in callbacks if wants_steps(callback)],
-        evaluates=evaluate is not None,
-        stop=stopped,
-    )
+    return optimizer
+
+
+def train_epochs(
+    state: LoopState,
+    train_loader: DataLoader,
+    start_epoch: int,
+    evaluate: Callable[[nn.Module], dict] | None,
+    checkpoint_dir: str | Path | None,
+    optimizer: Any,
+) -> None:
+    """The epochs from ``start_epoch``: train, check the losses, evaluate, tell the callbacks, checkpoint."""
+    settings, unwrapped, teacher = state.settings, state.unwrapped, state.teacher
     if start_epoch == 0:  # no checkpoint: one-line errors before step 0, on a real batch
-        first_batch = send_to_device(next(iter(train_loader)), accelerator.device)
+        first_batch = send_to_device(next(iter(train_loader)), state.accelerator.device)
         unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
     for callback in state.callbacks:
         callback.on_fit_start(state)
     for epoch in range(start_epoch, settings.epochs):
-        set_epoch(loader, train_loader.sampler, epoch)
+        set_epoch(state.loader, train_loader.sampler, epoch)
         train_epoch(state, epoch)
         # before evaluating or checkpointing weights a non-finite step touched
         losses = train_metrics(epoch_losses(state, epoch))
@@ -180,7 +194,6 @@ def fit(
             break
     for callback in state.callbacks:
         callback.on_fit_end(state)
-    return unwrapped.student
 
 
 def save_checkpoint(state: LoopState, checkpoint_dir: str | Path, optimizer: Any, epoch: int) -> None:
@@ -208,41 +221,6 @@ def check_losses(state: LoopState, epoch: int) -> dict[str, float]:
         state.epoch_sums[name] = state.epoch_sums.get(name, 0.0) + value * rows
     state.epoch_rows += rows if means else 0
     return means
-
-
-@dataclass
-class StepCalls:
-    """How a step runs: Accelerate's wrappers, or the plain calls when they would have nothing to do.
-
-    One process, no accumulation, no autocast: Accelerate's per-step wrappers cost about 0.4 ms a step on
-    our 2-core CPU (its optimizer wrapper looks for an optional package at every step), and the plain
-    calls do the same work. DeepSpeed, FSDP or XLA keep Accelerate's calls.
-    """
-
-    plain: bool
-    context: Callable[[], Any]  # accumulation window
-    autocast: Callable[[], Any]
-    backward: Callable[[torch.Tensor], None]
-    optimizer: Any  # what .step() and .zero_grad() are called on
-
-    @classmethod
-    def choose(cls, accelerator: Accelerator, model: nn.Module, optimizer: Any) -> StepCalls:
-        plain = (
-            accelerator.gradient_accumulation_steps == 1
-            and accelerator.num_processes == 1
-            and accelerator.mixed_precision == "no"
-            and accelerator.distributed_type == DistributedType.NO
-        )
-        if plain:
-            stepper = getattr(optimizer, "optimizer", optimizer)
-            return cls(True, contextlib.nullcontext, contextlib.nullcontext, torch.Tensor.backward, stepper)
-        return cls(
-            False,
-            lambda: accelerator.accumulate(model),
-            accelerator.autocast,
-            accelerator.backward,
-            optimizer,
-        )
 
 
 @dataclass
