@@ -121,15 +121,7 @@ def cache_teacher(
         >>> cached = CachedTeacher("cache/resnet56", teacher=teacher, dataset=train_set)
     """
     out_dir = Path(out_dir)
-    if dtype not in DTYPES:
-        raise ConfigError(f"cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
-    if out_dir.exists():
-        raise ConfigError(f"{out_dir} already exists; remove it or pick another --out")
-    if len(dataset) == 0:
-        raise ConfigError("the data set to cache is empty; check data.train_subset and the data files")
-    check_not_augmented(dataset)
+    _check_request(dataset, out_dir, dtype, top_k)
     barrier = barrier or (lambda: None)
     live = Teacher(teacher).to(device)
     live.feature_paths = list(features)
@@ -141,67 +133,11 @@ def cache_teacher(
         staging.mkdir()
     barrier()
     try:
-        shapes: dict[str, list[int]] = {}
-        vocab_size = None
-        lengths = _row_lengths(dataset) if dynamic_padding else None
-        width = mask_width(dataset)  # token rows' stored width; None for data without an attention mask
-
-        def stored(inputs: Any) -> dict[str, Tensor]:
-            return _teacher_rows(live, inputs, device, top_k)[0]
-
-        # which outputs grow with the tokens: probed on two rows, at full width and one token narrower
-        token_axes = token_axes_of(stored, dataset, strict=lengths is not None) if width else None
-        for number in range(process_index, math.ceil(len(dataset) / shard_size), num_processes):
-            indices = torch.arange(number * shard_size, min((number + 1) * shard_size, len(dataset)))
-            if lengths is not None:  # longest first: batches of similar widths, cut to their longest row
-                indices = indices[torch.sort(lengths[indices], descending=True, stable=True).indices]
-            loader = DataLoader(
-                Subset(dataset, indices.tolist()),
-                batch_size=batch_size,
-                shuffle=False,
-                collate_fn=None if lengths is None else PaddingTrimmer(default_collate),
-            )
-            parts: dict[str, list[np.ndarray]] = {}
-            for batch in loader:
-                inputs = split_batch(batch)[0]
-                rows, vocab_size = _teacher_rows(live, inputs, device, top_k)
-                if lengths is not None:
-                    rows = pad_to_width(rows, token_axes, width - inputs["attention_mask"].shape[1])
-                for name, value in rows.items():
-                    if shapes.setdefault(name, list(value.shape[1:])) != list(value.shape[1:]):
-                        raise ConfigError(
-                            f"teacher output {name!r} has rows of shape {shapes[name]} in one batch and "
-                            f"{list(value.shape[1:])} in another; cache a teacher whose outputs keep one shape"
-                        )
-                    array = value.cpu().numpy()
-                    parts.setdefault(name, []).append(
-                        array.astype(DTYPES[dtype]) if array.dtype.kind == "f" else array
-                    )
-            restore = torch.argsort(indices).numpy()  # back to index order
-            for name, arrays in parts.items():
-                np.save(staging / _shard_file(name, number), np.concatenate(arrays)[restore])
+        numbers = range(process_index, math.ceil(len(dataset) / shard_size), num_processes)
+        written = _write_shards(live, dataset, staging, numbers, shard_size, batch_size, top_k, dtype, device,
+                                dynamic_padding)  # fmt: skip
         barrier()  # every shard written
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "teacher_checksum": teacher_checksum(teacher),
-            "dataset_fingerprint": dataset_fingerprint(dataset),
-            "num_samples": len(dataset),
-            "dtype": dtype,
-            "top_k": top_k,
-            "vocab_size": vocab_size,
-            "shard_size": shard_size,
-            "fields": {
-                name: {
-                    "shape": shape,
-                    "shards": [_shard_file(name, n) for n in range(math.ceil(len(dataset) / shard_size))],
-                }
-                for name, shape in shapes.items()
-            },
-            "features": list(features),
-            "width": width,  # token data: the rows' stored width
-            **({"token_axes": token_axes} if token_axes is not None else {}),
-        }
+        manifest = _manifest(teacher, dataset, written, dtype, top_k, shard_size, features)
         if process_index == 0:  # it computed shard 0, so it knows every field's shape
             (staging / "manifest.json").write_text(dumps_json(manifest, indent=2))
             staging.rename(out_dir)
@@ -210,6 +146,94 @@ def cache_teacher(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _check_request(dataset: Dataset, out_dir: Path, dtype: str, top_k: int | None) -> None:
+    """One-line errors, before the teacher runs, for settings and data a cache cannot be built from."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"cache dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists; remove it or pick another --out")
+    if len(dataset) == 0:
+        raise ConfigError("the data set to cache is empty; check data.train_subset and the data files")
+    check_not_augmented(dataset)
+
+
+def _write_shards(
+    live: Teacher, dataset: Dataset, staging: Path, numbers: range, shard_size: int, batch_size: int,
+    top_k: int | None, dtype: str, device: Any, dynamic_padding: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Compute shards ``numbers`` of the cache and save them into ``staging``; returns what the manifest
+    needs: each field's row shape, the vocabulary size, the token rows' width and their token axes."""
+    lengths = _row_lengths(dataset) if dynamic_padding else None
+    width = mask_width(dataset)  # token rows' stored width; None for data without an attention mask
+
+    def stored(inputs: Any) -> dict[str, Tensor]:
+        return _teacher_rows(live, inputs, device, top_k)[0]
+
+    # which outputs grow with the tokens: probed on two rows, at full width and one token narrower
+    token_axes = token_axes_of(stored, dataset, strict=lengths is not None) if width else None
+    written = {"shapes": {}, "vocab_size": None, "width": width, "token_axes": token_axes}
+    for number in numbers:
+        indices = torch.arange(number * shard_size, min((number + 1) * shard_size, len(dataset)))
+        if lengths is not None:  # longest first: batches of similar widths, cut to their longest row
+            indices = indices[torch.sort(lengths[indices], descending=True, stable=True).indices]
+        trimmed = None if lengths is None else PaddingTrimmer(default_collate)
+        loader = DataLoader(Subset(dataset, indices.tolist()), batch_size, shuffle=False, collate_fn=trimmed)
+        parts: dict[str, list[np.ndarray]] = {}
+        for batch in loader:
+            inputs = split_batch(batch)[0]
+            rows, written["vocab_size"] = _teacher_rows(live, inputs, device, top_k)
+            if lengths is not None:
+                rows = pad_to_width(rows, token_axes, width - inputs["attention_mask"].shape[1])
+            _collect(rows, written["shapes"], parts, dtype)
+        restore = torch.argsort(indices).numpy()  # back to index order
+        for name, arrays in parts.items():
+            np.save(staging / _shard_file(name, number), np.concatenate(arrays)[restore])
+    return written
+
+
+def _collect(rows: dict[str, Tensor], shapes: dict[str, list], parts: dict[str, list], dtype: str) -> None:
+    """Add a batch's outputs to ``parts`` (floats in the storage dtype); every batch keeps one row shape."""
+    for name, value in rows.items():
+        if shapes.setdefault(name, list(value.shape[1:])) != list(value.shape[1:]):
+            raise ConfigError(
+                f"teacher output {name!r} has rows of shape {shapes[name]} in one batch and "
+                f"{list(value.shape[1:])} in another; cache a teacher whose outputs keep one shape"
+            )
+        array = value.cpu().numpy()
+        parts.setdefault(name, []).append(array.astype(DTYPES[dtype]) if array.dtype.kind == "f" else array)
+
+
+def _manifest(
+    teacher: nn.Module, dataset: Dataset, written: dict, dtype: str, top_k: int | None, shard_size: int,
+    features: Sequence[str],
+) -> dict[str, Any]:  # fmt: skip
+    """``manifest.json``: what the cache holds and what it was made from (checked when it is read)."""
+    token_axes = written["token_axes"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "teacher_checksum": teacher_checksum(teacher),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "num_samples": len(dataset),
+        "dtype": dtype,
+        "top_k": top_k,
+        "vocab_size": written["vocab_size"],
+        "shard_size": shard_size,
+        "fields": {
+            name: {
+                "shape": shape,
+                "shards": [_shard_file(name, n) for n in range(math.ceil(len(dataset) / shard_size))],
+            }
+            for name, shape in written["shapes"].items()
+        },
+        "features": list(features),
+        "width": written["width"],  # token data: the rows' stored width
+        **({"token_axes": token_axes} if token_axes is not None else {}),
+    }
 
 
 def _shard_file(name: str, number: int) -> str:
