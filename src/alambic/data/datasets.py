@@ -198,45 +198,70 @@ def build_datasets(
         >>> len(train), len(test), info.input_shape
         (1437, 360, (64,))
     """
+    _check_request(name, factory, train_subset)
+    if name == "custom":
+        return _build_custom(factory, factory_kwargs or {}, train_subset=train_subset, seed=seed)
+    if name in LM_DATASETS:
+        train, test, info = _build_language_model(
+            name, train_file, valid_file, valid_fraction, tokenizer, block_size, stride, max_length, packing
+        )
+    else:
+        train, test, info = _build_builtin(
+            name, data_dir, augment, normalize, test_fraction, seed, tokenizer, max_length
+        )
+    if train_subset is not None:
+        train = take_train_subset(train, train_subset, seed=seed, name=name)
+    return train, test, info
+
+
+def _check_request(name: str, factory: str | None, train_subset: object) -> None:
+    """One-line errors for an unknown name, a bad ``train_subset``, and a factory given to a named set."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if train_subset is not None and (
         isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
     ):
         raise ConfigError(f"train_subset must be a positive integer or None, got {train_subset!r}")
-    if name == "custom":
-        return _build_custom(factory, factory_kwargs or {}, train_subset=train_subset, seed=seed)
-    if factory is not None:
+    if name != "custom" and factory is not None:
         raise ConfigError(f"factory is only used with dataset 'custom', got factory={factory!r} for {name!r}")
-    if name in LM_DATASETS:
-        if train_file is None:
-            raise ConfigError(f"dataset {name!r} needs train_file (a local {name} file)")
-        train, test, info, _tokenizer = build_lm_datasets(
-            name,
-            train_file=train_file,
-            valid_file=valid_file,
-            valid_fraction=valid_fraction,
-            tokenizer=tokenizer or "bytes",
-            block_size=block_size,
-            stride=stride,
-            max_length=max_length,
-            packing=packing,
-        )
-    elif name == "digits":
-        train, test, info = _build_digits(test_fraction=test_fraction, seed=seed)
-    elif name in TEXT_DATASETS:
+
+
+def _build_language_model(
+    name: str, train_file: str | os.PathLike | None, valid_file: str | os.PathLike | None,
+    valid_fraction: float, tokenizer: str | None, block_size: int, stride: int | None, max_length: int,
+    packing: bool,
+) -> tuple[Dataset, Dataset, DatasetInfo]:  # fmt: skip
+    """``text`` / ``jsonl``: :func:`alambic.data.lm.build_lm_datasets` on local files (its tokenizer dropped)."""
+    if train_file is None:
+        raise ConfigError(f"dataset {name!r} needs train_file (a local {name} file)")
+    train, test, info, _tokenizer = build_lm_datasets(
+        name,
+        train_file=train_file,
+        valid_file=valid_file,
+        valid_fraction=valid_fraction,
+        tokenizer=tokenizer or "bytes",
+        block_size=block_size,
+        stride=stride,
+        max_length=max_length,
+        packing=packing,
+    )
+    return train, test, info
+
+
+def _build_builtin(
+    name: str, data_dir: str | None, augment: bool, normalize: bool, test_fraction: float, seed: int,
+    tokenizer: str | None, max_length: int,
+) -> tuple[Dataset, Dataset, DatasetInfo]:  # fmt: skip
+    """``digits``, the text classification sets and the image sets, read from ``data_dir``."""
+    if name == "digits":
+        return _build_digits(test_fraction=test_fraction, seed=seed)
+    if name in TEXT_DATASETS:
         train, test, class_names, vocab_size = build_text_datasets(
             name, _resolve_data_dir(name, data_dir), tokenizer=tokenizer, max_length=max_length
         )
         shape = (train.columns["input_ids"].shape[1],)
-        info = DatasetInfo(name, len(class_names), shape, class_names, None, None, vocab_size)
-    else:
-        train, test, info = _build_images(
-            name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize
-        )
-    if train_subset is not None:
-        train = take_train_subset(train, train_subset, seed=seed, name=name)
-    return train, test, info
+        return train, test, DatasetInfo(name, len(class_names), shape, class_names, None, None, vocab_size)
+    return _build_images(name, _resolve_data_dir(name, data_dir), augment=augment, normalize=normalize)
 
 
 def take_train_subset(
