@@ -29,6 +29,7 @@ from alambic.files import dumps_json, finite_json, writing
 from alambic.run.augment import augment_probe_set
 from alambic.run.building import build_run_datasets, build_run_transfer
 from alambic.run.evaluation import summary_metrics
+from alambic.run.plan import describe
 from alambic.run.planners import plan
 from alambic.run.preflight import preflight
 from alambic.run.report import write_report
@@ -206,6 +207,7 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             # "name": the key its weighted values are logged under in metrics.jsonl
             **({"seeds": seed_statistics(summary_models, config.seeds)} if config.seeds else {}),
             "terms": [{"name": term.name, **term.model_dump()} for term in config.distill.terms],
+            "plan": describe(plan(config)),  # every stage, its folder, teacher and term weights
             # train.early_stopping / train.keep_best: the epoch a stage stopped at, the epoch it kept
             "stages_stopping": json.loads(stopping_path.read_text()) if stopping_path.is_file() else {},
         }

@@ -210,3 +210,24 @@ def distill_stage(config: RunConfig, teacher: str | None = "teacher", **fields: 
 def settings_of_folders(stages: list[Stage]) -> dict[str, str]:
     """``{folder: settings}``: which part of the config each folder of a run directory trained from."""
     return {folder: stage.settings for stage in stages for folder in stage.folders}
+
+
+def describe(stages: list[Stage]) -> list[dict[str, Any]]:
+    """The plan as ``summary.json`` records it: each stage's name, model, folder, teacher, whether it trains,
+    and its terms (``{"name", "weight"}``, ``name`` as its values are logged in ``metrics.jsonl``)."""
+    return [
+        {
+            "stage": stage.name,
+            "model": stage.model,
+            "folder": stage.folder,
+            "teacher": stage.teacher,
+            "trains": stage.train is not None,
+            "terms": [{"name": term.name, "weight": term.weight} for term in stage.terms],
+            **(
+                {"companions": [companion.model for companion in stage.companions]}
+                if stage.companions
+                else {}
+            ),
+        }
+        for stage in stages
+    ]
