@@ -265,10 +265,26 @@ def _write_report(run_dir: Path) -> Path:
     plots_dir = run_dir / "plots"
     with writing(plots_dir):
         plots_dir.mkdir(parents=True, exist_ok=True)
+    lines = _header_lines(summary, run_dir)
+    lines += _models_lines(summary, models)
+    lines += _training_lines(summary, records, skipped, plots_dir)
+    lines += _trade_off_lines(models, plots_dir)
+    per_class = _per_class_table(models, summary)
+    if per_class:
+        lines += ["", "## Per-class accuracy (%)", "", *per_class]
+    report_path = run_dir / "report.md"
+    text = "\n".join(lines).rstrip() + "\n"
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    with writing(report_path):
+        report_path.write_text(text, encoding="utf-8")
+    return report_path
 
+
+def _header_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
+    """The title and the run's data set, date and device."""
     lines = [f"# alambic report: {summary.get('run_name', run_dir.name)}", ""]
-    language = summary.get("task") == "causal-lm"
-    size = "tokens in the vocabulary" if language else "classes"
+    size = "tokens in the vocabulary" if summary.get("task") == "causal-lm" else "classes"
     lines += [
         f"- Dataset: **{summary.get('dataset', MISSING)}** ({summary.get('num_classes', MISSING)} {size})"
     ]
@@ -276,7 +292,13 @@ def _write_report(run_dir: Path) -> Path:
         lines.append(f"- Created: {summary['created']}")
     if summary.get("device"):
         lines.append(f"- Evaluated on: {summary['device']} ({summary.get('num_processes', 1)} process(es))")
-    lines += ["", "## Models", ""]
+    return lines
+
+
+def _models_lines(summary: dict[str, Any], models: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The models' table and what is derived from it: seeds, comparisons, language-model sections, terms,
+    stage times."""
+    lines = ["", "## Models", ""]
     lines += _models_table(models) if models else ["No model results in summary.json."]
     latency_where = sorted(
         {
@@ -295,7 +317,7 @@ def _write_report(run_dir: Path) -> Path:
     derived = _derived_lines(summary.get("models") or {})
     if derived:
         lines += ["", *derived]
-    if language and models:
+    if summary.get("task") == "causal-lm" and models:
         lines += ["", *language_model_lines(models), "", *sample_lines(models)]
     if summary.get("terms"):
         lines += ["", "## Distillation terms", "", *_terms_table(summary["terms"])]
@@ -306,8 +328,12 @@ def _write_report(run_dir: Path) -> Path:
             "",
             *_stage_times_table(summary["stages_seconds"], summary.get("stages_peak_memory")),
         ]
+    return lines
 
-    lines += ["", "## Training curves", ""]
+
+def _training_lines(summary: dict[str, Any], records: list[dict], skipped: int, plots_dir: Path) -> list[str]:
+    """The training-curve and accuracy-per-epoch plots from ``metrics.jsonl``, or why they are missing."""
+    lines = ["", "## Training curves", ""]
     if skipped:
         lines += [f"{skipped} malformed line(s) in metrics.jsonl were skipped.", ""]
     if not records:
@@ -329,8 +355,12 @@ def _write_report(run_dir: Path) -> Path:
         lines += ["![test accuracy per epoch](plots/accuracy_curves.png)", ""]
     elif records:
         lines.append("No evaluation records in metrics.jsonl, so no accuracy-per-epoch plot.")
+    return lines
 
-    lines += ["", "## Trade-offs", ""]
+
+def _trade_off_lines(models: list[tuple[str, dict[str, Any]]], plots_dir: Path) -> list[str]:
+    """Accuracy against size and against batch-1 latency, or why a plot is missing."""
+    lines = ["", "## Trade-offs", ""]
     if make_plot(plot_accuracy_vs_size, models, plots_dir / "accuracy_vs_size.png"):
         lines += ["![accuracy against size](plots/accuracy_vs_size.png)", ""]
     else:
@@ -341,14 +371,4 @@ def _write_report(run_dir: Path) -> Path:
         lines.append(
             "No model reports both accuracy and batch-1 latency, so no accuracy-against-latency plot."
         )
-    per_class = _per_class_table(models, summary)
-    if per_class:
-        lines += ["", "## Per-class accuracy (%)", "", *per_class]
-
-    report_path = run_dir / "report.md"
-    text = "\n".join(lines).rstrip() + "\n"
-    while "\n\n\n" in text:
-        text = text.replace("\n\n\n", "\n\n")
-    with writing(report_path):
-        report_path.write_text(text, encoding="utf-8")
-    return report_path
+    return lines
