@@ -125,6 +125,16 @@ def test_recipe_files_the_manual_names_exist():
     assert not missing, f"files named in the manual that do not exist: {missing}"
 
 
+def test_readme_links_resolve():
+    """README.md is read on GitHub and PyPI, outside the manual's build: its relative links must name files."""
+    missing = [
+        target
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+        if not re.match(r"[a-z]+:", target) and not (ROOT / target).exists()
+    ]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
 def readme_commands() -> list[str]:
     commands = [line for block in code_blocks(README.read_text(), SHELL) for line in command_lines(block)]
     unknown = [line for line in commands if line.split()[0] not in NOT_RUN | {"alambic"}]
