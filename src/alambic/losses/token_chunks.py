@@ -239,38 +239,13 @@ def fused_linear_token_loss(
         >>> loss = fused_linear_token_loss(hidden, model.lm_head.weight, teacher_logits,
         ...                                loss="jsd", params={"beta": 0.5}, labels=labels)
     """
-    spec = get_loss_spec(loss)
-    if spec.inputs != "tokens" or not spec.needs_teacher:
-        divergences = [
-            other.name for other in list_losses() if other.inputs == "tokens" and other.needs_teacher
-        ]
-        raise ConfigError(
-            f"fused_linear_token_loss takes a token divergence ({', '.join(divergences)}), got {loss!r}"
-        )
-    params = dict(params or {})
-    check_hyper_parameters(loss, params)
-    if {"chunk_size", "shift_labels"} & set(params):
-        raise ConfigError(
-            "give chunk_size and shift_labels as arguments of fused_linear_token_loss, not in params"
-        )
-    chunk_size = _tokens_per_chunk(
-        chunk_size,
-        teacher.shape[-1] if teacher_weight is None else teacher_weight.shape[0],
-        FUSED_CHUNK_LOGITS,
-    )
+    params = _fused_params(loss, params)
+    vocabulary = teacher.shape[-1] if teacher_weight is None else teacher_weight.shape[0]
+    chunk_size = _tokens_per_chunk(chunk_size, vocabulary, FUSED_CHUNK_LOGITS)
     project_teacher = (lambda rows: rows) if teacher_weight is None else (
         lambda rows: F.linear(rows, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
     )  # fmt: skip
-    vocabulary = weight.shape[0] if teacher_weight is None else teacher_weight.shape[0]
-    if hidden.shape[:-1] != teacher.shape[:-1] or hidden.shape[-1] != weight.shape[1] or (
-        teacher_weight is None and teacher.shape[-1] != weight.shape[0]
-    ) or weight.shape[0] != vocabulary:  # fmt: skip
-        raise ValueError(
-            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and teacher {tuple(teacher.shape)}"
-            + ("" if teacher_weight is None else f" (teacher_weight {tuple(teacher_weight.shape)})")
-            + " do not fit: hidden [B, T, H], weight [V, H], teacher logits [B, T, V] (or hidden [B, T, H_t] "
-            "with teacher_weight [V, H_t])"
-        )
+    _check_fused_shapes(hidden, weight, teacher, teacher_weight)
     positions = counted_positions(hidden.shape, labels, shift_labels)
     if positions[0].numel() == 0:  # every token masked: contribute nothing, keep the graph
         return sum(tensor.sum() * 0.0 for tensor in (hidden, weight, bias) if tensor is not None)
@@ -288,3 +263,39 @@ def fused_linear_token_loss(
     return _FusedLinearMean.apply(
         hidden, weight, bias, teacher.detach(), project_teacher, positions, chunk_loss, chunk_size, needs_grad
     )
+
+
+def _fused_params(loss: str, params: dict | None) -> dict:
+    """``params`` checked for ``loss``, which must be a registered token divergence."""
+    spec = get_loss_spec(loss)
+    if spec.inputs != "tokens" or not spec.needs_teacher:
+        divergences = [
+            other.name for other in list_losses() if other.inputs == "tokens" and other.needs_teacher
+        ]
+        raise ConfigError(
+            f"fused_linear_token_loss takes a token divergence ({', '.join(divergences)}), got {loss!r}"
+        )
+    params = dict(params or {})
+    check_hyper_parameters(loss, params)
+    if {"chunk_size", "shift_labels"} & set(params):
+        raise ConfigError(
+            "give chunk_size and shift_labels as arguments of fused_linear_token_loss, not in params"
+        )
+    return params
+
+
+def _check_fused_shapes(
+    hidden: Tensor, weight: Tensor, teacher: Tensor, teacher_weight: Tensor | None
+) -> None:
+    """hidden ``[B, T, H]``, weight ``[V, H]``, teacher logits ``[B, T, V]`` (or hidden states ``[B, T, H_t]``
+    with teacher_weight ``[V, H_t]``), else a ValueError naming every shape."""
+    vocabulary = weight.shape[0] if teacher_weight is None else teacher_weight.shape[0]
+    if hidden.shape[:-1] != teacher.shape[:-1] or hidden.shape[-1] != weight.shape[1] or (
+        teacher_weight is None and teacher.shape[-1] != weight.shape[0]
+    ) or weight.shape[0] != vocabulary:  # fmt: skip
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and teacher {tuple(teacher.shape)}"
+            + ("" if teacher_weight is None else f" (teacher_weight {tuple(teacher_weight.shape)})")
+            + " do not fit: hidden [B, T, H], weight [V, H], teacher logits [B, T, V] (or hidden [B, T, H_t] "
+            "with teacher_weight [V, H_t])"
+        )
