@@ -144,7 +144,9 @@ def readme_commands() -> list[str]:
 
 def test_readme_commands_run_as_written(tmp_path):
     """Each ``alambic`` line of README.md's bash blocks, in order, from one scratch folder that holds
-    ``recipes/`` and sees ``../shared/data`` as a checkout does."""
+    ``recipes/`` and sees ``../shared/data`` as a checkout does. One torch thread unless the caller set
+    ``OMP_NUM_THREADS``: with more threads than free cores the tiny models wait on each other (on a shared
+    2-core machine `alambic demo` took 114 s of CPU with two threads, 13 s with one)."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "recipes").symlink_to(ROOT / "recipes")
@@ -160,7 +162,12 @@ def test_readme_commands_run_as_written(tmp_path):
             skipped.append(command)
             continue
         result = subprocess.run(
-            shlex.split(command), cwd=work, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+            shlex.split(command),
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            env={"OMP_NUM_THREADS": "1", **os.environ},
         )
         output = (result.stdout + result.stderr)[-3000:]
         assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{output}"
