@@ -64,6 +64,33 @@ def test_stories260k_recipe_trains_on_teacher_samples_written_once(tmp_path, mon
     assert models["teacher"]["unit"] == "token" and models["teacher"]["tokens"] == 8 * 9
 
 
+def test_export_reads_the_run_samples_without_building_the_teacher(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from alambic.run import building
+    from alambic.run.artifacts import export_run, load_run_model
+
+    run_dir = run(_config(tmp_path, "stages=[baseline,distill]"), run_dir=tmp_path / "run")
+    samples = run_dir / "teacher_samples" / "samples.safetensors"
+    stored = teacher_samples.load_file(str(samples))
+    monkeypatch.setattr(teacher_samples, "generate_rows", lambda *_: pytest.fail("generated again"))
+    builds = []
+    monkeypatch.setattr(building, "sampling_teacher", lambda config: builds.append(1) or pytest.fail("built"))
+    (tmp_path / "tiny.bin").unlink()  # the teacher's file is gone after the run
+    loaded = load_run_model(run_dir)
+    assert torch.equal(loaded.test_set.columns["input_ids"], stored["validation"])  # the run's own rows
+    assert loaded.info.num_classes == 32 and loaded.info.input_shape == (10,)
+    report = export_run(run_dir, export_format="safetensors")
+    assert report["max_abs_diff"] < 1e-4 and report["checked_samples"] == 8
+    assert not builds
+    # a folder written before the vocabulary was recorded: the teacher is built to read it back
+    save_file(stored, str(samples))
+    monkeypatch.undo()
+    monkeypatch.setattr(teacher_samples, "generate_rows", lambda *_: pytest.fail("generated again"))
+    with pytest.raises(ConfigError, match="tiny.bin"):
+        load_run_model(run_dir)
+
+
 def test_teacher_samples_follow_the_seed_and_settings(tmp_path):
     first, _, _ = build_run_datasets(_config(tmp_path))
     again, _, _ = build_run_datasets(_config(tmp_path))

@@ -18,18 +18,25 @@ from torch import Tensor, nn
 from alambic.compress.export import FORMATS, default_export_path, export_model
 from alambic.compress.export_hf import quiet_transformers
 from alambic.config import ModelConfig, load_config
+from alambic.config.run import TEACHER_SAMPLES
 from alambic.core.batches import example_input, real_inputs
 from alambic.core.evaluate import evaluate_classifier, profile_model
 from alambic.core.lock import run_lock
 from alambic.data import build_datasets
+from alambic.data.datasets import take_train_subset
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError, first_line
 from alambic.models.lora import merge_lora
 from alambic.models.surgery import load_resized
-from alambic.run.building import build_named_model, build_run_datasets, derive_from_teacher, run_tokenizer
-from alambic.run.rundir import (
-    check_run_dir,
+from alambic.run.building import (
+    RunData,
+    build_named_model,
+    build_run_datasets,
+    derive_from_teacher,
+    run_tokenizer,
 )
+from alambic.run.rundir import check_run_dir
+from alambic.run.teacher_samples import stored_sample_datasets
 
 RUN_MODELS = {"student": "student", "distilled": "student", "baseline": "baseline", "teacher": "teacher"}
 
@@ -109,7 +116,7 @@ def load_run_model(
             raise AlambicError(f"{weights} does not exist; has the run's {model} stage finished?")
         model_config = config.teacher.model if model == "teacher" else config.student.model
         model_config = model_config.model_copy(update={"checkpoint": None})
-        train_set, test_set, info = build_run_datasets(config, data_dir=data_dir, augment=False, subset=False)
+        train_set, test_set, info = run_datasets(config, source, data_dir=data_dir)
         built = build_run_architecture(config, model, info)
         tokenizer = run_tokenizer(config)
         if config.task == "causal-lm" and (source / "tokenizer").is_dir():
@@ -132,6 +139,37 @@ def load_run_model(
     if model_config.lora is not None:
         description["lora"] = model_config.lora.model_dump()
     return LoadedModel(built.eval(), info, train_set, test_set, description, tokenizer)
+
+
+def run_datasets(config: Any, run_dir: Path, *, data_dir: str | None = None) -> tuple[Any, Any, Any]:
+    """A finished run's ``(train, test, info)``, the whole training set without augmentation: a
+    ``teacher-samples`` run's rows read back from ``run_dir`` without building its teacher, else built again.
+
+    Example:
+        >>> train_set, test_set, info = run_datasets(load_config("runs/x/config.yaml"), Path("runs/x"))
+    """
+    if config.data.dataset == TEACHER_SAMPLES:
+        stored = stored_sample_datasets(run_dir, config.data.teacher_samples, seed=config.seed)
+        if stored is not None:
+            return stored
+    return build_run_datasets(config, data_dir=data_dir, augment=False, subset=False, run_dir=run_dir)
+
+
+def stored_run_data(config: Any, run_dir: Path) -> RunData | None:
+    """A finished ``teacher-samples`` run's data (see :class:`~alambic.run.building.RunData`) read back
+    from ``run_dir`` without building its teacher; None for other runs (their data is built as usual)."""
+    if config.data.dataset != TEACHER_SAMPLES:
+        return None
+    stored = stored_sample_datasets(run_dir, config.data.teacher_samples, seed=config.seed)
+    if stored is None:
+        return None
+    train_set, test_set, info = stored
+    subset = train_set
+    if config.data.train_subset is not None:
+        subset = take_train_subset(
+            train_set, config.data.train_subset, seed=config.seed, name=config.data.dataset
+        )
+    return RunData(subset, train_set, test_set, info)
 
 
 def load_saved(model: nn.Module, weights: Path) -> nn.Module:

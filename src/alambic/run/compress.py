@@ -49,7 +49,7 @@ from alambic.core.lock import run_lock
 from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, ConfigError
 from alambic.files import dumps_json
-from alambic.run.artifacts import build_run_architecture, load_saved
+from alambic.run.artifacts import build_run_architecture, load_saved, stored_run_data
 from alambic.run.building import RunData, build_named_model, build_run_data, run_tokenizer
 from alambic.run.compress_report import write_compress_report
 from alambic.run.pipeline import run
@@ -358,7 +358,10 @@ def compress_run(
             config.stages.append("distill")
 
         run_dir = run_directory(config, run_dir)
-    data = build_run_data(config, data_dir=data_dir)  # read once: for training, calibration and checks
+    # read once: for training, calibration and checks (a finished teacher-samples run's rows: without its teacher)
+    data = (None if train_first else stored_run_data(config, run_dir)) or build_run_data(
+        config, data_dir=data_dir
+    )
     # refused settings fail before anything trains
     _check_inputs_supported(
         config.compress or CompressConfig(), isinstance(real_inputs(data.test_set, 1), dict)

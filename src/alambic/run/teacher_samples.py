@@ -10,8 +10,10 @@ They are generated once per run: :func:`teacher_sample_datasets` reads them back
 ``RUN/teacher_samples/`` (``samples.safetensors``: ``train`` ``[N, P + M]`` and ``validation``; and
 ``settings.json``: the settings, the seed and the teacher's checksum) when that folder holds them for the
 same settings and teacher, else generates them in memory; :func:`write_teacher_samples` writes them once
-the run directory exists (the pre-flight writes nothing). Commands that rebuild a run's data without its
-directory (``tune``, ``compress``, ``cache-teacher``) generate the same rows again from the seed.
+the run directory exists (the pre-flight writes nothing), with the vocabulary in the file's metadata, so
+that ``export`` and ``compress`` read a finished run's rows back without building its teacher
+(:func:`stored_sample_datasets`). Commands that rebuild a run's data without its directory (``tune``,
+``cache-teacher``, ``compress`` of a config) generate the same rows again from the seed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -28,7 +31,7 @@ from alambic.core.checkpoint import atomic_write_text
 from alambic.core.llm import IGNORE_INDEX, teacher_generations
 from alambic.data import LMDatasetInfo
 from alambic.data.lm import TokenRows
-from alambic.errors import ConfigError
+from alambic.errors import ConfigError, DataError, first_line
 from alambic.files import dumps_json, writing
 from alambic.run.lm_distill import stored_settings
 
@@ -109,14 +112,53 @@ def teacher_sample_datasets(
         rows = load_file(str(folder / SAMPLES_FILE))
     else:
         rows = generate_rows(teacher, wanted)
+    return _sample_datasets(rows, wanted, teacher.get_output_embeddings().out_features)
+
+
+def _sample_datasets(
+    rows: dict[str, Tensor], wanted: dict, vocabulary: int
+) -> tuple[TokenRows, TokenRows, Any]:
     prompt = len(wanted["prompt"])
     train, valid = (token_rows(rows[split], prompt) for split in ("train", "validation"))
-    vocabulary = teacher.get_output_embeddings().out_features
     info = LMDatasetInfo(
         "teacher-samples", vocabulary, (rows["train"].shape[1],), [], None, None, unit="token",
-        generated={"settings": wanted, "rows": rows},
+        generated={"settings": wanted, "rows": rows, "vocabulary": vocabulary},
     )  # fmt: skip
     return train, valid, info
+
+
+def stored_sample_datasets(
+    run_dir: str | Path, settings: Any, *, seed: int
+) -> tuple[TokenRows, TokenRows, LMDatasetInfo] | None:
+    """A finished run's samples read back without building its teacher, or None.
+
+    What ``alambic export`` and ``alambic compress`` check a run's models on: the rows the run trained on,
+    when ``run_dir/teacher_samples`` holds them for ``settings`` and ``seed`` (the teacher's part of the
+    settings, its checksum and default prompt, is taken as written: building the teacher to compare it is
+    what this avoids) and records the vocabulary (folders written before it did: None).
+
+    Example:
+        >>> train, valid, info = stored_sample_datasets("runs/lm-stories260k", config.data.teacher_samples, seed=0)
+    """
+    folder = Path(run_dir) / SAMPLES_DIR
+    stored = stored_settings(folder, SAMPLES_FILE)
+    ours = {**settings.model_dump(), "seed": seed if settings.seed is None else settings.seed}
+    if settings.prompt is None:
+        del ours["prompt"]  # the teacher's BOS token: stored resolved
+    else:
+        ours["prompt"] = list(settings.prompt)
+    if stored is None or any(stored.get(key) != value for key, value in ours.items()):
+        return None
+    try:
+        with safe_open(str(folder / SAMPLES_FILE), framework="pt") as handle:
+            vocabulary = (handle.metadata() or {}).get("vocabulary", "")
+        rows = load_file(str(folder / SAMPLES_FILE)) if vocabulary.isdigit() else None
+    except (SafetensorError, OSError) as error:
+        raise DataError(
+            f"cannot read {folder / SAMPLES_FILE} ({first_line(error)}); delete {folder} and run "
+            f"alambic run {Path(run_dir) / 'config.yaml'} --resume {run_dir} to generate the samples again"
+        ) from None
+    return None if rows is None else _sample_datasets(rows, stored, int(vocabulary))
 
 
 def token_rows(ids: Tensor, prompt_tokens: int) -> TokenRows:
@@ -135,5 +177,6 @@ def write_teacher_samples(run_dir: Path, generated: dict) -> None:
     with writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "settings.json").unlink(missing_ok=True)  # written last: it marks a complete folder
-        save_file(generated["rows"], str(folder / SAMPLES_FILE))
+        metadata = {"vocabulary": str(generated["vocabulary"])}  # read back without the teacher
+        save_file(generated["rows"], str(folder / SAMPLES_FILE), metadata=metadata)
         atomic_write_text(folder / "settings.json", dumps_json(generated["settings"], indent=2))
