@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import resources
+from importlib import resources, util
 from pathlib import Path
 
-from alambic.errors import AlambicError
+from alambic.errors import AlambicError, ConfigError
 
 DEMO_DATASETS = ("digits", "mnist", "fashion-mnist")
 
@@ -37,9 +37,22 @@ def demo_overrides(task: str, dataset: str, data_dir: str | None) -> tuple[Path,
         raise AlambicError(
             "--task lm runs on the packaged Tiny Shakespeare; leave out --dataset and --data-dir"
         )
+    if not installed("transformers"):  # said before any work, in the demo's words
+        raise ConfigError(
+            "alambic demo --task lm builds its Llama-style models with Hugging Face transformers, which is not "
+            "installed: pip install 'alambic[hf]' (the classification demo, alambic demo, needs no extra)"
+        )
     recipes = resources.files("alambic") / "recipes"
     corpus = Path(str(recipes / "data" / LM_DEMO_CORPUS))
     return Path(str(recipes / "lm-demo.yaml")), [f"data.train_file={corpus}"]
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported, found without importing it."""
+    try:
+        return util.find_spec(package) is not None
+    except (ImportError, ValueError):  # blocked, or a broken entry in sys.modules
+        return False
 
 
 def packaged_recipes() -> Path:
