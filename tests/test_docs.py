@@ -116,11 +116,17 @@ def test_commands_in_the_manual_name_real_subcommands():
     assert not wrong, f"not an alambic subcommand (alambic --help lists {sorted(known)}): {wrong}"
 
 
-def test_recipe_files_the_manual_names_exist():
+def test_files_the_manual_names_exist():
+    """``recipes/...`` files (a glob such as ``recipes/lm/*.yaml`` must match one), and the modules, tests
+    and benchmark scripts the manual points at (``alambic/run/preflight.py`` lives under ``src/``)."""
+    names = re.compile(
+        r"(?<![\w/.-])(?:recipes/[\w./*-]*\w\.(?:yaml|jsonl|txt\.gz)|alambic/[\w/]+\.py|(?:tests|benchmarks)/\w+\.py)"
+    )
     missing = []
     for path in manual_files():
-        for name in re.findall(r"(?<![\w/.-])recipes/[\w./*-]*\w\.(?:yaml|jsonl|txt\.gz)", path.read_text()):
-            if not glob.glob(str(ROOT / name)):
+        for name in names.findall(path.read_text()):
+            root = ROOT / "src" if name.startswith("alambic/") else ROOT
+            if not glob.glob(str(root / name)):
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, f"files named in the manual that do not exist: {missing}"
 
