@@ -172,7 +172,7 @@ def load_hf_folder(folder: str | Path, like: nn.Module) -> nn.Module:
     """Load an exported folder with the class of ``like`` (``from_pretrained``), in eval mode.
 
     A head-pruned model (per-layer head counts, which its config cannot state) is rebuilt from its
-    config and the stored weight shapes (:func:`alambic.compress.head_pruning.load_head_pruned`)."""
+    config and the stored weight shapes (:func:`alambic.models.surgery.load_head_pruned`)."""
     if is_head_pruned(folder):
         return load_head_pruned(folder, type(like))
     return type(like).from_pretrained(str(folder)).eval()

@@ -13,7 +13,7 @@
 - :func:`recover` distills the pruned model from the unpruned one with :func:`alambic.distill`; the
   weights pruning zeroed stay zero while it trains.
 
-A structurally pruned model is saved as plain safetensors; :func:`alambic.compress.export.load_resized` rebuilds
+A structurally pruned model is saved as plain safetensors; :func:`alambic.models.surgery.load_resized` rebuilds
 it from its architecture and that file.
 
 Example:

@@ -170,9 +170,9 @@ class IndexedDataset(Dataset):
 class BatchedView(Dataset):
     """A data set with ``get_batch`` seen by a DataLoader as one that returns whole batches.
 
-    The DataLoader calls ``__getitems__`` with a batch's indices; with :func:`alambic.core.loop.already_batched`
+    The DataLoader calls ``__getitems__`` with a batch's indices; with :func:`already_batched`
     as its collate, a batch costs one tensor gather instead of a ``__getitem__`` per sample and a stack.
-    The view is made by :func:`alambic.core.loop.make_loader`, so a user's own DataLoader over the data set
+    The view is made by :func:`make_loader`, so a user's own DataLoader over the data set
     keeps PyTorch's per-sample behaviour.
     """
 

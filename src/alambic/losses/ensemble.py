@@ -96,7 +96,7 @@ def ensemble_kd_loss(
 ) -> Tensor:
     """KD from several teachers: ``T^2 * KL(p_ens || softmax(s / T))`` with ``p_ens`` from :func:`ensemble_probabilities`.
 
-    Read the teachers from an :class:`EnsembleModel` with ``teacher: members``; unlike the ensemble's own
+    Read the teachers from an :class:`alambic.strategies.EnsembleModel` with ``teacher: members``; unlike the ensemble's own
     ``logits``, this loss sees the labels, so it can weight teachers by per-sample correctness.
 
     Args:

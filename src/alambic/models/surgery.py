@@ -174,7 +174,7 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
 def sync_attention_heads(model: nn.Module) -> list[int]:
     """Set each self-attention's ``num_attention_heads`` / ``all_head_size`` from its Linear shapes.
 
-    Call it after the Linear layers were resized (as :func:`alambic.compress.export.load_resized` does); a model
+    Call it after the Linear layers were resized (as :func:`load_resized` does); a model
     without BERT-style attention is left alone. Returns the head count of each attention module found.
 
     Example:
@@ -263,7 +263,7 @@ def load_head_pruned(
 
     ``from_pretrained`` would build every layer with the config's head count and stop on (or, with
     ``ignore_mismatched_sizes``, silently re-initialise) the smaller attention weights; this builds the
-    model from the config and loads ``model.safetensors`` with :func:`alambic.compress.export.load_resized`.
+    model from the config and loads ``model.safetensors`` with :func:`load_resized`.
     :func:`alambic.models.hf.load_hf_model` calls it for such folders.
 
     Example:

@@ -5,7 +5,7 @@ The chain reads a run directory (or runs a config first) and writes ``RUN_DIR/co
 ```
 compress/
   weights/                  ROW.safetensors of every float row (a structurally pruned one is rebuilt
-                            from the architecture and this file by alambic.compress.export.load_resized)
+                            from the architecture and this file by alambic.models.surgery.load_resized)
   onnx/                     ROW.onnx (float32) of every float row, and int8.onnx
   export/                   the final student: model.onnx, model-int8.onnx, model.pt2, model.safetensors
                             (a Hugging Face student: the folder model-hf/ from save_pretrained, with
