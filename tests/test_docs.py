@@ -141,6 +141,12 @@ def test_readme_links_resolve():
     assert not missing, f"README.md links to files that do not exist: {missing}"
 
 
+def alambic_executable() -> list[str]:
+    """The ``alambic`` of the Python running the tests (not whichever comes first on PATH)."""
+    script = Path(sys.executable).parent / "alambic"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "alambic.cli"]
+
+
 def readme_commands() -> list[str]:
     commands = [line for block in code_blocks(README.read_text(), SHELL) for line in command_lines(block)]
     unknown = [line for line in commands if line.split()[0] not in NOT_RUN | {"alambic"}]
@@ -168,7 +174,7 @@ def test_readme_commands_run_as_written(tmp_path):
             skipped.append(command)
             continue
         result = subprocess.run(
-            shlex.split(command),
+            [*alambic_executable(), *shlex.split(command)[1:]],
             cwd=work,
             capture_output=True,
             text=True,
