@@ -23,6 +23,7 @@ from alambic.commands.augment import augment
 from alambic.commands.explore import inspect, losses
 from alambic.commands.options import Debug, yaml_mapping
 from alambic.config import load_config
+from alambic.config.base import hf_path
 from alambic.console import (
     ProgressBar,
     console,
@@ -33,7 +34,7 @@ from alambic.console import (
 )
 from alambic.core.cache import cache_size_bytes
 from alambic.errors import AlambicError
-from alambic.models.hf import derive_to_folder
+from alambic.models.hf import CALIBRATION_BLOCK, CALIBRATION_WINDOWS, derive_to_folder, is_gguf
 from alambic.packaged import demo_overrides, packaged_recipes, recipe_path, recipe_purpose
 from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.compress import compress_run
@@ -290,16 +291,30 @@ def report(
 @app.command()
 @user_errors
 def derive(
-    teacher: Annotated[str, typer.Argument(help="a Hugging Face model folder (or hub id)")],
+    teacher: Annotated[
+        str, typer.Argument(help="a Hugging Face model folder, hub id or .gguf file (hf: optional)")
+    ],
     out: Annotated[Path, typer.Option(help="new folder for the student")],
     layers: Annotated[
-        int | None, typer.Option(help="keep N layers, first and last included, evenly spread")
+        int | None, typer.Option(help="keep N layers: evenly spread (first and last), or by --by importance")
     ] = None,
     keep: Annotated[str | None, typer.Option(help="keep these teacher layers, e.g. 0,5")] = None,
     every: Annotated[int | None, typer.Option(help="keep every K-th layer from 0 (DistilBERT: 2)")] = None,
-    task: Annotated[str, typer.Option(help="sequence-classification, causal-lm or embedding")] = (
-        "sequence-classification"
+    by: Annotated[
+        str,
+        typer.Option(help="position, or importance: the N layers of highest Block Influence (ShortGPT)"),
+    ] = "position",
+    calibration: Annotated[
+        Path | None, typer.Option(help="--by importance: a UTF-8 text file the layers are measured on")
+    ] = None,
+    calibration_windows: Annotated[int, typer.Option(help="--by importance: windows of that text")] = (
+        CALIBRATION_WINDOWS
     ),
+    block_size: Annotated[int, typer.Option(help="--by importance: tokens per window")] = CALIBRATION_BLOCK,
+    task: Annotated[
+        str | None,
+        typer.Option(help="sequence-classification, causal-lm or embedding (default: causal-lm for .gguf)"),
+    ] = None,
     num_labels: Annotated[
         int | None,
         typer.Option(help="classes of the classification head (a new head if the teacher has none)"),
@@ -312,13 +327,24 @@ def derive(
         kept = [int(index) for index in keep.split(",")] if keep else None
     except ValueError:
         raise AlambicError(f"--keep takes layer indices like 0,5; got {keep!r}") from None
+    teacher = hf_path(teacher) or teacher
+    task = task or ("causal-lm" if is_gguf(teacher) else "sequence-classification")
     report = derive_to_folder(
         teacher, out, task=task, layers=layers, keep=kept, every=every, num_labels=num_labels,
-        local_files_only=offline,
+        local_files_only=offline, by=by, calibration=calibration, windows=calibration_windows,
+        block_size=block_size,
     )  # fmt: skip
     new = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in report["new_tensors"].items())
+    influence = report.get("block_influence")
+    measured = (
+        f"Block Influence on {report['calibration_tokens']:,} tokens: "
+        + " ".join(f"{index}:{score:.3f}" for index, score in enumerate(influence))
+        + "; "
+        if influence
+        else ""
+    )
     console.print(
-        f"{report['family']}: kept teacher layers {report['kept_layers']} of {report['teacher_layers']}; "
+        f"{report['family']}: {measured}kept teacher layers {report['kept_layers']} of {report['teacher_layers']}; "
         f"copied {report['copied_tensors']} tensors from the teacher, newly initialised: {new or 'none'}; "
         f"{report['student_parameters']:,} parameters (teacher {report['teacher_parameters']:,}); "
         f"tokenizer {report['tokenizer']}; wrote {out}"

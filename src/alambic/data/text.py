@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from alambic.data.tokenizers import gguf_tokenizer
 from alambic.errors import ConfigError, DataError
 from alambic.imports import require
 
@@ -87,8 +88,9 @@ def read_sentences(path: str | Path) -> list[str]:
 
 
 def load_tokenizer(name_or_path: str):
-    """A ``transformers`` tokenizer from a folder (offline) or a hub id."""
-
+    """A ``transformers`` tokenizer from a folder (offline), a hub id or a ``.gguf`` model file."""
+    if str(name_or_path).lower().endswith(".gguf"):
+        return gguf_tokenizer(name_or_path)
     try:
         return require(
             "transformers", "hf", purpose="text data sets (tokenizers)"

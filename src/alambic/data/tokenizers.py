@@ -7,7 +7,8 @@ Three kinds behind one :class:`Tokenizer` protocol, chosen by :func:`load_tokeni
   tokenizer); a character outside it is a one-line :class:`~alambic.errors.DataError`;
 - a folder: one that :meth:`Tokenizer.save` wrote (``alambic-tokenizer.json``), or a Hugging Face
   tokenizer folder (``AutoTokenizer.from_pretrained(path, local_files_only=True)``), wrapped in
-  :class:`HFTokenizer`.
+  :class:`HFTokenizer`;
+- a ``.gguf`` model file: the Hugging Face tokenizer stored in it (with its chat template), wrapped alike.
 
 ``unit`` names what bits-per-unit metrics divide by, and :meth:`Tokenizer.count_units` counts it: the
 bytes or characters a run of ids stands for. For ``bytes`` and ``chars`` one id is one unit; for a Hugging
@@ -163,10 +164,12 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str, corpus: str | None = None) -> Tokenizer:
-    """The tokenizer named by ``spec``: ``"bytes"``, ``"chars"`` (built from ``corpus``) or a folder.
+    """The tokenizer named by ``spec``: ``"bytes"``, ``"chars"`` (built from ``corpus``), a folder or a
+    ``.gguf`` model file.
 
     A folder is one written by :meth:`Tokenizer.save` (``alambic-tokenizer.json``) or a Hugging Face
-    tokenizer folder, read offline. Hub ids are not fetched: download the tokenizer first.
+    tokenizer folder, read offline; a GGUF file gives the tokenizer and chat template stored in it
+    (:func:`gguf_tokenizer`). Hub ids are not fetched: download the tokenizer first.
 
     Example:
         >>> tokenizer = load_tokenizer("chars", corpus="to be or not to be")
@@ -180,9 +183,11 @@ def load_tokenizer(spec: str, corpus: str | None = None) -> Tokenizer:
             raise ConfigError('tokenizer "chars" is built from the training text; pass corpus=')
         return CharTokenizer.from_corpus(corpus)
     folder = Path(str(spec)).expanduser()
+    if str(spec).lower().endswith(".gguf"):  # a GGUF model file holds its tokenizer and chat template
+        return HFTokenizer(gguf_tokenizer(folder))
     if not folder.is_dir():
         raise ConfigError(
-            f'tokenizer must be "bytes", "chars" or a local tokenizer folder; {spec!r} is not a folder'
+            f'tokenizer must be "bytes", "chars", a local tokenizer folder or a .gguf file; {spec!r} is neither'
         )
     if (folder / TOKENIZER_FILE).is_file():
         return _read_spec(folder / TOKENIZER_FILE)
@@ -192,6 +197,22 @@ def load_tokenizer(spec: str, corpus: str | None = None) -> Tokenizer:
     except (OSError, ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot load a tokenizer from {folder}: {reason}") from None
+
+
+def gguf_tokenizer(path: str | Path) -> Any:
+    """The ``transformers`` tokenizer stored in a GGUF model file (vocabulary, merges, special tokens and
+    chat template), read offline; a file it cannot be read from is a one-line :class:`ConfigError`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such GGUF file; give the path of a .gguf model file")
+    transformers = require("transformers", "hf", purpose="Hugging Face tokenizers")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(path.parent.resolve()), gguf_file=path.name, local_files_only=True
+        )
+    except Exception as error:  # any failure: the GGUF parser raises ValueError, struct.error, KeyError...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load a tokenizer from the GGUF file {path}: {reason}") from None
 
 
 def _write_spec(folder: str | Path, spec: dict) -> None:

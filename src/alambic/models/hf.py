@@ -15,17 +15,22 @@ import copy
 import os
 import re
 import tempfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from alambic.errors import ConfigError
 from alambic.files import dumps_json
 from alambic.imports import require
+from alambic.models.importance import block_influence, calibration_tokens, most_important, text_windows
 from alambic.models.surgery import is_head_pruned, layer_list, load_head_pruned
 
+GGUF_SUFFIX = ".gguf"
+CALIBRATION_WINDOWS = 32  # calibration text for by="importance": windows of
+CALIBRATION_BLOCK = 256  # this many tokens
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
@@ -47,19 +52,25 @@ def load_hf_model(
     attn_implementation: str = "eager",
     **kwargs: Any,
 ) -> nn.Module:
-    """A ``transformers`` model from a local folder or a hub id.
+    """A ``transformers`` model from a local folder, a hub id or a GGUF file.
 
     Args:
-        name_or_path: a folder written by ``save_pretrained`` (works offline) or a hub id.
+        name_or_path: a folder written by ``save_pretrained`` (works offline), a hub id, or a ``.gguf``
+            file (llama.cpp's format), dequantised by :func:`load_gguf_model`.
         task: ``sequence-classification``, ``causal-lm`` or ``embedding`` (the bare encoder).
         num_labels: classes of a classification head (a new head when it differs from the checkpoint's).
         local_files_only: never reach the network.
         attn_implementation: ``eager`` returns attention maps (``attentions.K`` terms); ``sdpa`` is faster
             but returns none.
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``output_loading_info``, ...).
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     auto = getattr(transformers_module(), TASKS[task])
+    if num_labels is not None and task == "sequence-classification":
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    if is_gguf(name_or_path):
+        return load_gguf_model(name_or_path, auto, attn_implementation=attn_implementation, **kwargs)
 
     if is_head_pruned(name_or_path):  # per-layer head counts: rebuilt from the stored weight shapes
         labels = num_labels if task == "sequence-classification" else None
@@ -70,8 +81,6 @@ def load_hf_model(
             local_files_only=True,
             attn_implementation=attn_implementation,
         )
-    if num_labels is not None and task == "sequence-classification":
-        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     try:
         return auto.from_pretrained(
             name_or_path, local_files_only=local_files_only, attn_implementation=attn_implementation, **kwargs
@@ -80,6 +89,61 @@ def load_hf_model(
         raise ConfigError(
             f"cannot load the Hugging Face model {name_or_path!r}: {str(error).splitlines()[0]}"
         ) from None
+
+
+def is_gguf(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` names a GGUF file (llama.cpp's format: ``*.gguf``)."""
+    return str(name_or_path).lower().endswith(GGUF_SUFFIX)
+
+
+def gguf_location(path: str | Path) -> tuple[str, str]:
+    """``(folder, file name)`` of a GGUF file, as ``from_pretrained(folder, gguf_file=name)`` takes them;
+    a file that does not exist is a one-line :class:`ConfigError`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such GGUF file; give the path of a .gguf model file")
+    return str(path.parent.resolve()), path.name
+
+
+def load_gguf_model(path: str | Path, auto: Any, *, dtype: Any = "float32", **kwargs: Any) -> nn.Module:
+    """A GGUF file loaded by ``auto.from_pretrained(folder, gguf_file=name)``, every weight dequantised to
+    ``dtype`` (``float32`` unless asked: ``bfloat16``, ``float16``, a ``torch.dtype``).
+
+    The result is a plain model: no ``quantization_config`` on its config and no quantizer attached, so
+    ``save_pretrained``, deep copies and derived students treat it as any other. Anything ``transformers``
+    cannot read (not GGUF, truncated, an architecture it does not support) is one :class:`ConfigError` line.
+    """
+    folder, name = gguf_location(path)
+    transformers = transformers_module()
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ConfigError(f"dtype {dtype!r} for {path}: give float32, bfloat16 or float16")
+    if hasattr(transformers, "GgufConfig"):  # transformers 5 may keep GGUF blocks packed unless told
+        kwargs.setdefault("quantization_config", transformers.GgufConfig(dequantize=True))
+    try:
+        loaded = auto.from_pretrained(
+            folder, gguf_file=name, dtype=torch_dtype, local_files_only=True, **kwargs
+        )
+    except Exception as error:  # any failure: the GGUF parser raises ValueError, struct.error, KeyError...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load the GGUF file {path}: {reason}") from None
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    for holder, attribute in ((model.config, "quantization_config"), (model, "hf_quantizer")):
+        if getattr(holder, attribute, None) is not None:  # weights are dense now: nothing to carry on
+            delattr(holder, attribute)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    return loaded
+
+
+def hf_tokenizer(name_or_path: str | Path, *, local_files_only: bool = False) -> Any:
+    """The ``transformers`` tokenizer of a model folder, hub id or GGUF file (its vocabulary, merges and
+    chat template are stored in the file); raises ``OSError`` / ``ValueError`` when there is none."""
+    transformers = transformers_module()
+    if is_gguf(name_or_path):
+        folder, name = gguf_location(name_or_path)
+        return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
 
 
 def build_hf_model(
@@ -148,6 +212,8 @@ def derive_student(
     layers: int | None = None,
     keep: Sequence[int] | None = None,
     every: int | None = None,
+    by: str = "position",
+    calibration: Tensor | Iterable[Any] | None = None,
     new_in_teacher: Collection[str] = (),
 ) -> tuple[nn.Module, dict]:
     """A student of the teacher's family with fewer layers, initialised from the teacher's weights.
@@ -158,9 +224,54 @@ def derive_student(
     teacher's checkpoint, the newly initialised ones (``new_tensors``: name -> shape; the student's own,
     and ``new_in_teacher``, those the teacher's loading initialised, such as a new classification head),
     parameter counts.
+
+    ``by="importance"`` keeps the ``layers`` layers of highest Block Influence (ShortGPT, Men et al. 2024,
+    arXiv:2403.03853; :func:`alambic.models.importance.block_influence`) measured on ``calibration`` (a
+    ``[W, T]`` tensor of token ids, or samples / batches with ``input_ids``); the report then holds each
+    teacher layer's ``block_influence`` and the ``calibration_tokens`` counted.
+
+    Example:
+        >>> student, report = derive_student(teacher, layers=10, by="importance", calibration=windows)
+        >>> report["kept_layers"], report["block_influence"]
     """
     path, blocks = layer_list(teacher)
-    chosen = choose_layers(len(blocks), layers=layers, keep=keep, every=every)
+    scores = None
+    if by == "importance":
+        if layers is None or keep is not None or every is not None:
+            raise ConfigError(
+                "--by importance keeps the N most important layers: give --layers N (not keep/every)"
+            )
+        if calibration is None:
+            raise ConfigError("--by importance measures the layers on calibration text: give some")
+        scores = block_influence(teacher, calibration)
+        chosen = most_important(scores, layers)
+    elif by == "position":
+        chosen = choose_layers(len(blocks), layers=layers, keep=keep, every=every)
+    else:
+        raise ConfigError(f"by {by!r}: choose layers by position (the default) or importance")
+    student, copied, new = _copy_layers(teacher, path, chosen, new_in_teacher)
+    report = {
+        "family": type(teacher).__name__,
+        "layer_list": path,
+        "teacher_layers": len(blocks),
+        "by": by,
+        "kept_layers": chosen,
+        "copied_tensors": copied,
+        "new_tensors": new,
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+    }
+    if scores is not None:
+        report["block_influence"] = [round(score, 6) for score in scores]
+        report["calibration_tokens"] = calibration_tokens(calibration)
+    return student, report
+
+
+def _copy_layers(
+    teacher: nn.Module, path: str, chosen: list[int], new_in_teacher: Collection[str]
+) -> tuple[nn.Module, int, dict]:
+    """A model of the teacher's class with ``chosen`` layers copied (renumbered), the rest of its tensors
+    copied by name; returns it, how many tensors came from the teacher, and the new ones (name -> shape)."""
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(chosen)
     student = type(teacher)(config)
@@ -180,17 +291,25 @@ def derive_student(
             state[key] = value
             new[key] = list(value.shape)
     student.load_state_dict(state)
-    report = {
-        "family": type(teacher).__name__,
-        "layer_list": path,
-        "teacher_layers": len(blocks),
-        "kept_layers": chosen,
-        "copied_tensors": copied,
-        "new_tensors": new,
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-    }
-    return student, report
+    return student, copied, new
+
+
+def file_calibration(
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    windows: int = CALIBRATION_WINDOWS,
+    block_size: int = CALIBRATION_BLOCK,
+) -> Tensor:
+    """The first ``windows`` windows of ``block_size`` tokens of a UTF-8 text file, ``[W, T]``, tokenized by
+    a ``transformers`` tokenizer (no special tokens): calibration text for ``by="importance"``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the calibration text {path}: {error}") from None
+    needed = windows * block_size * 16  # characters enough for the windows (a token is a few characters)
+    ids = tokenizer(text[:needed], add_special_tokens=False)["input_ids"]
+    return text_windows(ids, block_size=block_size, windows=windows)
 
 
 def derive_to_folder(
@@ -203,39 +322,60 @@ def derive_to_folder(
     every: int | None = None,
     num_labels: int | None = None,
     local_files_only: bool = False,
+    by: str = "position",
+    calibration: str | Path | None = None,
+    windows: int = CALIBRATION_WINDOWS,
+    block_size: int = CALIBRATION_BLOCK,
 ) -> dict:
-    """Derive a student from the Hugging Face model ``teacher`` and save it (with the tokenizer, when
-    the teacher has one) to the new folder ``out``; returns the report, also written to ``derive.json``.
+    """Derive a student from the Hugging Face model ``teacher`` (a folder, hub id or ``.gguf`` file) and save
+    it (with the tokenizer, when the teacher has one) to the new folder ``out``; returns the report, also
+    written to ``derive.json``.
 
     ``num_labels``: classes of the classification head (a new head when the checkpoint has none, as a
     sentence-transformers folder, or another size). The report's ``new_tensors`` names what neither the
-    teacher's checkpoint nor its layers gave (name -> shape). The folder appears complete or not at all
+    teacher's checkpoint nor its layers gave (name -> shape). ``by="importance"`` keeps the ``layers``
+    layers of highest Block Influence on the first ``windows`` windows of ``block_size`` tokens of the text
+    file ``calibration`` (tokenized by the teacher's tokenizer). The folder appears complete or not at all
     (written aside, then renamed).
     """
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new folder for the derived student")
+    if by == "importance" and calibration is None:
+        raise ConfigError("--by importance measures the layers on text: give --calibration FILE (UTF-8 text)")
     loaded = load_hf_model(
         teacher, task=task, num_labels=num_labels, local_files_only=local_files_only, output_loading_info=True
     )
     # a head-pruned folder is rebuilt from its weight shapes: every tensor comes from the checkpoint
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     new_in_teacher = {*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))}
+    try:
+        tokenizer = hf_tokenizer(teacher, local_files_only=local_files_only)
+    except (OSError, ValueError):
+        tokenizer = None
+    ids = None
+    if by == "importance":
+        if tokenizer is None:
+            raise ConfigError(
+                f"--by importance tokenizes the calibration text, and {teacher} has no tokenizer"
+            )
+        ids = file_calibration(tokenizer, calibration, windows=windows, block_size=block_size)
     student, report = derive_student(
-        model, layers=layers, keep=keep, every=every, new_in_teacher=new_in_teacher
+        model, layers=layers, keep=keep, every=every, by=by, calibration=ids, new_in_teacher=new_in_teacher
     )
-    report["teacher"] = teacher
+    report["teacher"] = str(teacher)
+    if ids is not None:
+        report["calibration"] = {
+            "file": str(calibration),
+            "windows": ids.shape[0],
+            "block_size": ids.shape[1],
+        }
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         student.save_pretrained(staging)
-        try:
-            tokenizer = transformers_module().AutoTokenizer.from_pretrained(
-                teacher, local_files_only=local_files_only
-            )
+        if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-            report["tokenizer"] = "copied"
-        except (OSError, ValueError):
-            report["tokenizer"] = "none found next to the teacher"
+        report["tokenizer"] = "copied" if tokenizer is not None else "none found next to the teacher"
         (Path(staging) / "derive.json").write_text(dumps_json(report, indent=2))
         os.replace(staging, out)
     return report

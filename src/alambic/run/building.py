@@ -30,7 +30,8 @@ from alambic.models import (
     model_options,
     teacher_embedding_table,
 )
-from alambic.models.hf import build_hf_model, derive_student, load_hf_model
+from alambic.models.hf import CALIBRATION_WINDOWS, build_hf_model, derive_student, load_hf_model
+from alambic.models.importance import text_windows
 from alambic.models.llama2c import load_llama2c
 from alambic.models.lora import with_lora
 from alambic.run.teacher_samples import teacher_sample_datasets
@@ -122,12 +123,55 @@ def _construct(model_config, info, task: str) -> nn.Module:
     return build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
 
 
-def derive_from_teacher(teacher: nn.Module, model_config) -> nn.Module:
-    """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them."""
-    student, _report = derive_student(teacher, **model_config.kwargs)
+def derive_from_teacher(teacher: nn.Module, model_config, config: RunConfig | None = None) -> nn.Module:
+    """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them.
+
+    ``kwargs.by: importance`` keeps the ``layers`` of highest Block Influence on calibration text: the first
+    ``calibration_windows`` (32) training windows of the run ``config``, or those of ``calibration_file``
+    (tokenized like the run's data, in windows of ``data.block_size``). Without ``config`` (a run's
+    architecture rebuilt, whose saved weights then replace the derived ones) the same number of layers is
+    kept by position. The derive report (kept layers, each layer's Block Influence) is the student's
+    ``derive_report`` attribute.
+    """
+    kwargs = dict(model_config.kwargs)
+    calibration_file = kwargs.pop("calibration_file", None)
+    windows = kwargs.pop("calibration_windows", CALIBRATION_WINDOWS)
+    if kwargs.get("by") == "importance":
+        if config is None:
+            kwargs["by"] = "position"  # the architecture alone: any `layers` layers give the same shapes
+        else:
+            kwargs["calibration"] = run_calibration(config, windows, calibration_file)
+    student, report = derive_student(teacher, **kwargs)
+    student.derive_report = report
     if model_config.checkpoint:
         load_weights(student, model_config.checkpoint)
     return adapt(student, model_config)
+
+
+def run_calibration(config: RunConfig, windows: int, calibration_file: str | None = None) -> Any:
+    """Calibration text for ``derive:teacher`` by importance: the run's first ``windows`` training windows
+    (``{"input_ids": [W, T], ...}``), or the first ``windows`` windows of ``data.block_size`` tokens of
+    ``calibration_file`` tokenized by the run's tokenizer (``[W, T]``)."""
+    train_set, _, info = build_run_datasets(config, augment=False, subset=False)
+    if calibration_file is not None:
+        tokenizer = getattr(info, "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError(
+                "student.model.kwargs.calibration_file needs the run's tokenizer (a text data set)"
+            )
+        try:
+            text = Path(calibration_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(
+                f"student.model.kwargs.calibration_file: cannot read {calibration_file}: {error}"
+            ) from None
+        block_size = config.data.block_size
+        ids = tokenizer.encode(text[: windows * block_size * 16])  # enough characters for the windows
+        return text_windows(ids, block_size=block_size, windows=windows)
+    count = min(windows, len(train_set))
+    if hasattr(train_set, "get_batch"):
+        return train_set.get_batch(list(range(count)))
+    return [train_set[index] for index in range(count)]
 
 
 @torch.no_grad()

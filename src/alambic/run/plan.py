@@ -48,7 +48,7 @@ class Builder:
         config (with the teacher's embeddings when it asks for them); baseline and distilled start alike."""
         model_config = self.config.student.model
         if model_config.arch == "derive:teacher":  # a copy of the teacher's layers: the teacher stays intact
-            model = derive_from_teacher(models["teacher"], model_config)
+            model = derive_from_teacher(models["teacher"], model_config, self.config)
             check_num_classes(model, self.example, self.info.num_classes, "student")
             return model
         return self.named(model_config, "student", teacher=models.get("teacher"))
