@@ -5,7 +5,7 @@
 - :class:`SelfDistiller`: shallow exits distilled from the deepest (Be Your Own Teacher).
 - :func:`train_teacher_free`: trains such a module (it brings its own targets) with the one loop.
 - :class:`MixedDataset`: mixup / CutMix views, seen alike by teacher and student.
-- Born-again generations and teacher-assistant chains are run configs (``strategy:``; see README).
+- Born-again generations and teacher-assistant chains are run configs (``strategy:``; see docs/strategies.md).
 """
 
 from alambic.data.mixing import MixedDataset
