@@ -89,3 +89,30 @@ def test_a_stage_a_later_one_needs_is_refused_before_the_run_directory(tmp_path)
     with pytest.raises(ConfigError, match="distill and evaluate need a teacher"):
         run(config, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_export_finds_every_model_the_plan_saves():
+    from alambic.run.artifacts import run_model_source
+
+    mutual = load_config(ROOT / "recipes" / "strategies" / "mutual.yaml")
+    folder, model_config = run_model_source(mutual, "peer_1")
+    assert folder == "peer_1" and model_config == mutual.strategy.peers[0]
+    born_again = load_config(ROOT / "recipes" / "strategies" / "born-again.yaml")
+    assert run_model_source(born_again, "generation_1") == ("generation_1", born_again.student.model)
+    assert run_model_source(born_again, "student") == ("student", born_again.student.model)
+    assert run_model_source(born_again, "teacher") == ("teacher", born_again.teacher.model)
+    with pytest.raises(ConfigError, match="must be one of student, teacher, baseline, generation_1"):
+        run_model_source(born_again, "peer_1")
+
+
+def test_the_report_labels_each_stage_s_terms_with_its_own_weights():
+    from alambic.run.plan import describe
+    from alambic.run.report import stage_weights
+
+    config = load_config(ROOT / "recipes" / "strategies" / "born-again.yaml")
+    weights = stage_weights({"plan": describe(plan(config))})
+    distill = {term.name: term.weight for term in config.distill.terms}
+    assert weights["generation_1"] == weights["distill"] == distill
+    assert weights["baseline"] == {term.name: term.weight for term in config.baseline.terms}
+    legacy = {"terms": [{"name": "kd", "weight": 0.9}]}  # a summary written before the plan was recorded
+    assert stage_weights(legacy) == {"distill": {"kd": 0.9}}

@@ -402,7 +402,12 @@ def export_command(
             "safetensors, the save_pretrained folder (default RUN_DIR/export/MODEL-hf)"
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="for a run directory: student, baseline or teacher")] = "student",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="for a run directory: student, baseline, teacher or another model it saves (peer_1, ...)"
+        ),
+    ] = "student",
     data_dir: Annotated[str | None, typer.Option(help="data folder (for the check on real inputs)")] = None,
     arch: Annotated[str | None, typer.Option(help="architecture of a checkpoint")] = None,
     dataset: Annotated[str | None, typer.Option(help="data set of a checkpoint")] = None,

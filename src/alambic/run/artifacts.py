@@ -35,10 +35,10 @@ from alambic.run.building import (
     derive_from_teacher,
     run_tokenizer,
 )
+from alambic.run.plan import FromConfig, saved_models
+from alambic.run.planners import plan
 from alambic.run.rundir import check_run_dir
 from alambic.run.teacher_samples import stored_sample_datasets
-
-RUN_MODELS = {"student": "student", "distilled": "student", "baseline": "baseline", "teacher": "teacher"}
 
 
 @dataclass
@@ -95,7 +95,8 @@ def load_run_model(
 
     Args:
         source: A run directory written by ``alambic run``, or a ``.safetensors`` checkpoint.
-        model: For a run directory: ``student`` (the distilled one), ``baseline`` or ``teacher``.
+        model: For a run directory: ``student`` (the distilled one), ``baseline``, ``teacher``, or any
+            other model the run's plan saves (``baseline-seed1``, ``generation_1``, ``peer_1``, ...).
         data_dir: Overrides the run's ``data.data_dir`` (or the checkpoint's data folder).
         arch: For a checkpoint: zoo name or ``package.module:function``.
         dataset: For a checkpoint: the data set whose test split checks the export.
@@ -109,12 +110,10 @@ def load_run_model(
     source = Path(source)
     if source.is_dir():
         config = load_config(check_run_dir(source) / "config.yaml")
-        if model not in RUN_MODELS:
-            raise ConfigError(f"--model must be one of {', '.join(RUN_MODELS)}, got {model!r}")
-        weights = source / RUN_MODELS[model] / "model.safetensors"
+        folder, model_config = run_model_source(config, model)
+        weights = source / folder / "model.safetensors"
         if not weights.is_file():
             raise AlambicError(f"{weights} does not exist; has the run's {model} stage finished?")
-        model_config = config.teacher.model if model == "teacher" else config.student.model
         model_config = model_config.model_copy(update={"checkpoint": None})
         train_set, test_set, info = run_datasets(config, source, data_dir=data_dir)
         built = build_run_architecture(config, model, info)
@@ -178,8 +177,21 @@ def load_saved(model: nn.Module, weights: Path) -> nn.Module:
     return merge_lora(load_resized(model, student_state_dict(weights)))
 
 
+def run_model_source(config: Any, model: str) -> tuple[str, ModelConfig]:
+    """The folder of a run's saved ``model`` and the model config its architecture is built from, as the
+    run's plan has them; a one-line error naming the models it saves for another name."""
+    saved = saved_models(plan(config))
+    if model not in saved:
+        raise ConfigError(f"--model must be one of {', '.join(saved)}, got {model!r}")
+    folder, build = saved[model]
+    if isinstance(build, FromConfig):
+        return folder, build.model_config
+    return folder, config.teacher.model if model == "teacher" else config.student.model
+
+
 def build_run_architecture(config: Any, model: str, info: Any) -> nn.Module:
-    """A run's ``student`` (also ``distilled`` / ``baseline``) or ``teacher`` architecture, before its weights.
+    """A run's saved ``model`` (``student``, ``baseline``, ``teacher``, ``peer_1``, ...: see
+    :func:`run_model_source`) as an architecture, before its weights.
 
     A ``derive:teacher`` student is derived from the teacher's architecture (its weights are then
     replaced by the run's), so the teacher's ``hf:`` folder or hub id must still be reachable.
@@ -188,12 +200,9 @@ def build_run_architecture(config: Any, model: str, info: Any) -> nn.Module:
         >>> student = build_run_architecture(load_config("runs/sst2/config.yaml"), "student", info)
     """
 
+    _, model_config = run_model_source(config, model)
     with quiet_transformers():
-        if model == "teacher":
-            return build_named_model(
-                config.teacher.model.model_copy(update={"checkpoint": None}), info, task=config.task
-            )
-        student = config.student.model.model_copy(update={"checkpoint": None})
+        student = model_config.model_copy(update={"checkpoint": None})
         if student.arch == "derive:teacher":
             teacher = build_named_model(
                 config.teacher.model.model_copy(update={"checkpoint": None}), info, task=config.task

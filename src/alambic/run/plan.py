@@ -57,9 +57,21 @@ class Builder:
 Build = Callable[[Builder, Models], nn.Module]
 
 
+@dataclass(frozen=True)
+class FromConfig:
+    """The :class:`Stage` ``build`` of a model config (no other model needed); the config stays readable
+    (``alambic export --model peer_1`` rebuilds the architecture from it)."""
+
+    model_config: ModelConfig
+    side: str
+
+    def __call__(self, builder: Builder, models: Models) -> nn.Module:
+        return builder.named(self.model_config, self.side)
+
+
 def build_config(model_config: ModelConfig, side: str) -> Build:
     """The :class:`Stage` ``build`` of a model config (no other model needed)."""
-    return lambda builder, models: builder.named(model_config, side)
+    return FromConfig(model_config, side)
 
 
 def build_student(builder: Builder, models: Models) -> nn.Module:
@@ -205,6 +217,20 @@ def distill_stage(config: RunConfig, teacher: str | None = "teacher", **fields: 
         **fields,
     }
     return Stage(**values)
+
+
+def saved_models(stages: list[Stage]) -> dict[str, tuple[str, Build]]:
+    """``{model: (folder, build)}`` for every model the plan saves, in order (``student`` first, as the
+    name of the distilled student's)."""
+    saved: dict[str, tuple[str, Build]] = {}
+    for stage in stages:
+        if stage.folder is not None:
+            saved[stage.model] = (stage.folder, stage.build)
+        for companion in stage.companions:
+            saved[companion.model] = (companion.model, companion.build)
+    if "distilled" in saved:
+        saved = {"student": saved["distilled"], **saved}
+    return saved
 
 
 def settings_of_folders(stages: list[Stage]) -> dict[str, str]:

@@ -258,6 +258,18 @@ def write_report(run_dir: str | Path) -> Path:
         return _write_report(run_dir)
 
 
+def stage_weights(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{stage: {term name: weight}}`` of every stage of the run's plan (``summary["plan"]``); a summary
+    written before the plan was recorded gives the distill stage's terms alone."""
+    if summary.get("plan"):
+        return {
+            stage["stage"]: {term["name"]: term["weight"] for term in stage.get("terms", [])}
+            for stage in summary["plan"]
+        }
+    terms = summary.get("terms") or []
+    return {"distill": {term.get("name") or term.get("loss"): term.get("weight") for term in terms}}
+
+
 def _write_report(run_dir: Path) -> Path:
     summary = _load_summary(run_dir)
     records, skipped = _load_metrics(run_dir)
@@ -338,12 +350,7 @@ def _training_lines(summary: dict[str, Any], records: list[dict], skipped: int, 
         lines += [f"{skipped} malformed line(s) in metrics.jsonl were skipped.", ""]
     if not records:
         lines.append("metrics.jsonl is missing or empty, so the training-curve plots are skipped.")
-    distill_weights = {
-        "distill": {
-            term.get("name") or term.get("loss"): term.get("weight") for term in summary.get("terms") or []
-        }
-    }
-    curves = partial(plot_training_curves, weights=distill_weights)
+    curves = partial(plot_training_curves, weights=stage_weights(summary))
     if make_plot(curves, records, plots_dir / "training_curves.png"):
         lines += [
             "Loss terms per stage against step (log scale where they span a decade), each as weighted in the total (`0.1 x ce`); "
