@@ -299,6 +299,9 @@ def test_a_run_derives_its_student_by_importance_from_a_gguf_teacher_and_exports
 
     run_dir = run(config)
     assert (run_dir / "student" / "model.safetensors").is_file()  # the distilled student
+    recorded = json.loads((run_dir / "student" / "derive.json").read_text())
+    assert recorded["kept_layers"] == student.derive_report["kept_layers"] and recorded["by"] == "importance"
+    assert recorded["block_influence"] == pytest.approx(scores, abs=1e-5)
     result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "safetensors"])
     assert result.exit_code == 0, result.output
     folder = run_dir / "export" / "student-hf"

@@ -173,6 +173,11 @@ def run_stage(context: RunContext, stage: Stage, builder: Builder, models: dict)
         write_status(context.run_dir, context.accelerator, state="running", stage=stage.name)
     set_seed(stage.seed)
     model = stage.build(builder, models)
+    # derive:teacher: the teacher layers it kept (and their Block Influence when kept by importance)
+    derived = getattr(model, "derive_report", None)
+    if derived is not None and stage.folder is not None and context.accelerator.is_main_process:
+        (context.run_dir / stage.folder).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(context.run_dir / stage.folder / "derive.json", dumps_json(derived, indent=2))
     companions = []
     for companion in stage.companions:
         set_seed(companion.seed)
