@@ -34,7 +34,8 @@ from alambic.console import (
 )
 from alambic.core.cache import cache_size_bytes
 from alambic.errors import AlambicError
-from alambic.models.hf import CALIBRATION_BLOCK, CALIBRATION_WINDOWS, derive_to_folder, is_gguf
+from alambic.models.hf import derive_to_folder, is_gguf
+from alambic.models.importance import CALIBRATION_BLOCK, CALIBRATION_WINDOWS
 from alambic.packaged import demo_overrides, packaged_recipes, recipe_path, recipe_purpose
 from alambic.run.artifacts import evaluate_checkpoint, export_run
 from alambic.run.compress import compress_run

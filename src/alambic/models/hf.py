@@ -25,12 +25,17 @@ from torch import Tensor, nn
 from alambic.errors import ConfigError
 from alambic.files import dumps_json
 from alambic.imports import require
-from alambic.models.importance import block_influence, calibration_tokens, most_important, text_windows
+from alambic.models.importance import (
+    CALIBRATION_BLOCK,
+    CALIBRATION_WINDOWS,
+    block_influence,
+    calibration_tokens,
+    file_calibration,
+    most_important,
+)
 from alambic.models.surgery import is_head_pruned, layer_list, load_head_pruned
 
 GGUF_SUFFIX = ".gguf"
-CALIBRATION_WINDOWS = 32  # calibration text for by="importance": windows of
-CALIBRATION_BLOCK = 256  # this many tokens
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
@@ -206,6 +211,19 @@ def choose_layers(
     return [round(i * (num_layers - 1) / (layers - 1)) for i in range(layers)]
 
 
+def check_layer_choice(
+    by: str, *, layers: int | None = None, keep: Sequence[int] | None = None, every: int | None = None
+) -> None:
+    """A one-line :class:`ConfigError` unless ``by`` is ``position`` or ``importance``, and ``importance``
+    comes with a layer count alone (``layers``, not ``keep`` / ``every``)."""
+    if by not in ("position", "importance"):
+        raise ConfigError(f"--by {by!r}: choose layers by position (the default) or importance")
+    if by == "importance" and (layers is None or keep is not None or every is not None):
+        raise ConfigError(
+            "--by importance keeps the N most important layers: give --layers N (not keep/every)"
+        )
+
+
 def derive_student(
     teacher: nn.Module,
     *,
@@ -234,21 +252,16 @@ def derive_student(
         >>> student, report = derive_student(teacher, layers=10, by="importance", calibration=windows)
         >>> report["kept_layers"], report["block_influence"]
     """
+    check_layer_choice(by, layers=layers, keep=keep, every=every)
     path, blocks = layer_list(teacher)
     scores = None
     if by == "importance":
-        if layers is None or keep is not None or every is not None:
-            raise ConfigError(
-                "--by importance keeps the N most important layers: give --layers N (not keep/every)"
-            )
         if calibration is None:
             raise ConfigError("--by importance measures the layers on calibration text: give some")
         scores = block_influence(teacher, calibration)
         chosen = most_important(scores, layers)
-    elif by == "position":
-        chosen = choose_layers(len(blocks), layers=layers, keep=keep, every=every)
     else:
-        raise ConfigError(f"by {by!r}: choose layers by position (the default) or importance")
+        chosen = choose_layers(len(blocks), layers=layers, keep=keep, every=every)
     student, copied, new = _copy_layers(teacher, path, chosen, new_in_teacher)
     report = {
         "family": type(teacher).__name__,
@@ -294,24 +307,6 @@ def _copy_layers(
     return student, copied, new
 
 
-def file_calibration(
-    tokenizer: Any,
-    path: str | Path,
-    *,
-    windows: int = CALIBRATION_WINDOWS,
-    block_size: int = CALIBRATION_BLOCK,
-) -> Tensor:
-    """The first ``windows`` windows of ``block_size`` tokens of a UTF-8 text file, ``[W, T]``, tokenized by
-    a ``transformers`` tokenizer (no special tokens): calibration text for ``by="importance"``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read the calibration text {path}: {error}") from None
-    needed = windows * block_size * 16  # characters enough for the windows (a token is a few characters)
-    ids = tokenizer(text[:needed], add_special_tokens=False)["input_ids"]
-    return text_windows(ids, block_size=block_size, windows=windows)
-
-
 def derive_to_folder(
     teacher: str,
     out: str | Path,
@@ -341,6 +336,7 @@ def derive_to_folder(
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new folder for the derived student")
+    check_layer_choice(by, layers=layers, keep=keep, every=every)  # before the teacher loads
     if by == "importance" and calibration is None:
         raise ConfigError("--by importance measures the layers on text: give --calibration FILE (UTF-8 text)")
     loaded = load_hf_model(

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,9 @@ from torch import Tensor, nn
 
 from alambic.errors import ConfigError, DataError
 from alambic.models.surgery import layer_list
+
+CALIBRATION_WINDOWS = 32  # calibration text by default: windows of
+CALIBRATION_BLOCK = 256  # this many tokens
 
 
 def text_windows(ids: Sequence[int] | Tensor, *, block_size: int, windows: int) -> Tensor:
@@ -48,6 +52,24 @@ def text_windows(ids: Sequence[int] | Tensor, *, block_size: int, windows: int) 
             "give a longer text or a smaller block size"
         )
     return ids[: count * block_size].view(count, block_size)
+
+
+def file_calibration(
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    windows: int = CALIBRATION_WINDOWS,
+    block_size: int = CALIBRATION_BLOCK,
+) -> Tensor:
+    """The first ``windows`` windows of ``block_size`` tokens of a UTF-8 text file, ``[W, T]``, tokenized by
+    a ``transformers`` tokenizer (no special tokens): calibration text for ``by="importance"``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the calibration text {path}: {error}") from None
+    needed = windows * block_size * 16  # characters enough for the windows (a token is a few characters)
+    ids = tokenizer(text[:needed], add_special_tokens=False)["input_ids"]
+    return text_windows(ids, block_size=block_size, windows=windows)
 
 
 def calibration_batches(windows: Tensor | Iterable[Any], batch_size: int = 8) -> list[dict[str, Tensor]]:

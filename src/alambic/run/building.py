@@ -30,8 +30,8 @@ from alambic.models import (
     model_options,
     teacher_embedding_table,
 )
-from alambic.models.hf import CALIBRATION_WINDOWS, build_hf_model, derive_student, load_hf_model
-from alambic.models.importance import text_windows
+from alambic.models.hf import build_hf_model, derive_student, load_hf_model
+from alambic.models.importance import CALIBRATION_WINDOWS, text_windows
 from alambic.models.llama2c import load_llama2c
 from alambic.models.lora import with_lora
 from alambic.run.teacher_samples import teacher_sample_datasets
