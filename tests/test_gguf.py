@@ -269,10 +269,15 @@ def _run_config(tmp_path, teacher, **student_kwargs):
     )
 
 
-def test_a_run_config_with_a_broken_gguf_teacher_is_one_line_before_the_run_directory(tiny, tmp_path):
+@pytest.mark.parametrize("tokenizer", ["from the broken file", "from the good file"])
+def test_a_run_config_with_a_broken_gguf_teacher_is_one_line_before_the_run_directory(
+    tiny, tmp_path, tokenizer
+):
     import yaml
 
     config = _run_config(tmp_path, _damaged(tmp_path, tiny[0], "truncated"), layers=1)
+    if tokenizer == "from the good file":  # the data reads; the pre-flight's model build is what fails
+        config.data.tokenizer = str(tiny[0])
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["run", str(tmp_path / "run.yaml")])
     assert result.exit_code == 2, result.output
