@@ -337,3 +337,12 @@ def test_the_hugging_face_folder_export_of_a_gguf_model_reloads_as_a_plain_model
     _assert_plain(student)
     student.save_pretrained(tmp_path / "student")
     assert "quantization_config" not in (tmp_path / "student" / "config.json").read_text()
+
+
+def test_without_the_gguf_package_a_gguf_file_says_how_to_install_it(tiny, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    for load in (lambda path: load_hf_model(path, task="causal-lm"), load_tokenizer):
+        with pytest.raises(ConfigError, match=r"GGUF model files need the gguf package.*alambic\[hf\]"):
+            load(str(tiny[0]))

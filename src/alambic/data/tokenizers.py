@@ -206,6 +206,7 @@ def gguf_tokenizer(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such GGUF file; give the path of a .gguf model file")
     transformers = require("transformers", "hf", purpose="Hugging Face tokenizers")
+    require("gguf", "hf", purpose="GGUF model files")  # read by transformers' GGUF loader
     try:
         return transformers.AutoTokenizer.from_pretrained(
             str(path.parent.resolve()), gguf_file=path.name, local_files_only=True

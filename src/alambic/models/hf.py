@@ -120,6 +120,7 @@ def load_gguf_model(path: str | Path, auto: Any, *, dtype: Any = "float32", **kw
     """
     folder, name = gguf_location(path)
     transformers = transformers_module()
+    require("gguf", "hf", purpose="GGUF model files")  # read by transformers' GGUF loader
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ConfigError(f"dtype {dtype!r} for {path}: give float32, bfloat16 or float16")
@@ -147,6 +148,7 @@ def hf_tokenizer(name_or_path: str | Path, *, local_files_only: bool = False) ->
     transformers = transformers_module()
     if is_gguf(name_or_path):
         folder, name = gguf_location(name_or_path)
+        require("gguf", "hf", purpose="GGUF model files")
         return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
 
