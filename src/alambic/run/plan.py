@@ -57,7 +57,7 @@ class Builder:
 Build = Callable[[Builder, Models], nn.Module]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: the pre-flight reuses what one build made
 class FromConfig:
     """The :class:`Stage` ``build`` of a model config (no other model needed); the config stays readable
     (``alambic export --model peer_1`` rebuilds the architecture from it)."""
