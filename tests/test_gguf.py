@@ -2,6 +2,7 @@
 byte-level BPE vocabulary with merges and a chat template, F32 tensors) loads as the Llama it was written
 from, with its tokenizer; derive and export work from it; a file transformers cannot read is one line."""
 
+import copy
 import json
 import random
 
@@ -333,6 +334,10 @@ def test_the_hugging_face_folder_export_of_a_gguf_model_reloads_as_a_plain_model
     with torch.no_grad():
         assert torch.allclose(outputs[0], reference(_ids()).logits, atol=1e-5)
         assert torch.allclose(again(_ids()).logits, reference(_ids()).logits, atol=1e-5)
+    copied = copy.deepcopy(model)  # as a run's teacher is copied to another dtype
+    _assert_plain(copied)
+    with torch.no_grad():
+        assert torch.equal(copied(_ids()).logits, model(_ids()).logits)
     student, _ = derive_student(model, keep=[0])  # a deep copy of its config, no quantizer on it
     _assert_plain(student)
     student.save_pretrained(tmp_path / "student")
