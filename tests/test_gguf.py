@@ -287,7 +287,10 @@ def test_a_run_config_with_a_broken_gguf_teacher_is_one_line_before_the_run_dire
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_derives_its_student_by_importance_from_a_gguf_teacher_and_exports_it(tiny, tmp_path):
+def test_a_run_derives_its_student_by_importance_from_a_gguf_teacher_and_exports_it(
+    tiny, tmp_path, monkeypatch
+):
+    import alambic.models.hf as hf_module
     from alambic.models.importance import block_influence, most_important
     from alambic.run.building import build_run_datasets, derive_from_teacher
     from alambic.run.pipeline import run
@@ -303,7 +306,12 @@ def test_a_run_derives_its_student_by_importance_from_a_gguf_teacher_and_exports
     assert student.derive_report["kept_layers"] == most_important(scores, 1)
     assert student.derive_report["calibration_tokens"] == 4 * 16
 
+    measured = []
+    monkeypatch.setattr(
+        hf_module, "block_influence", lambda *a, **k: measured.append(1) or block_influence(*a, **k)
+    )
     run_dir = run(config)
+    assert len(measured) == 1  # once a run: the pre-flight checks shapes, baseline and distilled share it
     assert (run_dir / "student" / "model.safetensors").is_file()  # the distilled student
     recorded = json.loads((run_dir / "student" / "derive.json").read_text())
     assert recorded["kept_layers"] == student.derive_report["kept_layers"] and recorded["by"] == "importance"

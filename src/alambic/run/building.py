@@ -123,7 +123,9 @@ def _construct(model_config, info, task: str) -> nn.Module:
     return build_model(model_config.arch, input_shape=tuple(info.input_shape), **kwargs)
 
 
-def derive_from_teacher(teacher: nn.Module, model_config, config: RunConfig | None = None) -> nn.Module:
+def derive_from_teacher(
+    teacher: nn.Module, model_config, config: RunConfig | None = None, *, train_set: Any = None
+) -> nn.Module:
     """``arch: derive:teacher``: a student with fewer of the (trained) teacher's layers, initialised from them.
 
     ``kwargs.by: importance`` keeps the ``layers`` of highest Block Influence on calibration text: the first
@@ -131,7 +133,8 @@ def derive_from_teacher(teacher: nn.Module, model_config, config: RunConfig | No
     (tokenized like the run's data, in windows of ``data.block_size``). Without ``config`` (a run's
     architecture rebuilt, whose saved weights then replace the derived ones) the same number of layers is
     kept by position. The derive report (kept layers, each layer's Block Influence) is the student's
-    ``derive_report`` attribute.
+    ``derive_report`` attribute. ``train_set``: the run's training set when the caller has it (else it is
+    read again for the calibration windows).
     """
     kwargs = dict(model_config.kwargs)
     calibration_file = kwargs.pop("calibration_file", None)
@@ -140,7 +143,7 @@ def derive_from_teacher(teacher: nn.Module, model_config, config: RunConfig | No
         if config is None:
             kwargs["by"] = "position"  # the architecture alone: any `layers` layers give the same shapes
         else:
-            kwargs["calibration"] = run_calibration(config, windows, calibration_file)
+            kwargs["calibration"] = run_calibration(config, windows, calibration_file, train_set=train_set)
     student, report = derive_student(teacher, **kwargs)
     student.derive_report = report
     if model_config.checkpoint:
@@ -148,11 +151,14 @@ def derive_from_teacher(teacher: nn.Module, model_config, config: RunConfig | No
     return adapt(student, model_config)
 
 
-def run_calibration(config: RunConfig, windows: int, calibration_file: str | None = None) -> Any:
+def run_calibration(
+    config: RunConfig, windows: int, calibration_file: str | None = None, *, train_set: Any = None
+) -> Any:
     """Calibration text for ``derive:teacher`` by importance: the run's first ``windows`` training windows
     (``{"input_ids": [W, T], ...}``), or the first ``windows`` windows of ``data.block_size`` tokens of
     ``calibration_file`` tokenized by the run's tokenizer (``[W, T]``)."""
-    train_set, _, info = build_run_datasets(config, augment=False, subset=False)
+    if train_set is None or calibration_file is not None:
+        train_set, _, info = build_run_datasets(config, augment=False, subset=False)
     if calibration_file is not None:
         tokenizer = getattr(info, "tokenizer", None)
         if tokenizer is None:

@@ -36,6 +36,9 @@ class Builder:
     config: RunConfig
     info: Any
     example: Any  # one test batch's inputs: each model built is run on it once (output size checked)
+    train_set: Any = None  # the run's training set: calibration text of a student derived by importance
+    measure: bool = True  # false: a student derived by importance keeps as many layers by position
+    derived: dict[int, dict] = field(default_factory=dict)  # derive reports, by teacher (id)
 
     def named(self, model_config: ModelConfig, side: str, teacher: nn.Module | None = None) -> nn.Module:
         """The model of ``model_config`` (its checkpoint loaded), its number of outputs checked."""
@@ -48,10 +51,26 @@ class Builder:
         config (with the teacher's embeddings when it asks for them); baseline and distilled start alike."""
         model_config = self.config.student.model
         if model_config.arch == "derive:teacher":  # a copy of the teacher's layers: the teacher stays intact
-            model = derive_from_teacher(models["teacher"], model_config, self.config)
+            model = self._derived(models["teacher"], model_config)
             check_num_classes(model, self.example, self.info.num_classes, "student")
             return model
         return self.named(model_config, "student", teacher=models.get("teacher"))
+
+    def _derived(self, teacher: nn.Module, model_config: ModelConfig) -> nn.Module:
+        """A student derived from ``teacher``; the layers chosen by importance are measured once per
+        teacher (the baseline and the distilled student keep the same ones), and not at all while only
+        shapes matter (``measure`` false: the pre-flight)."""
+        report = self.derived.get(id(teacher))
+        if report is not None:  # the same teacher: the same layers, without measuring them again
+            kwargs = {"keep": report["kept_layers"]}
+            model = derive_from_teacher(teacher, model_config.model_copy(update={"kwargs": kwargs}))
+            model.derive_report = report
+            return model
+        model = derive_from_teacher(
+            teacher, model_config, self.config if self.measure else None, train_set=self.train_set
+        )
+        self.derived[id(teacher)] = model.derive_report
+        return model
 
 
 Build = Callable[[Builder, Models], nn.Module]

@@ -57,7 +57,7 @@ def preflight(
             raise ConfigError(stage.missing)
     _check_teacher_embeddings(config)
     set_seed(config.seed)
-    builder = Builder(config, info, example_input(test_set))
+    builder = Builder(config, info, example_input(test_set), measure=False)  # shapes: layers by position
     models: dict[str, nn.Module] = {}
     built: dict[Any, nn.Module] = {}  # by build function: the baseline's student is the distilled one's
     by_name = {stage.model: stage for stage in stages}

@@ -99,12 +99,6 @@ def train_stage(
     )
     if wrap_loader is not None:  # around the prepared loader, so that each process keeps its shard
         loader = wrap_loader(accelerator.prepare(loader), model)
-    test_loader = make_loader(
-        context.test_set,
-        batch_size=context.config.data.eval_batch_size,
-        shuffle=False,
-        dynamic_padding=context.config.data.dynamic_padding,
-    )
     callbacks = config_callbacks(train)  # train.early_stopping, train.keep_best
     student = train_module(
         module
@@ -115,7 +109,12 @@ def train_stage(
         accelerator=accelerator,
         teacher=teacher,
         evaluate=stage_evaluator(
-            context.config, accelerator.prepare(test_loader), context.test_set, context.info, accelerator
+            context.config,
+            context.test_set,
+            context.info,
+            accelerator,
+            stage=stage,
+            progress=context.progress,
         ),
         log=context.log,
         checkpoint_dir=folder / "checkpoints",
@@ -147,7 +146,7 @@ def stage_train_set(train_set: Any, augment: bool | None, mix: str = "none", mix
 def run_plan(context: RunContext, stages: list[Stage]) -> dict[str, nn.Module]:
     """Execute a run's plan: each stage loaded (finished), trained, or used as built; returns every model
     by its summary name (and records each one's architecture in ``context.architectures``)."""
-    builder = Builder(context.config, context.info, example_input(context.test_set))
+    builder = Builder(context.config, context.info, example_input(context.test_set), context.train_set)
     models: dict[str, nn.Module] = {}
     for stage in stages:
         models.update(run_stage(context, stage, builder, models))
