@@ -1,5 +1,6 @@
-"""What the command line shows: the progress of a run's stages (a live bar on a terminal, one plain line
-per epoch elsewhere) and the tables of its models."""
+"""What the command line shows: the progress of a run's stages and evaluations (a live bar on a terminal;
+elsewhere plain, flushed lines: one every ``log_every`` steps, one per epoch, a few per evaluation) and
+the tables of its models."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def shown_values(values: dict) -> str:
     return " ".join(f"{key} {value:.4g}" for key, value in values.items())
 
 
+def clock_time(seconds: float | None) -> str:
+    """``H:MM:SS``, or ``?`` when not known yet."""
+    return "?" if seconds is None else str(timedelta(seconds=round(seconds)))
+
+
+RATES = ("tokens_per_s", "samples_per_s")  # what the loop trains per second, shown as "N tokens/s"
+
+
 class ProgressBar:
     """The loop's ``progress`` callback ``(stage, step, total_steps, values)``: on a terminal (or in Jupyter),
     a live Rich bar per stage with its elapsed time and ETA; otherwise :class:`EpochLines`."""
@@ -56,7 +65,7 @@ class ProgressBar:
             TextColumn("{task.fields[values]}"),
             console=console,
         )
-        self.lines = EpochLines()
+        self.lines = LogLines()
         self.tasks: dict[str, Any] = {}
         self.shown: dict[str, dict] = {}  # per stage: the last train values and test metrics
 
@@ -72,6 +81,20 @@ class ProgressBar:
         else:  # train values replace the previous ones; the last test metric stays in view
             self.shown[stage] = shown = values | {k: v for k, v in shown.items() if k.startswith("test_")}
         self.progress.update(self.tasks[stage], completed=step, values=shown_values(shown))
+
+    def evaluation(self, label: str, done: int, total: int | None, unit: str) -> None:
+        """An evaluation's progress: ``done`` of ``total`` windows or samples (called at 0, then after each
+        batch); on a terminal its own bar, removed when it ends."""
+        if not self.live:
+            self.lines.evaluation(label, done, total, unit)
+            return
+        key = f"eval:{label}"
+        if key not in self.tasks:
+            description = label if label.startswith("evaluate") else f"{label} eval"
+            self.tasks[key] = self.progress.add_task(description, total=total, values=unit)
+        self.progress.update(self.tasks[key], completed=done)
+        if total is not None and done >= total:
+            self.progress.remove_task(self.tasks.pop(key))
 
     def __enter__(self) -> ProgressBar:
         if self.live:
@@ -151,6 +174,58 @@ class EpochLines:
     def finish(self) -> None:
         if self.current is not None:
             self.write(self.current, time.monotonic())
+
+
+class LogLines(EpochLines):
+    """:class:`EpochLines`, and where no bar is drawn a flushed line at every report of the loop (every
+    ``log_every`` optimizer steps: stage, step / steps, epoch, losses, tokens or samples a second, elapsed
+    time and ETA) and during an evaluation (windows or samples done of their total, elapsed, ETA; at its
+    start, at each tenth and at its end), so that ``tail -f`` of a log file follows a run."""
+
+    EVALUATION_LINES = 10  # lines per evaluation besides its first
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluations: dict[str, tuple[float, int]] = {}  # label: (started, tenths written)
+
+    def __call__(self, stage: str, step: int, total: int, values: dict) -> None:
+        super().__call__(stage, step, total, {key: v for key, v in values.items() if key not in RATES})
+        if not any(key.startswith("test_") for key in values):
+            self.say(self.step_line(self.clocks[stage], values, time.monotonic()))
+
+    def step_line(self, clock: StageClock, values: dict, now: float) -> str:
+        elapsed, done = now - clock.started, clock.step - clock.first_step
+        eta = (clock.total - clock.step) * elapsed / done if done > 0 else None
+        losses = {key: value for key, value in values.items() if key != "epoch" and key not in RATES}
+        rates = [
+            f"{value:,.0f} {key.removesuffix('_per_s')}/s" for key, value in values.items() if key in RATES
+        ]
+        epoch = f"  epoch {values['epoch']}" if "epoch" in values else ""
+        return (
+            f"{clock.stage:<9} step {clock.step}/{clock.total}{epoch}  {shown_values(losses)}  "
+            f"{' '.join(rates)}  elapsed {clock_time(elapsed)}  ETA {clock_time(eta)}"
+        )
+
+    def evaluation(self, label: str, done: int, total: int | None, unit: str) -> None:
+        now = time.monotonic()
+        if done == 0 or label not in self.evaluations:
+            self.evaluations[label] = (now, -1)
+        started, written = self.evaluations[label]
+        tenth = self.EVALUATION_LINES * done // total if total else 0
+        if tenth <= written and done != total:
+            return
+        self.evaluations[label] = (started, tenth)
+        elapsed = now - started
+        eta = (total - done) * elapsed / done if total and done else None
+        of = f"/{total}" if total else ""
+        self.say(
+            f"{label:<9} evaluating {done}{of} {unit}  elapsed {clock_time(elapsed)}  ETA {clock_time(eta)}"
+        )
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.file.flush()
 
 
 def print_summary(summary: dict) -> None:

@@ -139,6 +139,9 @@ class LoopSettings(StrictModel):
     evaluation, logging and checkpoint cadence, compilation."""
 
     epochs: int = Field(10, ge=1)
+    # optimizer steps: the stage stops after exactly this many (mid-epoch too) and its schedule spans
+    # them; epochs is then ignored (the epochs run are as many as the steps need)
+    max_steps: int | None = Field(None, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -171,7 +171,27 @@ class DistillConfig(StrictModel):
     on_policy: OnPolicyConfig | None = None  # task causal-lm: train on the student's own samples (GKD)
 
 
+TokenBudget = Annotated[int, Field(ge=1)] | Literal["auto", "all"]
+
+
 class EvaluateConfig(StrictModel):
+    """How a run evaluates its models. A causal-LM run reads at most ``max_tokens`` held-out tokens for
+    ``summary.json`` and ``epoch_max_tokens`` for each stage's per-epoch evaluation: whole windows spread
+    evenly over the held-out set, the same for every model of one evaluation (KL to the teacher, bits per
+    unit and the samples' prompts from them too). ``all``: every window; ``auto``: every window unless the
+    largest model evaluated times the held-out tokens passes 10^12, then 10^12 / its parameters tokens
+    (:func:`alambic.run.evaluation.held_out_windows`)."""
+
+    max_tokens: TokenBudget = "auto"
+    epoch_max_tokens: TokenBudget = "auto"
+
+    @field_validator("max_tokens", "epoch_max_tokens", mode="before")
+    @classmethod
+    def _token_budget(cls, value: Any) -> Any:
+        if value in ("auto", "all") or (type(value) is int and value >= 1):
+            return value
+        raise ValueError(f"give a number of held-out tokens >= 1, 'auto' or 'all' (got {value!r})")
+
     latency_repeats: int = Field(20, ge=1)
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     # CPU threads while timing: 1 by default, as on a phone or an edge core, and because on a shared

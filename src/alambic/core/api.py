@@ -70,7 +70,8 @@ def distill(
             state such as ``crd``. A loader over an :class:`alambic.data.TransferDataset` (unlabelled rows
             that only the teacher labels) has its label terms skip those rows.
         terms: the distillation terms; default Hinton KD: ``ce * 0.1 + kd(temperature=4) * 0.9``.
-        epochs: passes over ``train_loader``.
+        epochs: passes over ``train_loader`` (ignored with ``max_steps=N``: exactly N optimizer steps, the
+            schedule spanning them, the last epoch cut short).
         eval_loader: when given (with ``num_classes``), test accuracy is measured after each epoch.
         run_dir: where ``metrics.jsonl`` and resumable checkpoints go (created when missing); None keeps
             nothing on disk. One writer at a time: another process's ``distill`` or run there raises
@@ -100,7 +101,7 @@ def distill(
             (:class:`~alambic.core.callbacks.History`), kept also without ``eval_loader``.
         **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
             (``optimizer``, ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``schedule``,
-            ``warmup_epochs``, ``milestones``, ``gamma``, ``grad_clip``, ``log_every``, ...).
+            ``warmup_epochs``, ``milestones``, ``gamma``, ``grad_clip``, ``log_every``, ``max_steps``, ...).
 
     Example:
         >>> from alambic import distill

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from alambic.config.base import TrainConfig
+from alambic.core.batches import batch_size_of
 from alambic.errors import ConfigError
 
 # an ``auto`` mode maximises metrics whose name holds one of these, and minimises the others
@@ -236,8 +237,43 @@ class PrintProgress(Callback):
         shown = " ".join(f"{key} {value:.4g}" for key, value in (first | values).items())
         elapsed = time.perf_counter() - self.started
         self.print_line(
-            f"{state.stage} epoch {epoch}/{state.settings.epochs} step {state.step} {shown} ({elapsed:.1f} s)"
+            f"{state.stage} epoch {epoch}/{state.epochs} step {state.step} {shown} ({elapsed:.1f} s)"
         )
+
+
+class Throughput:
+    """What the loop trains per second between two progress reports: tokens for token batches (dicts with
+    ``input_ids`` ``[B, T]``; ``attention_mask`` counted when given), samples otherwise, over every process.
+
+    Counts stay on the device (no host-device sync per step); :meth:`rate` reads them where the loop
+    logs, which syncs there already."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self.unit = "samples"
+        self.count: Any = 0
+        self.since = time.perf_counter()
+
+    def add(self, inputs: Any) -> None:
+        """Count one micro-batch's inputs."""
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            mask = inputs.get("attention_mask")
+            self.unit = "tokens"
+            self.count = self.count + (mask.sum() if isinstance(mask, torch.Tensor) else ids.numel())
+        else:
+            self.count = self.count + batch_size_of(inputs)
+
+    def rate(self) -> dict[str, float]:
+        """``{"tokens_per_s" | "samples_per_s": value}`` since the last call (or :meth:`restart`)."""
+        now = time.perf_counter()
+        rate = float(self.count) * self.processes / max(now - self.since, 1e-9)
+        self.count, self.since = 0, now
+        return {f"{self.unit}_per_s": rate}
+
+    def restart(self) -> None:
+        """Forget what was counted (after an evaluation or a checkpoint: not training time)."""
+        self.count, self.since = 0, time.perf_counter()
 
 
 def pack_states(callbacks: Sequence[Callback]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -10,7 +10,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -120,6 +120,15 @@ class EvalMode:
             module.training = training
 
 
+def rows_of(loader: Any) -> int | None:
+    """The rows a loader's data set holds (None when it has no length): an evaluation's total."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
 def evaluate_classifier(
     model: nn.Module,
     loader: Iterable[Any],
@@ -127,6 +136,7 @@ def evaluate_classifier(
     num_classes: int,
     accelerator: Any = None,
     device: str | torch.device | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Run a classifier over a loader and compute its metrics and mean cross-entropy.
 
@@ -144,6 +154,8 @@ def evaluate_classifier(
         accelerator: Optional ``accelerate.Accelerator``; batches go to ``accelerator.device``.
         device: Where to put the batches when no accelerator is given; the model is not moved
             and must already live there. Default: the device of the model's parameters.
+        progress: Called before the first batch and after each with the samples evaluated so far and
+            the loader's data set's length (None when it has none).
 
     Returns:
         :func:`classification_metrics` plus ``"loss"``: the mean cross-entropy over samples.
@@ -160,6 +172,9 @@ def evaluate_classifier(
     all_labels: list[Tensor] = []
     all_losses: list[Tensor] = []
     all_probabilities: list[Tensor] = []
+    total_rows = rows_of(loader) if progress is not None else None
+    if progress is not None:
+        progress(0, total_rows)
     with EvalMode(model), torch.inference_mode():
         for batch in loader:
             inputs, labels = split_batch(send_to_device(batch, target_device))
@@ -185,6 +200,8 @@ def evaluate_classifier(
             all_labels.append(labels.cpu())
             all_losses.append(losses.float().cpu())
             all_probabilities.append(probabilities.cpu())
+            if progress is not None:
+                progress(sum(len(item) for item in all_labels), total_rows)
     if not all_labels:
         raise AlambicError("the evaluation loader yielded no batches; check the test split is not empty")
     labels = torch.cat(all_labels)

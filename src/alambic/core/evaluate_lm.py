@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -22,7 +22,7 @@ from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from alambic.core.batches import call_model, logits_of, model_device, split_batch
-from alambic.core.evaluate import EvalMode, pinned_threads, synchronize
+from alambic.core.evaluate import EvalMode, pinned_threads, rows_of, synchronize
 from alambic.core.llm import sample_tokens
 from alambic.errors import AlambicError
 from alambic.losses.token_chunks import CHUNK_LOGITS, counted_positions
@@ -110,6 +110,7 @@ def evaluate_causal_lm(
     units_per_token: float | None = None,
     units: float | None = None,
     max_batches: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Next-token loss, perplexity and accuracy of a causal LM over a loader (and its KL to a teacher).
 
@@ -132,6 +133,8 @@ def evaluate_causal_lm(
         units_per_token: Units (bytes, characters) per counted token, for ``bits_per_unit``.
         units: Total units covered by the counted tokens, for ``bits_per_unit``.
         max_batches: Evaluate only the first ``max_batches`` batches (of each process).
+        progress: Called before the first batch and after each with the rows (windows) evaluated so
+            far and the loader's data set's length (None when it has none).
 
     Returns:
         ``{"loss", "perplexity", "next_token_accuracy", "tokens"}``: mean cross-entropy in nats over
@@ -150,7 +153,10 @@ def evaluate_causal_lm(
             raise AlambicError(f"{name} must be > 0, got {value}")
     device = accelerator.device if accelerator is not None else model_device(model)
     totals = torch.zeros(len(SUMS), dtype=torch.float64)
-    batches = 0
+    batches = rows = 0
+    total_rows = rows_of(loader)
+    if progress is not None:
+        progress(0, total_rows)
     teacher_mode = EvalMode(teacher if teacher is not None else nn.Identity())
     with EvalMode(model), teacher_mode, torch.inference_mode():
         for batch in islice(loader, max_batches):
@@ -158,9 +164,18 @@ def evaluate_causal_lm(
             if accelerator is not None:
                 sums = accelerator.gather_for_metrics(sums)
             totals += sums.cpu().sum(0)
-            batches += 1
+            batches, rows = batches + 1, rows + len(sums)
+            if progress is not None:
+                progress(rows, total_rows)
     if batches == 0:
         raise AlambicError("the evaluation loader yielded no batches; check the test split is not empty")
+    return _metrics_of(totals, teacher is not None, units_per_token, units)
+
+
+def _metrics_of(
+    totals: Tensor, with_teacher: bool, units_per_token: float | None, units: float | None
+) -> dict[str, Any]:
+    """:func:`evaluate_causal_lm`'s metrics from the set's summed :data:`SUMS`."""
     nll, correct, tokens, kl, batch_units = totals.tolist()
     if tokens == 0:
         raise AlambicError("no token counted: every label is -100; check how the labels are built")
@@ -171,7 +186,7 @@ def evaluate_causal_lm(
         "next_token_accuracy": correct / tokens,
         "tokens": int(tokens),
     }
-    if teacher is not None:
+    if with_teacher:
         metrics["kl_to_teacher"] = kl / tokens
     total_units = tokens * units_per_token if units_per_token is not None else units or batch_units
     if total_units > 0:

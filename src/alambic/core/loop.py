@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader
 
 from alambic.config.base import LoopSettings
 from alambic.core.batches import index_of, split_batch
-from alambic.core.callbacks import Callback, pack_states, train_metrics, unpack_states, wants_steps
+from alambic.core.callbacks import (
+    Callback,
+    Throughput,
+    pack_states,
+    train_metrics,
+    unpack_states,
+    wants_steps,
+)
 from alambic.core.checkpoint import latest_checkpoint, load_extra, load_training_state, save_training_state
 from alambic.core.distiller import Teacher
 from alambic.core.graphs import CompiledStep, check_cuda_graphs, graph_modules, tensor_learning_rates
@@ -116,17 +123,19 @@ def fit(
         # must be counted on the prepared (sharded) loader, not on the one given.
         loader = training_loader(train_loader, accelerator)
         steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+        total_steps = planned_steps(settings, steps_per_epoch)
         if scheduler is not None:
             scheduler = user_scheduler(scheduler, optimizer)
         else:
             scheduler = make_scheduler(optimizer, settings, steps_per_epoch)
+        epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else settings.epochs
         if teacher is not None:
             teacher.to(accelerator.device)
         start_epoch, step, stopped = resume(
             checkpoint_dir, module, optimizer, scheduler, accelerator, log, stage, callbacks
         )
         if stopped:  # a callback stopped this stage before it was interrupted: it is done
-            start_epoch = settings.epochs
+            start_epoch = epochs
         model, optimizer = prepare_for_training(accelerator, module, optimizer)
         calls = StepCalls.choose(accelerator, model, optimizer)
         if settings.cuda_graphs:  # one process, no accumulation, no loss scaler: nothing for Accelerate to do
@@ -134,7 +143,7 @@ def fit(
         state = LoopState(model=model, unwrapped=unwrap_prepared(accelerator, model), teacher=teacher,
                           loader=loader, calls=calls, scheduler=scheduler, guard=FiniteGuard(accelerator, stage),
                           settings=settings, accelerator=accelerator, log=log, stage=stage, progress=progress,
-                          total_steps=settings.epochs * steps_per_epoch,
+                          total_steps=total_steps, epochs=epochs,
                           side_stream=side_stream(settings, accelerator, teacher), step=step,
                           callbacks=list(callbacks), step_callbacks=[c for c in callbacks if wants_steps(c)],
                           evaluates=evaluate is not None, stop=stopped)  # fmt: skip
@@ -175,12 +184,13 @@ def train_epochs(
         unwrapped.check(*split_batch(first_batch), teacher, index_of(first_batch))
     for callback in state.callbacks:
         callback.on_fit_start(state)
-    for epoch in range(start_epoch, settings.epochs):
+    state.throughput = Throughput(state.accelerator.num_processes)
+    for epoch in range(start_epoch, state.epochs):
         set_epoch(state.loader, train_loader.sampler, epoch)
         train_epoch(state, epoch)
         # before evaluating or checkpointing weights a non-finite step touched
         losses = train_metrics(epoch_losses(state, epoch))
-        last = epoch + 1 == settings.epochs
+        last = epoch + 1 == state.epochs
         metrics = {}
         if evaluate is not None and (
             (settings.eval_every and (epoch + 1) % settings.eval_every == 0) or last
@@ -190,6 +200,7 @@ def train_epochs(
             callback.on_epoch_end(state, epoch + 1, {**metrics, **losses})
         if checkpoint_dir and ((epoch + 1) % settings.checkpoint_every == 0 or last or state.stop):
             save_checkpoint(state, checkpoint_dir, optimizer, epoch)
+        state.throughput.restart()  # evaluating and checkpointing are not training time
         if state.stop:
             break
     for callback in state.callbacks:
@@ -239,7 +250,8 @@ class LoopState:
     log: MetricsLog
     stage: str
     progress: Callable[[str, int, int, dict], None] | None
-    total_steps: int
+    total_steps: int  # the stage's optimizer steps: max_steps, else epochs x steps per epoch
+    epochs: int  # epochs run (the last one cut short when max_steps ends inside it)
     side_stream: Any  # a CUDA stream for the teacher's forward (overlap_teacher), else None
     step: int  # optimizer steps taken
     callbacks: list[Callback] = field(default_factory=list)
@@ -248,6 +260,7 @@ class LoopState:
     stop: bool = False  # set by a callback: training ends after this epoch
     epoch_sums: dict[str, float] = field(default_factory=dict)  # the epoch's losses, summed over rows
     epoch_rows: int = 0
+    throughput: Throughput = field(default_factory=Throughput)  # tokens or samples a second, for progress
 
     @property
     def student(self) -> nn.Module:
@@ -261,6 +274,8 @@ def train_epoch(state: LoopState, epoch: int) -> None:
     state.model.train()
     for batch, token_scale in _token_scaled(state.loader, state.accelerator, unwrapped.has_token_terms):
         inputs, labels = split_batch(batch)
+        if state.progress:
+            state.throughput.add(inputs)
         with calls.context():
             with calls.autocast():
                 if teacher is None or not unwrapped.needs_teacher:
@@ -290,7 +305,13 @@ def train_epoch(state: LoopState, epoch: int) -> None:
                 state.log.write({"stage": state.stage, "kind": "train", "epoch": epoch + 1, "step": state.step,
                                  "lr": lr, "losses": means})  # fmt: skip
                 if state.progress:
-                    state.progress(state.stage, state.step, state.total_steps, means | {"epoch": epoch + 1})
+                    values = means | {"epoch": epoch + 1} | state.throughput.rate()
+                    state.progress(state.stage, state.step, state.total_steps, values)
+            if state.settings.max_steps is not None and state.step >= state.total_steps:
+                end = getattr(state.loader, "end", None)  # Accelerate's loader: the epoch ends here
+                if end is not None:
+                    end()
+                return
 
 
 def evaluate_and_log(state: LoopState, evaluate: Callable[[nn.Module], dict], epoch: int) -> dict:
@@ -336,11 +357,16 @@ def prepare_module(
         module.to(accelerator.device)
 
 
+def planned_steps(settings: LoopSettings, steps_per_epoch: int) -> int:
+    """The optimizer steps a stage takes: ``max_steps`` when set (``epochs`` ignored), else every epoch's."""
+    return settings.max_steps if settings.max_steps is not None else settings.epochs * steps_per_epoch
+
+
 def make_scheduler(optimizer: Any, settings: LoopSettings, steps_per_epoch: int) -> Any:
-    """The learning-rate schedule of ``settings``, counted in optimizer steps."""
+    """The learning-rate schedule of ``settings``, counted in optimizer steps (over ``max_steps`` when set)."""
     factor = lambda step: lr_factor(  # noqa: E731
         step,
-        total_steps=settings.epochs * steps_per_epoch,
+        total_steps=planned_steps(settings, steps_per_epoch),
         warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
         schedule=settings.schedule,
         milestones=[m * steps_per_epoch for m in settings.milestones],

@@ -23,12 +23,17 @@ from alambic.core.checkpoint import atomic_write_text
 from alambic.core.lock import run_lock
 from alambic.core.monitor import MetricsLog, Trackers
 from alambic.core.optim import make_accelerator
-from alambic.data.loaders import make_loader
 from alambic.errors import AlambicError, first_line
 from alambic.files import dumps_json, finite_json, writing
 from alambic.run.augment import augment_probe_set
 from alambic.run.building import build_run_datasets, build_run_transfer
-from alambic.run.evaluation import summary_metrics
+from alambic.run.evaluation import (
+    eval_loader,
+    evaluation_progress,
+    held_out_windows,
+    parameter_count,
+    summary_metrics,
+)
 from alambic.run.plan import describe
 from alambic.run.planners import plan
 from alambic.run.preflight import preflight
@@ -167,23 +172,24 @@ def _trackers(config: RunConfig, run_dir: Path, accelerator: Accelerator) -> Tra
 def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
     """Evaluate every model on the test split and profile it; writes ``summary.json``."""
     accelerator, config, info = context.accelerator, context.config, context.info
-    test_loader = accelerator.prepare(
-        make_loader(
-            context.test_set,
-            batch_size=config.data.eval_batch_size,
-            shuffle=False,
-            dynamic_padding=config.data.dynamic_padding,
+    test_set, held_out = context.test_set, None
+    if config.task == "causal-lm":  # evaluate.max_tokens: the same windows for every model
+        test_set, held_out = held_out_windows(
+            test_set, config.evaluate.max_tokens, parameter_count(*models.values())
         )
-    )
-    example = example_input(context.test_set)
+    test_loader = eval_loader(config, test_set, accelerator)
+    example = example_input(test_set)
     architectures = context.architectures  # each model's, as its stage planned it
     teacher = models.get("teacher") if config.task == "causal-lm" else None  # every student's KL reference
     summary_models = {}
     for name, model in models.items():
         model = model.to(accelerator.device)
         reference = teacher.to(accelerator.device) if teacher is not None and name != "teacher" else None
+        watch = evaluation_progress(
+            context.progress, f"evaluate {name}", "windows" if held_out else "samples"
+        )
         metrics = summary_metrics(
-            config, model, test_loader, context.test_set, info, accelerator, example, reference
+            config, model, test_loader, test_set, info, accelerator, example, reference, watch
         )
         if accelerator.is_main_process:
             summary_models[name] = {"architecture": architectures.get(name), **metrics}
@@ -202,6 +208,8 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
             "models": summary_models,
+            # a language model's held-out windows (evaluate.max_tokens): how many, of how many, which rule
+            **({"evaluation": held_out} if held_out is not None else {}),
             "stages_seconds": json.loads(timings_path.read_text()) if timings_path.is_file() else {},
             "stages_peak_memory": json.loads(memory_path.read_text()) if memory_path.is_file() else {},
             # "name": the key its weighted values are logged under in metrics.jsonl
