@@ -65,6 +65,7 @@ def test_the_live_bar_shows_an_evaluation(monkeypatch):
         bar.progress.refresh()
         text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
         assert "distill eval" in text and "24/48" in text and "windows" in text
+        assert "total 1.5 epoch 1 100 tokens/s" in text  # the training rate as a rate
         bar.evaluation("distill", 48, 48, "windows")
         assert [task.description for task in bar.progress.tasks] == ["distill"]  # removed when done
 

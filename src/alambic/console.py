@@ -49,6 +49,14 @@ def clock_time(seconds: float | None) -> str:
 RATES = ("tokens_per_s", "samples_per_s")  # what the loop trains per second, shown as "N tokens/s"
 
 
+def with_rates(values: dict) -> str:
+    """Losses and metrics as :func:`shown_values`, then the training rate as ``N tokens/s``."""
+    rates = [f"{value:,.0f} {key.removesuffix('_per_s')}/s" for key, value in values.items() if key in RATES]
+    return " ".join(
+        part for part in [shown_values({k: v for k, v in values.items() if k not in RATES}), *rates] if part
+    )
+
+
 class ProgressBar:
     """The loop's ``progress`` callback ``(stage, step, total_steps, values)``: on a terminal (or in Jupyter),
     a live Rich bar per stage with its elapsed time and ETA; otherwise :class:`EpochLines`."""
@@ -80,7 +88,7 @@ class ProgressBar:
             shown.update(values)
         else:  # train values replace the previous ones; the last test metric stays in view
             self.shown[stage] = shown = values | {k: v for k, v in shown.items() if k.startswith("test_")}
-        self.progress.update(self.tasks[stage], completed=step, values=shown_values(shown))
+        self.progress.update(self.tasks[stage], completed=step, values=with_rates(shown))
 
     def evaluation(self, label: str, done: int, total: int | None, unit: str) -> None:
         """An evaluation's progress: ``done`` of ``total`` windows or samples (called at 0, then after each
@@ -196,14 +204,12 @@ class LogLines(EpochLines):
     def step_line(self, clock: StageClock, values: dict, now: float) -> str:
         elapsed, done = now - clock.started, clock.step - clock.first_step
         eta = (clock.total - clock.step) * elapsed / done if done > 0 else None
-        losses = {key: value for key, value in values.items() if key != "epoch" and key not in RATES}
-        rates = [
-            f"{value:,.0f} {key.removesuffix('_per_s')}/s" for key, value in values.items() if key in RATES
-        ]
+        losses = {key: value for key, value in values.items() if key not in ("epoch", *RATES)}
+        rates = with_rates({key: value for key, value in values.items() if key in RATES})
         epoch = f"  epoch {values['epoch']}" if "epoch" in values else ""
         return (
             f"{clock.stage:<9} step {clock.step}/{clock.total}{epoch}  {shown_values(losses)}  "
-            f"{' '.join(rates)}  elapsed {clock_time(elapsed)}  ETA {clock_time(eta)}"
+            f"{rates}  elapsed {clock_time(elapsed)}  ETA {clock_time(eta)}"
         )
 
     def evaluation(self, label: str, done: int, total: int | None, unit: str) -> None:
