@@ -187,7 +187,8 @@ def load_tokenizer(spec: str, corpus: str | None = None) -> Tokenizer:
         return HFTokenizer(gguf_tokenizer(folder))
     if not folder.is_dir():
         raise ConfigError(
-            f'tokenizer must be "bytes", "chars", a local tokenizer folder or a .gguf file; {spec!r} is neither'
+            f'tokenizer must be "bytes", "chars", a local tokenizer folder or a .gguf file; {spec!r} is not a '
+            "folder (check the path)"
         )
     if (folder / TOKENIZER_FILE).is_file():
         return _read_spec(folder / TOKENIZER_FILE)
