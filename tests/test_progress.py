@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 
 import alambic.console as console_module
+from alambic import distill
 from alambic.console import LogLines, ProgressBar
 from alambic.core.callbacks import Throughput
 
@@ -147,3 +148,18 @@ def test_a_redirected_run_logs_steps_and_evaluations(tmp_path):
         done = [int(m[2]) for m in evaluations if m[1] == label]
         total = {int(m[3]) for m in evaluations if m[1] == label}
         assert done[0] == 0 and len(total) == 1 and done[-1] == total.pop() and len(done) >= 3, label
+
+
+def test_distill_progress_true_writes_a_line_every_log_every_steps(capsys):
+    inputs, labels = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=32)
+    distill(torch.nn.Linear(10, 3), torch.nn.Linear(10, 3), loader, epochs=2, progress=True, log_every=3)
+    lines = capsys.readouterr().out.splitlines()
+    step = re.compile(
+        r"^distill step (\d+)/16 epoch (\d) ce \S+ kd \S+ total \S+ [\d,]+ samples/s \([\d.]+ s(, ETA [\d.]+ s)?\)$"
+    )
+    assert [int(m[1]) for m in map(step.match, lines) if m] == [3, 6, 9, 12, 15]
+    assert [line.split(" step ")[0] for line in lines if " epoch " in line and "train_total" in line] == [
+        "distill epoch 1/2",
+        "distill epoch 2/2",
+    ]

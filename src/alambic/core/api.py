@@ -95,8 +95,9 @@ def distill(
             the named ``schedule`` applies (default cosine; ``schedule="constant"`` keeps your lr).
         callbacks: :class:`~alambic.core.callbacks.Callback` s (``EarlyStopping``, ``BestWeights``,
             ``History`` or your own); ``early_stopping={...}`` and ``keep_best="accuracy"`` add the first two.
-        progress: one line per epoch on stdout; default on in a terminal or notebook, False for silence,
-            or a ``progress(stage, step, total_steps, values)`` function called at every logged step.
+        progress: a line on stdout every ``log_every`` steps (losses, tokens or samples/s, ETA) and per
+            epoch; default on in a terminal or notebook, False for silence, or a ``progress(stage, step,
+            total_steps, values)`` function called at every logged step.
         return_history: return ``(student, history)``, the per-epoch train losses and evaluations
             (:class:`~alambic.core.callbacks.History`), kept also without ``eval_loader``.
         **train: optimizer and schedule settings of :class:`alambic.config.TrainConfig`
@@ -154,8 +155,9 @@ def distill_callbacks(
     callbacks = [*config_callbacks(settings), *callbacks]
     history = History() if return_history else None
     progress = _interactive() if progress is None else progress
-    callbacks += [item for item in (history, PrintProgress() if progress is True else None) if item]
-    return callbacks, history, progress
+    printer = PrintProgress() if progress is True else None  # also the loop's progress: every log_every steps
+    callbacks += [item for item in (history, printer) if item]
+    return callbacks, history, printer or progress
 
 
 def distill_accelerator(

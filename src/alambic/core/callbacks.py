@@ -18,6 +18,7 @@ tensors) and takes it back in ``load_state_dict``; it is stored in each checkpoi
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -220,14 +221,32 @@ class History(Callback):
 
 
 class PrintProgress(Callback):
-    """One plain line per epoch: stage, epoch / epochs, step, mean training loss, evaluation, elapsed time."""
+    """One plain line per epoch: stage, epoch / epochs, step, mean training loss, evaluation, elapsed time;
+    and, given to the loop as its ``progress`` function too, one every ``log_every`` optimizer steps
+    (stage, step / steps, epoch, mean losses, tokens or samples a second, elapsed time, ETA)."""
 
     def __init__(self, print_line: Any = None):
         self.print_line = print_line or (lambda line: print(line, flush=True))
         self.started = 0.0
+        self.first_step = 0
 
     def on_fit_start(self, state: Any) -> None:
-        self.started = time.perf_counter()
+        self.started, self.first_step = time.perf_counter(), state.step
+
+    def __call__(self, stage: str, step: int, total: int, values: dict[str, float]) -> None:
+        if any(key.startswith("test_") for key in values) or int(os.environ.get("RANK", "0")) != 0:
+            return  # an evaluation: on the epoch's line
+        elapsed = time.perf_counter() - self.started
+        done = step - self.first_step
+        eta = f", ETA {(total - step) * elapsed / done:.1f} s" if done > 0 else ""
+        losses = " ".join(
+            f"{k} {v:.4g}" for k, v in values.items() if k != "epoch" and not k.endswith("_per_s")
+        )
+        rates = " ".join(
+            f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in values.items() if k.endswith("_per_s")
+        )
+        epoch = f" epoch {values['epoch']}" if "epoch" in values else ""
+        self.print_line(f"{stage} step {step}/{total}{epoch} {losses} {rates} ({elapsed:.1f} s{eta})")
 
     def on_epoch_end(self, state: Any, epoch: int, metrics: dict[str, float]) -> None:
         if not state.accelerator.is_main_process:
