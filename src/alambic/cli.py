@@ -265,8 +265,8 @@ def eval_command(
 ) -> None:
     """Re-evaluate the saved models of a run (and rebuild its report), or one checkpoint."""
     if path.is_dir():
-        with stop_on_sigterm():  # a stopped re-evaluation leaves the run's status as it was
-            summary = evaluate_run(path, data_dir=data_dir)
+        with stop_on_sigterm(), ProgressBar() as bar:  # a stopped re-evaluation leaves the status as it was
+            summary = evaluate_run(path, data_dir=data_dir, progress=bar)
         print_summary(summary)
         return
 
