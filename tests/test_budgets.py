@@ -113,6 +113,8 @@ def test_max_steps_is_checked_and_overrides_epochs():
 
 pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
+from corpora import word_corpus  # noqa: E402
+
 from alambic.config import config_from_dict  # noqa: E402
 from alambic.data.lm import TextBlocks, TokenRows  # noqa: E402
 from alambic.run.building import build_run_datasets  # noqa: E402
@@ -154,33 +156,6 @@ def test_held_out_windows_are_spread_evenly_and_whole():
     }  # fmt: skip
 
 
-def _corpus(path):
-    import random
-
-    rng = random.Random(0)
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "dog",
-        "ran",
-        "to",
-        "park",
-        "while",
-        "birds",
-        "sang",
-        "over",
-        "green",
-        "hills",
-    ]
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)))
-    return path
-
-
 def lm_config(corpus, **changes):
     """A tiny causal-LM run: chars, windows of 16, GPT-2 models of one layer, 7 optimizer steps a stage."""
     train = {"epochs": 5, "max_steps": 7, "batch_size": 16, "optimizer": "adamw", "lr": 0.003, "log_every": 2}
@@ -211,7 +186,7 @@ class Evaluations:
 
 def test_a_run_evaluates_the_same_evenly_spread_windows_for_every_model(tmp_path):
     evaluate = {"batch_sizes": [1], "latency_repeats": 1, "max_tokens": 160, "epoch_max_tokens": 320}
-    config = lm_config(_corpus(tmp_path / "corpus.txt"), evaluate=evaluate)
+    config = lm_config(word_corpus(tmp_path / "corpus.txt"), evaluate=evaluate)
     progress = Evaluations()
     run_dir = run(config, run_dir=tmp_path / "run", progress=progress)
     summary = json.loads((run_dir / "summary.json").read_text())

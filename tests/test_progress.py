@@ -4,7 +4,6 @@ optimizer steps (stage, step, losses, tokens or samples a second, elapsed, ETA) 
 
 import io
 import os
-import random
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from corpora import word_corpus
 from rich.console import Console
 
 import alambic.console as console_module
@@ -85,28 +85,7 @@ def test_throughput_counts_tokens_without_padding_or_samples():
 
 def test_a_redirected_run_logs_steps_and_evaluations(tmp_path):
     pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-    rng = random.Random(0)
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "dog",
-        "ran",
-        "to",
-        "park",
-        "while",
-        "birds",
-        "sang",
-        "over",
-        "green",
-        "hills",
-    ]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)))
+    corpus = word_corpus(tmp_path / "corpus.txt")
     train = {"max_steps": 9, "batch_size": 16, "optimizer": "adamw", "lr": 0.003, "log_every": 3}
     gpt2 = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_positions": 64}
     config = {
