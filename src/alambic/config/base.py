@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alambic.errors import ConfigError
+from alambic.imports import package_file
 from alambic.losses import check_hyper_parameters, get_loss_spec
 
 STAGES = ("teacher", "baseline", "distill", "evaluate", "report")
@@ -104,8 +105,9 @@ HF_CONFIG = "hf-config"  # a Hugging Face model built from scratch from a config
 
 
 def hf_path(arch: str) -> str | None:
-    """The folder or hub id of an ``hf:`` architecture, else None."""
-    return arch.removeprefix(HF_PREFIX) if arch.startswith(HF_PREFIX) else None
+    """The folder, hub id or ``.gguf`` file of an ``hf:`` architecture (``hf:pkg:PACKAGE/FILE``: a file an
+    installed package ships, see :func:`alambic.imports.package_file`), else None."""
+    return package_file(arch.removeprefix(HF_PREFIX)) if arch.startswith(HF_PREFIX) else None
 
 
 def is_pretrained_language_model(arch: str) -> bool:

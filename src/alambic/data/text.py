@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from alambic.data.tokenizers import gguf_tokenizer
 from alambic.errors import ConfigError, DataError
-from alambic.imports import require
+from alambic.imports import package_file, require
 
 # name -> (train file, test file, class names); the GLUE SST-2 dev split is the usual test split
 TEXT_DATASETS = {"sst2": ("train.tsv", "dev.tsv", ["negative", "positive"])}
@@ -88,8 +88,10 @@ def read_sentences(path: str | Path) -> list[str]:
 
 
 def load_tokenizer(name_or_path: str):
-    """A ``transformers`` tokenizer from a folder (offline), a hub id or a ``.gguf`` model file."""
-    if str(name_or_path).lower().endswith(".gguf"):
+    """A ``transformers`` tokenizer from a folder (offline), a hub id or a ``.gguf`` model file (either may
+    be ``pkg:PACKAGE/PATH``, inside an installed package)."""
+    name_or_path = package_file(str(name_or_path))
+    if name_or_path.lower().endswith(".gguf"):
         return gguf_tokenizer(name_or_path)
     try:
         return require(

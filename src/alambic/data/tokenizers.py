@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from alambic.errors import ConfigError, DataError
 from alambic.files import dumps_json, writing
-from alambic.imports import require
+from alambic.imports import package_file, require
 
 TOKENIZER_FILE = "alambic-tokenizer.json"  # not tokenizer.json: a Hugging Face folder holds that one
 
@@ -182,7 +182,8 @@ def load_tokenizer(spec: str, corpus: str | None = None) -> Tokenizer:
         if corpus is None:
             raise ConfigError('tokenizer "chars" is built from the training text; pass corpus=')
         return CharTokenizer.from_corpus(corpus)
-    folder = Path(str(spec)).expanduser()
+    spec = package_file(str(spec))  # pkg:PACKAGE/PATH: inside an installed package
+    folder = Path(spec).expanduser()
     if str(spec).lower().endswith(".gguf"):  # a GGUF model file holds its tokenizer and chat template
         return HFTokenizer(gguf_tokenizer(folder))
     if not folder.is_dir():
