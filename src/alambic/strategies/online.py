@@ -312,8 +312,9 @@ def mutual_learning(
 
 
 def train_module(*args: Any, **kwargs: Any) -> nn.Module:
-    """Deprecated: the old name of :func:`train_teacher_free`, kept because README.md shows it; it clashed with
-    :func:`alambic.train_module` (the one loop for every module), a different function.
+    """Deprecated: the old name of :func:`train_teacher_free` (alambic 0.1's README showed it), kept so that
+    code written for it still runs; it clashed with :func:`alambic.train_module` (the one loop for every
+    module), a different function.
 
     Example:
         >>> student = train_module(SelfDistiller(model, ["layer1"], example_input=x[:1]), loader)  # warns
