@@ -167,6 +167,9 @@ class DistillConfig(StrictModel):
     teacher_dtype: Literal["float32", "bfloat16", "float16", "int8"] = "float32"
     # a folder written by `alambic cache-teacher`: the teacher's stored outputs replace its forward pass
     teacher_cache: str | None = None
+    # a Hugging Face causal-LM student: its token terms (lm_ce, forward_kl, ...) project its last hidden
+    # states one chunk of tokens at a time, so its whole [B, T, V] logits never exist (core/fused_output.py)
+    fused_output: bool = False
     sequence_kd: SequenceKDConfig | None = None  # task causal-lm: train on the teacher's generations
     on_policy: OnPolicyConfig | None = None  # task causal-lm: train on the student's own samples (GKD)
 

@@ -23,6 +23,13 @@ from alambic.core.batches import (  # noqa: F401  (split_batch re-exported)
     split_batch,
 )
 from alambic.core.connectors import make_connector
+from alambic.core.fused_output import (
+    HIDDEN,
+    check_fused_terms,
+    fused_student_outputs,
+    fused_term_value,
+    output_projection,
+)
 from alambic.core.hooks import capture_features, unwrap_model
 from alambic.data.transfer import UNLABELLED
 from alambic.errors import AlambicError, ConfigError, first_line
@@ -52,6 +59,12 @@ def _rows(value: Any, rows: Tensor) -> Any:
     if isinstance(value, list):
         return [_rows(item, rows) for item in value]
     return value.index_select(0, rows) if isinstance(value, Tensor) else value
+
+
+def _projection_shape(student: nn.Module, outputs: dict[str, Tensor]) -> Tensor:
+    """A stand-in with the shape the fused student's logits would have, ``[B, T, V]`` (no storage)."""
+    hidden, weight = outputs[HIDDEN], output_projection(student)[1]
+    return hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
 
 
 def _shape(value: Tensor | list[Tensor]) -> tuple[int, ...] | list[tuple[int, ...]]:
@@ -194,13 +207,25 @@ class Distiller(nn.Module):
     host-device sync per step, so it is on only for such data (:func:`alambic.core.api.distill` and the
     run's distill stage turn it on when the training set holds a transfer set).
 
+    ``fused_output`` (a Hugging Face causal-LM student): the student runs without its output projection
+    and its token terms project its last hidden states one chunk of tokens at a time
+    (:mod:`alambic.core.fused_output`), so its whole ``[B, T, V]`` logits never exist; terms that need
+    them whole are refused here.
+
     Example:
         >>> module = Distiller(student, [Term(loss="ce", weight=0.1), Term(loss="kd", weight=0.9)])
         >>> losses = module(images, labels, teacher(images))
         >>> losses["total"].backward()
     """
 
-    def __init__(self, student: nn.Module, terms: Sequence[Term], *, unlabelled_rows: bool = False):
+    def __init__(
+        self,
+        student: nn.Module,
+        terms: Sequence[Term],
+        *,
+        unlabelled_rows: bool = False,
+        fused_output: bool = False,
+    ):
         super().__init__()
         if not terms:
             raise ConfigError("a distillation setup needs at least one term (for example ce and kd)")
@@ -224,9 +249,15 @@ class Distiller(nn.Module):
         self.unlabelled_rows = unlabelled_rows and any(spec.needs_labels for spec in self.specs)
         self.has_token_terms = any(spec.inputs == "tokens" for spec in self.specs)
         self.uses_mask = any(spec.takes_mask for spec in self.specs)
+        self.fused_output = fused_output
+        if fused_output:  # refused here, before the pre-flight's first batch
+            check_fused_terms(self.terms)
+            output_projection(student)
 
     def student_outputs(self, inputs: Any) -> dict[str, Tensor]:
-        """The student's logits and the features its terms compare."""
+        """The student's logits (with ``fused_output``, its last hidden states) and the features its terms compare."""
+        if self.fused_output:
+            return fused_student_outputs(self.student, inputs, self.student_paths)
         return model_outputs(self.student, inputs, self.student_paths, side="student")
 
     @property
@@ -298,6 +329,8 @@ class Distiller(nn.Module):
         the sample indices, the attention mask. ``labelled`` (:meth:`labelled_rows`): a term that needs
         labels sees only those rows, and is 0 when there are none."""
         term, spec, key = self.terms[index], self.specs[index], str(index)
+        if HIDDEN in student_outputs and term.student == "logits":  # fused_output: chunk by chunk
+            return fused_term_value(self.student, term, student_outputs, teacher_outputs, labels)
         student_value = _pick(student_outputs, term.student)
         if key in self.connectors:
             student_value = self.connectors[key](student_value)
@@ -392,6 +425,11 @@ class Distiller(nn.Module):
                 teacher(inputs, sample_index) if (teacher is not None and self.needs_teacher) else None
             )
             student_outputs = self.student_outputs(inputs)
+            if self.fused_output:  # the vocabulary is the output projection's rows
+                student_outputs = {
+                    **student_outputs,
+                    "logits": _projection_shape(self.student, student_outputs),
+                }
             if teacher_outputs is not None and "logits" in teacher_outputs and "logits" in student_outputs:
                 classes_student, classes_teacher = (
                     student_outputs["logits"].shape[-1],

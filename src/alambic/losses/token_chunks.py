@@ -265,6 +265,59 @@ def fused_linear_token_loss(
     )
 
 
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    shift_labels: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Next-token cross-entropy (``lm_ce``) on ``hidden @ weight.T + bias``, the logits one chunk at a time.
+
+    Equals ``get_loss("lm_ce")(F.linear(hidden, weight, bias), labels=labels)`` in value and gradients
+    (Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989, on the CPU too).
+
+    Args:
+        hidden: ``[B, T, H]``; weight: ``[V, H]``; bias: ``[V]`` or None.
+        labels: ``[B, T]`` token ids, ``-100`` where a token does not count.
+        shift_labels, chunk_size: as :func:`fused_linear_token_loss`.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels {tuple(labels.shape)} "
+            "do not fit: hidden [B, T, H], weight [V, H], labels [B, T]"
+        )
+    chunk_size = _tokens_per_chunk(chunk_size, weight.shape[0], FUSED_CHUNK_LOGITS)
+    targets = labels
+    if shift_labels:  # position t predicts labels[t + 1]; the last position predicts nothing
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    positions = counted_positions(hidden.shape, labels, shift_labels)
+    if positions[0].numel() == 0:  # every token masked: contribute nothing, keep the graph
+        return sum(tensor.sum() * 0.0 for tensor in (hidden, weight, bias) if tensor is not None)
+    positions = tuple(axis.to(hidden.device) for axis in positions)
+    needs_grad = tuple(
+        torch.is_grad_enabled() and tensor is not None and tensor.requires_grad
+        for tensor in (hidden, weight, bias)
+    )
+    return _FusedLinearMean.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        lambda rows: rows,
+        positions,
+        _cross_entropy_sum,
+        chunk_size,
+        needs_grad,
+    )
+
+
+def _cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="sum")  # [n, V], [n] -> the chunk's sum
+
+
 def _fused_params(loss: str, params: dict | None) -> dict:
     """``params`` checked for ``loss``, which must be a registered token divergence."""
     spec = get_loss_spec(loss)

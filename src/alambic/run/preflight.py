@@ -85,11 +85,19 @@ def preflight(
                 preload=False,
                 terms=stage.terms,
             )
+        if config.distill.fused_output and stage.trainable is not None:
+            raise ConfigError(
+                f"distill.fused_output applies to plain KD's distill stage; stage {stage.name!r} of strategy "
+                f"{config.strategy.kind!r} trains a module of its own; remove the setting"
+            )
         module = (
             stage.trainable(model, companions, builder.example)
             if stage.trainable is not None
             else Distiller(
-                model, stage.terms, unlabelled_rows=stage.data == "distill" and transfer is not None
+                model,
+                stage.terms,
+                unlabelled_rows=stage.data == "distill" and transfer is not None,
+                fused_output=teacher is not None and config.distill.fused_output,
             )
         )
         _probe(config, stage, module, teacher, _probe_data(config, stage, models, train_set, transfer))

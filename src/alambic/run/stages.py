@@ -103,7 +103,12 @@ def train_stage(
     student = train_module(
         module
         if module is not None
-        else Distiller(model, terms, unlabelled_rows=find_transfer(stage_set) is not None),
+        else Distiller(
+            model,
+            terms,
+            unlabelled_rows=find_transfer(stage_set) is not None,
+            fused_output=teacher is not None and context.config.distill.fused_output,
+        ),
         loader,
         train.loop(),
         accelerator=accelerator,
