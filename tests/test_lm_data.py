@@ -153,7 +153,7 @@ def test_hf_completions_end_with_eos_and_count_bytes(tmp_path, hf_folder):
     assert train.unit_counts.tolist() == [len("wörld".encode())]  # EOS stands for no text
 
 
-def test_chat_rows_take_the_loss_on_the_final_assistant_message(tmp_path, hf_folder):
+def test_chat_rows_take_the_loss_on_every_assistant_message(tmp_path, hf_folder):
     messages = [
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "world"},
@@ -166,9 +166,17 @@ def test_chat_rows_take_the_loss_on_the_final_assistant_message(tmp_path, hf_fol
     )
     prompt = tokenizer.chat_ids(messages[:-1], add_generation_prompt=True)
     full = tokenizer.chat_ids(messages)
+    first_prompt = tokenizer.chat_ids(messages[:1], add_generation_prompt=True)
+    first = tokenizer.chat_ids(messages[:2])
     row = train[0]
     assert row["input_ids"].tolist() == full
-    assert row["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
+    assert row["labels"].tolist() == (
+        [IGNORE_INDEX] * len(first_prompt)
+        + first[len(first_prompt) :]
+        + [IGNORE_INDEX] * (len(prompt) - len(first))
+        + full[len(prompt) :]
+    )
+    assert tokenizer.decode(first[len(first_prompt) :]) == "world<eos>"
     assert tokenizer.decode(full[len(prompt) :]) == "the assistant answers<eos>"
     short = train[1]  # padded to the longer conversation with the pad token, masked
     real = int(short["attention_mask"].sum())

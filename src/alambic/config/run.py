@@ -138,7 +138,9 @@ class RunConfig(StrictModel):
                 )
         if sequence_kd is not None and on_policy is not None:
             raise ValueError("distill.sequence_kd and distill.on_policy are two recipes: keep one of them")
-        if sequence_kd is not None and sequence_kd.prompt_tokens > self.data.block_size:
+        if sequence_kd is not None and sequence_kd.prompts_file is not None:
+            self._check_prompts_file()
+        elif sequence_kd is not None and sequence_kd.prompt_tokens > self.data.block_size:
             raise ValueError(
                 f"distill.sequence_kd.prompt_tokens {sequence_kd.prompt_tokens} exceeds data.block_size "
                 f"{self.data.block_size}: prompts are the first tokens of training windows"
@@ -155,6 +157,33 @@ class RunConfig(StrictModel):
                     "distill.on_policy: the teacher scores the student's samples through a token divergence; "
                     "add one to distill.terms (forward_kl, reverse_kl, jsd, ...)"
                 )
+        return self
+
+    def _check_prompts_file(self) -> None:
+        """``distill.sequence_kd.prompts_file`` and ``evaluate.rouge`` read prompts as text: the run needs a
+        tokenizer (``data.tokenizer``, or an ``hf:`` teacher's own)."""
+        if self.data.dataset == TEACHER_SAMPLES and not self.data.tokenizer:
+            raise ValueError(
+                "distill.sequence_kd.prompts_file and evaluate.rouge read text prompts, and data.dataset "
+                "teacher-samples has no tokenizer: set data.tokenizer (the teacher's)"
+            )
+        if self.data.tokenizer == "chars":
+            raise ValueError(
+                "distill.sequence_kd.prompts_file and evaluate.rouge read text prompts, which the characters "
+                "of the training text (data.tokenizer: chars) may not cover: use bytes or a tokenizer folder"
+            )
+
+    @model_validator(mode="after")
+    def _rouge(self) -> RunConfig:
+        if self.evaluate.rouge is None:
+            return self
+        if self.task != "causal-lm":
+            raise ValueError(
+                "evaluate.rouge scores language models' answers: set task: causal-lm or remove it"
+            )
+        if not self.evaluate.rouge.file:
+            raise ValueError("evaluate.rouge.file: give a JSONL file of held-out prompts with their answers")
+        self._check_prompts_file()
         return self
 
     @model_validator(mode="after")

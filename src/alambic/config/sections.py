@@ -133,14 +133,33 @@ class SequenceKDConfig(StrictModel):
 
     Prompts are the first ``prompt_tokens`` tokens of ``samples`` training windows (a seeded draw; a
     window is drawn again when ``samples`` exceeds their number); the teacher continues each by
-    ``new_tokens`` tokens, written once to ``RUN/teacher_generations/`` and reused on resume."""
+    ``new_tokens`` tokens, written once to ``RUN/teacher_generations/`` and reused on resume.
+
+    ``prompts_file`` (JSONL, :func:`alambic.data.lm.read_prompts`) replaces the window prompts: the teacher
+    answers each of its prompts once, rendered with the chat template's generation prompt, in at most
+    ``new_tokens`` tokens ending at its EOS; the student trains on prompt + answer, the loss on the answer
+    (``samples`` and ``prompt_tokens`` do not apply)."""
 
     samples: int = Field(256, ge=1)
     prompt_tokens: int = Field(8, ge=1)
     new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)  # 1: greedy decoding (Kim & Rush's beam of one)
-    batch_size: int = Field(64, ge=1)  # prompts continued at once
+    batch_size: int = Field(64, ge=1)  # prompts continued at once (a prompts_file's: one by one)
+    # a JSONL file of prompts ({"messages": [...]} or {"prompt": str}) the teacher answers
+    prompts_file: str | None = None
+
+
+class RougeConfig(StrictModel):
+    """``evaluate.rouge``: ROUGE-L F-measure (:mod:`alambic.core.rouge`) of each model's greedy answers to
+    the first ``max_prompts`` prompts of ``file`` (held-out; :func:`alambic.data.lm.read_prompts`) against
+    the file's answers (each row's final assistant message or ``completion``), as MiniLLM and DistiLLM
+    report; answers stop at the tokenizer's EOS or after ``new_tokens`` tokens."""
+
+    file: str
+    max_prompts: int | None = Field(64, ge=1)  # null: every prompt of the file
+    new_tokens: int = Field(64, ge=1)
+    samples: int = Field(3, ge=0)  # answers shown side by side in summary.json and report.md
 
 
 class OnPolicyConfig(StrictModel):
@@ -195,6 +214,7 @@ class EvaluateConfig(StrictModel):
             return value
         raise ValueError(f"give a number of held-out tokens >= 1, 'auto' or 'all' (got {value!r})")
 
+    rouge: RougeConfig | None = None  # task causal-lm: ROUGE-L of greedy answers to held-out prompts
     latency_repeats: int = Field(20, ge=1)
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     # CPU threads while timing: 1 by default, as on a phone or an edge core, and because on a shared

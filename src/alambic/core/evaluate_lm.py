@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from alambic.core.batches import call_model, logits_of, model_device, split_batch
 from alambic.core.evaluate import EvalMode, pinned_threads, rows_of, synchronize
-from alambic.core.llm import sample_tokens
+from alambic.core.llm import generate_answers, sample_tokens
+from alambic.core.rouge import rouge_l
 from alambic.errors import AlambicError
 from alambic.losses.token_chunks import CHUNK_LOGITS, counted_positions
 
@@ -310,3 +311,64 @@ def sample_texts(
         )  # [1, P + new_tokens]
         samples.append(ids[0, prompt.shape[1] :].tolist())
     return samples
+
+
+def answer_rouge(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[str],
+    decode: Callable[[list[int]], str],
+    *,
+    new_tokens: int,
+    stop_ids: tuple[int, ...] = (),
+    max_context: int | None = None,
+    samples: int = 3,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict[str, Any]:
+    """ROUGE-L of a model's greedy answers against reference answers (MiniLLM's and DistiLLM's protocol:
+    greedy decoding on held-out prompts, the mean ROUGE-L F-measure of :mod:`alambic.core.rouge`).
+
+    Each prompt is answered on its own (:func:`~alambic.core.llm.generate_answers`, batch 1), in at most
+    ``new_tokens`` tokens ending at the first of ``stop_ids``, which is not decoded.
+
+    Args:
+        model: A causal LM on its device.
+        prompts: Token ids of each prompt (a chat prompt ends with the template's generation prompt).
+        references: One reference answer per prompt.
+        decode: Token ids to text (the run's tokenizer).
+        new_tokens: Most tokens an answer may take.
+        stop_ids: Tokens that end an answer (the tokenizer's EOS).
+        max_context: The model's context length, when prompt + new tokens may exceed it.
+        samples: How many of the first answers to return whole.
+        progress: Called with the prompts answered so far and their number.
+
+    Returns:
+        ``{"rouge_l": mean F, "prompts": N, "new_tokens", "decoding": "greedy", "answers": [{"prompt",
+        "reference", "answer", "rouge_l"}, ...]}`` (the first ``samples`` answers).
+
+    Example:
+        >>> answer_rouge(student, prompts, references, tokenizer.decode, new_tokens=64, stop_ids=(2,))["rouge_l"]
+    """
+    if len(prompts) != len(references) or not prompts:
+        raise AlambicError(
+            f"give one reference per prompt, got {len(prompts)} prompts, {len(references)} references"
+        )
+    answers = generate_answers(
+        model, [list(prompt) for prompt in prompts], new_tokens, stop_ids=stop_ids, top_k=1,
+        max_context=max_context, progress=progress,
+    )  # fmt: skip
+    texts = [
+        decode(answer[:-1] if answer and answer[-1] in stop_ids else answer).strip() for answer in answers
+    ]
+    scores = [rouge_l(text, reference)["f"] for text, reference in zip(texts, references)]
+    shown = [
+        {"prompt": decode(list(prompt)), "reference": reference, "answer": text, "rouge_l": score}
+        for prompt, reference, text, score in islice(zip(prompts, references, texts, scores), samples)
+    ]
+    return {
+        "rouge_l": sum(scores) / len(scores),
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "decoding": "greedy",
+        "answers": shown,
+    }

@@ -38,8 +38,11 @@ def sample_tokens(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     max_context: int | None = None,
+    stop_ids: tuple[int, ...] = (),
 ) -> Tensor:
-    """Continue ``prompt_ids [B, P]`` by ``new_tokens`` sampled tokens -> ``[B, P + new_tokens]``.
+    """Continue ``prompt_ids [B, P]`` by ``new_tokens`` sampled tokens -> ``[B, P + new_tokens]``, or fewer
+    once every row has drawn one of ``stop_ids`` (an end-of-sequence token; a row that stopped earlier than
+    others goes on, so cut each row after its first stop id: :func:`generate_answers` does at batch 1).
 
     The model runs in eval mode (its mode is restored); ``top_k=1`` is greedy decoding. A model whose
     forward takes a key/value cache (every Hugging Face causal LM, see :func:`cache_argument`) reads the
@@ -61,6 +64,7 @@ def sample_tokens(
         fits = max_context is None or prompt_ids.shape[1] + new_tokens <= max_context
         argument = cache_argument(model) if fits else None
         ids, cache = prompt_ids, None
+        stopped = torch.zeros(len(prompt_ids), dtype=torch.bool)  # [B]
         for _ in range(new_tokens):
             if argument is not None:  # the prompt at the first step, then only the last token
                 step = ids if cache is None else ids[:, -1:]
@@ -73,6 +77,10 @@ def sample_tokens(
                 output = call_model(model, {"input_ids": context})
             next_ids = _choose(logits_of(output)[:, -1], temperature, top_k, generator)  # [B, 1]
             ids = torch.cat([ids, next_ids.to(ids.device)], dim=1)
+            if stop_ids:
+                stopped |= torch.isin(next_ids[:, 0].cpu(), torch.tensor(stop_ids))
+                if bool(stopped.all()):
+                    break
         return ids
     finally:
         model.train(was_training)
@@ -196,6 +204,43 @@ class OnPolicyBatches:
             "labels": new_labels,
             "attention_mask": torch.ones_like(sampled),
         }
+
+
+def generate_answers(
+    model: nn.Module,
+    prompts: list[list[int]],
+    new_tokens: int,
+    *,
+    stop_ids: tuple[int, ...] = (),
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    max_context: int | None = None,
+    progress: Any = None,
+) -> list[list[int]]:
+    """Each prompt's answer: at most ``new_tokens`` tokens, ending at the first of ``stop_ids`` (kept) ->
+    one id list per prompt, the prompt not repeated. Prompts of any lengths are answered one by one, in
+    order, from one generator seeded with ``seed`` (batch 1: no padding enters the model, so an answer is
+    the same whatever the other prompts; ``top_k=1`` is greedy). ``progress(done, total)`` after each.
+
+    Example:
+        >>> answers = generate_answers(teacher, [tokenizer.chat_ids(messages, add_generation_prompt=True)],
+        ...                            64, stop_ids=(tokenizer.eos_id,), top_k=1)  # doctest: +SKIP
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    answers = []
+    for done, prompt in enumerate(prompts, start=1):
+        ids = sample_tokens(
+            model, torch.tensor([prompt], dtype=torch.long, device=device), new_tokens,
+            temperature=temperature, top_k=top_k, generator=generator, max_context=max_context,
+            stop_ids=stop_ids,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+        stops = [index for index, token in enumerate(ids) if token in stop_ids]
+        answers.append(ids[: stops[0] + 1] if stops else ids)
+        if progress is not None:
+            progress(done, len(prompts))
+    return answers
 
 
 class _Rows(torch.utils.data.Dataset):

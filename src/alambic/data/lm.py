@@ -14,8 +14,8 @@ of predicted tokens; for a Hugging Face tokenizer it is the UTF-8 length of thos
   window crosses it; validation windows never overlap (stride = ``block_size``).
 - ``jsonl``: one object a line, ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role",
   "content"}, ...]}`` ending with an ``assistant`` message (rendered by a Hugging Face tokenizer's chat
-  template). The loss is on the completion (or final assistant message) only; EOS is appended to a
-  completion when the tokenizer has one. Rows are right-padded to the longest one; a row longer than
+  template, a GGUF file's included). The loss is on the completion, or on every assistant message of a
+  chat (:func:`encode_chat`), only; EOS is appended to a completion when the tokenizer has one. Rows are right-padded to the longest one; a row longer than
   ``max_length`` loses the start of its prompt first, then the end of its completion. With ``packing``,
   rows are concatenated and cut into ``block_size`` blocks (prompts keep ``-100``), without padding.
   Validation is ``valid_file`` or the last ``valid_fraction`` of the rows.
@@ -172,17 +172,25 @@ def _row_problem(row: object) -> str | None:
     ):
         return None if row["completion"] else "the completion is empty"
     if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
-        for message in row["messages"]:
-            if not (
-                isinstance(message, dict)
-                and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)
-            ):
-                return 'each message must be {"role": str, "content": str}'
-        if row["messages"][-1]["role"] != "assistant":
-            return "the last message must be the assistant's (the one the loss is taken on)"
-        return None
+        return messages_problem(row["messages"], answered=True)
     return 'expected {"prompt": str, "completion": str} or {"messages": [{"role": ..., "content": ...}, ...]}'
+
+
+def messages_problem(messages: list, *, answered: bool = False) -> str | None:
+    """What is wrong with a conversation ``[{"role": str, "content": str}, ...]`` (``answered``: that must
+    end with the assistant's message), or None."""
+    for message in messages:
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            return 'each message must be {"role": str, "content": str}'
+    if answered and messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's (the one the loss is taken on)"
+    if messages[0]["role"] == "assistant":
+        return "the conversation must open with a system or user message, not the assistant's"
+    return None
 
 
 def _row_texts(row: dict) -> list[str]:
@@ -192,33 +200,99 @@ def _row_texts(row: dict) -> list[str]:
 
 
 def encode_row(row: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, completion_ids)`` of a checked JSONL row; EOS ends a completion when there is one."""
+    """``(ids, labels)`` of a checked JSONL row: labels are the ids of the completion (EOS appended when the
+    tokenizer has one) or of every assistant message of a chat row, -100 elsewhere."""
     if "messages" in row:
-        if not isinstance(tokenizer, HFTokenizer):
-            raise ConfigError(
-                "chat rows (messages) need a Hugging Face tokenizer folder with a chat template"
-            )
-        prompt = tokenizer.chat_ids(row["messages"][:-1], add_generation_prompt=True)
-        full = tokenizer.chat_ids(row["messages"])
-        if full[: len(prompt)] != prompt:
+        return encode_chat(row["messages"], tokenizer)
+    prompt, completion = tokenizer.encode(row["prompt"]), tokenizer.encode(row["completion"])
+    if tokenizer.eos_id is not None:
+        completion.append(int(tokenizer.eos_id))
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+
+def encode_chat(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of a conversation rendered by the tokenizer's chat template, the loss on every
+    assistant message: each one's tokens are what the template adds after the conversation before it with
+    its generation prompt (the answer and its end-of-turn tokens, e.g. ChatML's ``<|im_end|>`` and newline).
+
+    The template must render each conversation as a prefix of the longer one (ChatML and most templates
+    do); one that does not (e.g. one that drops earlier reasoning) is a one-line DataError."""
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ConfigError("chat rows (messages) need a Hugging Face tokenizer folder with a chat template")
+    ids: list[int] = []
+    labels: list[int] = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.chat_ids(messages[:turn], add_generation_prompt=True)
+        full = tokenizer.chat_ids(messages[: turn + 1])
+        if full[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
             raise DataError(
                 "the chat template does not render a conversation as its prompt followed by the answer; "
                 "use prompt/completion rows"
             )
-        return prompt, full[len(prompt) :]
-    completion = tokenizer.encode(row["completion"])
-    if tokenizer.eos_id is not None:
-        completion.append(int(tokenizer.eos_id))
-    return tokenizer.encode(row["prompt"]), completion
+        labels += [IGNORE_INDEX] * (len(prompt) - len(ids)) + full[len(prompt) :]
+        ids = full
+    return ids, labels
 
 
-def fit_row(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """``(ids, labels)`` of at most ``max_length`` tokens: the prompt's start goes first, then the
-    completion's end (keeping one prompt token, when there is one, so the first answer token is predicted)."""
-    completion = completion[: max_length - min(len(prompt), 1)]
-    prompt_room = max_length - len(completion)
-    prompt = prompt[max(len(prompt) - prompt_room, 0) :]
-    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+def read_prompts(path: str | Path) -> list[dict]:
+    """The rows of a prompt file, each ``{"messages": [...], "reference": str | None}`` or ``{"prompt": str,
+    "reference": str | None}``: a conversation without its final assistant message, or a prompt text. A
+    final assistant message (or a ``completion``) is the row's reference answer, so one file can hold the
+    prompts and the answers ROUGE-L is measured against. A malformed line is a one-line DataError."""
+    rows = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if isinstance(messages, list) and messages:
+            problem = messages_problem(messages)
+            if problem:
+                raise DataError(f"{path}, line {number}: {problem}")
+            answered = messages[-1]["role"] == "assistant"
+            reference = messages[-1]["content"] if answered else None
+            rows.append({"messages": messages[:-1] if answered else messages, "reference": reference})
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"]:
+            completion = row.get("completion")
+            rows.append(
+                {"prompt": row["prompt"], "reference": completion if isinstance(completion, str) else None}
+            )
+        else:
+            raise DataError(
+                f'{path}, line {number}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} or '
+                '{"prompt": str} (a final assistant message or a "completion" is the reference answer)'
+            )
+    if not rows:
+        raise DataError(f"{path} holds no prompts; expected one JSON object a line")
+    return rows
+
+
+def encode_prompt(row: dict, tokenizer: Tokenizer) -> list[int]:
+    """The ids a model answers from: a conversation (or a ``prompt`` text as one user message) rendered by
+    the chat template with its generation prompt; a tokenizer without a chat template encodes a ``prompt``
+    text as it is (and refuses a conversation)."""
+    chat = isinstance(tokenizer, HFTokenizer) and bool(getattr(tokenizer.hf, "chat_template", None))
+    if "messages" in row:
+        if not isinstance(tokenizer, HFTokenizer):
+            raise ConfigError("chat prompts (messages) need a Hugging Face tokenizer with a chat template")
+        return tokenizer.chat_ids(row["messages"], add_generation_prompt=True)
+    if chat:
+        return tokenizer.chat_ids([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+    return tokenizer.encode(row["prompt"])
+
+
+def fit_row(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of at most ``max_length`` tokens: the start of the prompt (the tokens before the
+    first label) goes first, keeping one prompt token when there is one so the first answer token is
+    predicted, then the end of the row."""
+    prompt = next((index for index, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    drop = min(max(len(ids) - max_length, 0), max(prompt - 1, 0))
+    return ids[drop : drop + max_length], labels[drop : drop + max_length]
 
 
 def _unit_counts(ids: Tensor, labels: Tensor, tokenizer: Tokenizer) -> Tensor:
@@ -346,11 +420,8 @@ def _rows_dataset(
 ) -> TokenRows:
     encoded = [encode_row(row, tokenizer) for row in rows]
     if packing:
-        pairs = [
-            (prompt + completion, [IGNORE_INDEX] * len(prompt) + completion) for prompt, completion in encoded
-        ]
-        return pack_rows(pairs, tokenizer, block_size)
-    return pad_rows([fit_row(prompt, completion, max_length) for prompt, completion in encoded], tokenizer)
+        return pack_rows(encoded, tokenizer, block_size)
+    return pad_rows([fit_row(ids, labels, max_length) for ids, labels in encoded], tokenizer)
 
 
 def _check_sizes(**sizes: int | None) -> None:

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from alambic.config import RunConfig
 from alambic.core.batches import real_inputs
 from alambic.core.evaluate import evaluate_classifier, profile_model
-from alambic.core.evaluate_lm import evaluate_causal_lm, generation_speed, sample_texts
+from alambic.core.evaluate_lm import answer_rouge, evaluate_causal_lm, generation_speed, sample_texts
 from alambic.data.lm import TextBlocks, TokenRows
 from alambic.data.loaders import make_loader
+from alambic.errors import ConfigError
 from alambic.models.lora import is_lora, trainable_parameters
+from alambic.run.lm_distill import rouge_prompts, stop_ids
 
 SAMPLE_PROMPTS = 3  # fixed prompts sampled from every model of a language-model run (report.md)
 SAMPLE_PROMPT_TOKENS = 16
@@ -202,7 +204,35 @@ def summary_metrics(
             for prompt, ids in zip(prompts, continuations)
         ]
         profile = {**profile, "generation": speed, "samples": samples}
+        if evaluation.rouge is not None:
+            rouge = rouge_record(evaluation.rouge, model, info, window)
+            profile = {**profile, "rouge_l": rouge["rouge_l"], "rouge": rouge}
     return {**metrics, **profile}
+
+
+ROUGE_REFERENCE = "the file's answers"  # what evaluate.rouge scores answers against, named in summary.json
+
+
+def rouge_record(settings: Any, model: nn.Module, info: Any, max_context: int | None) -> dict[str, Any]:
+    """``summary.json``'s ``rouge`` of one model: ROUGE-L of its greedy answers to ``evaluate.rouge``'s
+    prompts against the file's answers (:func:`alambic.core.evaluate_lm.answer_rouge`), and which file."""
+    tokenizer = getattr(info, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("evaluate.rouge reads text prompts and needs the run's tokenizer (a text data set)")
+    prompts, references, texts = rouge_prompts(settings, tokenizer)
+    result = answer_rouge(
+        model,
+        prompts,
+        references,
+        tokenizer.decode,
+        new_tokens=settings.new_tokens,
+        stop_ids=stop_ids(tokenizer),
+        max_context=max_context,
+        samples=settings.samples,
+    )
+    for answer, text in zip(result["answers"], texts):  # the question, not the whole rendered template
+        answer["prompt"] = text
+    return {"file": settings.file, "reference": ROUGE_REFERENCE, **result}
 
 
 def example_prompts(dataset: Any) -> Any:

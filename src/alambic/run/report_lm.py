@@ -1,5 +1,6 @@
 """The language-model part of ``report.md``: held-out perplexity and its companions, the share of the
-teacher's lead the distilled student won back, and fixed-prompt samples side by side."""
+teacher's lead the distilled student won back, fixed-prompt samples side by side, and (``evaluate.rouge``)
+each model's ROUGE-L with its greedy answers beside the reference answers."""
 
 from __future__ import annotations
 
@@ -55,13 +56,45 @@ def sample_lines(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Each model's continuation of the same prompts (same seed), prompt by prompt."""
     sampled = [(name, model["samples"]) for name, model in models if model.get("samples")]
     if not sampled:
-        return []
+        return answer_lines(models)
     lines = ["## Samples", "", "Every model continues the same held-out prompts with the same seed.", ""]
     for index, sample in enumerate(sampled[0][1]):
         lines += [f"**Prompt {index + 1}:** `{_inline(sample['prompt'])}`", ""]
         for name, samples in sampled:
             if index < len(samples):
                 lines.append(f"- {name}: `{_inline(samples[index]['continuation'])}`")
+        lines.append("")
+    answers = answer_lines(models)
+    return lines + answers if answers else lines
+
+
+def answer_lines(models: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """``evaluate.rouge``: each model's ROUGE-L and its greedy answers beside the reference, prompt by prompt."""
+    scored = [(name, model["rouge"]) for name, model in models if isinstance(model.get("rouge"), dict)]
+    if not scored:
+        return []
+    first = scored[0][1]
+    lines = [
+        "## Answers (ROUGE-L)",
+        "",
+        f"Greedy answers to {first.get('prompts')} held-out prompts of `{first.get('file')}` (at most "
+        f"{first.get('new_tokens')} tokens, stopping at EOS), scored against {first.get('reference')} by "
+        "ROUGE-L F-measure (Lin 2004; x 100, as MiniLLM and DistiLLM report it).",
+        "",
+        "| Model | ROUGE-L |",
+        "|---|---|",
+        *(f"| {name} | {_cell(rouge.get('rouge_l'), '.2f', 100)} |" for name, rouge in scored),
+        "",
+    ]
+    for index, sample in enumerate(first.get("answers") or []):
+        lines += [f"**Prompt {index + 1}:** `{_inline(sample['prompt'])}`", ""]
+        lines.append(f"- reference: `{_inline(sample['reference'])}`")
+        for name, rouge in scored:
+            shown = rouge.get("answers") or []
+            if index < len(shown):
+                lines.append(
+                    f"- {name} ({_cell(shown[index].get('rouge_l'), '.1f', 100)}): `{_inline(shown[index]['answer'])}`"
+                )
         lines.append("")
     return lines
 

@@ -330,6 +330,7 @@ def language_model_distill_data(context: RunContext, teacher: Callable[[], nn.Mo
                 context.train_set,
                 seed=config.seed,
                 accelerator=context.accelerator,
+                tokenizer=getattr(context.info, "tokenizer", None),  # prompts_file: read as text
             )
         }
     if on_policy is not None:
