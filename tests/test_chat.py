@@ -303,7 +303,13 @@ def test_prompt_file_answers_are_made_again_when_the_file_the_settings_or_the_te
         )
         return rows.columns["input_ids"].tolist()
 
-    first = answers(settings, teacher)
+    reports = []
+    rows = lm_distill.prompt_file_set(
+        tmp_path, settings, teacher, tokenizer, seed=0, accelerator=_Accelerator(),
+        progress=lambda done, total: reports.append((done, total)),
+    )  # fmt: skip
+    assert reports == [(0, 1), (1, 1)]  # progress of the teacher's answers
+    first = rows.columns["input_ids"].tolist()
     assert answers(settings, teacher) == first and len(calls) == 1  # read back
     path.write_text('{"prompt": "the other?"}\n')
     assert answers(settings, teacher) != first and len(calls) == 2  # the file's contents changed

@@ -221,7 +221,7 @@ def generate_answers(
     """Each prompt's answer: at most ``new_tokens`` tokens, ending at the first of ``stop_ids`` (kept) ->
     one id list per prompt, the prompt not repeated. Prompts of any lengths are answered one by one, in
     order, from one generator seeded with ``seed`` (batch 1: no padding enters the model, so an answer is
-    the same whatever the other prompts; ``top_k=1`` is greedy). ``progress(done, total)`` after each.
+    the same whatever the other prompts; ``top_k=1`` is greedy). ``progress(done, total)`` at 0 and after each.
 
     Example:
         >>> answers = generate_answers(teacher, [tokenizer.chat_ids(messages, add_generation_prompt=True)],
@@ -230,6 +230,8 @@ def generate_answers(
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     answers = []
+    if progress is not None:
+        progress(0, len(prompts))
     for done, prompt in enumerate(prompts, start=1):
         ids = sample_tokens(
             model, torch.tensor([prompt], dtype=torch.long, device=device), new_tokens,

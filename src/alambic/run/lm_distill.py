@@ -82,14 +82,18 @@ def sequence_kd_set(
     seed: int,
     accelerator: Any,
     tokenizer: Tokenizer | None = None,
+    progress: Any = None,
 ) -> Dataset:
     """The teacher's generations for ``distill.sequence_kd``: read from ``run_dir/teacher_generations``
     when they were made with the same settings and teacher, else generated (main process) and written;
-    with a ``prompts_file``, its prompts' answers (:func:`prompt_file_set`, which needs ``tokenizer``)."""
+    with a ``prompts_file``, its prompts' answers (:func:`prompt_file_set`, which needs ``tokenizer``;
+    ``progress(done, total)`` follows them)."""
     if settings.prompts_file is not None:
         if tokenizer is None:
             raise ConfigError("distill.sequence_kd.prompts_file needs the run's tokenizer (a text data set)")
-        return prompt_file_set(run_dir, settings, teacher, tokenizer, seed=seed, accelerator=accelerator)
+        return prompt_file_set(
+            run_dir, settings, teacher, tokenizer, seed=seed, accelerator=accelerator, progress=progress
+        )
     folder = run_dir / GENERATIONS_DIR
     wanted = generation_settings(settings, seed, teacher)
     if accelerator.is_main_process and stored_settings(folder) != wanted:
@@ -149,7 +153,14 @@ def answer_rows(prompts: list[list[int]], answers: list[list[int]], tokenizer: T
 
 
 def prompt_file_set(
-    run_dir: Path, settings: Any, teacher: nn.Module, tokenizer: Tokenizer, *, seed: int, accelerator: Any
+    run_dir: Path,
+    settings: Any,
+    teacher: nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    accelerator: Any,
+    progress: Any = None,
 ) -> TokenRows:
     """``distill.sequence_kd.prompts_file``: the teacher's answer to each prompt of the file (at most
     ``new_tokens`` tokens, ending at its EOS; ``temperature`` and ``top_k``, ``top_k: 1`` greedy), one
@@ -165,7 +176,8 @@ def prompt_file_set(
     if accelerator.is_main_process and stored_settings(folder, ANSWERS_FILE) != wanted:
         answers = generate_answers(
             teacher.to(accelerator.device), prompts, settings.new_tokens, stop_ids=stop_ids(tokenizer),
-            temperature=settings.temperature, top_k=settings.top_k, seed=seed,
+            temperature=settings.temperature, top_k=settings.top_k,
+            progress=progress, seed=seed,
         )  # fmt: skip
         rows = [prompt + answer for prompt, answer in zip(prompts, answers)]
         tensors = {

@@ -35,7 +35,7 @@ from alambic.data.mixing import MixedDataset
 from alambic.errors import ConfigError
 from alambic.files import dumps_json
 from alambic.run.augment import augmented_transfer
-from alambic.run.evaluation import stage_evaluator
+from alambic.run.evaluation import evaluation_progress, stage_evaluator
 from alambic.run.lm_distill import on_policy_data, on_policy_loader, sequence_kd_set
 from alambic.run.plan import Builder, Stage
 from alambic.run.rundir import write_status
@@ -331,6 +331,7 @@ def language_model_distill_data(context: RunContext, teacher: Callable[[], nn.Mo
                 seed=config.seed,
                 accelerator=context.accelerator,
                 tokenizer=getattr(context.info, "tokenizer", None),  # prompts_file: read as text
+                progress=evaluation_progress(context.progress, "teacher answers", "prompts"),
             )
         }
     if on_policy is not None:
