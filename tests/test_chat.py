@@ -240,8 +240,19 @@ def test_sequence_kd_on_a_prompt_file_and_rouge_l_in_the_summary_and_report(
         "alambic.run.lm_distill.generate_answers",
         lambda *a, **k: calls.append(len(a[1])) or original(*a, **k),
     )
-    run_dir = run(config)
+    reports = []
+
+    class Progress:  # the CLI's ProgressBar's evaluation method
+        def evaluation(self, label, done, total, unit):
+            reports.append((label, done, total, unit))
+
+        def __call__(self, stage, step, total, values):  # training steps
+            pass
+
+    run_dir = run(config, progress=Progress())
     assert calls == [1, 8]  # the pre-flight's longest prompt, then the file's 8 prompts once
+    assert ("teacher answers", 8, 8, "prompts") in reports
+    assert ("evaluate distilled answers", 3, 3, "prompts") in reports
     folder = run_dir / "teacher_generations"
     settings = json.loads((folder / "settings.json").read_text())
     assert (

@@ -165,6 +165,7 @@ def summary_metrics(
     example: Any,
     teacher: nn.Module | None,
     progress: Callable[[int, int | None], None] | None = None,
+    rouge_progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """What ``summary.json`` holds for one model: its task's metrics, then its size and speed (main process);
     a language model's also its generation speed and its continuations of fixed prompts (same seed), the
@@ -205,7 +206,7 @@ def summary_metrics(
         ]
         profile = {**profile, "generation": speed, "samples": samples}
         if evaluation.rouge is not None:
-            rouge = rouge_record(evaluation.rouge, model, info, window)
+            rouge = rouge_record(evaluation.rouge, model, info, window, rouge_progress)
             profile = {**profile, "rouge_l": rouge["rouge_l"], "rouge": rouge}
     return {**metrics, **profile}
 
@@ -213,9 +214,16 @@ def summary_metrics(
 ROUGE_REFERENCE = "the file's answers"  # what evaluate.rouge scores answers against, named in summary.json
 
 
-def rouge_record(settings: Any, model: nn.Module, info: Any, max_context: int | None) -> dict[str, Any]:
+def rouge_record(
+    settings: Any,
+    model: nn.Module,
+    info: Any,
+    max_context: int | None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict[str, Any]:
     """``summary.json``'s ``rouge`` of one model: ROUGE-L of its greedy answers to ``evaluate.rouge``'s
-    prompts against the file's answers (:func:`alambic.core.evaluate_lm.answer_rouge`), and which file."""
+    prompts against the file's answers (:func:`alambic.core.evaluate_lm.answer_rouge`), and which file;
+    ``progress(done, total)`` follows the prompts answered."""
     tokenizer = getattr(info, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("evaluate.rouge reads text prompts and needs the run's tokenizer (a text data set)")
@@ -229,6 +237,7 @@ def rouge_record(settings: Any, model: nn.Module, info: Any, max_context: int | 
         stop_ids=stop_ids(tokenizer),
         max_context=max_context,
         samples=settings.samples,
+        progress=progress,
     )
     for answer, text in zip(result["answers"], texts):  # the question, not the whole rendered template
         answer["prompt"] = text

@@ -189,8 +189,9 @@ def write_summary(context: RunContext, models: dict[str, nn.Module]) -> dict:
             context.progress, f"evaluate {name}", "windows" if held_out else "samples"
         )
         metrics = summary_metrics(
-            config, model, test_loader, test_set, info, accelerator, example, reference, watch
-        )
+            config, model, test_loader, test_set, info, accelerator, example, reference, watch,
+            rouge_progress=evaluation_progress(context.progress, f"evaluate {name} answers", "prompts"),
+        )  # fmt: skip
         if accelerator.is_main_process:
             summary_models[name] = {"architecture": architectures.get(name), **metrics}
     summary = {}
