@@ -324,12 +324,20 @@ def test_prompt_file_answers_are_made_again_when_the_file_the_settings_or_the_te
     assert answers(settings, teacher) == first and len(calls) == 1  # read back
     path.write_text('{"prompt": "the other?"}\n')
     assert answers(settings, teacher) != first and len(calls) == 2  # the file's contents changed
+    answers(settings.model_copy(update={"samples": 7, "batch_size": 3}), teacher)
+    assert len(calls) == 2  # the window prompts' settings do not apply
     answers(settings.model_copy(update={"new_tokens": 2}), teacher)
     assert len(calls) == 3  # a setting changed
     with torch.no_grad():
         teacher.weight += 1
     answers(settings.model_copy(update={"new_tokens": 2}), teacher)
     assert len(calls) == 4  # the teacher changed
+    answers(settings.model_copy(update={"new_tokens": 2}), teacher)
+    lm_distill.prompt_file_set(
+        tmp_path, settings.model_copy(update={"new_tokens": 2}), teacher, load_tokenizer("bytes"), seed=0,
+        accelerator=_Accelerator(),
+    )  # fmt: skip
+    assert len(calls) == 5  # the prompts' token ids changed (another tokenizer)
 
 
 def test_the_training_rows_take_the_loss_on_the_teacher_answers(gguf_file, tokenizer, tmp_path):

@@ -165,13 +165,18 @@ def prompt_file_set(
     """``distill.sequence_kd.prompts_file``: the teacher's answer to each prompt of the file (at most
     ``new_tokens`` tokens, ending at its EOS; ``temperature`` and ``top_k``, ``top_k: 1`` greedy), one
     prompt at a time, written once to ``run_dir/teacher_generations/`` and read back when the settings,
-    the file's contents and the teacher are the same."""
+    the file's contents, the prompts' token ids (tokenizer and chat template) and the teacher are the same."""
     folder = run_dir / GENERATIONS_DIR
     prompts = prompt_ids(settings.prompts_file, tokenizer)
     text = read_text(settings.prompts_file).encode("utf-8")
+    rendered = json.dumps(prompts).encode("utf-8")  # the ids: a new tokenizer or chat template changes them
     wanted = {
-        **generation_settings(settings, seed, teacher),
+        key: value
+        for key, value in generation_settings(settings, seed, teacher).items()
+        if key not in ("samples", "prompt_tokens", "batch_size")  # the window prompts' settings
+    } | {
         "prompts_sha256": hashlib.sha256(text).hexdigest(),
+        "prompt_ids_sha256": hashlib.sha256(rendered).hexdigest(),
     }
     if accelerator.is_main_process and stored_settings(folder, ANSWERS_FILE) != wanted:
         answers = generate_answers(
