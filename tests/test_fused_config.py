@@ -63,7 +63,8 @@ TERMS = {
 def _step(student, terms, fused: bool, token_scale=None):
     """One distill step's losses and the student's gradients (by parameter name)."""
     student = copy.deepcopy(student)
-    teacher = Teacher(_llama(seed=1, layers=3), terms)
+    teacher = Teacher(_llama(seed=1, layers=3), terms, fused_output=fused)
+    assert teacher.fused == fused  # the teacher's logits one chunk at a time too
     module = Distiller(student, terms, fused_output=fused)
     inputs, labels = _batch()
     module.build_modules(inputs, teacher)
@@ -88,18 +89,30 @@ def test_fused_output_equals_the_unfused_step_in_losses_and_gradients(case, tied
         torch.testing.assert_close(grads[name], grad, **close(grad), msg=name)
 
 
-def test_the_fused_student_never_computes_its_whole_logits():
-    student = _llama(seed=0)
+def test_neither_fused_side_computes_its_whole_logits():
+    student, teacher_model = _llama(seed=0), _llama(seed=1)
     module = Distiller(student, TERMS["forward_kl"], fused_output=True)
+    teacher = Teacher(teacher_model, TERMS["forward_kl"], fused_output=True)
     shapes = []
-    handle = student.lm_head.register_forward_hook(lambda _m, _i, out: shapes.append(out.shape))
+    for model in (student, teacher_model):
+        model.lm_head.register_forward_hook(lambda _m, _i, out: shapes.append(out.shape))
     inputs, labels = _batch()
-    outputs = module.student_outputs(inputs)
-    handle.remove()
-    assert shapes == [] and HIDDEN in outputs and "logits" not in outputs
-    inputs, labels = _batch()
-    module(inputs, labels, Teacher(_llama(seed=1))(inputs))["total"].backward()
-    assert student.lm_head.weight.grad is not None
+    outputs, teacher_outputs = module.student_outputs(inputs), teacher(inputs)
+    assert shapes == [] and HIDDEN in outputs and "logits" not in outputs and "logits" not in teacher_outputs
+    module(inputs, labels, teacher_outputs)["total"].backward()
+    assert shapes == [] and student.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("terms", "dtype"),
+    [
+        ([Term(loss="forward_kl"), Term(loss="logit_mse", student="model.norm")], None),  # logits read whole
+        (TERMS["forward_kl"], torch.bfloat16),  # a cast teacher: its logits, as float32
+    ],
+)
+def test_a_teacher_whose_logits_are_needed_whole_or_cast_keeps_them(terms, dtype):
+    teacher = Teacher(_llama(seed=1), terms, dtype=dtype, fused_output=True)
+    assert not teacher.fused and "logits" in teacher(_batch()[0])
 
 
 @pytest.mark.parametrize(

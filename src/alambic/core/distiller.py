@@ -25,10 +25,13 @@ from alambic.core.batches import (  # noqa: F401  (split_batch re-exported)
 from alambic.core.connectors import make_connector
 from alambic.core.fused_output import (
     HIDDEN,
+    WEIGHT,
     check_fused_terms,
     fused_student_outputs,
+    fused_teacher_outputs,
     fused_term_value,
     output_projection,
+    teacher_fuses,
 )
 from alambic.core.hooks import capture_features, unwrap_model
 from alambic.data.transfer import UNLABELLED
@@ -61,9 +64,9 @@ def _rows(value: Any, rows: Tensor) -> Any:
     return value.index_select(0, rows) if isinstance(value, Tensor) else value
 
 
-def _projection_shape(student: nn.Module, outputs: dict[str, Tensor]) -> Tensor:
-    """A stand-in with the shape the fused student's logits would have, ``[B, T, V]`` (no storage)."""
-    hidden, weight = outputs[HIDDEN], output_projection(student)[1]
+def _logits_shape(outputs: dict[str, Tensor], weight: Tensor) -> Tensor:
+    """A stand-in with the shape fused logits would have, ``[B, T, V]`` (no storage), for the checks."""
+    hidden = outputs[HIDDEN]
     return hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
 
 
@@ -85,13 +88,16 @@ class Teacher:
         *,
         vocab_size: int | None = None,
         dtype: torch.dtype | None = None,
+        fused_output: bool = False,
     ):
         """``vocab_size`` slices the teacher's logits to the first ``vocab_size`` entries: for a student of
         the same tokenizer whose vocabulary is not padded as the teacher's is (32000 vs 32064).
         ``dtype`` (``torch.bfloat16``) runs a copy of the teacher in that dtype, half the memory where it
         runs (the model given is untouched); its outputs are returned as float32. ``torch.int8`` stores
         the copy's Linear weights in int8 (torchao's weight-only quantization, a quarter of their memory),
-        with activations and outputs in float32."""
+        with activations and outputs in float32. ``fused_output`` (a float32 causal LM whose logits only
+        token terms on the student's logits read): its last hidden states and output projection are
+        returned instead of its logits, which the fused terms make one chunk at a time."""
         self.model = unwrap_model(model).eval().requires_grad_(False)
         self.vocab_size = vocab_size
         self.dtype = dtype
@@ -103,6 +109,7 @@ class Teacher:
         self.feature_paths = feature_paths(
             [t for t in terms if get_loss_spec(t.loss).needs_teacher], "teacher"
         )
+        self.fused = fused_output and dtype is None and teacher_fuses(self.model, terms)
 
     def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device)
@@ -111,6 +118,8 @@ class Teacher:
     @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward pass
     def __call__(self, inputs: Any, index: Tensor | None = None) -> dict[str, Tensor]:
         """The outputs the terms ask for; ``index`` (the samples' positions) is for cached teachers."""
+        if self.fused:
+            return fused_teacher_outputs(self.model, inputs, self.feature_paths, self.vocab_size)
         if self.dtype is not None:
             inputs = _cast_floating(inputs, self.dtype)
         outputs = model_outputs(self.model, inputs, self.feature_paths, side="teacher")
@@ -426,9 +435,12 @@ class Distiller(nn.Module):
             )
             student_outputs = self.student_outputs(inputs)
             if self.fused_output:  # the vocabulary is the output projection's rows
-                student_outputs = {
-                    **student_outputs,
-                    "logits": _projection_shape(self.student, student_outputs),
+                weight = output_projection(self.student)[1]
+                student_outputs = {**student_outputs, "logits": _logits_shape(student_outputs, weight)}
+            if teacher_outputs is not None and WEIGHT in teacher_outputs:  # a fused teacher's vocabulary
+                teacher_outputs = {
+                    **teacher_outputs,
+                    "logits": _logits_shape(teacher_outputs, teacher_outputs[WEIGHT]),
                 }
             if teacher_outputs is not None and "logits" in teacher_outputs and "logits" in student_outputs:
                 classes_student, classes_teacher = (

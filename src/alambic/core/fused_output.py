@@ -10,7 +10,9 @@ after Liger-Kernel, Hsu et al. 2024, arXiv:2410.10989): the student's whole logi
 
 The price is compute: each token term projects its chunks again (the projection is about as costly as
 a 10-layer student's body at 49k x 576), so ``lm_ce`` + ``forward_kl`` project twice, in the forward pass
-and in the gradient. The teacher's logits still come whole from its ``no_grad`` forward pass.
+and in the gradient. A live fp32 teacher that is a causal LM too, and whose logits only those terms read,
+hands its last hidden states and output projection instead of its logits (``Teacher(...,
+fused_output=True)``), so its ``[B, T, V]`` logits are made one chunk at a time as well.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from alambic.errors import ConfigError
 from alambic.losses import get_loss_spec
 from alambic.losses.token_chunks import fused_linear_cross_entropy, fused_linear_token_loss
 
-HIDDEN = "last_hidden_state"  # the key of the student's last hidden states in its fused outputs
+HIDDEN = "last_hidden_state"  # the key of the last hidden states in fused outputs
+WEIGHT, BIAS = "output_weight", "output_bias"  # a fused teacher's output projection, beside its HIDDEN
 # configs that scale or cap the logits after the projection (Gemma 2, Cohere, Granite): not fused
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 FUSED_SETTING = "distill.fused_output"
@@ -80,18 +83,48 @@ def check_fused_terms(terms: Sequence[Term]) -> None:
             )
 
 
-def fused_student_outputs(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, Tensor]:
-    """``{HIDDEN: [B, T, H], path: feature, ...}``: the student's body run without its output projection."""
+def teacher_fuses(model: nn.Module, terms: Sequence[Term]) -> bool:
+    """Whether a teacher can hand its hidden states and projection instead of its logits: a causal LM whose
+    logits are read only by token terms on the student's logits (the terms ``fused_output`` fuses)."""
+    reading = [term for term in terms if get_loss_spec(term.loss).needs_teacher and term.teacher == "logits"]
+    if not reading or any(
+        term.student != "logits" or get_loss_spec(term.loss).inputs != "tokens" for term in reading
+    ):
+        return False
+    try:
+        output_projection(model)
+    except ConfigError:
+        return False
+    return True
+
+
+def fused_teacher_outputs(
+    model: nn.Module, inputs: Any, paths: list[str], vocab_size: int | None
+) -> dict[str, Tensor]:
+    """``{HIDDEN, WEIGHT [V, H_t], BIAS (if any), path: feature}``: the teacher without its logits;
+    ``vocab_size`` keeps the projection's first rows (a padded vocabulary)."""
+    outputs = fused_student_outputs(model, inputs, paths, side="teacher")
+    _, weight, bias = output_projection(model)
+    outputs[WEIGHT] = weight[:vocab_size]
+    if bias is not None:
+        outputs[BIAS] = bias[:vocab_size]
+    return outputs
+
+
+def fused_student_outputs(
+    model: nn.Module, inputs: Any, paths: list[str], *, side: str = "student"
+) -> dict[str, Tensor]:
+    """``{HIDDEN: [B, T, H], path: feature, ...}``: the model's body run without its output projection."""
     body, _, _ = output_projection(model)
     hooked = [path for path in paths if not is_output_field(path)]
-    with capture_features(model, hooked, side="student") as features:
+    with capture_features(model, hooked, side=side) as features:
         output = call_model(body, inputs, **output_options(paths))
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     fields = {path: read_output_field(output, path, mask) for path in paths if is_output_field(path)}
     hidden = output[HIDDEN] if isinstance(output, Mapping) else getattr(output, HIDDEN, None)
     if not isinstance(hidden, Tensor):
         raise ConfigError(
-            f"{FUSED_SETTING}: the student's base model returned no {HIDDEN}; remove the setting"
+            f"{FUSED_SETTING}: the {side}'s base model returned no {HIDDEN}; remove the setting"
         )
     return {HIDDEN: hidden, **dict(features), **fields}
 
@@ -110,13 +143,17 @@ def fused_term_value(
         return fused_linear_cross_entropy(
             hidden, weight, labels, bias=bias, shift_labels=shift_labels, chunk_size=chunk_size
         )
+    teacher = teacher_outputs or {}
+    projected = WEIGHT in teacher  # the teacher's logits made one chunk at a time too
     return fused_linear_token_loss(
         hidden,
         weight,
-        teacher_outputs["logits"],
+        teacher[HIDDEN] if projected else teacher["logits"],
         loss=term.loss,
         params=params,
         bias=bias,
+        teacher_weight=teacher.get(WEIGHT),
+        teacher_bias=teacher.get(BIAS),
         labels=labels,
         shift_labels=shift_labels,
         chunk_size=chunk_size,

@@ -313,7 +313,7 @@ def distill_teacher(
             preload=preload,
         )
     dtype = None if distill.teacher_dtype == "float32" else getattr(torch, distill.teacher_dtype)
-    return Teacher(model, terms, dtype=dtype)
+    return Teacher(model, terms, dtype=dtype, fused_output=distill.fused_output)
 
 
 def language_model_distill_data(context: RunContext, teacher: Callable[[], nn.Module]) -> dict[str, Any]:
