@@ -11,10 +11,10 @@ configuration is one :class:`alambic.core.distiller.Distiller` trained with Adam
   alone          the student alone, ``lm_ce`` (the baseline stage), unfused: its whole logits exist
   alone-fused    the same with ``fused_output=True`` (``distill.fused_output: true``), for reference
   distill        live teacher, 0.1 ``lm_ce`` + 0.9 ``forward_kl``: the chunked token losses on whole logits
-  distill-fused  the same with ``fused_output=True``: the student's logits exist one chunk at a time
-  distill-fused-teacher-hidden  the same, and the teacher's logits too: its last hidden states and
-                 output projection go to ``fused_linear_token_loss(teacher_weight=...)`` (Python API only;
-                 ``lm_ce`` through ``fused_linear_cross_entropy``)
+  distill-fused  ``distill.fused_output: true`` (``Distiller(..., fused_output=True)`` and ``Teacher(...,
+                 fused_output=True)``): the student's logits and the teacher's exist one chunk at a time
+  distill-fused-student  the student fused, the teacher's logits whole (``Teacher`` without
+                 ``fused_output``: what a bfloat16 or cached teacher gives)
 
 Memory: each configuration runs in a fresh process (``python lm_step_memory.py --child NAME``) whose large
 allocations are all mmap'd (``MALLOC_MMAP_THRESHOLD_=65536``: glibc gives each freed tensor back, so the
@@ -45,11 +45,9 @@ import torch
 
 from alambic.config import Term
 from alambic.core.distiller import Distiller, Teacher
-from alambic.core.fused_output import HIDDEN, fused_student_outputs, output_projection
-from alambic.losses.token_chunks import fused_linear_cross_entropy, fused_linear_token_loss
 from alambic.models.hf import derive_student, hf_tokenizer, load_hf_model
 
-CONFIGS = ["alone", "alone-fused", "distill", "distill-fused", "distill-fused-teacher-hidden"]
+CONFIGS = ["alone", "alone-fused", "distill", "distill-fused", "distill-fused-student"]
 TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
 KD_TERMS = [Term(loss="lm_ce", weight=0.1), Term(loss="forward_kl", weight=0.9)]
 
@@ -74,27 +72,10 @@ def _batch(path: str, batch: int, length: int) -> tuple[dict, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone()
 
 
-def _teacher_hidden_losses(module: Distiller, teacher_model, inputs, labels) -> dict:
-    """``distill-fused-teacher-hidden``: both sides' logits one chunk at a time (the Python API)."""
-    with torch.no_grad():
-        teacher_hidden = teacher_model.model(**inputs).last_hidden_state  # [B, T, 576], no logits
-    hidden = fused_student_outputs(module.student, inputs, [])[HIDDEN]
-    _, weight, bias = output_projection(module.student)
-    lm_ce = fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
-    forward_kl = fused_linear_token_loss(
-        hidden, weight, teacher_hidden, bias=bias, teacher_weight=teacher_model.lm_head.weight, labels=labels
-    )
-    lm_ce, forward_kl = 0.1 * lm_ce, 0.9 * forward_kl  # weighted, as the Distiller logs them
-    return {"lm_ce": lm_ce, "forward_kl": forward_kl, "total": lm_ce + forward_kl}
-
-
-def _step(name, module, teacher, teacher_model, optimizer, inputs, labels) -> dict:
-    if name == "distill-fused-teacher-hidden":
-        losses = _teacher_hidden_losses(module, teacher_model, inputs, labels)
-    else:
-        teacher_outputs = teacher(inputs) if teacher is not None else None
-        losses = module(inputs, labels, teacher_outputs)
-        del teacher_outputs
+def _step(module, teacher, optimizer, inputs, labels) -> dict:
+    teacher_outputs = teacher(inputs) if teacher is not None else None
+    losses = module(inputs, labels, teacher_outputs)
+    del teacher_outputs
     losses["total"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -110,22 +91,20 @@ def child(name: str, batch: int, length: int) -> dict:
     distills = name.startswith("distill")
     terms = KD_TERMS if distills else [Term(loss="lm_ce")]
     module = Distiller(student, terms, fused_output="fused" in name).train()
-    teacher = Teacher(teacher_model, terms) if distills else None
-    if not distills:
-        del teacher_model
-        teacher_model = None
-        gc.collect()
+    teacher = Teacher(teacher_model, terms, fused_output=name == "distill-fused") if distills else None
+    del teacher_model  # the Teacher holds it when the step has one
+    gc.collect()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     inputs, labels = _batch(path, batch, length)
     start = time.perf_counter()
-    first = _step(name, module, teacher, teacher_model, optimizer, inputs, labels)  # AdamW's state made here
+    first = _step(module, teacher, optimizer, inputs, labels)  # AdamW's state made here
     first_seconds = time.perf_counter() - start
     gc.collect()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM, the peak resident set, to the current one
     start = time.perf_counter()
-    losses = _step(name, module, teacher, teacher_model, optimizer, inputs, labels)
+    losses = _step(module, teacher, optimizer, inputs, labels)
     seconds = time.perf_counter() - start
     return {"config": name, "peak_mib": _status_kib("VmHWM") / 1024, "before_step_mib": before / 1024,
             "step_seconds": seconds, "first_step_seconds": first_seconds, "first_losses": first,
