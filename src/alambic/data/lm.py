@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,17 +145,23 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"cannot read {path} as UTF-8 text: {error}") from None
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSONL file, each ``{"prompt", "completion"}`` or ``{"messages": [...]}``, checked;
-    a malformed line is a one-line DataError naming the file and the line number."""
-    rows = []
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file; a line that is not JSON is a
+    one-line DataError naming the file and the line."""
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file, each ``{"prompt", "completion"}`` or ``{"messages": [...]}``, checked;
+    a malformed line is a one-line DataError naming the file and the line number."""
+    rows = []
+    for number, row in json_lines(path):
         problem = _row_problem(row)
         if problem:
             raise DataError(f"{path}, line {number}: {problem}")
@@ -242,13 +250,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     final assistant message (or a ``completion``) is the row's reference answer, so one file can hold the
     prompts and the answers ROUGE-L is measured against. A malformed line is a one-line DataError."""
     rows = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    for number, row in json_lines(path):
         messages = row.get("messages") if isinstance(row, dict) else None
         if isinstance(messages, list) and messages:
             problem = messages_problem(messages)
